@@ -1,0 +1,9 @@
+//! Legacy PC devices: 16550A UART, i8042 (reset line), isa-debug-exit.
+
+mod debug_exit;
+mod i8042;
+mod serial;
+
+pub use debug_exit::DebugExit;
+pub use i8042::I8042;
+pub use serial::{Serial, SerialOutput};

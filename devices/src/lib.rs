@@ -1,0 +1,74 @@
+//! Guest-facing device models for ringvm.
+//!
+//! Devices here know nothing about KVM: they see port/MMIO accesses through
+//! [`bus::Bus`], guest memory through vm-memory, interrupts through
+//! [`Interrupt`] (an eventfd-backed line the VMM wires to an irqfd), and
+//! I/O through a ring handle.
+
+pub mod bus;
+pub mod legacy;
+pub mod pci;
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of the device crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Two devices claimed overlapping bus ranges.
+    #[error("bus range {base:#x}+{len:#x} overlaps an existing device")]
+    BusOverlap { base: u64, len: u64 },
+    /// A zero-length bus range.
+    #[error("bus range at {0:#x} has zero length")]
+    BusZeroLength(u64),
+    /// Creating or cloning an eventfd failed.
+    #[error("eventfd")]
+    EventFd(#[source] io::Error),
+    /// No free PCI slot or BAR space.
+    #[error("PCI resources exhausted: {0}")]
+    PciExhausted(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An edge-triggered interrupt line backed by an eventfd (KVM irqfd).
+#[derive(Debug)]
+pub struct Interrupt {
+    evt: EventFd,
+}
+
+impl Interrupt {
+    pub fn new() -> Result<Self> {
+        Ok(Self { evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)? })
+    }
+
+    /// The eventfd to register with the hypervisor.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    pub fn trigger(&self) -> io::Result<()> {
+        self.evt.write(1)
+    }
+
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self { evt: self.evt.try_clone().map_err(Error::EventFd)? })
+    }
+}
+
+impl vm_superio::Trigger for Interrupt {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        Interrupt::trigger(self)
+    }
+}
+
+/// What a device asks of the machine that hosts it.
+pub trait VmRequests: Send + Sync {
+    /// The guest asked for a system reset (i8042 pulse, triple fault, ...).
+    fn reset(&self);
+    /// The guest asked the VMM to exit with `code` (isa-debug-exit).
+    fn exit(&self, code: u8);
+}
