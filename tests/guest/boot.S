@@ -20,6 +20,7 @@
 #define SEL_CODE64  0x18
 #define SEL_UDATA   0x20
 #define SEL_UCODE64 0x28
+#define SEL_TSS     0x30
 
 #define STACK_SIZE  16384
 #define MAX_CPUS    64
@@ -66,12 +67,21 @@ long64:
     movl %eax, %ds
     movl %eax, %es
     movl %eax, %ss
+    /* Each CPU needs its own busy TSS; they share one I/O bitmap, so
+     * reload the descriptor as available before every ltr. */
+    andb $0xFD, gdt + 0x30 + 5
+    movl $SEL_TSS, %eax
+    ltr %ax
     /* user stack: stacks + (cpu+1)*STACK_SIZE */
+    movl %esi, %esi             /* zero-extend the cpu index */
     movl %esi, %edi             /* first argument: cpu index */
     leaq 1(%rsi), %rax
     shlq $14, %rax
     leaq stacks(%rip), %rcx
     addq %rcx, %rax
+    movq %rax, %rsp             /* build the iret frame on the same stack */
+    pushq $0x3002               /* IOPL=3 in RFLAGS before iretq too: some */
+    popfq                       /* emulators keep the current IOPL on iretq */
     pushq $(SEL_UDATA | 3)
     pushq %rax
     pushq $0x3002               /* IOPL=3, IF=0 */
@@ -115,6 +125,9 @@ gdt:
     .quad 0x00AF9A000000FFFF    /* 0x18 code64 */
     .quad 0x00CFF2000000FFFF    /* 0x20 user data, DPL3 */
     .quad 0x00AFFA000000FFFF    /* 0x28 user code64, DPL3 */
+    .long tss_desc_w0           /* 0x30 64-bit TSS (words computed by guest.ld) */
+    .long tss_desc_w1
+    .quad 0
 gdt_end:
     .balign 8
 gdt_ptr:
@@ -126,6 +139,22 @@ start_info_paddr:
     .long 0
 next_cpu:
     .long 1
+
+    /* 64-bit TSS with an all-zero I/O permission bitmap: CPL3 may use
+     * every port even where IOPL is not honoured (some emulated CPL0s). */
+    .balign 4096
+    .globl tss
+tss:
+    .long 0
+    .quad 0, 0, 0               /* rsp0-2 */
+    .quad 0                     /* reserved */
+    .quad 0, 0, 0, 0, 0, 0, 0   /* ist1-7 */
+    .quad 0
+    .word 0
+    .word 104                   /* I/O map base */
+    .fill 8192, 1, 0            /* I/O permission bitmap: all allowed */
+    .byte 0xff
+tss_end:
 
     .section .pagetables, "aw"
     .balign 4096

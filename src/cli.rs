@@ -1,0 +1,153 @@
+//! Command-line parsing helpers.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::vmm::SerialConfig;
+
+#[derive(Parser, Debug)]
+#[command(name = "ringvm", version, about = "An io_uring-centric, storage-first KVM VMM")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest kernel.
+    Run(RunArgs),
+    /// The main job on the embedded test guest: boot, run `mem`, verify, print figures.
+    Demo(DemoArgs),
+    /// Write the embedded test guest (a PVH ELF) to a file.
+    GuestImage {
+        /// Output path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MachineArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub cpus: u8,
+    /// Guest RAM (e.g. 512M, 2G; a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Serial console: stdio, file=PATH or none.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialArg,
+    /// Exit (status 0) when the guest resets instead of rebooting it.
+    #[arg(long)]
+    pub no_reboot: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel: a bzImage or an ELF with a PVH note.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// MiB of guest memory the workload fills and verifies.
+    #[arg(long, default_value_t = 256)]
+    pub mib: u64,
+    /// Seconds of rewriting pages after the fill.
+    #[arg(long, default_value_t = 1)]
+    pub secs: u64,
+    /// Rewrite rate in MiB/s (0 = as fast as the guest can).
+    #[arg(long, default_value_t = 100)]
+    pub rate: u64,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialArg {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+impl SerialArg {
+    pub fn to_config(&self) -> SerialConfig {
+        match self {
+            SerialArg::Stdio => SerialConfig::Stdio,
+            SerialArg::File(p) => SerialConfig::File(p.clone()),
+            SerialArg::None => SerialConfig::Off,
+        }
+    }
+}
+
+/// Parses sizes like `512M`, `2G`, `1T`, `4096K`, `65536B`; a bare number is MiB (as QEMU's -m).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1 << 20),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
+    if n == 0 {
+        return Err("size must be greater than zero".into());
+    }
+    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+pub fn parse_serial(s: &str) -> Result<SerialArg, String> {
+    match s {
+        "stdio" => Ok(SerialArg::Stdio),
+        "none" | "off" => Ok(SerialArg::None),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialArg::File(PathBuf::from(p))),
+            _ => Err(format!("'{s}' is not stdio, file=PATH or none")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("1024"), Ok(1 << 30));
+        assert_eq!(parse_size("4096K"), Ok(4 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn serial() {
+        assert_eq!(parse_serial("stdio"), Ok(SerialArg::Stdio));
+        assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialArg::File("/tmp/x".into())));
+        assert_eq!(parse_serial("none"), Ok(SerialArg::None));
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tcp:1").is_err());
+    }
+}

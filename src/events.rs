@@ -1,0 +1,66 @@
+//! Events from vCPUs and devices to the control thread.
+//!
+//! Producers push and signal an eventfd; they never block on the consumer.
+//! The control thread waits on the eventfd (later from its io_uring).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest wrote `code` to the debug-exit port.
+    Exit(u8),
+    /// The guest asked for a reset (i8042, KVM system event).
+    Reset,
+    /// The guest asked to power off.
+    Shutdown,
+    /// A vCPU hit a triple fault.
+    TripleFault { cpu: usize, at: String },
+    /// A vCPU stopped on a fatal error.
+    Error(String),
+}
+
+pub struct EventQueue {
+    queue: Mutex<VecDeque<VmEvent>>,
+    evt: EventFd,
+}
+
+impl EventQueue {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { queue: Mutex::new(VecDeque::new()), evt: EventFd::new(libc::EFD_CLOEXEC)? })
+    }
+
+    pub fn push(&self, e: VmEvent) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(e);
+        if let Err(err) = self.evt.write(1) {
+            log::error!("event queue: eventfd write: {err}");
+        }
+    }
+
+    pub fn pop(&self) -> Option<VmEvent> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+    }
+
+    /// Blocks until at least one event was pushed since the last wait.
+    pub fn wait(&self) {
+        let _ = self.evt.read();
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// Adapter for devices' requests to the VM.
+pub struct DeviceRequests(pub std::sync::Arc<EventQueue>);
+
+impl devices::VmRequests for DeviceRequests {
+    fn reset(&self) {
+        self.0.push(VmEvent::Reset);
+    }
+    fn exit(&self, code: u8) {
+        self.0.push(VmEvent::Exit(code));
+    }
+}

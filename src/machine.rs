@@ -1,0 +1,141 @@
+//! The KVM virtual machine: VM fd, guest memory, in-kernel irqchip and PIT,
+//! port-I/O and MMIO buses, and the legacy devices on them.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::Bus;
+use devices::legacy::{DebugExit, Serial, SerialOutput, I8042};
+use devices::pci::PciConfigIo;
+use devices::{Interrupt, VmRequests};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::error::{kvm, Error, Result};
+use crate::layout;
+
+pub const SERIAL_PORT: u64 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+pub const I8042_PORT: u64 = 0x60;
+pub const DEBUG_EXIT_PORT: u64 = 0x501;
+pub const PCI_CONFIG_PORT: u64 = 0xcf8;
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Saved initial interrupt-controller state, put back on reset.
+struct ResetState {
+    irqchips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+pub struct Machine {
+    pub kvm: Kvm,
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub mem_size: u64,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub pci: Arc<Mutex<PciConfigIo>>,
+    pub supported_cpuid: CpuId,
+    reset_state: ResetState,
+}
+
+fn check_caps(kvm: &Kvm) -> Result<()> {
+    let api = kvm.get_api_version();
+    if api != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(Error::KvmApiVersion(api));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    Ok(())
+}
+
+impl Machine {
+    /// Creates the VM with `mem_size` bytes of RAM and the legacy devices.
+    pub fn new(mem_size: u64, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        check_caps(&kvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+
+        let ranges: Vec<(GuestAddress, usize)> =
+            layout::ram_regions(mem_size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| Error::GuestMemory { size: mem_size, source })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem.get_host_address(region.start_addr()).map_err(|source| Error::GuestMemoryAccess {
+                addr: region.start_addr().0,
+                source,
+            })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping backs `region` and lives as long as `mem`,
+            // which the Machine owns for the VM's whole lifetime.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let reset_state = ResetState {
+            irqchips: [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC]
+                .into_iter()
+                .map(|id| {
+                    let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+                    vm.get_irqchip(&mut chip).map(|_| chip)
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?,
+            pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+        };
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let serial_irq = Interrupt::new()?;
+        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
+        pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(requests.clone()))), I8042_PORT, 5)?;
+        pio.insert(Arc::new(Mutex::new(DebugExit::new(requests))), DEBUG_EXIT_PORT, 1)?;
+        let pci = Arc::new(Mutex::new(PciConfigIo::new()));
+        pio.insert(pci.clone(), PCI_CONFIG_PORT, 8)?;
+
+        Ok(Self { kvm, vm: Arc::new(vm), mem, mem_size, pio, mmio, serial, pci, supported_cpuid, reset_state })
+    }
+
+    /// Puts the PIC, IOAPIC and PIT back in their power-on state.
+    pub fn reset_irqchips(&self) -> Result<()> {
+        for chip in &self.reset_state.irqchips {
+            self.vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.vm.set_pit2(&self.reset_state.pit).map_err(kvm_err("KVM_SET_PIT2"))
+    }
+
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    kvm(op)
+}

@@ -1,0 +1,222 @@
+//! Building and running a VM: one linear builder of `?` steps, then the
+//! control loop that reacts to guest events (exit, reset, faults).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use devices::legacy::SerialOutput;
+
+use crate::boot::{self, BootEntry, BootSpec};
+use crate::error::{Error, Result};
+use crate::events::{DeviceRequests, EventQueue, VmEvent};
+use crate::machine::Machine;
+use crate::vcpu::{self, Vcpu, VcpuControl, Vcpus};
+
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// APIC ids are 8 bits and the IOAPIC takes the id after the last CPU.
+pub const MAX_CPUS: u8 = 254;
+
+pub enum SerialConfig {
+    Stdio,
+    File(PathBuf),
+    Off,
+    Writer(Box<dyn Write + Send>),
+}
+
+pub struct VmConfig {
+    pub cpus: u8,
+    pub mem_size: u64,
+    pub boot: BootSpec,
+    pub serial: SerialConfig,
+    pub no_reboot: bool,
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote this code to the debug-exit port.
+    GuestExit(u8),
+    /// The guest reset itself and `--no-reboot` was given.
+    Reset,
+    /// The guest powered off.
+    Shutdown,
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::GuestExit(c) => *c,
+            Outcome::Reset | Outcome::Shutdown => 0,
+        }
+    }
+}
+
+pub struct Vm {
+    machine: Machine,
+    vcpus: Vcpus,
+    events: Arc<EventQueue>,
+    boot: BootSpec,
+    cpus: u8,
+    no_reboot: bool,
+    pub resets: u64,
+    pub started: Instant,
+}
+
+fn host_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
+/// Checks the configuration before anything is created.
+pub fn validate(config: &VmConfig) -> Result<()> {
+    if config.cpus == 0 || config.cpus > MAX_CPUS {
+        return Err(Error::Config(format!("--cpus {} is out of range (1..={MAX_CPUS})", config.cpus)));
+    }
+    if config.mem_size < MIN_MEMORY {
+        return Err(Error::Config(format!("--memory {} is below the minimum of {} MiB", config.mem_size, MIN_MEMORY >> 20)));
+    }
+    if config.mem_size % 4096 != 0 {
+        return Err(Error::Config("--memory must be a multiple of 4 KiB".into()));
+    }
+    if let Some(host) = host_memory() {
+        if config.mem_size > host {
+            return Err(Error::Config(format!(
+                "--memory {} MiB is larger than the host's {} MiB",
+                config.mem_size >> 20,
+                host >> 20
+            )));
+        }
+    }
+    boot::probe_kernel(&config.boot.kernel)?;
+    if let Some(initrd) = &config.boot.initrd {
+        File::open(initrd).map_err(|source| Error::OpenFile { what: "initrd", path: initrd.clone(), source })?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Creates the machine, loads the kernel, creates the vCPUs (parked).
+    pub fn build(config: VmConfig) -> Result<Vm> {
+        validate(&config)?;
+        let started = Instant::now();
+        vcpu::install_kick_handler()?;
+        let events = Arc::new(EventQueue::new()?);
+        let serial_out = match config.serial {
+            SerialConfig::Stdio => SerialOutput::Stdout,
+            SerialConfig::File(p) => SerialOutput::Writer(Box::new(std::io::LineWriter::new(
+                File::create(&p).map_err(|source| Error::OpenFile { what: "serial output file", path: p.clone(), source })?,
+            ))),
+            SerialConfig::Off => SerialOutput::Sink,
+            SerialConfig::Writer(w) => SerialOutput::Writer(w),
+        };
+        let machine = Machine::new(config.mem_size, serial_out, Arc::new(DeviceRequests(events.clone())))?;
+        if usize::from(config.cpus) > machine.max_vcpus() {
+            return Err(Error::Config(format!("--cpus {} exceeds KVM's limit of {}", config.cpus, machine.max_vcpus())));
+        }
+        let entry = boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?;
+        let vcpus = Self::create_vcpus(&machine, config.cpus, &events, entry)?;
+        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, resets: 0, started })
+    }
+
+    fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
+        let list = (0..cpus)
+            .map(|id| {
+                Vcpu::new(
+                    &machine.vm,
+                    id,
+                    cpus,
+                    &machine.supported_cpuid,
+                    machine.pio.clone(),
+                    machine.mmio.clone(),
+                    machine.mem.clone(),
+                    events.clone(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Vcpu::start(list, VcpuControl::new(usize::from(cpus), entry))
+    }
+
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    pub fn events(&self) -> &Arc<EventQueue> {
+        &self.events
+    }
+
+    pub fn vcpus(&self) -> &Vcpus {
+        &self.vcpus
+    }
+
+    /// Resets the whole VM: vCPUs out, kernel reloaded, interrupt
+    /// controllers and vCPUs back to power-on state, then running again.
+    pub fn reset(&mut self) -> Result<()> {
+        self.vcpus.pause()?;
+        let entry = boot::load(&self.machine.mem, &self.boot, self.machine.mem_size, self.cpus)?;
+        self.machine.reset_irqchips()?;
+        self.vcpus.reset(entry)?;
+        self.resets += 1;
+        self.vcpus.resume();
+        Ok(())
+    }
+
+    /// Handles one guest event; returns the outcome when the VM is done.
+    pub fn handle_event(&mut self, ev: VmEvent) -> Result<Option<Outcome>> {
+        match ev {
+            VmEvent::Exit(code) => Ok(Some(Outcome::GuestExit(code))),
+            VmEvent::Shutdown => Ok(Some(Outcome::Shutdown)),
+            VmEvent::Reset if self.no_reboot => Ok(Some(Outcome::Reset)),
+            VmEvent::Reset => {
+                log::info!("guest reset");
+                self.reset()?;
+                Ok(None)
+            }
+            VmEvent::TripleFault { cpu, at } if self.no_reboot => {
+                Err(Error::Vcpu { cpu, what: format!("guest triple fault (KVM_EXIT_SHUTDOWN) at {at}") })
+            }
+            VmEvent::TripleFault { cpu, at } => {
+                log::warn!("vcpu{cpu}: guest triple fault at {at}; resetting");
+                self.reset()?;
+                Ok(None)
+            }
+            VmEvent::Error(msg) => Err(Error::Config(msg)),
+        }
+    }
+
+    /// Runs the guest until it exits, then stops the vCPUs.
+    pub fn run(mut self) -> Result<Outcome> {
+        self.vcpus.resume();
+        let result = loop {
+            self.events.wait();
+            let mut done = None;
+            while let Some(ev) = self.events.pop() {
+                match self.handle_event(ev) {
+                    Ok(None) => {}
+                    Ok(Some(o)) => {
+                        done = Some(Ok(o));
+                        break;
+                    }
+                    Err(e) => {
+                        done = Some(Err(e));
+                        break;
+                    }
+                }
+            }
+            if let Some(d) = done {
+                break d;
+            }
+        };
+        self.shutdown();
+        result
+    }
+
+    /// Stops the vCPUs and flushes the console.
+    pub fn shutdown(self) {
+        self.vcpus.stop();
+        self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+}
