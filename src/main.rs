@@ -24,9 +24,16 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // One line: the error, plus what it refers to when clap puts that on the next line.
             let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid command line");
-            eprintln!("ringvm: {}", first.trim_start_matches("error: "));
+            let mut lines = msg.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut line = lines.next().unwrap_or("invalid command line").trim_start_matches("error: ").to_string();
+            if line.ends_with(':') {
+                if let Some(next) = lines.next() {
+                    line = format!("{line} {next}");
+                }
+            }
+            eprintln!("ringvm: {line}");
             return ExitCode::from(1);
         }
     };

@@ -159,7 +159,6 @@ pub struct Vcpu {
     id: u8,
     count: u8,
     fd: VcpuFd,
-    cpuid: CpuId,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     mem: GuestMemoryMmap,
@@ -197,14 +196,14 @@ impl Vcpu {
         let cpuid = boot::cpuid::for_vcpu(supported, id, count);
         // CPUID must be set before the guest enables long mode, so set it now.
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-        Ok(Self { id, count, fd, cpuid, pio, mmio, mem, events })
+        Ok(Self { id, count, fd, pio, mmio, mem, events })
     }
 
     /// Power-on state: MSRs, FPU, LAPIC LINT pins; the BSP gets the boot
     /// registers, APs wait for INIT/SIPI.
     fn configure(&self, boot: Option<&BootEntry>) -> Result<()> {
         let cpu = usize::from(self.id);
-        self.fd.set_cpuid2(&self.cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        // CPUID was set at creation; KVM refuses to change it after KVM_RUN.
         let entries: Vec<_> = [
             (MSR_IA32_SYSENTER_CS, 0),
             (MSR_IA32_SYSENTER_ESP, 0),

@@ -77,7 +77,7 @@ pub fn validate(config: &VmConfig) -> Result<()> {
         return Err(Error::Config(format!("--cpus {} is out of range (1..={MAX_CPUS})", config.cpus)));
     }
     if config.mem_size < MIN_MEMORY {
-        return Err(Error::Config(format!("--memory {} is below the minimum of {} MiB", config.mem_size, MIN_MEMORY >> 20)));
+        return Err(Error::Config(format!("--memory {} KiB is below the minimum of {} MiB", config.mem_size >> 10, MIN_MEMORY >> 20)));
     }
     if config.mem_size % 4096 != 0 {
         return Err(Error::Config("--memory must be a multiple of 4 KiB".into()));

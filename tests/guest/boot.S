@@ -175,7 +175,8 @@ pd:
     .set i, i + 1
     .endr
 
-    .bss
+    /* Stacks live outside .bss: guest_main zeroes .bss while on its stack. */
+    .section .stacks, "aw", @nobits
     .balign 4096
     .globl stacks
 stacks:

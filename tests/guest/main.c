@@ -2,7 +2,7 @@
  * ringvm test guest: workloads, all at CPL3 with IOPL=3 and interrupts off.
  *
  * Command line (key=value, space separated; see README.md):
- *   work=mem|verify|spin|hello  mib=N  rate=MiBps  secs=N|inf  seed=N
+ *   work=mem|verify|spin|hello|reboot  count=N  mib=N  rate=MiBps  secs=N|inf  seed=N
  * Reports on COM1 (0x3f8) and ends through the isa-debug-exit port (0x501):
  *   0 = pass, 1 = verification failed, 2 = bad command line, 3 = internal error.
  */
@@ -24,6 +24,11 @@ typedef long long i64;
 extern u32 start_info_paddr;
 extern u32 next_cpu;
 extern char ap_tramp[], ap_tramp_end[];
+extern char __bss_start[], __bss_end[];
+
+/* Survives resets (outside the image, below the EBDA, not in any table). */
+#define REBOOT_COUNTER_ADDR 0x7f000ULL
+#define REBOOT_MAGIC 0x7265626f6f74ULL
 
 static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(p)); }
 static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
@@ -276,6 +281,10 @@ void guest_main(u32 cpu) {
         if (cpu < ncpus) run_work(cpu);
         for (;;) cpu_relax();
     }
+    /* Nothing zeroes .bss on a reset; do it like any kernel would. */
+    for (volatile char *p = __bss_start; p < __bss_end; p++) *p = 0;
+    ncpus = 1;
+    cpus_online = 1;
     t_start = rdtsc();
     const struct hvm_start_info *si = (const struct hvm_start_info *)(u64)start_info_paddr;
     if (!si || si->magic != 0x336ec578) { puts_raw("ringvm-guest: no PVH start info\n"); guest_exit(3); }
@@ -307,6 +316,7 @@ void guest_main(u32 cpu) {
     else if (word_is(w, "verify")) work_kind = 2;
     else if (word_is(w, "spin")) work_kind = 3;
     else if (word_is(w, "hello")) work_kind = 4;
+    else if (word_is(w, "reboot")) work_kind = 5;
     else { printk("ringvm-guest: unknown work\n"); bad = 1; }
     u64 mib = param_u64("mib", 64, &bad);
     rate_mibps = param_u64("rate", 0, &bad);
@@ -314,6 +324,17 @@ void guest_main(u32 cpu) {
     region_seed = param_u64("seed", 1, &bad);
     if (bad) guest_exit(2);
     if (work_kind == 4) guest_exit(0);
+    if (work_kind == 5) {
+        /* Reboot through the i8042 `count` times, then pass. */
+        u64 want = param_u64("count", 1, &bad);
+        volatile u64 *ctr = (volatile u64 *)REBOOT_COUNTER_ADDR;
+        if (ctr[0] != REBOOT_MAGIC) { ctr[0] = REBOOT_MAGIC; ctr[1] = 0; }
+        printk("ringvm-guest: boot %u of %u\n", ctr[1] + 1, want + 1);
+        if (ctr[1] < want) { ctr[1]++; outb(0x64, 0xfe); for (;;) cpu_relax(); }
+        ctr[0] = 0;
+        printk("ringvm-guest: reboots done %u\n", want);
+        guest_exit(0);
+    }
 
     calibrate_tsc();
     /* Generation table first, then the pages. */

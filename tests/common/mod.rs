@@ -1,0 +1,162 @@
+//! Shared helpers for the integration tests: the ringvm binary, the test
+//! guest, KVM gating (fail under CI=true, skip otherwise) and processes with
+//! deadlines that are always killed by PID.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn ringvm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringvm")
+}
+
+/// True when KVM is usable. Without it: a failure under CI=true, a skip otherwise.
+pub fn require_kvm(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: /dev/kvm is required under CI=true: {e}");
+            }
+            eprintln!("SKIP {test}: /dev/kvm unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// A per-test scratch directory under the target dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes the embedded test guest into `dir`.
+pub fn guest_elf(dir: &Scratch) -> PathBuf {
+    let p = dir.path("guest.elf");
+    std::fs::write(&p, ringvm::TEST_GUEST_ELF).unwrap();
+    p
+}
+
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+/// A child whose output is collected in the background; killed on drop.
+pub struct Proc {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn pump(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    })
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![pump(child.stdout.take().unwrap(), out.clone()), pump(child.stderr.take().unwrap(), err.clone())];
+        Proc { child, out, err, readers }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until stdout contains `needle`; panics at the deadline.
+    pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stdout().contains(needle) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                if self.stdout().contains(needle) {
+                    return;
+                }
+                panic!("process exited ({st}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
+            }
+            if Instant::now() > deadline {
+                panic!("deadline: no {needle:?} within {timeout:?}\nstdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for exit; kills by PID and panics at the deadline.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("deadline: process did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Output { status, stdout: self.stdout(), stderr: self.stderr() }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs ringvm with `args` to completion within `timeout`.
+pub fn ringvm(args: &[&str], timeout: Duration) -> Output {
+    Proc::spawn(Command::new(ringvm_bin()).args(args)).wait(timeout)
+}
