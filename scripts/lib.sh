@@ -1,0 +1,28 @@
+# Shared helpers for ringvm's scripts (sourced).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${RINGVM_CACHE:-$ROOT/.cache}"
+mkdir -p "$CACHE"
+
+log() { printf '[ringvm] %s\n' "$*" >&2; }
+
+# apt_install PKG...: installs the Debian packages that are missing (idempotent).
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages: ${missing[*]}"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if [ ! -f "$CACHE/.apt-updated" ] || [ -n "$(find "$CACHE/.apt-updated" -mmin +720 2>/dev/null)" ]; then
+        $sudo apt-get update -qq && touch "$CACHE/.apt-updated"
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Build tools for the VMM and its test guest.
+ensure_build_deps() {
+    apt_install gcc make libc6-dev
+    command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
+}
