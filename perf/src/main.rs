@@ -1,1 +1,161 @@
-fn main() {}
+//! ringvm benchmark harness. `boot`: time to the test guest's first serial
+//! line and to the end of `mem` (1 GiB), and peak RSS of a minimal boot,
+//! ringvm vs QEMU on the same guest file, interleaved (A B A B), median of N.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+    /// Fewer repetitions and a smaller guest (smoke run).
+    #[arg(long, global = true)]
+    quick: bool,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// Boot latency and memory overhead.
+    Boot,
+    /// Every suite.
+    All,
+}
+
+struct Sample {
+    first_line: Duration,
+    total: Duration,
+    maxrss_kib: i64,
+    status: i32,
+}
+
+/// Runs `cmd`, timing the first serial line and the exit; RSS from wait4.
+fn measure(mut cmd: Command, deadline: Duration) -> Result<Sample> {
+    let t0 = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut first = None;
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if first.is_none() && line.contains("ringvm-guest: start") {
+                first = Some(Instant::now());
+            }
+        }
+        first
+    });
+    let mut status = 0;
+    // SAFETY: rusage is plain data, zeroed is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting on our own child with valid out-pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            break;
+        }
+        if t0.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("deadline: {:?} did not finish in {deadline:?}", cmd.get_program());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let total = t0.elapsed();
+    let first = reader.join().unwrap().context("no 'ringvm-guest: start' line")? - t0;
+    Ok(Sample { first_line: first, total, maxrss_kib: ru.ru_maxrss, status: libc::WEXITSTATUS(status) })
+}
+
+fn ringvm_cmd(bin: &Path, guest: &Path, mem: &str, cmdline: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.args(["run", "--cpus", "1", "--memory", mem, "--no-reboot", "--kernel"]).arg(guest).args(["--cmdline", cmdline]);
+    c
+}
+
+fn qemu_cmd(guest: &Path, mem: &str, cmdline: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    // -arch-capabilities: some KVMs (kvm-pvm) refuse MSR 0x10a.
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", mem, "-kernel"])
+        .arg(guest)
+        .args(["-append", cmdline, "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+    c
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn boot(quick: bool) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("target/release/ringvm");
+    if !bin.exists() {
+        bail!("build ringvm first: cargo build --release");
+    }
+    let dir = std::env::temp_dir().join(format!("ringvm-perf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let guest = dir.join("guest.elf");
+    let st = Command::new(&bin).args(["guest-image", "--out"]).arg(&guest).status()?;
+    if !st.success() {
+        bail!("ringvm guest-image failed");
+    }
+    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if !have_qemu {
+        println!("QEMU: unavailable (scripts/peers.sh installs it) -- QEMU columns skipped");
+    }
+    let reps = if quick { 2 } else { 5 };
+    let (mem, mib) = if quick { ("512M", 256) } else { ("1280M", 1024) };
+    let work = format!("work=mem mib={mib} secs=0");
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![("ringvm", vec![], vec![], vec![]), ("qemu", vec![], vec![], vec![])];
+    for rep in 0..reps {
+        for (i, sys) in ["ringvm", "qemu"].into_iter().enumerate() {
+            if sys == "qemu" && !have_qemu {
+                continue;
+            }
+            let (mem_cmd, hello_cmd) = if sys == "ringvm" {
+                (ringvm_cmd(&bin, &guest, mem, &work), ringvm_cmd(&bin, &guest, "256M", "work=hello"))
+            } else {
+                (qemu_cmd(&guest, mem, &work), qemu_cmd(&guest, "256M", "work=hello"))
+            };
+            let s = measure(mem_cmd, Duration::from_secs(300))?;
+            let want = if sys == "qemu" { 1 } else { 0 }; // QEMU exits (code << 1) | 1
+            if s.status != want {
+                bail!("{sys}: guest failed (status {})", s.status);
+            }
+            let h = measure(hello_cmd, Duration::from_secs(120))?;
+            eprintln!("rep {rep} {sys}: first line {:.1} ms, mem end {:.1} ms, hello RSS {} MiB", s.first_line.as_secs_f64() * 1e3, s.total.as_secs_f64() * 1e3, h.maxrss_kib / 1024);
+            rows[i].1.push(s.first_line.as_secs_f64() * 1e3);
+            rows[i].2.push(s.total.as_secs_f64() * 1e3);
+            rows[i].3.push(h.maxrss_kib as f64 / 1024.0);
+        }
+    }
+    println!("\n## boot: test guest, 1 vCPU, mem={mem}, work=mem mib={mib}; median of {reps} (min..max)\n");
+    println!("| system | first serial line (ms) | end of mem (ms) | peak RSS, work=hello, 256M guest (MiB) |");
+    println!("| --- | --- | --- | --- |");
+    let mut meds = vec![];
+    for (name, a, b, c) in &rows {
+        if a.is_empty() {
+            continue;
+        }
+        let (a, b, c) = (median(a.clone()), median(b.clone()), median(c.clone()));
+        println!("| {name} | {:.1} ({:.1}..{:.1}) | {:.0} ({:.0}..{:.0}) | {:.1} ({:.1}..{:.1}) |", a.0, a.1, a.2, b.0, b.1, b.2, c.0, c.1, c.2);
+        meds.push((a.0, b.0, c.0));
+    }
+    if meds.len() == 2 {
+        println!("\nratios ringvm/qemu: first line {:.3}, end of mem {:.3}, RSS {:.3}", meds[0].0 / meds[1].0, meds[0].1 / meds[1].1, meds[0].2 / meds[1].2);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.suite {
+        Suite::Boot | Suite::All => boot(cli.quick),
+    }
+}
