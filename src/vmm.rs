@@ -105,6 +105,7 @@ impl Vm {
         let started = Instant::now();
         vcpu::install_kick_handler()?;
         let events = Arc::new(EventQueue::new()?);
+        let stdin_to_guest = matches!(config.serial, SerialConfig::Stdio) && std::io::IsTerminal::is_terminal(&std::io::stdin());
         let serial_out = match config.serial {
             SerialConfig::Stdio => SerialOutput::Stdout,
             SerialConfig::File(p) => SerialOutput::Writer(Box::new(std::io::LineWriter::new(
@@ -119,6 +120,9 @@ impl Vm {
         }
         let entry = boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?;
         let vcpus = Self::create_vcpus(&machine, config.cpus, &events, entry)?;
+        if stdin_to_guest {
+            spawn_stdin_reader(machine.serial.clone())?;
+        }
         Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, resets: 0, started })
     }
 
@@ -219,4 +223,32 @@ impl Vm {
         self.vcpus.stop();
         self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
+}
+
+/// Feeds a terminal's input to the guest's UART (line by line: the
+/// terminal stays in canonical mode, so ringvm never leaves it raw).
+fn spawn_stdin_reader(serial: Arc<std::sync::Mutex<devices::legacy::Serial>>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(rest);
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        // The guest hasn't drained its FIFO yet.
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|source| Error::Thread { name: "serial-stdin".into(), source })
 }
