@@ -14,7 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::error::{kvm, Error, Result};
+use crate::error::{self, Error, Result};
 use crate::layout;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
@@ -69,9 +69,9 @@ impl Machine {
     pub fn new(mem_size: u64, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         check_caps(&kvm)?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = kvm.create_vm().map_err(error::kvm("KVM_CREATE_VM"))?;
         let supported_cpuid =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
 
         let ranges: Vec<(GuestAddress, usize)> =
             layout::ram_regions(mem_size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
@@ -90,13 +90,13 @@ impl Machine {
             };
             // SAFETY: the mapping backs `region` and lives as long as `mem`,
             // which the Machine owns for the VM's whole lifetime.
-            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(r) }.map_err(error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.set_tss_address(TSS_ADDRESS).map_err(error::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(error::kvm("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        vm.create_pit2(pit).map_err(error::kvm("KVM_CREATE_PIT2"))?;
         let reset_state = ResetState {
             irqchips: [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC]
                 .into_iter()
@@ -105,14 +105,14 @@ impl Machine {
                     vm.get_irqchip(&mut chip).map(|_| chip)
                 })
                 .collect::<std::result::Result<_, _>>()
-                .map_err(kvm_err("KVM_GET_IRQCHIP"))?,
-            pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+                .map_err(error::kvm("KVM_GET_IRQCHIP"))?,
+            pit: vm.get_pit2().map_err(error::kvm("KVM_GET_PIT2"))?,
         };
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let serial_irq = Interrupt::new()?;
-        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ).map_err(error::kvm("KVM_IRQFD"))?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(serial.clone(), SERIAL_PORT, 8)?;
         pio.insert(Arc::new(Mutex::new(I8042::new(requests.clone()))), I8042_PORT, 5)?;
@@ -126,16 +126,12 @@ impl Machine {
     /// Puts the PIC, IOAPIC and PIT back in their power-on state.
     pub fn reset_irqchips(&self) -> Result<()> {
         for chip in &self.reset_state.irqchips {
-            self.vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+            self.vm.set_irqchip(chip).map_err(error::kvm("KVM_SET_IRQCHIP"))?;
         }
-        self.vm.set_pit2(&self.reset_state.pit).map_err(kvm_err("KVM_SET_PIT2"))
+        self.vm.set_pit2(&self.reset_state.pit).map_err(error::kvm("KVM_SET_PIT2"))
     }
 
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
     }
-}
-
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    kvm(op)
 }
