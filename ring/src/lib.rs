@@ -38,7 +38,7 @@ mod token;
 
 use std::io;
 
-pub use ring::{Buf, Completion, Fd, Op, OpId, Ring, RingStats, SourceId};
+pub use ring::{Buf, Completion, Fd, Op, OpId, Ring, RingOptions, RingStats, SourceId, OPCODES};
 pub use thread::{IoThread, QuiesceWaiter, Remote};
 pub use token::{Kind, Token};
 
@@ -59,6 +59,12 @@ pub enum Error {
     RegisterFiles(#[source] io::Error),
     #[error("no free fixed-file slot")]
     FixedFilesFull,
+    #[error("registering buffers")]
+    RegisterBuffers(#[source] io::Error),
+    #[error("no free fixed-buffer slot")]
+    FixedBuffersFull,
+    #[error("restricting the io_uring")]
+    Restrict(#[source] io::Error),
     #[error("eventfd")]
     EventFd(#[source] io::Error),
     #[error("cannot spawn iothread {name}")]

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+use io_uring::{cqueue, opcode, register::Restriction, squeue, types, IoUring, Probe};
 use slab::Slab;
 
 use crate::thread::Event;
@@ -34,6 +34,8 @@ pub enum Buf {
     Owned(Vec<u8>),
     /// Memory the caller keeps valid until the completion (guest RAM).
     Iovecs(Vec<libc::iovec>),
+    /// Part of a registered buffer (see [`Ring::register_buffer`]).
+    Fixed { index: u16, ptr: *mut u8, len: usize },
 }
 
 impl Buf {
@@ -41,13 +43,14 @@ impl Buf {
         match self {
             Buf::Owned(v) => v.len(),
             Buf::Iovecs(iov) => iov.iter().map(|i| i.iov_len).sum(),
+            Buf::Fixed { len, .. } => *len,
         }
     }
 
     pub fn into_vec(self) -> Option<Vec<u8>> {
         match self {
             Buf::Owned(v) => Some(v),
-            Buf::Iovecs(_) => None,
+            Buf::Iovecs(_) | Buf::Fixed { .. } => None,
         }
     }
 }
@@ -62,6 +65,10 @@ pub enum Op {
     /// Poll for `events`; multishot delivers every readiness from one submission.
     Poll { fd: RawFd, events: u32, multishot: bool },
     Timeout { after: Duration },
+    /// Accepts a connection on a listening socket; the result is the new fd.
+    Accept { fd: RawFd },
+    /// Does nothing (measures the ring's own overhead).
+    Nop,
 }
 
 impl Op {
@@ -88,6 +95,23 @@ impl Op {
     /// As for [`Op::readv`].
     pub unsafe fn writev(fd: Fd, iov: Vec<libc::iovec>, offset: u64) -> Op {
         Op::Write { fd, buf: Buf::Iovecs(iov), offset }
+    }
+
+    /// Read into part of registered buffer `index`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must lie inside that registered buffer and not be
+    /// otherwise accessed until the completion is delivered.
+    pub unsafe fn read_fixed(fd: Fd, index: u16, ptr: *mut u8, len: usize, offset: u64) -> Op {
+        Op::Read { fd, buf: Buf::Fixed { index, ptr, len }, offset }
+    }
+
+    /// Write from part of registered buffer `index`.
+    ///
+    /// # Safety
+    /// As for [`Op::read_fixed`].
+    pub unsafe fn write_fixed(fd: Fd, index: u16, ptr: *mut u8, len: usize, offset: u64) -> Op {
+        Op::Write { fd, buf: Buf::Fixed { index, ptr, len }, offset }
     }
 
     fn is_rw(&self) -> bool {
@@ -119,6 +143,13 @@ struct Slot {
     timespec: Box<types::Timespec>,
     cancelled: bool,
     persistent: bool,
+    /// Later members of this op's linked group (index, generation).
+    link_rest: Vec<(usize, u32)>,
+    /// Successors' ECANCELED completions still awaited before a short
+    /// transfer is resubmitted together with them.
+    relink_wait: usize,
+    /// Set on a successor whose predecessor was short: (index, generation).
+    relink_to: Option<(usize, u32)>,
 }
 
 #[derive(Default)]
@@ -136,9 +167,59 @@ pub struct RingStats {
     pub stale: u64,
     pub backlogged: u64,
     pub max_backlog: usize,
+    /// Linked groups resubmitted after a short transfer broke the link.
+    pub relinked: u64,
 }
 
 const FIXED_FILES: u32 = 64;
+const FIXED_BUFFERS: u32 = 64;
+
+/// Every opcode the ring can submit, probed at set-up and allowed in a
+/// restricted ring.
+pub const OPCODES: &[(u8, &str)] = &[
+    (opcode::Read::CODE, "READ"),
+    (opcode::Write::CODE, "WRITE"),
+    (opcode::Readv::CODE, "READV"),
+    (opcode::Writev::CODE, "WRITEV"),
+    (opcode::ReadFixed::CODE, "READ_FIXED"),
+    (opcode::WriteFixed::CODE, "WRITE_FIXED"),
+    (opcode::Fsync::CODE, "FSYNC"),
+    (opcode::Fallocate::CODE, "FALLOCATE"),
+    (opcode::PollAdd::CODE, "POLL_ADD"),
+    (opcode::Timeout::CODE, "TIMEOUT"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::Accept::CODE, "ACCEPT"),
+    (opcode::Nop::CODE, "NOP"),
+];
+
+// io_uring_register opcodes a running ring may use once restricted.
+const REGISTER_FILES_UPDATE: u8 = 6;
+const REGISTER_BUFFERS_UPDATE: u8 = 16;
+
+/// How a ring is set up.
+#[derive(Clone, Debug)]
+pub struct RingOptions {
+    /// SQ entries (the CQ has twice as many).
+    pub entries: u32,
+    /// An eventfd whose readiness sets [`Ring::take_woken`].
+    pub wake_fd: Option<RawFd>,
+    /// Restrict the ring (IORING_SETUP_R_DISABLED + register_restrictions)
+    /// to these opcodes, the IO_LINK and FIXED_FILE flags and updates of
+    /// registered files and buffers. `None`: unrestricted.
+    pub allowed_opcodes: Option<Vec<u8>>,
+}
+
+impl RingOptions {
+    pub fn new(entries: u32) -> RingOptions {
+        RingOptions { entries, wake_fd: None, allowed_opcodes: None }
+    }
+
+    /// Restricted to exactly the opcodes in [`OPCODES`].
+    pub fn restricted(mut self) -> RingOptions {
+        self.allowed_opcodes = Some(OPCODES.iter().map(|(c, _)| *c).collect());
+        self
+    }
+}
 
 pub struct Ring {
     uring: IoUring,
@@ -150,6 +231,8 @@ pub struct Ring {
     cq_cap: usize,
     sources: HashMap<SourceId, SourceState>,
     fixed: Vec<bool>,
+    buffers: Vec<bool>,
+    restricted: bool,
     wake_fd: Option<RawFd>,
     woken: bool,
     stats: RingStats,
@@ -158,17 +241,7 @@ pub struct Ring {
 fn check_opcodes(uring: &IoUring) -> Result<()> {
     let mut probe = Probe::new();
     uring.submitter().register_probe(&mut probe).map_err(Error::Probe)?;
-    for (code, name) in [
-        (opcode::Read::CODE, "READ"),
-        (opcode::Write::CODE, "WRITE"),
-        (opcode::Readv::CODE, "READV"),
-        (opcode::Writev::CODE, "WRITEV"),
-        (opcode::Fsync::CODE, "FSYNC"),
-        (opcode::Fallocate::CODE, "FALLOCATE"),
-        (opcode::PollAdd::CODE, "POLL_ADD"),
-        (opcode::Timeout::CODE, "TIMEOUT"),
-        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-    ] {
+    for &(code, name) in OPCODES {
         if !probe.is_supported(code) {
             return Err(Error::Unsupported(name));
         }
@@ -180,12 +253,31 @@ impl Ring {
     /// A ring with `entries` SQEs (CQ twice that). `wake_fd`, if given, is an
     /// eventfd whose readiness sets [`Ring::take_woken`].
     pub fn new(entries: u32, wake_fd: Option<RawFd>) -> Result<Ring> {
-        let uring = IoUring::builder().setup_clamp().build(entries).map_err(Error::Setup)?;
+        Ring::with_options(RingOptions { wake_fd, ..RingOptions::new(entries) })
+    }
+
+    pub fn with_options(opts: RingOptions) -> Result<Ring> {
+        let (entries, wake_fd) = (opts.entries, opts.wake_fd);
+        let mut builder = IoUring::builder();
+        builder.setup_clamp();
+        if opts.allowed_opcodes.is_some() {
+            builder.setup_r_disabled();
+        }
+        let uring = builder.build(entries).map_err(Error::Setup)?;
         if !uring.params().is_feature_nodrop() {
             return Err(Error::NoDrop);
         }
         check_opcodes(&uring)?;
         uring.submitter().register_files_sparse(FIXED_FILES).map_err(Error::RegisterFiles)?;
+        uring.submitter().register_buffers_sparse(FIXED_BUFFERS).map_err(Error::RegisterBuffers)?;
+        if let Some(ops) = &opts.allowed_opcodes {
+            let mut res: Vec<Restriction> = ops.iter().map(|&c| Restriction::sqe_op(c)).collect();
+            res.push(Restriction::register_op(REGISTER_FILES_UPDATE));
+            res.push(Restriction::register_op(REGISTER_BUFFERS_UPDATE));
+            res.push(Restriction::sqe_flags_allowed((squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE).bits()));
+            uring.submitter().register_restrictions(&mut res).map_err(Error::Restrict)?;
+            uring.submitter().register_enable_rings().map_err(Error::Restrict)?;
+        }
         let cq_cap = uring.params().cq_entries() as usize;
         let mut ring = Ring {
             uring,
@@ -196,6 +288,8 @@ impl Ring {
             cq_cap,
             sources: HashMap::new(),
             fixed: vec![false; FIXED_FILES as usize],
+            buffers: vec![false; FIXED_BUFFERS as usize],
+            restricted: opts.allowed_opcodes.is_some(),
             wake_fd,
             woken: false,
             stats: RingStats::default(),
@@ -229,6 +323,39 @@ impl Ring {
             }
         }
         Ok(())
+    }
+
+    /// Registers `len` bytes at `ptr` as a fixed buffer; returns its index
+    /// for [`Op::read_fixed`]/[`Op::write_fixed`]. Fails (e.g. ENOMEM under
+    /// RLIMIT_MEMLOCK) without side effects, so callers can fall back to
+    /// plain reads and writes.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`Ring::unregister_buffer`] or the
+    /// ring is dropped (the kernel pins it).
+    pub unsafe fn register_buffer(&mut self, ptr: *mut u8, len: usize) -> Result<u16> {
+        let idx = self.buffers.iter().position(|u| !u).ok_or(Error::FixedBuffersFull)?;
+        let iov = [libc::iovec { iov_base: ptr.cast(), iov_len: len }];
+        // SAFETY: the caller guarantees the memory outlives the registration.
+        unsafe { self.uring.submitter().register_buffers_update(idx as u32, &iov, None) }.map_err(Error::RegisterBuffers)?;
+        self.buffers[idx] = true;
+        Ok(idx as u16)
+    }
+
+    /// Releases a fixed buffer (operations in flight keep their pin).
+    pub fn unregister_buffer(&mut self, index: u16) -> Result<()> {
+        let iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }];
+        // SAFETY: an empty iovec clears the slot; no memory is referenced.
+        unsafe { self.uring.submitter().register_buffers_update(u32::from(index), &iov, None) }.map_err(Error::RegisterBuffers)?;
+        if let Some(u) = self.buffers.get_mut(index as usize) {
+            *u = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the ring runs with an opcode allowlist.
+    pub fn is_restricted(&self) -> bool {
+        self.restricted
     }
 
     pub fn stats(&self) -> RingStats {
@@ -271,6 +398,14 @@ impl Ring {
             ids.push(id);
             group.push(sqe);
         }
+        let members: Vec<(usize, u32)> = ids
+            .iter()
+            .filter_map(|id| Token::decode(id.0))
+            .map(|t| (t.index as usize, t.generation))
+            .collect();
+        for (i, &(idx, _)) in members.iter().enumerate() {
+            self.slots[idx].link_rest = members[i + 1..].to_vec();
+        }
         self.queue(group);
         ids
     }
@@ -294,6 +429,9 @@ impl Ring {
             timespec: Box::new(types::Timespec::new()),
             cancelled: false,
             persistent,
+            link_rest: Vec::new(),
+            relink_wait: 0,
+            relink_to: None,
         });
         if !persistent {
             self.sources.entry(source).or_default().inflight += 1;
@@ -340,6 +478,16 @@ impl Ring {
                             opcode::Read::new(f, ptr, len).offset(offset).build()
                         })
                     }
+                    Buf::Fixed { index, ptr, len } => {
+                        let len = (*len - done).min(u32::MAX as usize) as u32;
+                        // SAFETY: done < len, so this stays inside the caller's registered range.
+                        let ptr = unsafe { ptr.add(done) };
+                        with_fd!(fd, |f| if write {
+                            opcode::WriteFixed::new(f, ptr, len, *index).offset(offset).build()
+                        } else {
+                            opcode::ReadFixed::new(f, ptr, len, *index).offset(offset).build()
+                        })
+                    }
                     Buf::Iovecs(iov) => {
                         slot.cont_iov = advance_iovecs(iov, done);
                         let (p, n) = (slot.cont_iov.as_ptr(), slot.cont_iov.len() as u32);
@@ -363,6 +511,10 @@ impl Ring {
                 *slot.timespec = types::Timespec::new().sec(after.as_secs()).nsec(after.subsec_nanos());
                 opcode::Timeout::new(&*slot.timespec as *const _).build()
             }
+            Op::Accept { fd } => opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build(),
+            Op::Nop => opcode::Nop::new().build(),
         }
     }
 
@@ -503,6 +655,26 @@ impl Ring {
         }
         self.stats.completed += 1;
 
+        // A successor cancelled by the kernel because its predecessor was
+        // short: resubmit the rest of the chain once all of them are back.
+        if let Some((p, pgen)) = self.slots[idx].relink_to.take() {
+            let parent_ok = self.slots.get(p).is_some_and(|s| s.generation == pgen);
+            if res == -libc::ECANCELED && !self.slots[idx].cancelled && parent_ok {
+                self.slots[p].relink_wait -= 1;
+                if self.slots[p].relink_wait == 0 {
+                    self.relink(p);
+                }
+                return;
+            }
+            if parent_ok {
+                self.slots[p].relink_wait = self.slots[p].relink_wait.saturating_sub(1);
+                self.slots[p].link_rest.retain(|&(i, _)| i != idx);
+                if self.slots[p].relink_wait == 0 {
+                    self.relink(p);
+                }
+            }
+        }
+
         // Continue short reads/writes; a read of 0 bytes is end of file.
         if res > 0 && self.slots[idx].op.is_rw() {
             let slot = &mut self.slots[idx];
@@ -513,6 +685,24 @@ impl Ring {
             };
             if slot.done < total && !slot.cancelled {
                 self.stats.continued += 1;
+                if !slot.link_rest.is_empty() {
+                    // The kernel fails the rest of the link on a short
+                    // transfer; wait for those completions, then resubmit.
+                    let rest = std::mem::take(&mut slot.link_rest);
+                    let mut live = Vec::with_capacity(rest.len());
+                    for (i, g) in rest {
+                        if let Some(s) = self.slots.get_mut(i).filter(|s| s.generation == g) {
+                            s.relink_to = Some((idx, token.generation));
+                            live.push((i, g));
+                        }
+                    }
+                    let slot = &mut self.slots[idx];
+                    slot.relink_wait = live.len();
+                    slot.link_rest = live;
+                    if slot.relink_wait > 0 {
+                        return;
+                    }
+                }
                 let sqe = self.build_sqe(idx).user_data(cqe.user_data());
                 self.queue(vec![sqe]);
                 return;
@@ -553,6 +743,24 @@ impl Ring {
         if let Some(mut h) = slot.handler {
             h(self, Completion { result, op: Some(slot.op), more: false });
         }
+    }
+
+    /// Resubmits slot `p`'s continuation linked with its remaining chain.
+    fn relink(&mut self, p: usize) {
+        self.stats.relinked += 1;
+        let mut members = vec![(p, self.slots[p].generation)];
+        members.extend(self.slots[p].link_rest.iter().copied().filter(|&(i, g)| self.slots.get(i).is_some_and(|s| s.generation == g)));
+        let n = members.len();
+        let mut group = Vec::with_capacity(n);
+        for (k, (i, g)) in members.into_iter().enumerate() {
+            let token = Token { index: i as u32, generation: g, kind: Kind::Op }.encode();
+            let mut sqe = self.build_sqe(i).user_data(token);
+            if k + 1 < n {
+                sqe = sqe.flags(squeue::Flags::IO_LINK);
+            }
+            group.push(sqe);
+        }
+        self.queue(group);
     }
 
     fn source_done(&mut self, source: SourceId) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::ring::{Ring, RingStats, SourceId};
+use crate::ring::{Ring, RingOptions, RingStats, SourceId};
 use crate::{Error, Result};
 
 type Task = Box<dyn FnOnce(&mut Ring) + Send>;
@@ -100,9 +100,16 @@ pub struct IoThread {
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 impl IoThread {
-    /// Spawns `name` with a ring of `entries` SQEs; fails if the ring cannot
-    /// be set up (missing opcodes or features are reported by name).
+    /// Spawns `name` with a restricted ring of `entries` SQEs (only the
+    /// opcodes ringvm uses); fails if the ring cannot be set up (missing
+    /// opcodes or features are reported by name).
     pub fn spawn(name: &str, entries: u32) -> Result<IoThread> {
+        IoThread::spawn_with(name, RingOptions::new(entries).restricted())
+    }
+
+    /// Spawns `name` with a ring set up by `opts` (its wake fd is the
+    /// thread's own).
+    pub fn spawn_with(name: &str, opts: RingOptions) -> Result<IoThread> {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             tasks: Mutex::new(VecDeque::new()),
@@ -114,7 +121,8 @@ impl IoThread {
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let mut ring = match Ring::new(entries, Some(s.wake.as_raw_fd())) {
+                let opts = RingOptions { wake_fd: Some(s.wake.as_raw_fd()), ..opts };
+                let mut ring = match Ring::with_options(opts) {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e));
