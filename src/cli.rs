@@ -54,6 +54,15 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// QMP control socket: PATH or unix:PATH,server=on,wait=off.
+    #[arg(long, value_parser = crate::qmp::server::parse_spec)]
+    pub qmp: Option<PathBuf>,
+    /// Start with the vCPUs paused; QMP `cont` starts them (QEMU's -S).
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+    /// VM name (reported by query-name).
+    #[arg(long)]
+    pub name: Option<String>,
     #[command(flatten)]
     pub machine: MachineArgs,
 }

@@ -41,6 +41,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("vCPU{cpu}: {what}")]
     Vcpu { cpu: usize, what: String },
+    #[error("io_uring")]
+    Ring(#[from] ring::Error),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
 }

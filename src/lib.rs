@@ -7,10 +7,12 @@
 
 pub mod boot;
 pub mod cli;
+pub mod control;
 pub mod error;
 pub mod events;
 pub mod layout;
 pub mod machine;
+pub mod qmp;
 pub mod vcpu;
 pub mod vmm;
 

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use ringvm::boot::BootSpec;
 use ringvm::cli::{Cli, Command, DemoArgs, RunArgs};
+use ringvm::control::{ControlOptions, Controller};
 use ringvm::vmm::{SerialConfig, Vm, VmConfig};
 
 fn main() -> ExitCode {
@@ -66,8 +67,10 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         serial: args.machine.serial.to_config(),
         no_reboot: args.machine.no_reboot,
     };
+    ringvm::control::block_term_signals()?;
     let vm = Vm::build(config)?;
-    let outcome = vm.run()?;
+    let opts = ControlOptions { qmp: args.qmp, paused: args.paused, name: args.name };
+    let outcome = Controller::new(vm, opts)?.run()?;
     Ok(outcome.exit_code())
 }
 

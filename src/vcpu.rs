@@ -47,6 +47,8 @@ pub struct VcpuControl {
     count: usize,
     /// KVM_RUN entries, for statistics.
     pub runs: AtomicU64,
+    /// Host thread id of each vCPU (0 until its thread starts).
+    tids: Mutex<Vec<i32>>,
 }
 
 const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
@@ -58,6 +60,7 @@ impl VcpuControl {
             cv: Condvar::new(),
             count,
             runs: AtomicU64::new(0),
+            tids: Mutex::new(vec![0; count]),
         })
     }
 
@@ -77,6 +80,11 @@ impl VcpuControl {
 
     pub fn request(&self) -> Request {
         self.lock().request
+    }
+
+    /// Host thread ids of the vCPUs, by index.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.tids.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -144,11 +152,11 @@ impl Vcpus {
     }
 
     /// Stops and joins every vCPU thread.
-    pub fn stop(self) {
+    pub fn stop(&mut self) {
         self.ctl.lock().request = Request::Stop;
         self.ctl.cv.notify_all();
         self.kick_all();
-        for t in self.threads {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -296,6 +304,11 @@ impl Vcpu {
     fn thread_main(mut self, ctl: Arc<VcpuControl>) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let id = usize::from(self.id);
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if let Some(t) = ctl.tids.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+            *t = tid;
+        }
         if let Err(e) = self.run_loop(&ctl) {
             self.events.push(VmEvent::Error(format!("vcpu{id}: {e}")));
         }

@@ -11,7 +11,7 @@ use devices::legacy::SerialOutput;
 
 use crate::boot::{self, BootEntry, BootSpec};
 use crate::error::{Error, Result};
-use crate::events::{DeviceRequests, EventQueue, VmEvent};
+use crate::events::{DeviceRequests, EventQueue};
 use crate::machine::Machine;
 use crate::vcpu::{self, Vcpu, VcpuControl, Vcpus};
 
@@ -43,13 +43,15 @@ pub enum Outcome {
     Reset,
     /// The guest powered off.
     Shutdown,
+    /// QMP `quit` or a termination signal.
+    Quit,
 }
 
 impl Outcome {
     pub fn exit_code(&self) -> u8 {
         match self {
             Outcome::GuestExit(c) => *c,
-            Outcome::Reset | Outcome::Shutdown => 0,
+            Outcome::Reset | Outcome::Shutdown | Outcome::Quit => 0,
         }
     }
 }
@@ -156,70 +158,32 @@ impl Vm {
         &self.vcpus
     }
 
+    pub fn no_reboot(&self) -> bool {
+        self.no_reboot
+    }
+
     /// Resets the whole VM: vCPUs out, kernel reloaded, interrupt
-    /// controllers and vCPUs back to power-on state, then running again.
-    pub fn reset(&mut self) -> Result<()> {
+    /// controllers and vCPUs back to power-on state; running again if
+    /// `resume`.
+    pub fn reset(&mut self, resume: bool) -> Result<()> {
         self.vcpus.pause()?;
         let entry = boot::load(&self.machine.mem, &self.boot, self.machine.mem_size, self.cpus)?;
         self.machine.reset_irqchips()?;
         self.vcpus.reset(entry)?;
         self.resets += 1;
-        self.vcpus.resume();
+        if resume {
+            self.vcpus.resume();
+        }
         Ok(())
     }
 
-    /// Handles one guest event; returns the outcome when the VM is done.
-    pub fn handle_event(&mut self, ev: VmEvent) -> Result<Option<Outcome>> {
-        match ev {
-            VmEvent::Exit(code) => Ok(Some(Outcome::GuestExit(code))),
-            VmEvent::Shutdown => Ok(Some(Outcome::Shutdown)),
-            VmEvent::Reset if self.no_reboot => Ok(Some(Outcome::Reset)),
-            VmEvent::Reset => {
-                log::info!("guest reset");
-                self.reset()?;
-                Ok(None)
-            }
-            VmEvent::TripleFault { cpu, at } if self.no_reboot => {
-                Err(Error::Vcpu { cpu, what: format!("guest triple fault (KVM_EXIT_SHUTDOWN) at {at}") })
-            }
-            VmEvent::TripleFault { cpu, at } => {
-                log::warn!("vcpu{cpu}: guest triple fault at {at}; resetting");
-                self.reset()?;
-                Ok(None)
-            }
-            VmEvent::Error(msg) => Err(Error::Config(msg)),
-        }
-    }
-
-    /// Runs the guest until it exits, then stops the vCPUs.
-    pub fn run(mut self) -> Result<Outcome> {
-        self.vcpus.resume();
-        let result = loop {
-            self.events.wait();
-            let mut done = None;
-            while let Some(ev) = self.events.pop() {
-                match self.handle_event(ev) {
-                    Ok(None) => {}
-                    Ok(Some(o)) => {
-                        done = Some(Ok(o));
-                        break;
-                    }
-                    Err(e) => {
-                        done = Some(Err(e));
-                        break;
-                    }
-                }
-            }
-            if let Some(d) = done {
-                break d;
-            }
-        };
-        self.shutdown();
-        result
+    /// Runs the guest with no control socket until it exits.
+    pub fn run(self) -> Result<Outcome> {
+        crate::control::Controller::new(self, Default::default())?.run()
     }
 
     /// Stops the vCPUs and flushes the console.
-    pub fn shutdown(self) {
+    pub fn shutdown(&mut self) {
         self.vcpus.stop();
         self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod ringbench;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,9 @@ struct Cli {
 enum Suite {
     /// Boot latency and memory overhead.
     Boot,
+    /// The ring crate vs fio (io_uring engine) on one file: 4 KiB randread
+    /// QD32, 1 MiB sequential write and read, O_DIRECT.
+    Ring,
     /// Every suite.
     All,
 }
@@ -104,7 +109,7 @@ fn boot(quick: bool) -> Result<()> {
     if !st.success() {
         bail!("ringvm guest-image failed");
     }
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let have_qemu = have("qemu-system-x86_64");
     if !have_qemu {
         println!("QEMU: unavailable (scripts/peers.sh installs it) -- QEMU columns skipped");
     }
@@ -153,9 +158,52 @@ fn boot(quick: bool) -> Result<()> {
     Ok(())
 }
 
+fn have(cmd: &str) -> bool {
+    Command::new(cmd).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Scratch space for benchmark files, on the project's filesystem.
+fn scratch_dir() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/perf-scratch");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn ring(quick: bool) -> Result<()> {
+    if !have("fio") {
+        println!("\n## ring: SKIPPED -- fio unavailable (scripts/peers.sh installs it)");
+        return Ok(());
+    }
+    let (size, secs, reps) = if quick { (256u64 << 20, 1.0, 1) } else { (2u64 << 30, 5.0, 5) };
+    let path = scratch_dir()?.join("ring-bench.dat");
+    ringbench::prepare_file(&path, size)?;
+    println!("\n## ring: {} on {} ({} MiB file, O_DIRECT, fixed buffers + registered file on both sides); {secs} s runs, median of {reps} (min..max), interleaved\n", "ringvm-ring vs fio --ioengine=io_uring", path.display(), size >> 20);
+    println!("| job | ringvm-ring MB/s | fio MB/s | ratio ring/fio |");
+    println!("| --- | --- | --- | --- |");
+    for job in ringbench::JOBS {
+        let (mut a, mut b) = (vec![], vec![]);
+        for _ in 0..reps {
+            a.push(ringbench::run_ring(&path, size, *job, secs)? / 1e6);
+            b.push(ringbench::run_fio(&path, size, *job, secs)? / 1e6);
+        }
+        let (ma, mb) = (median(a), median(b));
+        let iops = |mbs: f64| mbs * 1e6 / job.bs as f64;
+        println!(
+            "| {} | {:.1} ({:.1}..{:.1}; {:.0} IOPS) | {:.1} ({:.1}..{:.1}; {:.0} IOPS) | {:.3} |",
+            job.name, ma.0, ma.1, ma.2, iops(ma.0), mb.0, mb.1, mb.2, iops(mb.0), ma.0 / mb.0
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.suite {
-        Suite::Boot | Suite::All => boot(cli.quick),
+        Suite::Boot => boot(cli.quick),
+        Suite::Ring => ring(cli.quick),
+        Suite::All => {
+            boot(cli.quick)?;
+            ring(cli.quick)
+        }
     }
 }

@@ -14,6 +14,10 @@ use crate::thread::Event;
 use crate::token::{Kind, Token, GENERATION_MASK};
 use crate::{Error, Result};
 
+/// The offset for files without one (sockets, pipes): the kernel uses and
+/// advances the file position instead.
+pub const STREAM: u64 = u64::MAX;
+
 /// Who an operation belongs to (a device queue, a state file...).
 pub type SourceId = u32;
 
@@ -56,7 +60,8 @@ impl Buf {
 }
 
 /// An operation. Reads and writes are continued until complete, so a
-/// completion reports the whole transfer (or less only at end of file).
+/// completion reports the whole transfer (or less only at end of file);
+/// except reads at [`STREAM`], which complete with whatever arrived.
 pub enum Op {
     Read { fd: Fd, buf: Buf, offset: u64 },
     Write { fd: Fd, buf: Buf, offset: u64 },
@@ -461,7 +466,7 @@ impl Ring {
         }
         match &mut slot.op {
             Op::Read { fd, offset, .. } | Op::Write { fd, offset, .. } => {
-                let (fd, offset) = (*fd, *offset + done as u64);
+                let (fd, offset) = (*fd, if *offset == STREAM { STREAM } else { *offset + done as u64 });
                 let write = matches!(slot.op, Op::Write { .. });
                 let buf = match &mut slot.op {
                     Op::Read { buf, .. } | Op::Write { buf, .. } => buf,
@@ -676,6 +681,8 @@ impl Ring {
         }
 
         // Continue short reads/writes; a read of 0 bytes is end of file.
+        // Stream reads (sockets, pipes) complete with what arrived.
+        let stream_read = matches!(self.slots[idx].op, Op::Read { offset: STREAM, .. });
         if res > 0 && self.slots[idx].op.is_rw() {
             let slot = &mut self.slots[idx];
             slot.done += res as usize;
@@ -683,7 +690,7 @@ impl Ring {
                 Op::Read { buf, .. } | Op::Write { buf, .. } => buf.total(),
                 _ => 0,
             };
-            if slot.done < total && !slot.cancelled {
+            if slot.done < total && !slot.cancelled && !stream_read {
                 self.stats.continued += 1;
                 if !slot.link_rest.is_empty() {
                     // The kernel fails the rest of the link on a short

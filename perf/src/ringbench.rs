@@ -1,0 +1,186 @@
+//! `ring`: the ring crate against fio (ioengine=io_uring) on the same file,
+//! same block size, depth and O_DIRECT, interleaved, median of N.
+
+use std::cell::RefCell;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ringvm_ring::{Fd, Op, Ring};
+
+#[derive(Clone, Copy)]
+pub struct Job {
+    pub name: &'static str,
+    pub write: bool,
+    pub random: bool,
+    pub bs: usize,
+    pub depth: usize,
+}
+
+pub const JOBS: &[Job] = &[
+    Job { name: "4k randread QD32", write: false, random: true, bs: 4096, depth: 32 },
+    Job { name: "1M seq write QD8", write: true, random: false, bs: 1 << 20, depth: 8 },
+    Job { name: "1M seq read QD8", write: false, random: false, bs: 1 << 20, depth: 8 },
+];
+
+/// Anonymous, page-aligned memory for O_DIRECT.
+struct Arena {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Arena {
+    fn new(len: usize) -> Result<Arena> {
+        // SAFETY: anonymous private mapping, checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        if p == libc::MAP_FAILED {
+            bail!("mmap {len}: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is len bytes, writable.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x5a, len) };
+        Ok(Arena { ptr: p.cast(), len })
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Bytes per second moved by the ring for `secs`.
+pub fn run_ring(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
+    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut ring = Ring::new(64, None)?;
+    let fd = ring.register_fd(file.as_raw_fd())?;
+    let arena = Arena::new(job.bs * job.depth)?;
+    // SAFETY: the arena outlives the ring (dropped after it below).
+    let buf_index = unsafe { ring.register_buffer(arena.ptr, arena.len) }?;
+    struct St {
+        rng: u64,
+        next_seq: u64,
+        bytes: u64,
+        stop: bool,
+        err: Option<std::io::Error>,
+    }
+    let st = Rc::new(RefCell::new(St { rng: 0x9E37_79B9_7F4A_7C15, next_seq: 0, bytes: 0, stop: false, err: None }));
+    let blocks = size / job.bs as u64;
+    fn issue(ring: &mut Ring, st: &Rc<RefCell<St>>, job: Job, fd: Fd, idx: u16, slot_ptr: *mut u8, blocks: u64) {
+        let off = {
+            let mut s = st.borrow_mut();
+            if s.stop {
+                return;
+            }
+            if job.random {
+                s.rng ^= s.rng << 13;
+                s.rng ^= s.rng >> 7;
+                s.rng ^= s.rng << 17;
+                (s.rng % blocks) * job.bs as u64
+            } else {
+                let o = s.next_seq % blocks * job.bs as u64;
+                s.next_seq += 1;
+                o
+            }
+        };
+        // SAFETY: each in-flight op owns its own bs-sized slice of the registered arena.
+        let op = unsafe {
+            if job.write {
+                Op::write_fixed(fd, idx, slot_ptr, job.bs, off)
+            } else {
+                Op::read_fixed(fd, idx, slot_ptr, job.bs, off)
+            }
+        };
+        let st2 = st.clone();
+        ring.submit(1, op, move |ring, c| {
+            match c.result {
+                Ok(n) => st2.borrow_mut().bytes += n as u64,
+                Err(e) => {
+                    let mut s = st2.borrow_mut();
+                    s.err = Some(e);
+                    s.stop = true;
+                }
+            }
+            issue(ring, &st2, job, fd, idx, slot_ptr, blocks);
+        });
+    }
+    // Warm-up is part of fio's ramp too; measure a steady window.
+    for k in 0..job.depth {
+        // SAFETY: k * bs < arena.len.
+        let p = unsafe { arena.ptr.add(k * job.bs) };
+        issue(&mut ring, &st, job, fd, buf_index, p, blocks);
+    }
+    let t0 = Instant::now();
+    let mut measured_from = (t0, 0u64);
+    let warm = Duration::from_secs_f64((secs * 0.1).min(1.0));
+    let mut warmed = false;
+    while t0.elapsed() < warm + Duration::from_secs_f64(secs) {
+        ring.run_once(true)?;
+        if !warmed && t0.elapsed() >= warm {
+            warmed = true;
+            measured_from = (Instant::now(), st.borrow().bytes);
+        }
+        if st.borrow().err.is_some() {
+            break;
+        }
+    }
+    let (t1, b1) = (Instant::now(), st.borrow().bytes);
+    st.borrow_mut().stop = true;
+    ring.run_until(Duration::from_secs(30), |r| r.in_flight() == 0)?;
+    if let Some(e) = st.borrow_mut().err.take() {
+        bail!("ring {}: {e}", job.name);
+    }
+    drop(ring);
+    drop(arena);
+    Ok((b1 - measured_from.1) as f64 / (t1 - measured_from.0).as_secs_f64())
+}
+
+/// Bytes per second by fio with the same job.
+pub fn run_fio(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
+    let rw = match (job.write, job.random) {
+        (false, true) => "randread",
+        (true, true) => "randwrite",
+        (false, false) => "read",
+        (true, false) => "write",
+    };
+    let ramp = (secs * 0.1).min(1.0);
+    let out = Command::new("fio")
+        .args(["--name=job", "--ioengine=io_uring", "--direct=1", "--fixedbufs=1", "--registerfiles=1", "--thread", "--output-format=json", "--time_based", "--norandommap", "--randrepeat=0"])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={}", job.bs))
+        .arg(format!("--iodepth={}", job.depth))
+        .arg(format!("--runtime={secs}"))
+        .arg(format!("--ramp_time={ramp}"))
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
+    let side = if job.write { "write" } else { "read" };
+    v["jobs"][0][side]["bw_bytes"].as_f64().context("fio JSON: bw_bytes")
+}
+
+/// Creates (once) a fully written file of `size` bytes.
+pub fn prepare_file(path: &Path, size: u64) -> Result<()> {
+    if std::fs::metadata(path).map(|m| m.len() == size).unwrap_or(false) {
+        return Ok(());
+    }
+    let st = Command::new("fio")
+        .args(["--name=fill", "--ioengine=io_uring", "--direct=1", "--rw=write", "--bs=1M", "--iodepth=8", "--output-format=terse"])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .output()
+        .context("fio (fill)")?;
+    if !st.status.success() {
+        bail!("fio fill failed: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! The control thread: one io_uring loop that serves the QMP sockets and
+//! reacts to guest events. It owns the VM's run state, so every command
+//! and event is handled in one place, in order, without locks. It never
+//! waits on a client, and waits on vCPUs only for them to leave KVM_RUN
+//! (which a kick guarantees, with a deadline).
+
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ring::{Op, Ring};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::events::VmEvent;
+use crate::qmp::server::{ClientId, Limits, Server, Shared, QMP_SOURCE};
+use crate::qmp::{self, opt, reply_err, reply_ok, ArgType, CommandSpec, QmpError, Request};
+use crate::vmm::{Outcome, Vm};
+
+/// QEMU's run states (qapi/run-state.json) that ringvm can be in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Prelaunch,
+    Running,
+    Paused,
+    Shutdown,
+    InternalError,
+    InMigrate,
+    PostMigrate,
+    FinishMigrate,
+    SaveVm,
+    RestoreVm,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Prelaunch => "prelaunch",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Shutdown => "shutdown",
+            RunState::InternalError => "internal-error",
+            RunState::InMigrate => "inmigrate",
+            RunState::PostMigrate => "postmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::SaveVm => "save-vm",
+            RunState::RestoreVm => "restore-vm",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ControlOptions {
+    /// QMP socket to serve.
+    pub qmp: Option<PathBuf>,
+    /// Start with the vCPUs paused (QEMU's -S).
+    pub paused: bool,
+    /// The VM's name (query-name).
+    pub name: Option<String>,
+}
+
+/// Every command ringvm implements, with its arguments. `query-commands`
+/// lists exactly these.
+pub const COMMANDS: &[CommandSpec] = &[
+    CommandSpec { name: "qmp_capabilities", args: &[opt("enable", ArgType::Array)] },
+    CommandSpec { name: "query-version", args: &[] },
+    CommandSpec { name: "query-commands", args: &[] },
+    CommandSpec { name: "query-status", args: &[] },
+    CommandSpec { name: "query-name", args: &[] },
+    CommandSpec { name: "query-kvm", args: &[] },
+    CommandSpec { name: "query-cpus-fast", args: &[] },
+    CommandSpec { name: "stop", args: &[] },
+    CommandSpec { name: "cont", args: &[] },
+    CommandSpec { name: "system_reset", args: &[] },
+    CommandSpec { name: "system_powerdown", args: &[] },
+    CommandSpec { name: "quit", args: &[] },
+];
+
+/// How long output to clients may take once the VM is finishing.
+const FLUSH_DEADLINE: Duration = Duration::from_millis(500);
+const RING_ENTRIES: u32 = 256;
+
+pub struct Controller {
+    vm: Vm,
+    ring: Ring,
+    qmp: Option<Shared>,
+    state: RunState,
+    name: Option<String>,
+    vm_event: Rc<Cell<bool>>,
+    signal: Rc<Cell<Option<i32>>>,
+    /// Set when the VM is finishing; the loop flushes clients, then ends.
+    finishing: Option<Result<Outcome>>,
+    _signalfd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Signals that end the VM gracefully (QEMU: SHUTDOWN, reason host-signal).
+const TERM_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Blocks the termination signals in the calling thread, so threads created
+/// afterwards inherit the mask and the controller takes them from a
+/// signalfd. Call it first thing in main.
+pub fn block_term_signals() -> Result<()> {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in TERM_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(Error::Io(std::io::Error::from_raw_os_error(rc)));
+        }
+    }
+    Ok(())
+}
+
+fn signalfd() -> Result<std::os::fd::OwnedFd> {
+    // SAFETY: builds a local sigset and creates a new signalfd; the result
+    // is checked and owned at once.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in TERM_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        Ok(<std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd))
+    }
+}
+
+fn term_signals_blocked() -> bool {
+    // SAFETY: queries this thread's mask into a local set.
+    unsafe {
+        let mut cur: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur) == 0 && libc::sigismember(&cur, libc::SIGTERM) == 1
+    }
+}
+
+impl Controller {
+    pub fn new(vm: Vm, opts: ControlOptions) -> Result<Controller> {
+        let mut ring = Ring::new(RING_ENTRIES, None)?;
+        let qmp = match &opts.qmp {
+            Some(path) => {
+                let s = Server::bind(path, Limits::default())?;
+                Server::start(&s, &mut ring);
+                Some(s)
+            }
+            None => None,
+        };
+        let vm_event = Rc::new(Cell::new(false));
+        let flag = vm_event.clone();
+        let efd = vm.events().eventfd().as_raw_fd();
+        ring.submit(QMP_SOURCE, Op::Poll { fd: efd, events: libc::POLLIN as u32, multishot: true }, move |_, _| flag.set(true));
+        let signal = Rc::new(Cell::new(None));
+        let signalfd = if term_signals_blocked() {
+            let sfd = signalfd()?;
+            let (fd, sig) = (sfd.as_raw_fd(), signal.clone());
+            ring.submit(QMP_SOURCE, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |_, _| {
+                let mut info = [0u8; 128];
+                // SAFETY: reading one signalfd_siginfo (128 bytes) into a local buffer.
+                let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
+                if n == 128 {
+                    sig.set(Some(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32));
+                }
+            });
+            Some(sfd)
+        } else {
+            None
+        };
+        Ok(Controller {
+            vm,
+            ring,
+            qmp,
+            state: if opts.paused { RunState::Prelaunch } else { RunState::Running },
+            name: opts.name,
+            vm_event,
+            signal,
+            finishing: None,
+            _signalfd: signalfd,
+        })
+    }
+
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Runs until the guest exits, `quit`, a fatal error or a signal.
+    pub fn run(mut self) -> Result<Outcome> {
+        if self.state == RunState::Running {
+            self.vm.vcpus().resume();
+        }
+        while self.finishing.is_none() {
+            self.ring.run_once(true)?;
+            if let Some(sig) = self.signal.take() {
+                log::info!("signal {sig}: shutting down");
+                self.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-signal"})));
+                self.finish(Ok(Outcome::Quit));
+            }
+            if self.vm_event.take() {
+                self.vm.events().wait();
+                while let Some(ev) = self.vm.events().pop() {
+                    self.on_vm_event(ev);
+                    if self.finishing.is_some() {
+                        break;
+                    }
+                }
+            }
+            let requests = self.qmp.as_ref().map(|s| s.borrow_mut().take_requests()).unwrap_or_default();
+            for (client, req) in requests {
+                self.on_request(client, req);
+            }
+        }
+        // Let replies and the last events reach the clients.
+        let deadline = Instant::now() + FLUSH_DEADLINE;
+        while self.qmp.as_ref().is_some_and(|s| !s.borrow().flushed()) && Instant::now() < deadline {
+            if self.ring.run_once(true).is_err() {
+                break;
+            }
+        }
+        let result = self.finishing.take().unwrap_or(Ok(Outcome::Quit));
+        drop(self.qmp.take());
+        self.vm.shutdown();
+        result
+    }
+
+    fn finish(&mut self, r: Result<Outcome>) {
+        if self.finishing.is_none() {
+            if r.is_ok() {
+                self.state = RunState::Shutdown;
+            }
+            self.finishing = Some(r);
+        }
+    }
+
+    fn broadcast(&mut self, name: &str, data: Option<Value>) {
+        if let Some(s) = &self.qmp {
+            Server::broadcast(s, &mut self.ring, &qmp::event(name, data));
+        }
+    }
+
+    fn on_vm_event(&mut self, ev: VmEvent) {
+        let guest_reset = json!({"guest": true, "reason": "guest-reset"});
+        match ev {
+            VmEvent::Exit(code) => {
+                self.broadcast("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+                self.finish(Ok(Outcome::GuestExit(code)));
+            }
+            VmEvent::Shutdown => {
+                self.broadcast("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+                self.finish(Ok(Outcome::Shutdown));
+            }
+            VmEvent::Reset if self.vm.no_reboot() => {
+                self.broadcast("SHUTDOWN", Some(guest_reset));
+                self.finish(Ok(Outcome::Reset));
+            }
+            VmEvent::Reset => {
+                log::info!("guest reset");
+                self.broadcast("RESET", Some(guest_reset));
+                let resume = self.state == RunState::Running;
+                if let Err(e) = self.vm.reset(resume) {
+                    self.fatal(e);
+                }
+            }
+            VmEvent::TripleFault { cpu, at } if self.vm.no_reboot() => {
+                self.fatal(Error::Vcpu { cpu, what: format!("guest triple fault (KVM_EXIT_SHUTDOWN) at {at}") });
+            }
+            VmEvent::TripleFault { cpu, at } => {
+                log::warn!("vcpu{cpu}: guest triple fault at {at}; resetting");
+                self.broadcast("RESET", Some(guest_reset));
+                let resume = self.state == RunState::Running;
+                if let Err(e) = self.vm.reset(resume) {
+                    self.fatal(e);
+                }
+            }
+            VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
+        }
+    }
+
+    fn fatal(&mut self, e: Error) {
+        self.state = RunState::InternalError;
+        self.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-error"})));
+        self.finish(Err(e));
+    }
+
+    fn reply(&mut self, client: ClientId, id: Option<&Value>, r: std::result::Result<Value, QmpError>) {
+        let bytes = match r {
+            Ok(v) => reply_ok(v, id),
+            Err(e) => reply_err(&e, id),
+        };
+        if let Some(s) = &self.qmp {
+            Server::send(s, &mut self.ring, client, bytes);
+        }
+    }
+
+    fn on_request(&mut self, client: ClientId, req: Request) {
+        let r = match COMMANDS.iter().find(|c| c.name == req.execute) {
+            None => Err(QmpError::not_found(format!("The command {} has not been found", req.execute))),
+            Some(spec) => qmp::check_args(&req.arguments, spec.args).and_then(|()| self.execute(&req)),
+        };
+        self.reply(client, req.id.as_ref(), r);
+    }
+
+    fn execute(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
+        match req.execute.as_str() {
+            "query-version" => Ok(qmp::version()),
+            "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c.name})).collect())),
+            "query-status" => Ok(json!({"running": self.state == RunState::Running, "status": self.state.as_str()})),
+            "query-name" => Ok(self.name.as_ref().map_or(json!({}), |n| json!({"name": n}))),
+            "query-kvm" => Ok(json!({"enabled": true, "present": true})),
+            "query-cpus-fast" => {
+                let tids = self.vm.vcpus().control().thread_ids();
+                Ok(Value::Array(
+                    tids.iter()
+                        .enumerate()
+                        .map(|(i, tid)| {
+                            json!({
+                                "cpu-index": i,
+                                "qom-path": format!("/machine/unattached/device[{i}]"),
+                                "thread-id": tid,
+                                "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
+                                "target": "x86_64",
+                            })
+                        })
+                        .collect(),
+                ))
+            }
+            "stop" => {
+                if matches!(self.state, RunState::Running) {
+                    self.vm.vcpus().pause().map_err(|e| QmpError::generic(format!("cannot pause the vCPUs: {e}")))?;
+                    self.state = RunState::Paused;
+                    self.broadcast("STOP", None);
+                } else if self.state == RunState::Prelaunch {
+                    self.state = RunState::Paused;
+                }
+                Ok(json!({}))
+            }
+            "cont" => match self.state {
+                RunState::Running => Ok(json!({})),
+                RunState::Paused | RunState::Prelaunch => {
+                    self.vm.vcpus().resume();
+                    self.state = RunState::Running;
+                    self.broadcast("RESUME", None);
+                    Ok(json!({}))
+                }
+                RunState::Shutdown | RunState::InternalError => Err(QmpError::generic("Resetting the Virtual Machine is required")),
+                RunState::InMigrate => Err(QmpError::generic("Migration is not finished yet; wait for it or cancel it")),
+                s => Err(QmpError::generic(format!("cannot continue while the VM is in state '{}'", s.as_str()))),
+            },
+            "system_reset" => {
+                let resume = self.state == RunState::Running;
+                self.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
+                self.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
+                Ok(json!({}))
+            }
+            "system_powerdown" => Err(QmpError::generic(
+                "system_powerdown: this machine has no ACPI power button, so the guest cannot be asked to power down; use 'quit' or 'system_reset'",
+            )),
+            "quit" => {
+                self.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
+                self.finish(Ok(Outcome::Quit));
+                Ok(json!({}))
+            }
+            other => Err(QmpError::not_found(format!("The command {other} has not been found"))),
+        }
+    }
+}
