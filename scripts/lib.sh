@@ -26,3 +26,16 @@ ensure_build_deps() {
     apt_install gcc make libc6-dev
     command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 }
+
+# The Python QMP client the tests drive ringvm with (qemu.qmp, with
+# qmp-shell), in a venv under the cache; prints the venv's python.
+QEMU_QMP_VERSION=0.0.6
+ensure_python_clients() {
+    local venv="$CACHE/venv"
+    if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('qemu.qmp') != '$QEMU_QMP_VERSION')" 2>/dev/null; then
+        log "installing qemu.qmp $QEMU_QMP_VERSION into $venv"
+        python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+        "$venv/bin/pip" install -q --disable-pip-version-check "qemu.qmp==$QEMU_QMP_VERSION" >&2
+    fi
+    echo "$venv/bin/python"
+}

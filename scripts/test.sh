@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Passes the tests on a fresh machine: installs what they need (idempotent),
-# builds the Linux guest for the smoke test, runs the whole workspace's tests.
+# builds the Linux guest for the smoke test, the Python QMP client, runs the whole workspace's tests.
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
 RINGVM_LINUX_DIR="$("$ROOT/scripts/linux-guest.sh")"
-export RINGVM_LINUX_DIR
+RINGVM_PYTHON="$(ensure_python_clients)"
+export RINGVM_LINUX_DIR RINGVM_PYTHON
 cd "$ROOT"
 cargo test --workspace --release "$@"

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::events::VmEvent;
 use crate::qmp::server::{ClientId, Limits, Server, Shared, QMP_SOURCE};
-use crate::qmp::{self, opt, reply_err, reply_ok, ArgType, CommandSpec, QmpError, Request};
+use crate::qmp::{self, opt, reply_err, reply_ok, req, ArgType, CommandSpec, QmpError, Request};
 use crate::vmm::{Outcome, Vm};
 
 /// QEMU's run states (qapi/run-state.json) that ringvm can be in.
@@ -76,6 +76,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "system_reset", args: &[] },
     CommandSpec { name: "system_powerdown", args: &[] },
     CommandSpec { name: "quit", args: &[] },
+    CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
 ];
 
 /// How long output to clients may take once the VM is finishing.
@@ -366,7 +367,40 @@ impl Controller {
                 self.finish(Ok(Outcome::Quit));
                 Ok(json!({}))
             }
+            "human-monitor-command" => {
+                let line = req.arguments.get("command-line").and_then(Value::as_str).unwrap_or("");
+                self.hmp(line).map(Value::String)
+            }
             other => Err(QmpError::not_found(format!("The command {other} has not been found"))),
         }
+    }
+
+    /// The few HMP commands management tools send through QMP.
+    fn hmp(&mut self, line: &str) -> std::result::Result<String, QmpError> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let run = |this: &mut Self, cmd: &str| {
+            let r = Request { execute: cmd.into(), arguments: Default::default(), id: None };
+            this.execute(&r)
+        };
+        Ok(match words.as_slice() {
+            [] => String::new(),
+            ["info", "status"] => {
+                let st = self.state.as_str();
+                format!("VM status: {st}\r\n")
+            }
+            ["info", "version"] => {
+                let (a, b, c) = qmp::QEMU_COMPAT;
+                format!("{a}.{b}.{c} (ringvm {})\r\n", env!("CARGO_PKG_VERSION"))
+            }
+            ["info", "name"] => self.name.as_ref().map(|n| format!("{n}\r\n")).unwrap_or_default(),
+            ["info", "cpus"] => {
+                let tids = self.vm.vcpus().control().thread_ids();
+                tids.iter().enumerate().map(|(i, t)| format!("{}CPU #{i}: thread_id={t}\r\n", if i == 0 { "* " } else { "  " })).collect()
+            }
+            ["stop"] => run(self, "stop").map(|_| String::new())?,
+            ["c"] | ["cont"] => run(self, "cont").map(|_| String::new())?,
+            ["system_reset"] => run(self, "system_reset").map(|_| String::new())?,
+            [cmd, ..] => format!("unknown command: '{cmd}'\r\n"),
+        })
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod qmpbench;
 mod ringbench;
 
 use anyhow::{bail, Context, Result};
@@ -28,6 +29,8 @@ enum Suite {
     /// The ring crate vs fio (io_uring engine) on one file: 4 KiB randread
     /// QD32, 1 MiB sequential write and read, O_DIRECT.
     Ring,
+    /// QMP query-status round-trip latency while the guest spins.
+    Qmp,
     /// Every suite.
     All,
 }
@@ -177,14 +180,20 @@ fn ring(quick: bool) -> Result<()> {
     let (size, secs, reps) = if quick { (256u64 << 20, 1.0, 1) } else { (2u64 << 30, 5.0, 5) };
     let path = scratch_dir()?.join("ring-bench.dat");
     ringbench::prepare_file(&path, size)?;
-    println!("\n## ring: {} on {} ({} MiB file, O_DIRECT, fixed buffers + registered file on both sides); {secs} s runs, median of {reps} (min..max), interleaved\n", "ringvm-ring vs fio --ioengine=io_uring", path.display(), size >> 20);
+    println!("\n## ring: {} on {} ({} MiB file, O_DIRECT, fixed buffers + registered file on both sides); {secs} s runs, median of {reps} (min..max), interleaved A B / B A\n", "ringvm-ring vs fio --ioengine=io_uring", path.display(), size >> 20);
     println!("| job | ringvm-ring MB/s | fio MB/s | ratio ring/fio |");
     println!("| --- | --- | --- | --- |");
     for job in ringbench::JOBS {
         let (mut a, mut b) = (vec![], vec![]);
-        for _ in 0..reps {
-            a.push(ringbench::run_ring(&path, size, *job, secs)? / 1e6);
-            b.push(ringbench::run_fio(&path, size, *job, secs)? / 1e6);
+        for rep in 0..reps {
+            // A B, then B A: neither side always runs on a warmer cache.
+            if rep % 2 == 0 {
+                a.push(ringbench::run_ring(&path, size, *job, secs)? / 1e6);
+                b.push(ringbench::run_fio(&path, size, *job, secs)? / 1e6);
+            } else {
+                b.push(ringbench::run_fio(&path, size, *job, secs)? / 1e6);
+                a.push(ringbench::run_ring(&path, size, *job, secs)? / 1e6);
+            }
         }
         let (ma, mb) = (median(a), median(b));
         let iops = |mbs: f64| mbs * 1e6 / job.bs as f64;
@@ -196,14 +205,68 @@ fn ring(quick: bool) -> Result<()> {
     Ok(())
 }
 
+fn qmp(quick: bool) -> Result<()> {
+    let (bin, dir, guest) = setup()?;
+    let have_qemu = have("qemu-system-x86_64");
+    let (n, reps) = if quick { (200, 1) } else { (2000, 3) };
+    println!("\n## qmp: {n} query-status round trips while the guest spins on 2 vCPUs (work=spin); best-of-{reps} p50 shown with the run's p99\n");
+    println!("| system | p50 (us) | p99 (us) | max (us) |");
+    println!("| --- | --- | --- | --- |");
+    let mut rows = vec![];
+    for sys in ["ringvm", "qemu"] {
+        if sys == "qemu" && !have_qemu {
+            println!("| qemu | skipped: QEMU unavailable | | |");
+            continue;
+        }
+        let mut best: Option<qmpbench::Latency> = None;
+        for rep in 0..reps {
+            let sock = dir.join(format!("{sys}-{rep}.sock"));
+            let child = if sys == "ringvm" { qmpbench::spawn_ringvm(&bin, &guest, &sock, "2")? } else { qmpbench::spawn_qemu(&guest, &sock, "2")? };
+            let l = qmpbench::measure(&sock, n);
+            qmpbench::reap(child);
+            let l = l?;
+            if best.as_ref().is_none_or(|b| l.p50_us < b.p50_us) {
+                best = Some(l);
+            }
+        }
+        let b = best.unwrap();
+        println!("| {sys} | {:.1} | {:.1} | {:.1} |", b.p50_us, b.p99_us, b.max_us);
+        rows.push(b);
+    }
+    if rows.len() == 2 {
+        println!("\nratios ringvm/qemu: p50 {:.3}, p99 {:.3}", rows[0].p50_us / rows[1].p50_us, rows[0].p99_us / rows[1].p99_us);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The ringvm binary, a scratch dir and the test guest written into it.
+fn setup() -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("target/release/ringvm");
+    if !bin.exists() {
+        bail!("build ringvm first: cargo build --release");
+    }
+    let dir = std::env::temp_dir().join(format!("ringvm-perf-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    std::fs::create_dir_all(&dir)?;
+    let guest = dir.join("guest.elf");
+    let st = Command::new(&bin).args(["guest-image", "--out"]).arg(&guest).status()?;
+    if !st.success() {
+        bail!("ringvm guest-image failed");
+    }
+    Ok((bin, dir, guest))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.suite {
         Suite::Boot => boot(cli.quick),
         Suite::Ring => ring(cli.quick),
+        Suite::Qmp => qmp(cli.quick),
         Suite::All => {
             boot(cli.quick)?;
-            ring(cli.quick)
+            ring(cli.quick)?;
+            qmp(cli.quick)
         }
     }
 }

@@ -74,6 +74,11 @@ pub type Shared = Rc<RefCell<Server>>;
 /// `unix:PATH[,server=on|off][,wait=on|off]` (ringvm is always the server
 /// and never waits for a client before starting the guest).
 pub fn parse_spec(s: &str) -> std::result::Result<PathBuf, String> {
+    if let Some((scheme, _)) = s.split_once(':') {
+        if scheme != "unix" && !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(format!("'{s}': QMP transport '{scheme}:' is not supported; use unix:PATH (or ./{s} for a path with a colon)"));
+        }
+    }
     let Some(rest) = s.strip_prefix("unix:") else {
         if s.is_empty() || s.contains(',') {
             return Err(format!("'{s}' is not a socket path (use PATH or unix:PATH,server=on,wait=off)"));

@@ -47,6 +47,25 @@ impl Splitter {
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<Frame>) {
         for &c in data {
             if self.depth == 0 && !self.skipping {
+                if self.scalar && self.in_string {
+                    // A top-level string: its end is the closing quote.
+                    self.buf.push(c);
+                    if self.escape {
+                        self.escape = false;
+                    } else if c == b'\\' {
+                        self.escape = true;
+                    } else if c == b'"' {
+                        self.in_string = false;
+                        self.emit_scalar(out);
+                        continue;
+                    }
+                    if self.buf.len() > self.max_len {
+                        *self = Splitter::new(self.max_len, self.max_depth);
+                        out.push(Frame::TooLarge);
+                        return;
+                    }
+                    continue;
+                }
                 if self.scalar {
                     if c.is_ascii_whitespace() || matches!(c, b'{' | b'[' | b'}' | b']') {
                         self.emit_scalar(out);
@@ -70,6 +89,7 @@ impl Splitter {
                     b'}' | b']' => out.push(Frame::Unbalanced(c)),
                     _ => {
                         self.scalar = true;
+                        self.in_string = c == b'"';
                         self.buf.push(c);
                     }
                 }
@@ -148,6 +168,8 @@ mod tests {
     fn scalars_garbage_and_unbalanced() {
         let f = split(&[b"42 garbage{\"a\":1}}"]);
         assert_eq!(f, vec![msg("42"), msg("garbage"), msg("{\"a\":1}"), Frame::Unbalanced(b'}')]);
+        let f = split(&[b"\"a \\\" {b\"", b" 7"]);
+        assert_eq!(f, vec![msg("\"a \\\" {b\"")]);
     }
 
     #[test]

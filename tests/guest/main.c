@@ -3,6 +3,7 @@
  *
  * Command line (key=value, space separated; see README.md):
  *   work=mem|verify|spin|hello|reboot  count=N  mib=N  rate=MiBps  secs=N|inf  seed=N
+ *   beat=MS (mem: cpu0 prints a heartbeat line every MS ms while dirtying)
  * Reports on COM1 (0x3f8) and ends through the isa-debug-exit port (0x501):
  *   0 = pass, 1 = verification failed, 2 = bad command line, 3 = internal error.
  */
@@ -188,7 +189,7 @@ static u32 *gen_table;               /* one generation per page */
 static u32 ncpus = 1;
 static volatile u32 cpus_online = 1, go_flag, stop_flag, done_count, verified_count;
 static volatile u64 bad_pages, pages_rewritten;
-static u64 rate_mibps, secs, t_start;
+static u64 rate_mibps, secs, t_start, beat_ms;
 static int work_kind; /* 1 mem, 2 verify, 3 spin, 4 hello */
 
 static inline u64 *page_addr(u64 i) {
@@ -237,7 +238,7 @@ static void do_mem(u32 cpu) {
     while (done_count < ncpus) cpu_relax();
     if (cpu == 0) printk("ringvm-guest: fill done pages=%u ms=%u\n", nr_pages, ms_since(t_start));
     /* Dirty phase: rewrite pages round-robin at rate/ncpus MiB/s. */
-    u64 t0 = rdtsc(), n = 0, i = lo, last_poll = t0;
+    u64 t0 = rdtsc(), n = 0, i = lo, last_poll = t0, last_beat = t0, beats = 0;
     u64 tsc_per_page = rate_mibps ? (tsc_khz * 1000ULL * PAGE * ncpus) / (rate_mibps * MIB) : 0;
     u64 end_tsc = secs == ~0ULL ? ~0ULL : t0 + secs * tsc_khz * 1000ULL;
     if (hi > lo) while (!stop_flag) {
@@ -247,6 +248,10 @@ static void do_mem(u32 cpu) {
             last_poll = now;
             int c = serial_rx();
             if (c == 'v' || c == 'q') { printk("ringvm-guest: stop requested\n"); stop_flag = 1; break; }
+        }
+        if (cpu == 0 && beat_ms && now - last_beat > beat_ms * tsc_khz) {
+            last_beat = now;
+            printk("ringvm-guest: beat %u pages=%u\n", ++beats, n);
         }
         if (tsc_per_page && now - t0 < n * tsc_per_page) { cpu_relax(); continue; }
         write_page(i, gen_table[i] + 1);
@@ -321,6 +326,7 @@ void guest_main(u32 cpu) {
     u64 mib = param_u64("mib", 64, &bad);
     rate_mibps = param_u64("rate", 0, &bad);
     secs = param_u64("secs", 0, &bad);
+    beat_ms = param_u64("beat", 0, &bad);
     region_seed = param_u64("seed", 1, &bad);
     if (bad) guest_exit(2);
     if (work_kind == 4) guest_exit(0);

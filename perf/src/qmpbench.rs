@@ -1,0 +1,99 @@
+//! `qmp`: round-trip latency of `query-status` while the guest spins on
+//! every vCPU, ringvm vs QEMU on the same guest file.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+fn connect(sock: &Path, deadline: Duration) -> Result<UnixStream> {
+    let t0 = Instant::now();
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => return Ok(s),
+            Err(e) if t0.elapsed() > deadline => bail!("connect {}: {e}", sock.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `n` query-status round trips on a fresh connection.
+pub fn measure(sock: &Path, n: usize) -> Result<Latency> {
+    let s = connect(sock, Duration::from_secs(60))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?; // greeting
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    line.clear();
+    r.read_line(&mut line)?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        w.write_all(b"{\"execute\":\"query-status\"}\n")?;
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                bail!("connection closed");
+            }
+            if line.contains("\"return\"") {
+                break;
+            }
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    let _ = w.write_all(b"{\"execute\":\"quit\"}\n");
+    Ok(Latency { p50_us: pct(0.50), p99_us: pct(0.99), max_us: samples[samples.len() - 1] })
+}
+
+pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str) -> Result<Child> {
+    Command::new(bin)
+        .args(["run", "--cpus", cpus, "--memory", "256M", "--cmdline", "work=spin secs=inf", "--serial", "off", "--kernel"])
+        .arg(guest)
+        .arg("--qmp")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn ringvm")
+}
+
+pub fn spawn_qemu(guest: &Path, sock: &Path, cpus: &str) -> Result<Child> {
+    Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", cpus, "-m", "256M", "-kernel"])
+        .arg(guest)
+        .args(["-append", "work=spin secs=inf", "-display", "none", "-serial", "null", "-monitor", "none", "-no-reboot"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn qemu")
+}
+
+/// Ends `child` (it was sent `quit`); kills it by PID after 10 s.
+pub fn reap(mut child: Child) {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
