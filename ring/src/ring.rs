@@ -268,7 +268,15 @@ impl Ring {
         if opts.allowed_opcodes.is_some() {
             builder.setup_r_disabled();
         }
-        let uring = builder.build(entries).map_err(Error::Setup)?;
+        // One thread submits and reaps: let the kernel defer completion
+        // work to when we wait (no IPIs to interrupt the loop), falling
+        // back on kernels without these flags (before 6.1).
+        let mut fast = builder.clone();
+        fast.setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun();
+        let uring = match fast.build(entries) {
+            Ok(u) => u,
+            Err(_) => builder.build(entries).map_err(Error::Setup)?,
+        };
         if !uring.params().is_feature_nodrop() {
             return Err(Error::NoDrop);
         }
