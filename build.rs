@@ -5,7 +5,7 @@ use std::process::Command;
 
 fn main() {
     let guest = PathBuf::from("tests/guest");
-    for f in ["boot.S", "main.c", "guest.ld", "Makefile"] {
+    for f in ["boot.S", "main.c", "scsi.c", "guest.ld", "Makefile"] {
         println!("cargo:rerun-if-changed=tests/guest/{f}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guest.elf");

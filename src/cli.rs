@@ -41,6 +41,16 @@ pub struct MachineArgs {
     /// Exit (status 0) when the guest resets instead of rebooting it.
     #[arg(long)]
     pub no_reboot: bool,
+    /// A disk on virtio-scsi: path=FILE[,readonly=on][,cache=none|writeback][,iothread=N]
+    /// (repeat for more LUNs).
+    #[arg(long = "disk", value_parser = crate::disk::parse_disk)]
+    pub disks: Vec<crate::disk::DiskSpec>,
+    /// iothreads serving the disks' request queues.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub iothreads: u8,
+    /// virtio-scsi request queues per controller (default: one per vCPU).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub scsi_queues: Option<u32>,
 }
 
 #[derive(Args, Debug)]

@@ -76,6 +76,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "system_reset", args: &[] },
     CommandSpec { name: "system_powerdown", args: &[] },
     CommandSpec { name: "quit", args: &[] },
+    CommandSpec { name: "query-block", args: &[] },
     CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
 ];
 
@@ -367,6 +368,30 @@ impl Controller {
                 self.finish(Ok(Outcome::Quit));
                 Ok(json!({}))
             }
+            "query-block" => Ok(Value::Array(
+                self.vm
+                    .blocks()
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "device": b.device,
+                            "qdev": format!("/machine/peripheral/scsi{}/virtio-backend", b.controller),
+                            "locked": false,
+                            "removable": false,
+                            "type": "unknown",
+                            "io-status": "ok",
+                            "inserted": {
+                                "file": b.path,
+                                "ro": b.readonly,
+                                "drv": "raw",
+                                "image": {"filename": b.path, "format": "raw", "virtual-size": b.size},
+                                "cache": {"direct": b.direct, "writeback": true, "no-flush": false},
+                            },
+                            "ringvm": {"controller": b.controller, "lun": b.lun, "iothreads": b.iothreads},
+                        })
+                    })
+                    .collect(),
+            )),
             "human-monitor-command" => {
                 let line = req.arguments.get("command-line").and_then(Value::as_str).unwrap_or("");
                 self.hmp(line).map(Value::String)

@@ -8,8 +8,10 @@
 pub mod boot;
 pub mod cli;
 pub mod control;
+pub mod disk;
 pub mod error;
 pub mod events;
+pub mod irq;
 pub mod layout;
 pub mod machine;
 pub mod qmp;

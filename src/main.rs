@@ -66,6 +66,9 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         boot: BootSpec { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline },
         serial: args.machine.serial.to_config(),
         no_reboot: args.machine.no_reboot,
+        disks: args.machine.disks.clone(),
+        iothreads: usize::from(args.machine.iothreads),
+        scsi_queues: args.machine.scsi_queues,
     };
     ringvm::control::block_term_signals()?;
     let vm = Vm::build(config)?;
@@ -118,6 +121,9 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         },
         serial: SerialConfig::Writer(Box::new(rec.clone())),
         no_reboot: true,
+        disks: args.machine.disks.clone(),
+        iothreads: usize::from(args.machine.iothreads),
+        scsi_queues: args.machine.scsi_queues,
     };
     let result = Vm::build(config).and_then(|vm| vm.run());
     let _ = std::fs::remove_file(&guest);

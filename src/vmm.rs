@@ -32,6 +32,10 @@ pub struct VmConfig {
     pub boot: BootSpec,
     pub serial: SerialConfig,
     pub no_reboot: bool,
+    pub disks: Vec<crate::disk::DiskSpec>,
+    pub iothreads: usize,
+    /// Request queues per virtio-scsi controller (None: one per vCPU).
+    pub scsi_queues: Option<u32>,
 }
 
 /// Why the VM stopped.
@@ -63,6 +67,7 @@ pub struct Vm {
     boot: BootSpec,
     cpus: u8,
     no_reboot: bool,
+    storage: crate::disk::Storage,
     pub resets: u64,
     pub started: Instant,
 }
@@ -120,12 +125,14 @@ impl Vm {
         if usize::from(config.cpus) > machine.max_vcpus() {
             return Err(Error::Config(format!("--cpus {} exceeds KVM's limit of {}", config.cpus, machine.max_vcpus())));
         }
+        let queues = config.scsi_queues.unwrap_or(u32::from(config.cpus));
+        let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues)?;
         let entry = boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?;
         let vcpus = Self::create_vcpus(&machine, config.cpus, &events, entry)?;
         if stdin_to_guest {
             spawn_stdin_reader(machine.serial.clone())?;
         }
-        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, resets: 0, started })
+        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, resets: 0, started })
     }
 
     fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
@@ -158,6 +165,10 @@ impl Vm {
         &self.vcpus
     }
 
+    pub fn blocks(&self) -> &[crate::disk::BlockInfo] {
+        &self.storage.blocks
+    }
+
     pub fn no_reboot(&self) -> bool {
         self.no_reboot
     }
@@ -167,6 +178,13 @@ impl Vm {
     /// `resume`.
     pub fn reset(&mut self, resume: bool) -> Result<()> {
         self.vcpus.pause()?;
+        // Devices back to power-on state: each controller quiesces its
+        // queues through their iothreads (this thread waits on their
+        // events; they never wait on it).
+        for c in &self.storage.controllers {
+            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+            devices::bus::BusDevice::write(&mut *c, 0x14, &[0]);
+        }
         let entry = boot::load(&self.machine.mem, &self.boot, self.machine.mem_size, self.cpus)?;
         self.machine.reset_irqchips()?;
         self.vcpus.reset(entry)?;
@@ -185,6 +203,7 @@ impl Vm {
     /// Stops the vCPUs and flushes the console.
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
+        self.storage.stop();
         self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
 }

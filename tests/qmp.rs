@@ -391,3 +391,30 @@ fn paused_start_and_sigterm() {
     assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
     assert_eq!(vm.wait(T).code(), 0);
 }
+
+#[test]
+fn qmp_shell_works_unchanged() {
+    if !require_kvm("qmp_shell_works_unchanged") {
+        return;
+    }
+    let Some(py) = python() else { return };
+    let shell = py.with_file_name("qmp-shell");
+    let dir = Scratch::new("qmp-shell");
+    let sock = dir.path("qmp.sock");
+    let vm = start_vm(&dir, &sock, "1");
+    let mut sh = Command::new(&shell).arg(&sock).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    sh.stdin.take().unwrap().write_all(b"query-status\nstop\nquery-status\nquit\n").unwrap();
+    let t0 = Instant::now();
+    while sh.try_wait().unwrap().is_none() {
+        if t0.elapsed() > T {
+            let _ = sh.kill();
+            panic!("qmp-shell did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    sh.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.contains(r#"{"return": {"running": true, "status": "running"}}"#), "{out}");
+    assert!(out.contains(r#"{"return": {"running": false, "status": "paused"}}"#), "{out}");
+    assert_eq!(vm.wait(T).code(), 0);
+}

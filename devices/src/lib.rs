@@ -9,6 +9,7 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod scsi;
+pub mod virtio;
 
 use std::io;
 
@@ -29,6 +30,15 @@ pub enum Error {
     /// No free PCI slot or BAR space.
     #[error("PCI resources exhausted: {0}")]
     PciExhausted(&'static str),
+    /// Setting up interrupt routing failed.
+    #[error("interrupt routing: {0}")]
+    Irq(String),
+    /// A disk could not be opened or used.
+    #[error("disk {path}: {what}")]
+    Disk { path: String, what: String },
+    /// An iothread refused work or did not quiesce in time.
+    #[error("iothread: {0}")]
+    Ring(#[from] ring::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -72,4 +82,21 @@ pub trait VmRequests: Send + Sync {
     fn reset(&self);
     /// The guest asked the VMM to exit with `code` (isa-debug-exit).
     fn exit(&self, code: u8);
+}
+
+/// An MSI message (address/data) as the guest programmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub addr: u64,
+    pub data: u32,
+}
+
+/// MSI routing, provided by the VMM (KVM GSI routes + irqfds).
+pub trait MsiRouter: Send + Sync {
+    /// Reserves a GSI for one vector.
+    fn allocate(&self) -> Result<u32>;
+    /// Routes `gsi` to `msg` and binds `irqfd` to it; `None` unbinds it
+    /// (masked or disabled: signals stay pending in the eventfd and are
+    /// delivered when it is bound again).
+    fn route(&self, gsi: u32, msg: Option<MsiMessage>, irqfd: &EventFd) -> Result<()>;
 }

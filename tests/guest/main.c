@@ -4,6 +4,7 @@
  * Command line (key=value, space separated; see README.md):
  *   work=mem|verify|spin|hello|reboot  count=N  mib=N  rate=MiBps  secs=N|inf  seed=N
  *   beat=MS (mem: cpu0 prints a heartbeat line every MS ms while dirtying)
+ *   work=scsi-verify|scsi-errors|scsi-bench: see scsi.c
  * Reports on COM1 (0x3f8) and ends through the isa-debug-exit port (0x501):
  *   0 = pass, 1 = verification failed, 2 = bad command line, 3 = internal error.
  */
@@ -267,7 +268,12 @@ static void do_mem(u32 cpu) {
     }
 }
 
+#include "scsi.c"
+
 static void run_work(u32 cpu) {
+    if (work_kind == 6) scsi_verify_cpu(cpu);
+    if (work_kind == 8) scsi_bench_cpu(cpu);
+    if (work_kind >= 6) { __atomic_add_fetch(&verified_count, 1, __ATOMIC_SEQ_CST); return; }
     if (work_kind == 1) do_mem(cpu);
     if (work_kind == 1 || work_kind == 2) {
         do_verify(cpu);
@@ -322,6 +328,9 @@ void guest_main(u32 cpu) {
     else if (word_is(w, "spin")) work_kind = 3;
     else if (word_is(w, "hello")) work_kind = 4;
     else if (word_is(w, "reboot")) work_kind = 5;
+    else if (word_is(w, "scsi-verify")) work_kind = 6;
+    else if (word_is(w, "scsi-errors")) work_kind = 7;
+    else if (word_is(w, "scsi-bench")) work_kind = 8;
     else { printk("ringvm-guest: unknown work\n"); bad = 1; }
     u64 mib = param_u64("mib", 64, &bad);
     rate_mibps = param_u64("rate", 0, &bad);
@@ -343,6 +352,20 @@ void guest_main(u32 cpu) {
     }
 
     calibrate_tsc();
+    if (work_kind >= 6) {
+        scsi_bs = param_u64("bs", 65536, &bad);
+        scsi_qd = param_u64("qd", 8, &bad);
+        scsi_seed = region_seed;
+        const char *pat = param("pattern");
+        bench_pattern = !pat || word_is(pat, "randread") ? 0 : word_is(pat, "read") ? 1 : word_is(pat, "write") ? 2 : 3;
+        if (bad || bench_pattern == 3 || scsi_bs < 512 || scsi_bs % 512 || scsi_bs > 4 * MIB || !scsi_qd || scsi_qd > SLOTS) {
+            printk("ringvm-guest: bad scsi parameters\n");
+            guest_exit(2);
+        }
+        if (!nr_ranges) guest_exit(3);
+        heap_next = ranges[0].start;
+        heap_end = ranges[0].start + ranges[0].pages * PAGE;
+    }
     /* Generation table first, then the pages. */
     u64 avail = nr_ranges ? ranges[nr_ranges - 1].first_page + ranges[nr_ranges - 1].pages : 0;
     nr_pages = mib * (MIB / PAGE);
@@ -376,6 +399,35 @@ void guest_main(u32 cpu) {
     }
     ncpus = n;
     printk("ringvm-guest: cpus online=%u\n", (u64)ncpus);
+    if (work_kind >= 6) {
+        if (virtio_scsi_init(ncpus, scsi_bs) < 0) guest_exit(3);
+        u64 cap = capacity_blocks(&queues[0], 0) * 512;
+        scsi_bytes_per_lun = mib ? mib * MIB : cap;
+        if (scsi_bytes_per_lun > cap) scsi_bytes_per_lun = cap;
+        scsi_bytes_per_lun -= scsi_bytes_per_lun % scsi_bs;
+        printk("ringvm-guest: virtio-scsi queues=%u luns=%u capacity=%u bytes\n", (u64)num_req_queues, (u64)max_lun + 1, cap);
+        if (work_kind == 7) {
+            int ok = scsi_errors();
+            printk("ringvm-guest: scsi-errors %s\n", ok ? "PASS" : "FAIL");
+            guest_exit(ok ? 0 : 1);
+        }
+        go_flag = 1;
+        u64 t0 = rdtsc();
+        run_work(0);
+        while (verified_count < ncpus) cpu_relax();
+        u64 ms = ms_since(t0);
+        if (work_kind == 6) {
+            printk("ringvm-guest: scsi-verify luns=%u bytes=%u bad=%u ms=%u\n", (u64)max_lun + 1, scsi_bytes_per_lun, scsi_bad, ms);
+            printk("ringvm-guest: RESULT %s\n", scsi_bad ? "FAIL" : "PASS");
+            guest_exit(scsi_bad ? 1 : 0);
+        }
+        u64 ops = 0;
+        for (u32 c = 0; c < ncpus; c++) ops += bench_ops[c];
+        if (!ms) ms = 1;
+        printk("ringvm-guest: scsi-bench pattern=%s bs=%u qd=%u queues=%u ops=%u ms=%u iops=%u kbps=%u\n",
+               bench_pattern == 0 ? "randread" : bench_pattern == 1 ? "read" : "write", scsi_bs, scsi_qd, (u64)num_req_queues, ops, ms, ops * 1000 / ms, ops * scsi_bs / ms);
+        guest_exit(0);
+    }
     go_flag = 1;
     run_work(0);
     while (verified_count < ncpus) cpu_relax();

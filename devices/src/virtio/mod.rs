@@ -1,0 +1,49 @@
+//! Virtio 1.x: the PCI transport ([`pci`]) and devices ([`scsi`]).
+
+pub mod pci;
+pub mod scsi;
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// A queue handed to a device when the driver sets DRIVER_OK.
+pub struct ActiveQueue {
+    pub index: u16,
+    pub queue: virtio_queue::Queue,
+    /// Written by the guest's notify (a KVM ioeventfd, no vCPU exit).
+    pub notify: EventFd,
+    /// The queue's MSI-X vector as an irqfd, if the driver assigned one.
+    pub irq: Option<Arc<EventFd>>,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u16;
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving `queues` (the driver set DRIVER_OK).
+    fn activate(&mut self, mem: GuestMemoryMmap, acked_features: u64, queues: Vec<ActiveQueue>) -> crate::Result<()>;
+    /// Stops serving: returns once no request is in flight (it waits on
+    /// events its iothreads set, never on their loops). Queues go back to
+    /// the transport's reset state.
+    fn reset(&mut self) -> crate::Result<()>;
+    /// Lines for `query-block`-style reporting.
+    fn describe(&self) -> Vec<String> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,467 @@
+//! Modern virtio-pci (virtio 1.x, 4.1): vendor capabilities pointing into
+//! BAR0 (common, ISR, device, notify), MSI-X table and PBA in BAR0.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::bus::BusDevice;
+use crate::pci::{BarKind, PciConfig, PciDevice};
+use crate::{MsiMessage, MsiRouter};
+
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x40;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+pub const NOTIFY: u64 = 0x3000;
+pub const NOTIFY_MULT: u64 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x5000;
+pub const NO_VECTOR: u16 = 0xffff;
+
+const CAP_VENDOR: u8 = 0x09;
+const CAP_MSIX: u8 = 0x11;
+
+#[derive(Clone, Copy, Default)]
+struct QueueCfg {
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+struct MsixEntry {
+    addr: u64,
+    data: u32,
+    masked: bool,
+}
+
+struct Vector {
+    gsi: u32,
+    evt: Arc<EventFd>,
+    entry: MsixEntry,
+    routed: Option<MsiMessage>,
+}
+
+pub struct VirtioPci {
+    config: PciConfig,
+    msix_cap: usize,
+    dev: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    router: Arc<dyn MsiRouter>,
+    vectors: Vec<Vector>,
+    notify: Vec<EventFd>,
+    queues: Vec<QueueCfg>,
+    max_sizes: Vec<u16>,
+    status: u8,
+    generation: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    config_vector: u16,
+    active: bool,
+}
+
+fn vendor_cap(cfg_type: u8, offset: u32, len: u32, extra: Option<u32>) -> Vec<u8> {
+    // cap_len, cfg_type, bar, id, padding[2], offset, length (+ multiplier)
+    let cap_len = if extra.is_some() { 20 } else { 16 };
+    let mut b = vec![cap_len, cfg_type, 0, 0, 0, 0];
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
+    if let Some(m) = extra {
+        b.extend_from_slice(&m.to_le_bytes());
+    }
+    b
+}
+
+impl VirtioPci {
+    /// A virtio-pci function for `dev` with BAR0 at `bar_addr`; one MSI-X
+    /// vector per queue plus one for configuration changes.
+    pub fn new(dev: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, router: Arc<dyn MsiRouter>, bar_addr: u64) -> crate::Result<VirtioPci> {
+        let max_sizes = dev.queue_max_sizes();
+        let nq = max_sizes.len();
+        let nvec = nq + 1;
+        let dtype = dev.device_type();
+        let mut config = PciConfig::new(0x1af4, 0x1040 + dtype, class_of(dtype), subclass_of(dtype), 0, 0x1af4, 0x40);
+        // Revision 1: a modern-only device.
+        config.write(2, 0, &[1]);
+        config.set_bar(0, BarKind::Mem64, bar_addr, BAR_SIZE);
+        config.add_capability(CAP_VENDOR, &vendor_cap(1, COMMON as u32, COMMON_LEN as u32, None), &[]);
+        config.add_capability(CAP_VENDOR, &vendor_cap(3, ISR as u32, 4, None), &[]);
+        config.add_capability(CAP_VENDOR, &vendor_cap(4, DEVICE_CFG as u32, DEVICE_CFG_LEN as u32, None), &[]);
+        config.add_capability(CAP_VENDOR, &vendor_cap(2, NOTIFY as u32, (nq as u64 * NOTIFY_MULT) as u32, Some(NOTIFY_MULT as u32)), &[]);
+        let mut msix = ((nvec - 1) as u16).to_le_bytes().to_vec();
+        msix.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes()); // BIR 0
+        msix.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
+        // Message control: enable (bit 15) and function mask (bit 14) writable.
+        let msix_cap = config.add_capability(CAP_MSIX, &msix, &[0, 0xc0]);
+        let mut vectors = Vec::with_capacity(nvec);
+        for _ in 0..nvec {
+            let gsi = router.allocate()?;
+            let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(crate::Error::EventFd)?);
+            vectors.push(Vector { gsi, evt, entry: MsixEntry { masked: true, ..Default::default() }, routed: None });
+        }
+        let notify = (0..nq).map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(crate::Error::EventFd)).collect::<crate::Result<Vec<_>>>()?;
+        Ok(VirtioPci {
+            config,
+            msix_cap,
+            dev,
+            mem,
+            router,
+            vectors,
+            notify,
+            queues: max_sizes.iter().map(|&s| QueueCfg { size: s, vector: NO_VECTOR, ..Default::default() }).collect(),
+            max_sizes,
+            status: 0,
+            generation: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            config_vector: NO_VECTOR,
+            active: false,
+        })
+    }
+
+    pub fn bar_addr(&self) -> u64 {
+        self.config.bar_addr(0)
+    }
+
+    /// (guest physical address, eventfd) of each queue's notify register,
+    /// for KVM ioeventfds.
+    pub fn notify_events(&self) -> Vec<(u64, &EventFd)> {
+        let base = self.bar_addr() + NOTIFY;
+        self.notify.iter().enumerate().map(|(i, e)| (base + i as u64 * NOTIFY_MULT, e)).collect()
+    }
+
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    pub fn describe(&self) -> Vec<String> {
+        self.dev.describe()
+    }
+
+    fn msix_control(&self) -> u16 {
+        let off = self.msix_cap + 2;
+        u16::from(self.config.read_bytes(off)) | u16::from(self.config.read_bytes(off + 1)) << 8
+    }
+
+    /// Routes each vector per its table entry and the enable/mask bits.
+    fn sync_vectors(&mut self) {
+        let ctl = self.msix_control();
+        let enabled = ctl & 0x8000 != 0 && ctl & 0x4000 == 0;
+        for v in &mut self.vectors {
+            let want = (enabled && !v.entry.masked).then_some(MsiMessage { addr: v.entry.addr, data: v.entry.data });
+            if want != v.routed {
+                if let Err(e) = self.router.route(v.gsi, want, &v.evt) {
+                    log::error!("virtio-pci: MSI route for GSI {}: {e}", v.gsi);
+                }
+                v.routed = want;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            if let Err(e) = self.dev.reset() {
+                log::error!("virtio-pci: device reset: {e}");
+            }
+            self.active = false;
+        }
+        for (q, &max) in self.queues.iter_mut().zip(&self.max_sizes) {
+            *q = QueueCfg { size: max, vector: NO_VECTOR, ..Default::default() };
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.config_vector = NO_VECTOR;
+        // Drain notifications the old queues left behind.
+        for n in &self.notify {
+            let _ = n.read();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mut active = Vec::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let Ok(mut queue) = Queue::new(self.max_sizes[i]) else {
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            };
+            queue.set_size(q.size);
+            queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
+            queue.set_avail_ring_address(Some(q.driver as u32), Some((q.driver >> 32) as u32));
+            queue.set_used_ring_address(Some(q.device as u32), Some((q.device >> 32) as u32));
+            queue.set_event_idx(self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.mem) {
+                log::warn!("virtio-pci: queue {i} is not valid (size {} or rings outside RAM); device needs reset", q.size);
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+            let notify = match self.notify[i].try_clone() {
+                Ok(n) => n,
+                Err(_) => {
+                    self.status |= STATUS_NEEDS_RESET;
+                    return;
+                }
+            };
+            let irq = self.vectors.get(q.vector as usize).map(|v| v.evt.clone());
+            active.push(ActiveQueue { index: i as u16, queue, notify, irq });
+        }
+        match self.dev.activate(self.mem.clone(), self.driver_features, active) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!("virtio-pci: activation failed: {e}");
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn write_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let offered = self.dev.features();
+            let ok = self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                v &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = v | (old & STATUS_NEEDS_RESET);
+        if v & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 && v & STATUS_FEATURES_OK != 0 && !self.active {
+            self.activate();
+        }
+    }
+
+    fn common_read(&self, off: u64, data: &mut [u8]) {
+        let q = self.queues.get(self.queue_select as usize);
+        let feat = self.dev.features();
+        let v: u64 = match off {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => feat & 0xffff_ffff,
+                1 => feat >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_vector),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => u64::from(self.generation),
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size)),
+            0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            0x1c => q.map_or(0, |q| u64::from(q.enabled)),
+            0x1e => u64::from(self.queue_select),
+            0x20 => q.map_or(0, |q| q.desc),
+            0x24 => q.map_or(0, |q| q.desc >> 32),
+            0x28 => q.map_or(0, |q| q.driver),
+            0x2c => q.map_or(0, |q| q.driver >> 32),
+            0x30 => q.map_or(0, |q| q.device),
+            0x34 => q.map_or(0, |q| q.device >> 32),
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    fn common_write(&mut self, off: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        let live = self.status & STATUS_DRIVER_OK != 0;
+        let sel = self.queue_select as usize;
+        let set_lo = |x: &mut u64, v: u64| *x = (*x & !0xffff_ffff) | (v & 0xffff_ffff);
+        let set_hi = |x: &mut u64, v: u64| *x = (*x & 0xffff_ffff) | (v << 32);
+        match off {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c if self.status & STATUS_FEATURES_OK == 0 => match self.driver_feature_select {
+                0 => set_lo(&mut self.driver_features, v),
+                1 => set_hi(&mut self.driver_features, v),
+                _ => {}
+            },
+            0x10 => self.config_vector = v as u16,
+            0x14 => self.write_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            _ if live && (0x18..0x38).contains(&off) && off != 0x1a => {
+                log::debug!("virtio-pci: queue register {off:#x} written after DRIVER_OK; ignored");
+            }
+            0x18 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    // Split rings: a power of two up to the maximum.
+                    let s = v as u16;
+                    if s.is_power_of_two() && s <= self.max_sizes[sel] {
+                        q.size = s;
+                    } else {
+                        q.size = 0;
+                    }
+                }
+            }
+            0x1a => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    let vec = v as u16;
+                    q.vector = if (vec as usize) < self.vectors.len() { vec } else { NO_VECTOR };
+                }
+            }
+            0x1c => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.enabled = v & 1 == 1;
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    let field = match off {
+                        0x20 | 0x24 => &mut q.desc,
+                        0x28 | 0x2c => &mut q.driver,
+                        _ => &mut q.device,
+                    };
+                    if off % 8 == 0 {
+                        if data.len() == 8 {
+                            *field = v;
+                        } else {
+                            set_lo(field, v);
+                        }
+                    } else {
+                        set_hi(field, v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn msix_read(&self, off: u64, data: &mut [u8]) {
+        let (i, f) = ((off / 16) as usize, off % 16);
+        let Some(v) = self.vectors.get(i) else { return data.fill(0) };
+        let e = v.entry;
+        let word: u32 = match f & !3 {
+            0 => e.addr as u32,
+            4 => (e.addr >> 32) as u32,
+            8 => e.data,
+            _ => u32::from(e.masked),
+        };
+        let b = word.to_le_bytes();
+        let s = (f % 4) as usize;
+        let n = data.len().min(4 - s);
+        data[..n].copy_from_slice(&b[s..s + n]);
+    }
+
+    fn msix_write(&mut self, off: u64, data: &[u8]) {
+        let (i, f) = ((off / 16) as usize, off % 16);
+        let Some(v) = self.vectors.get_mut(i) else { return };
+        if data.len() != 4 && data.len() != 8 {
+            return;
+        }
+        let w = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match f {
+            0 => {
+                v.entry.addr = (v.entry.addr & !0xffff_ffff) | u64::from(w);
+                if data.len() == 8 {
+                    v.entry.addr = u64::from_le_bytes(data.try_into().unwrap_or([0; 8]));
+                }
+            }
+            4 => v.entry.addr = (v.entry.addr & 0xffff_ffff) | u64::from(w) << 32,
+            8 => v.entry.data = w,
+            12 => v.entry.masked = w & 1 == 1,
+            _ => {}
+        }
+        self.sync_vectors();
+    }
+}
+
+fn class_of(dtype: u16) -> u8 {
+    match dtype {
+        8 | 2 => 0x01, // mass storage
+        1 => 0x02,
+        _ => 0xff,
+    }
+}
+
+fn subclass_of(dtype: u16) -> u8 {
+    match dtype {
+        8 => 0x00, // SCSI
+        2 => 0x80,
+        _ => 0x00,
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        let bar_before = self.config.bar_addr(0);
+        self.config.write(reg, offset, data);
+        if reg == (self.msix_cap / 4) {
+            self.sync_vectors();
+        }
+        let bar_after = self.config.bar_addr(0);
+        if bar_after != bar_before && bar_after & 0xffff_ffff != 0xffff_8000 && bar_after != 0xffff_ffff_ffff_8000 {
+            // Sizing probes write all ones; a real move is not supported.
+            log::warn!("virtio-pci: guest moved BAR0 from {bar_before:#x} to {bar_after:#x}; relocation is not supported");
+        }
+    }
+}
+
+impl BusDevice for VirtioPci {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if (COMMON..COMMON + COMMON_LEN).contains(&o) => self.common_read(o - COMMON, data),
+            o if o == ISR => {
+                // MSI-X only: nothing is ever pending in the ISR.
+                data.fill(0);
+            }
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.dev.read_config(o - DEVICE_CFG, data),
+            o if (MSIX_TABLE..MSIX_TABLE + 16 * self.vectors.len() as u64).contains(&o) => self.msix_read(o - MSIX_TABLE, data),
+            o if (MSIX_PBA..MSIX_PBA + 8).contains(&o) => data.fill(0),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if (COMMON..COMMON + COMMON_LEN).contains(&o) => self.common_write(o - COMMON, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.dev.write_config(o - DEVICE_CFG, data),
+            o if (NOTIFY..NOTIFY + self.notify.len() as u64 * NOTIFY_MULT).contains(&o) => {
+                // Only reached when the ioeventfd did not match (odd sizes).
+                if let Some(e) = self.notify.get(((o - NOTIFY) / NOTIFY_MULT) as usize) {
+                    let _ = e.write(1);
+                }
+            }
+            o if (MSIX_TABLE..MSIX_TABLE + 16 * self.vectors.len() as u64).contains(&o) => self.msix_write(o - MSIX_TABLE, data),
+            _ => {}
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_addr(_: GuestAddress) {}

@@ -1,0 +1,653 @@
+//! virtio-scsi (virtio 1.x, 5.6). Request queues are served by iothreads:
+//! each queue is owned by exactly one iothread's ring (no lock between
+//! queues); a notify wakes it through a multishot poll on the queue's
+//! ioeventfd; each request's data is one readv/writev straight between the
+//! disk file and guest memory; completion writes the response, the used
+//! ring and (unless EVENT_IDX suppresses it) the queue's MSI-X irqfd.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::{Completion, Fd, Op, OpId, Remote, Ring, SourceId};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::scsi::{self, Action, Lun, Sense, Target};
+
+pub const DEVICE_TYPE: u16 = 8;
+pub const QUEUE_SIZE: u16 = 256;
+pub const SEG_MAX: u32 = 254;
+pub const DEFAULT_CDB_SIZE: u32 = 32;
+pub const DEFAULT_SENSE_SIZE: u32 = 96;
+const MAX_CDB_SIZE: u32 = 256;
+const MAX_SENSE_SIZE: u32 = 256;
+/// How long a reset waits for in-flight requests.
+const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
+
+// virtio-scsi response codes.
+pub const S_OK: u8 = 0;
+pub const S_BAD_TARGET: u8 = 3;
+pub const S_FAILURE: u8 = 9;
+
+/// One disk, exposed as LUN `index` of target 0.
+pub struct Disk {
+    pub path: String,
+    pub file: File,
+    pub lun: Lun,
+    pub direct: bool,
+}
+
+static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0x5c51_0000);
+
+pub struct VirtioScsi {
+    disks: Arc<Vec<Disk>>,
+    iothreads: Vec<Remote>,
+    num_queues: u32,
+    sense_size: u32,
+    cdb_size: u32,
+    /// (iothread, source) of every running queue.
+    running: Vec<(Remote, SourceId)>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+impl VirtioScsi {
+    /// `num_queues` request queues spread round-robin over `iothreads`.
+    pub fn new(disks: Vec<Disk>, iothreads: Vec<Remote>, num_queues: u32) -> VirtioScsi {
+        assert!(!iothreads.is_empty() && num_queues >= 1);
+        VirtioScsi {
+            disks: Arc::new(disks),
+            iothreads,
+            num_queues,
+            sense_size: DEFAULT_SENSE_SIZE,
+            cdb_size: DEFAULT_CDB_SIZE,
+            running: Vec::new(),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn needs_reset_flag(&self) -> Arc<AtomicBool> {
+        self.needs_reset.clone()
+    }
+
+    fn config_bytes(&self) -> [u8; 36] {
+        let mut c = [0u8; 36];
+        let put32 = |c: &mut [u8; 36], o: usize, v: u32| c[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        put32(&mut c, 0, self.num_queues);
+        put32(&mut c, 4, SEG_MAX);
+        put32(&mut c, 8, scsi::MAX_TRANSFER_BLOCKS);
+        put32(&mut c, 12, u32::from(QUEUE_SIZE));
+        put32(&mut c, 16, 16); // event_info_size
+        put32(&mut c, 20, self.sense_size);
+        put32(&mut c, 24, self.cdb_size);
+        c[28..30].copy_from_slice(&0u16.to_le_bytes()); // max_channel
+        c[30..32].copy_from_slice(&0u16.to_le_bytes()); // max_target
+        put32(&mut c, 32, self.disks.len().saturating_sub(1) as u32); // max_lun
+        c
+    }
+}
+
+impl VirtioDevice for VirtioScsi {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 2 + self.num_queues as usize]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only sense_size and cdb_size are driver-writable.
+        if data.len() != 4 {
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match offset {
+            20 if v <= MAX_SENSE_SIZE => self.sense_size = v,
+            24 if (6..=MAX_CDB_SIZE).contains(&v) => self.cdb_size = v,
+            _ => log::debug!("virtio-scsi: ignored config write at {offset} ({v})"),
+        }
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, acked: u64, queues: Vec<ActiveQueue>) -> crate::Result<()> {
+        let event_idx = acked & VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in queues {
+            // Queue 0 (control) and the request queues are served; the
+            // event queue only holds buffers for events we never send.
+            if q.index == 1 {
+                continue;
+            }
+            let remote = if q.index == 0 { self.iothreads[0].clone() } else { self.iothreads[(q.index as usize - 2) % self.iothreads.len()].clone() };
+            let source = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
+            let setup = WorkerSetup {
+                control: q.index == 0,
+                index: q.index,
+                queue: q.queue,
+                mem: mem.clone(),
+                notify: q.notify,
+                irq: q.irq,
+                disks: self.disks.clone(),
+                sense_size: self.sense_size,
+                cdb_size: self.cdb_size,
+                event_idx,
+                source,
+                needs_reset: self.needs_reset.clone(),
+            };
+            remote.send(move |ring| Worker::start(ring, setup))?;
+            self.running.push((remote, source));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> crate::Result<()> {
+        // Ask every owning iothread to stop taking requests, then wait on
+        // each one's quiesce event: in-flight requests finish (their used
+        // entries are written), none is lost or replayed.
+        let mut waiters = Vec::new();
+        for (remote, source) in self.running.drain(..) {
+            let s = source;
+            remote.send(move |ring| Worker::stop(ring, s))?;
+            waiters.push((remote.quiesce(source)?, remote, source));
+        }
+        let mut result = Ok(());
+        for (w, remote, source) in waiters {
+            if let Err(e) = w.wait(QUIESCE_DEADLINE) {
+                log::error!("virtio-scsi: queue source {source:#x} did not quiesce: {e}");
+                result = Err(e.into());
+            }
+            let _ = remote.send(move |_| Worker::forget(source));
+        }
+        self.needs_reset.store(false, Ordering::Relaxed);
+        self.sense_size = DEFAULT_SENSE_SIZE;
+        self.cdb_size = DEFAULT_CDB_SIZE;
+        result
+    }
+
+    fn describe(&self) -> Vec<String> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("lun {i}: {} ({} blocks of {}, {}{})", d.path, d.lun.blocks, d.lun.block_size, if d.lun.readonly { "ro" } else { "rw" }, if d.direct { ", cache=none" } else { "" }))
+            .collect()
+    }
+}
+
+struct WorkerSetup {
+    control: bool,
+    index: u16,
+    queue: Queue,
+    mem: GuestMemoryMmap,
+    notify: EventFd,
+    irq: Option<Arc<EventFd>>,
+    disks: Arc<Vec<Disk>>,
+    sense_size: u32,
+    cdb_size: u32,
+    event_idx: bool,
+    source: SourceId,
+    needs_reset: Arc<AtomicBool>,
+}
+
+/// One queue, owned by one iothread.
+struct Worker {
+    s: WorkerSetup,
+    poll: Option<OpId>,
+    stopped: bool,
+    broken: bool,
+    in_flight: Vec<bool>,
+    pub completed: u64,
+}
+
+thread_local! {
+    /// The workers this iothread owns, by source id.
+    static WORKERS: RefCell<HashMap<SourceId, Rc<RefCell<Worker>>>> = RefCell::new(HashMap::new());
+}
+
+type W = Rc<RefCell<Worker>>;
+
+/// Where a request's pieces are in guest memory.
+struct Req {
+    head: u16,
+    resp: Vec<(GuestAddress, usize)>,
+    data_out: Vec<(GuestAddress, usize)>,
+    data_in: Vec<(GuestAddress, usize)>,
+}
+
+fn total(segs: &[(GuestAddress, usize)]) -> u64 {
+    segs.iter().map(|s| s.1 as u64).sum()
+}
+
+/// Splits `segs` at byte `at`: (first part, rest).
+fn split(segs: &[(GuestAddress, usize)], mut at: usize) -> (Vec<(GuestAddress, usize)>, Vec<(GuestAddress, usize)>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for &(addr, len) in segs {
+        if at >= len {
+            a.push((addr, len));
+            at -= len;
+        } else if at > 0 {
+            a.push((addr, at));
+            b.push((GuestAddress(addr.0 + at as u64), len - at));
+            at = 0;
+        } else {
+            b.push((addr, len));
+        }
+    }
+    (a, b)
+}
+
+fn read_segs(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], len: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let mut off = 0;
+    for &(addr, l) in segs {
+        if off == len {
+            break;
+        }
+        let n = l.min(len - off);
+        mem.read_slice(&mut out[off..off + n], addr).ok()?;
+        off += n;
+    }
+    (off == len).then_some(out)
+}
+
+fn write_segs(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], data: &[u8]) -> bool {
+    let mut off = 0;
+    for &(addr, l) in segs {
+        if off == data.len() {
+            break;
+        }
+        let n = l.min(data.len() - off);
+        if mem.write_slice(&data[off..off + n], addr).is_err() {
+            return false;
+        }
+        off += n;
+    }
+    off == data.len()
+}
+
+/// Host iovecs for the first `len` bytes of `segs`; None if any part is
+/// outside guest RAM.
+fn iovecs(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], len: u64) -> Option<Vec<libc::iovec>> {
+    let mut left = len as usize;
+    let mut v = Vec::with_capacity(segs.len());
+    for &(addr, l) in segs {
+        if left == 0 {
+            break;
+        }
+        let n = l.min(left);
+        let slice = mem.get_slice(addr, n).ok()?;
+        v.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: n });
+        left -= n;
+    }
+    (left == 0).then_some(v)
+}
+
+impl Worker {
+    fn start(ring: &mut Ring, s: WorkerSetup) {
+        let source = s.source;
+        let fd = s.notify.as_raw_fd();
+        let size = s.queue.size() as usize;
+        let w: W = Rc::new(RefCell::new(Worker { s, poll: None, stopped: false, broken: false, in_flight: vec![false; size], completed: 0 }));
+        let w2 = w.clone();
+        let poll = ring.submit(source | 0x8000_0000, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
+            if c.result.is_ok() {
+                let _ = w2.borrow().s.notify.read();
+                Worker::process(&w2, ring);
+            }
+        });
+        w.borrow_mut().poll = Some(poll);
+        WORKERS.with(|m| m.borrow_mut().insert(source, w.clone()));
+        // Requests queued before DRIVER_OK reached us.
+        Worker::process(&w, ring);
+    }
+
+    fn stop(ring: &mut Ring, source: SourceId) {
+        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return };
+        let poll = {
+            let mut w = w.borrow_mut();
+            w.stopped = true;
+            w.poll.take()
+        };
+        if let Some(p) = poll {
+            ring.cancel(p);
+        }
+    }
+
+    fn forget(source: SourceId) {
+        WORKERS.with(|m| m.borrow_mut().remove(&source));
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        if !self.broken {
+            log::warn!("virtio-scsi: queue {}: {why}; device needs reset", self.s.index);
+            self.broken = true;
+            self.s.needs_reset.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes every available chain; re-checks after re-enabling
+    /// notifications so none is missed.
+    fn process(w: &W, ring: &mut Ring) {
+        let mem = w.borrow().s.mem.clone();
+        loop {
+            let chains = {
+                let mut wk = w.borrow_mut();
+                if wk.stopped || wk.broken {
+                    return;
+                }
+                if wk.s.event_idx {
+                    if let Err(e) = wk.s.queue.disable_notification(&mem) {
+                        wk.mark_broken(&format!("disable notification: {e}"));
+                        return;
+                    }
+                }
+                let mut chains = Vec::new();
+                match wk.s.queue.iter(&mem) {
+                    Ok(it) => chains.extend(it.map(|c| c.clone())),
+                    Err(e) => {
+                        wk.mark_broken(&format!("bad avail index: {e}"));
+                        return;
+                    }
+                }
+                chains
+            };
+            for chain in chains {
+                Worker::handle(w, ring, chain);
+            }
+            let mut wk = w.borrow_mut();
+            if wk.broken || wk.stopped {
+                return;
+            }
+            match wk.s.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    wk.mark_broken(&format!("enable notification: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(w: &W, ring: &mut Ring, chain: DescriptorChain<&GuestMemoryMmap>) {
+        let head = chain.head_index();
+        let (mut rd, mut wr) = (Vec::new(), Vec::new());
+        let mut bad_order = false;
+        let mut n = 0u32;
+        for d in chain {
+            n += 1;
+            if d.is_write_only() {
+                wr.push((d.addr(), d.len() as usize));
+            } else {
+                if !wr.is_empty() {
+                    bad_order = true;
+                }
+                rd.push((d.addr(), d.len() as usize));
+            }
+        }
+        {
+            let mut wk = w.borrow_mut();
+            match wk.in_flight.get_mut(head as usize) {
+                Some(f) if !*f => *f = true,
+                _ => {
+                    wk.mark_broken(&format!("head {head} is already in flight"));
+                    return;
+                }
+            }
+        }
+        let (control, sense_size, cdb_size, mem) = {
+            let wk = w.borrow();
+            (wk.s.control, wk.s.sense_size as usize, wk.s.cdb_size as usize, wk.s.mem.clone())
+        };
+        if control {
+            return Worker::control(w, ring, head, &rd, &wr);
+        }
+        let resp_len = 12 + sense_size;
+        let (resp, data_in) = split(&wr, resp_len);
+        if total(&resp) < resp_len as u64 {
+            // Nowhere to say anything: give the head back, zero bytes.
+            log::debug!("virtio-scsi: head {head}: response buffer too short");
+            return Worker::finish(w, head, None, 0);
+        }
+        let req_len = 19 + cdb_size;
+        let (hdr_segs, data_out) = split(&rd, req_len);
+        let mut r = Req { head, resp, data_out, data_in };
+        let fail = |w: &W, r: &Req, code: u8| Worker::respond(w, r, code, scsi::GOOD, None, 0, 0);
+        if bad_order || n > SEG_MAX + 2 {
+            return fail(w, &r, S_FAILURE);
+        }
+        let Some(hdr) = read_segs(&mem, &hdr_segs, req_len) else { return fail(w, &r, S_FAILURE) };
+        let lun = &hdr[0..8];
+        if lun[0] != 1 || lun[1] != 0 {
+            return fail(w, &r, S_BAD_TARGET);
+        }
+        let lun_id = usize::from(u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff);
+        let cdb = &hdr[19..19 + cdb_size];
+        let disks = w.borrow().s.disks.clone();
+        let disk = disks.get(lun_id);
+        let luns: Vec<u16> = (0..disks.len() as u16).collect();
+        let out_len = total(&r.data_out);
+        let in_len = total(&r.data_in);
+        let params = if scsi::wants_data_out(cdb) {
+            let n = (out_len as usize).min(scsi::MAX_PARAM_LEN);
+            match read_segs(&mem, &r.data_out, n) {
+                Some(p) => p,
+                None => return fail(w, &r, S_FAILURE),
+            }
+        } else {
+            Vec::new()
+        };
+        let action = scsi::execute(&Target { lun: disk.map(|d| &d.lun), luns: &luns }, cdb, out_len, in_len, &params);
+        let source = w.borrow().s.source;
+        let Some(disk) = disk else {
+            return Worker::done(w, &r, action);
+        };
+        let fd = Fd::Raw(disk.file.as_raw_fd());
+        match action {
+            a @ Action::Done { .. } => Worker::done(w, &r, a),
+            Action::Read { offset, len } => {
+                let Some(iov) = iovecs(&mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
+                let w2 = w.clone();
+                r.data_in.clear();
+                // SAFETY: the iovecs point into guest RAM, which stays mapped
+                // while this worker (holding the memory) lives; the guest
+                // gave these buffers to the device until we put the head in
+                // the used ring, which happens only in the completion.
+                let op = unsafe { Op::readv(fd, iov, offset) };
+                ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, false, in_len, len));
+            }
+            Action::Write { offset, len, sync } => {
+                let Some(iov) = iovecs(&mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
+                // SAFETY: as for reads; the kernel only reads this memory.
+                let op = unsafe { Op::writev(fd, iov, offset) };
+                Worker::write_then_sync(w, ring, r, op, fd, sync, in_len);
+            }
+            Action::WriteBuf { offset, data, sync } => {
+                let op = Op::write(fd, data, offset);
+                Worker::write_then_sync(w, ring, r, op, fd, sync, in_len);
+            }
+            Action::Flush => {
+                let w2 = w.clone();
+                ring.submit(source, Op::Fsync { fd, datasync: true }, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
+            }
+            Action::Discard { ranges } => {
+                if ranges.is_empty() {
+                    return Worker::done(w, &r, Action::good(vec![]));
+                }
+                let left = Rc::new(RefCell::new((ranges.len(), None::<i32>)));
+                let r = Rc::new(r);
+                for (off, len) in ranges {
+                    let (w2, left, r) = (w.clone(), left.clone(), r.clone());
+                    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    ring.submit(source, Op::Fallocate { fd, mode, offset: off, len }, move |_, c| {
+                        let mut l = left.borrow_mut();
+                        l.0 -= 1;
+                        if let Err(e) = c.result {
+                            l.1 = l.1.or(e.raw_os_error());
+                        }
+                        if l.0 == 0 {
+                            match l.1 {
+                                None => Worker::done(&w2, &r, Action::good(vec![])),
+                                Some(errno) => Worker::done(&w2, &r, Action::check(Sense::from_errno(errno, true))),
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn write_then_sync(w: &W, ring: &mut Ring, r: Req, op: Op, fd: Fd, sync: bool, in_len: u64) {
+        let source = w.borrow().s.source;
+        if !sync {
+            let w2 = w.clone();
+            ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
+            return;
+        }
+        // Write, then fdatasync, linked: the response waits for both.
+        let result = Rc::new(RefCell::new(None::<i32>));
+        let (w2, res1, res2) = (w.clone(), result.clone(), result.clone());
+        let r = Rc::new(r);
+        ring.submit_linked(
+            source,
+            vec![
+                (op, Box::new(move |_: &mut Ring, c: Completion| {
+                    if let Err(e) = c.result {
+                        *res1.borrow_mut() = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                })),
+                (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: Completion| {
+                    let first = *res2.borrow();
+                    let errno = first.or_else(|| c.result.as_ref().err().map(|e| e.raw_os_error().unwrap_or(libc::EIO)));
+                    match errno {
+                        None => Worker::respond(&w2, &r, S_OK, scsi::GOOD, None, 0, in_len),
+                        Some(e) => Worker::respond(&w2, &r, S_OK, scsi::CHECK_CONDITION, Some(Sense::from_errno(e, true)), 0, in_len),
+                    }
+                })),
+            ],
+        );
+    }
+
+    fn io_done(w: &W, r: &Req, c: Completion, write: bool, in_len: u64, want: u64) {
+        match c.result {
+            Ok(n) if write || n as u64 == want => Worker::respond(w, r, S_OK, scsi::GOOD, None, n as u64 * u64::from(!write), in_len),
+            Ok(n) => {
+                // Short read: the file shrank under us.
+                log::warn!("virtio-scsi: short read ({n} of {want} bytes)");
+                Worker::respond(w, r, S_OK, scsi::CHECK_CONDITION, Some(Sense::READ_ERROR), n as u64, in_len)
+            }
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                log::debug!("virtio-scsi: host I/O error: {e}");
+                Worker::respond(w, r, S_OK, scsi::CHECK_CONDITION, Some(Sense::from_errno(errno, write)), 0, in_len)
+            }
+        }
+    }
+
+    /// Completes a request the target answered without file I/O.
+    fn done(w: &W, r: &Req, a: Action) {
+        let mem = w.borrow().s.mem.clone();
+        let in_len = total(&r.data_in);
+        match a {
+            Action::Done { status, sense, data } => {
+                let n = (data.len() as u64).min(in_len) as usize;
+                if !write_segs(&mem, &r.data_in, &data[..n]) {
+                    return Worker::respond(w, r, S_FAILURE, scsi::GOOD, None, 0, in_len);
+                }
+                Worker::respond(w, r, S_OK, status, sense, n as u64, in_len)
+            }
+            _ => Worker::respond(w, r, S_FAILURE, scsi::GOOD, None, 0, in_len),
+        }
+    }
+
+    /// Writes the virtio_scsi_cmd_resp and completes the head.
+    fn respond(w: &W, r: &Req, response: u8, status: u8, sense: Option<Sense>, data_in: u64, in_len: u64) {
+        let (mem, sense_size) = {
+            let wk = w.borrow();
+            (wk.s.mem.clone(), wk.s.sense_size as usize)
+        };
+        let mut resp = vec![0u8; 12 + sense_size];
+        let sb = sense.map(|s| s.fixed());
+        let sense_len = sb.map_or(0, |s| s.len().min(sense_size));
+        resp[0..4].copy_from_slice(&(sense_len as u32).to_le_bytes());
+        let resid = in_len.saturating_sub(data_in).min(u64::from(u32::MAX)) as u32;
+        resp[4..8].copy_from_slice(&resid.to_le_bytes());
+        resp[10] = status;
+        resp[11] = response;
+        if let Some(s) = sb {
+            resp[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
+        }
+        let used = if write_segs(&mem, &r.resp, &resp) { resp.len() as u64 + data_in } else { 0 };
+        Worker::finish(w, r.head, Some(()), used as u32);
+    }
+
+    /// Puts `head` in the used ring and signals if the driver wants it.
+    fn finish(w: &W, head: u16, _resp: Option<()>, used: u32) {
+        let mut wk = w.borrow_mut();
+        let mem = wk.s.mem.clone();
+        if let Some(f) = wk.in_flight.get_mut(head as usize) {
+            *f = false;
+        }
+        wk.completed += 1;
+        if let Err(e) = wk.s.queue.add_used(&mem, head, used) {
+            wk.mark_broken(&format!("add_used: {e}"));
+            return;
+        }
+        match wk.s.queue.needs_notification(&mem) {
+            Ok(true) => {
+                if let Some(irq) = &wk.s.irq {
+                    let _ = irq.write(1);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => wk.mark_broken(&format!("needs_notification: {e}")),
+        }
+    }
+
+    /// Control queue: task management and async notification requests.
+    /// In-flight commands here complete quickly, so ABORT TASK and the
+    /// resets answer FUNCTION COMPLETE once nothing of the LUN is pending
+    /// on this queue.
+    fn control(w: &W, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
+        let mem = w.borrow().s.mem.clone();
+        let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, None, 0) };
+        let kind = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        let reply: Vec<u8> = match kind {
+            0 => vec![0], // TMF: VIRTIO_SCSI_S_FUNCTION_COMPLETE
+            1 | 2 => {
+                let mut v = vec![0u8; 5]; // AN query/subscribe: no events supported
+                v[4] = S_OK;
+                v
+            }
+            _ => vec![S_FAILURE],
+        };
+        let used = if write_segs(&mem, wr, &reply) { reply.len() as u32 } else { 0 };
+        Worker::finish(w, head, None, used);
+    }
+}
+
+/// A disk's size in bytes (files and block devices).
+pub fn disk_size(f: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    f.seek(SeekFrom::End(0))
+}
+
+#[allow(dead_code)]
+fn _unused(_: &Queue) {}

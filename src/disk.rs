@@ -1,0 +1,197 @@
+//! Disks: `--disk` parsing, opening files, and virtio-scsi controllers on
+//! the PCI bus with their queues spread over iothreads.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::scsi::Lun;
+use devices::virtio::pci::{VirtioPci, BAR_SIZE};
+use devices::virtio::scsi::{disk_size, Disk, VirtioScsi};
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use ring::{IoThread, Remote};
+
+use crate::error::{self, Error, Result};
+use crate::irq::KvmMsiRouter;
+use crate::layout;
+use crate::machine::Machine;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// cache=none: O_DIRECT.
+    pub direct: bool,
+    /// Pin this disk's controller to one iothread.
+    pub iothread: Option<usize>,
+}
+
+fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+/// `path=FILE[,readonly=on|off][,cache=none|writeback][,iothread=N]`
+/// (a bare FILE is taken as path=FILE).
+pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
+    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None };
+    for (i, part) in s.split(',').enumerate() {
+        let (k, v) = match part.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => ("path", part),
+            None => return Err(format!("'{part}': expected key=value")),
+        };
+        match k {
+            "path" | "file" => d.path = PathBuf::from(v),
+            "readonly" => d.readonly = on_off(k, v)?,
+            "cache" => {
+                d.direct = match v {
+                    "none" | "directsync" => true,
+                    "writeback" | "writethrough" | "unsafe" => false,
+                    _ => return Err(format!("cache={v}: expected none or writeback")),
+                }
+            }
+            "iothread" => d.iothread = Some(v.trim_start_matches("iothread").parse().map_err(|_| format!("iothread={v}: expected a number"))?),
+            _ => return Err(format!("unknown disk option '{k}'")),
+        }
+    }
+    if d.path.as_os_str().is_empty() {
+        return Err("missing path=FILE".into());
+    }
+    Ok(d)
+}
+
+fn open(spec: &DiskSpec, index: usize) -> Result<Disk> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!spec.readonly);
+    if spec.direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let file: File = o.open(&spec.path).map_err(|source| Error::OpenFile { what: "disk", path: spec.path.clone(), source })?;
+    let size = disk_size(&file).map_err(|source| Error::OpenFile { what: "disk", path: spec.path.clone(), source })?;
+    if size < 512 {
+        return Err(Error::Config(format!("disk {}: {size} bytes is smaller than one 512-byte block", spec.path.display())));
+    }
+    let serial = format!("ringvm{index:04}");
+    Ok(Disk { path: spec.path.display().to_string(), file, lun: Lun::new(size, 512, spec.readonly, &serial), direct: spec.direct })
+}
+
+/// What `query-block` reports for one disk.
+#[derive(Clone, Debug)]
+pub struct BlockInfo {
+    pub device: String,
+    pub path: String,
+    pub readonly: bool,
+    pub direct: bool,
+    pub controller: usize,
+    pub lun: usize,
+    pub iothreads: Vec<String>,
+    pub size: u64,
+}
+
+pub struct Storage {
+    pub iothreads: Vec<IoThread>,
+    pub controllers: Vec<Arc<Mutex<VirtioPci>>>,
+    pub blocks: Vec<BlockInfo>,
+}
+
+impl Storage {
+    /// Remotes of the iothreads, for other sources (snapshots).
+    pub fn remotes(&self) -> Vec<Remote> {
+        self.iothreads.iter().map(IoThread::remote).collect()
+    }
+
+    /// Stops the iothreads (after the vCPUs stopped).
+    pub fn stop(&mut self) {
+        for c in &self.controllers {
+            // Resetting quiesces each controller's queues on their iothreads.
+            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+            devices::bus::BusDevice::write(&mut *c, 0x14, &[0]);
+        }
+        for t in &mut self.iothreads {
+            t.stop();
+        }
+    }
+}
+
+/// Creates `iothreads` iothreads and one virtio-scsi controller per group
+/// of disks (disks without `iothread=` share one whose `queues` request
+/// queues are spread over all iothreads; `iothread=N` pins a disk's own
+/// controller to iothread N).
+pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u32) -> Result<Storage> {
+    let iothreads = iothreads.max(1);
+    let mut threads = Vec::new();
+    if !disks.is_empty() {
+        for i in 0..iothreads {
+            threads.push(IoThread::spawn(&format!("iothread{i}"), 256).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?);
+        }
+    }
+    let mut groups: Vec<(Option<usize>, Vec<(usize, &DiskSpec)>)> = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        if let Some(t) = d.iothread {
+            if t >= iothreads {
+                return Err(Error::Config(format!("disk {}: iothread={t} but only {iothreads} iothread(s) (--iothreads)", d.path.display())));
+            }
+        }
+        match groups.iter_mut().find(|g| g.0 == d.iothread) {
+            Some(g) => g.1.push((i, d)),
+            None => groups.push((d.iothread, vec![(i, d)])),
+        }
+    }
+    let router = Arc::new(KvmMsiRouter::new(machine.vm.clone()));
+    let mut controllers = Vec::new();
+    let mut blocks = Vec::new();
+    for (ci, (pin, members)) in groups.into_iter().enumerate() {
+        let remotes: Vec<Remote> = match pin {
+            Some(t) => vec![threads[t].remote()],
+            None => threads.iter().map(IoThread::remote).collect(),
+        };
+        let nq = if pin.is_some() { queues.min(4) } else { queues };
+        let mut opened = Vec::new();
+        for (lun, (i, spec)) in members.iter().enumerate() {
+            let d = open(spec, *i)?;
+            blocks.push(BlockInfo {
+                device: format!("scsi{ci}-lun{lun}"),
+                path: spec.path.display().to_string(),
+                readonly: spec.readonly,
+                direct: spec.direct,
+                controller: ci,
+                lun,
+                iothreads: remotes.iter().map(|r| r.name().to_string()).collect(),
+                size: d.lun.blocks * u64::from(d.lun.block_size),
+            });
+            opened.push(d);
+        }
+        let bar = layout::PCI_MMIO_START + ci as u64 * BAR_SIZE;
+        let dev = VirtioScsi::new(opened, remotes, nq);
+        let pci = VirtioPci::new(Box::new(dev), machine.mem.clone(), router.clone(), bar)?;
+        for (addr, evt) in pci.notify_events() {
+            machine.vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(error::kvm("KVM_IOEVENTFD"))?;
+        }
+        let pci = Arc::new(Mutex::new(pci));
+        machine.mmio.insert(pci.clone(), bar, BAR_SIZE)?;
+        machine.pci.lock().unwrap_or_else(|e| e.into_inner()).add(pci.clone())?;
+        controllers.push(pci);
+    }
+    Ok(Storage { iothreads: threads, controllers, blocks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("path=/x.img,readonly=on,cache=none,iothread=1").unwrap();
+        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1) });
+        assert_eq!(parse_disk("/y.img").unwrap().path, PathBuf::from("/y.img"));
+        assert!(parse_disk("path=/x,cache=bogus").is_err());
+        assert!(parse_disk("path=/x,speed=9").is_err());
+        assert!(parse_disk("readonly=on").is_err());
+        assert_eq!(parse_disk("path=/x,iothread=iothread0").unwrap().iothread, Some(0));
+    }
+}

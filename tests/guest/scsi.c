@@ -1,0 +1,297 @@
+/*
+ * virtio-pci (modern) + virtio-scsi driver for the test guest, polling
+ * (no interrupts: every queue's MSI-X vector is NO_VECTOR). Included by
+ * main.c. Works against ringvm and QEMU's virtio-scsi-pci alike.
+ *
+ *   work=scsi-verify  [mib=N per LUN (0: whole disk)] [bs=BYTES] [qd=N] [seed=N]
+ *   work=scsi-errors  (out-of-range LBA and write-protect sense checks)
+ *   work=scsi-bench   pattern=randread|read|write bs=BYTES qd=N secs=N
+ */
+static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(p)); }
+static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
+#define mb() __asm__ volatile("mfence" ::: "memory")
+
+static u32 pci_rd(u32 dev, u32 off) { outl(0xcf8, 0x80000000u | dev << 11 | (off & 0xfc)); return inl(0xcfc); }
+static void pci_wr(u32 dev, u32 off, u32 v) { outl(0xcf8, 0x80000000u | dev << 11 | (off & 0xfc)); outl(0xcfc, v); }
+
+static volatile u8 *vcommon, *vdevcfg, *vnotify;
+static u32 notify_mult;
+static u64 heap_next, heap_end;
+
+static void *alloc(u64 len, u64 align) {
+    u64 p = (heap_next + align - 1) & ~(align - 1);
+    if (p + len > heap_end) { printk("ringvm-guest: out of memory for buffers\n"); guest_exit(3); }
+    heap_next = p + len;
+    for (volatile u8 *z = (u8 *)p; z < (u8 *)(p + len); z++) *z = 0;
+    return (void *)p;
+}
+
+#define C8(o) (*(volatile u8 *)(vcommon + (o)))
+#define C16(o) (*(volatile u16 *)(vcommon + (o)))
+#define C32(o) (*(volatile u32 *)(vcommon + (o)))
+
+struct vdesc { u64 addr; u32 len; u16 flags; u16 next; };
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+
+#define SLOTS 32
+#define REQ_LEN 51
+#define RESP_LEN 108
+struct slot { u8 *req; u8 *resp; u8 *data; int busy; u64 tag; };
+struct vq {
+    u16 index, size, avail_idx, last_used;
+    volatile struct vdesc *desc;
+    volatile u16 *avail;
+    volatile u8 *used;
+    volatile u16 *notify;
+    struct slot slots[SLOTS];
+    u64 data_len;
+};
+static struct vq queues[MAX_CPUS];
+static u32 num_req_queues, max_lun;
+static u64 scsi_bs, scsi_qd;
+
+static int virtio_scsi_init(u32 nq_want, u64 bs) {
+    u32 dev = 0;
+    for (dev = 0; dev < 32; dev++)
+        if (pci_rd(dev, 0) == 0x10481af4) break;
+    if (dev == 32) { printk("ringvm-guest: no virtio-scsi device\n"); return -1; }
+    u64 bar = (pci_rd(dev, 0x10) & ~0xfULL) | (u64)pci_rd(dev, 0x14) << 32;
+    pci_wr(dev, 0x04, pci_rd(dev, 0x04) | 0x6); /* memory space + bus master */
+    for (u32 cap = pci_rd(dev, 0x34) & 0xff; cap; cap = (pci_rd(dev, cap) >> 8) & 0xff) {
+        u32 h = pci_rd(dev, cap);
+        if ((h & 0xff) != 0x09) continue;
+        u32 type = (h >> 24) & 0xff, off = pci_rd(dev, cap + 8);
+        if (type == 1) vcommon = (u8 *)(bar + off);
+        if (type == 2) { vnotify = (u8 *)(bar + off); notify_mult = pci_rd(dev, cap + 16); }
+        if (type == 4) vdevcfg = (u8 *)(bar + off);
+    }
+    if (!vcommon || !vnotify || !vdevcfg) { printk("ringvm-guest: virtio caps missing\n"); return -1; }
+    C8(0x14) = 0; while (C8(0x14)) cpu_relax();
+    C8(0x14) = 1; C8(0x14) = 1 | 2;
+    C32(0x00) = 1; u32 fhi = C32(0x04);
+    if (!(fhi & 1)) { printk("ringvm-guest: device lacks VERSION_1\n"); return -1; }
+    C32(0x00) = 0; u32 flo = C32(0x04);
+    C32(0x08) = 0; C32(0x0c) = flo & (1u << 29); /* EVENT_IDX if offered */
+    C32(0x08) = 1; C32(0x0c) = 1;                /* VERSION_1 */
+    C8(0x14) = 1 | 2 | 8;
+    if (!(C8(0x14) & 8)) { printk("ringvm-guest: FEATURES_OK refused\n"); return -1; }
+    u32 dev_nq = *(volatile u32 *)(vdevcfg + 0);
+    max_lun = *(volatile u32 *)(vdevcfg + 32);
+    num_req_queues = nq_want < dev_nq ? nq_want : dev_nq;
+    for (u32 q = 0; q < num_req_queues; q++) {
+        struct vq *v = &queues[q];
+        v->index = (u16)(2 + q);
+        C16(0x16) = v->index;
+        u16 max = C16(0x18);
+        v->size = max < 128 ? max : 128;
+        C16(0x18) = v->size;
+        v->desc = alloc(16ULL * v->size, 4096);
+        v->avail = alloc(6 + 2ULL * v->size, 4096);
+        v->used = alloc(6 + 8ULL * v->size, 4096);
+        *(volatile u64 *)(vcommon + 0x20) = (u64)v->desc;
+        *(volatile u64 *)(vcommon + 0x28) = (u64)v->avail;
+        *(volatile u64 *)(vcommon + 0x30) = (u64)v->used;
+        C16(0x1a) = 0xffff; /* no MSI-X vector: we poll */
+        v->notify = (volatile u16 *)(vnotify + (u64)C16(0x1e) * notify_mult);
+        C16(0x1c) = 1;
+        v->data_len = bs;
+        for (int s = 0; s < SLOTS; s++) {
+            v->slots[s].req = alloc(64, 64);
+            v->slots[s].resp = alloc(128, 64);
+            v->slots[s].data = alloc(bs, 4096);
+        }
+    }
+    C8(0x14) = 1 | 2 | 8 | 4;
+    if (C8(0x14) & 0x40) { printk("ringvm-guest: device needs reset after DRIVER_OK\n"); return -1; }
+    return 0;
+}
+
+/* Posts slot s: request + response + optional data buffer. */
+static void post(struct vq *v, int s, u32 lun, const u8 *cdb, u32 cdblen, u64 len, int write) {
+    struct slot *sl = &v->slots[s];
+    for (int i = 0; i < REQ_LEN; i++) sl->req[i] = 0;
+    sl->req[0] = 1; sl->req[1] = 0; sl->req[2] = (u8)(0x40 | (lun >> 8)); sl->req[3] = (u8)lun;
+    *(u64 *)(sl->req + 8) = ++sl->tag;
+    for (u32 i = 0; i < cdblen; i++) sl->req[19 + i] = cdb[i];
+    u16 h = (u16)(s * 3);
+    volatile struct vdesc *d = v->desc;
+    d[h].addr = (u64)sl->req; d[h].len = REQ_LEN; d[h].flags = VRING_DESC_F_NEXT; d[h].next = h + 1;
+    if (write && len) {
+        d[h + 1].addr = (u64)sl->data; d[h + 1].len = (u32)len; d[h + 1].flags = VRING_DESC_F_NEXT; d[h + 1].next = h + 2;
+        d[h + 2].addr = (u64)sl->resp; d[h + 2].len = RESP_LEN; d[h + 2].flags = VRING_DESC_F_WRITE; d[h + 2].next = 0;
+    } else {
+        d[h + 1].addr = (u64)sl->resp; d[h + 1].len = RESP_LEN; d[h + 1].flags = VRING_DESC_F_WRITE | (len ? VRING_DESC_F_NEXT : 0); d[h + 1].next = h + 2;
+        d[h + 2].addr = (u64)sl->data; d[h + 2].len = (u32)len; d[h + 2].flags = VRING_DESC_F_WRITE; d[h + 2].next = 0;
+    }
+    sl->busy = 1;
+    v->avail[2 + (v->avail_idx % v->size)] = h;
+    mb();
+    v->avail[1] = ++v->avail_idx;
+    mb();
+    *v->notify = v->index;
+}
+
+/* Reaps one completion; returns its slot or -1 if none is ready. */
+static int reap(struct vq *v) {
+    mb();
+    if (*(volatile u16 *)(v->used + 2) == v->last_used) return -1;
+    volatile u32 *e = (volatile u32 *)(v->used + 4 + 8 * (v->last_used % v->size));
+    u32 id = e[0];
+    v->last_used++;
+    /* Tell the device where we are (EVENT_IDX used_event). */
+    v->avail[2 + v->size] = v->last_used;
+    int s = (int)(id / 3);
+    if (id % 3 || s >= SLOTS || !v->slots[s].busy) { printk("ringvm-guest: bogus used id %u\n", (u64)id); guest_exit(3); }
+    v->slots[s].busy = 0;
+    return s;
+}
+
+static int wait_slot(struct vq *v) {
+    u64 t0 = rdtsc();
+    for (;;) {
+        int s = reap(v);
+        if (s >= 0) return s;
+        if (rdtsc() - t0 > tsc_khz * 30000ULL) { printk("ringvm-guest: request timed out\n"); guest_exit(3); }
+        cpu_relax();
+    }
+}
+
+/* response: 0 ok; status; sense key/asc in *key, *asc */
+static int resp_status(struct slot *sl, u8 *key, u8 *asc) {
+    u8 response = sl->resp[11], status = sl->resp[10];
+    *key = sl->resp[12 + 2] & 0xf; *asc = sl->resp[12 + 12];
+    if (response) return 0x100 | response;
+    return status;
+}
+
+static int scsi_sync(struct vq *v, u32 lun, const u8 *cdb, u32 cdblen, u64 len, int write, u8 *key, u8 *asc) {
+    post(v, 0, lun, cdb, cdblen, len, write);
+    int s = wait_slot(v);
+    return resp_status(&v->slots[s], key, asc);
+}
+
+static void cdb_rw16(u8 *c, int write, u64 lba, u32 blocks) {
+    for (int i = 0; i < 16; i++) c[i] = 0;
+    c[0] = write ? 0x8a : 0x88;
+    for (int i = 0; i < 8; i++) c[2 + i] = (u8)(lba >> (56 - 8 * i));
+    for (int i = 0; i < 4; i++) c[10 + i] = (u8)(blocks >> (24 - 8 * i));
+}
+
+static u64 capacity_blocks(struct vq *v, u32 lun) {
+    u8 c[16] = {0x9e, 0x10}, key, asc;
+    c[13] = 32;
+    if (scsi_sync(v, lun, c, 16, 32, 0, &key, &asc)) return 0;
+    u8 *d = v->slots[0].data;
+    u64 last = 0;
+    for (int i = 0; i < 8; i++) last = last << 8 | d[i];
+    return last + 1;
+}
+
+/* The pattern word at byte `off` of LUN `lun` (the host test computes the same). */
+static u64 pattern(u64 seed, u32 lun, u64 off) {
+    u64 x = (off / 8 + 1) ^ (seed << 40) ^ ((u64)lun << 56);
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
+    return x;
+}
+
+static u64 scsi_seed, scsi_bytes_per_lun;
+static volatile u64 scsi_bad, scsi_done_cpus, scsi_phase;
+
+/* Writes (phase 0) or verifies (phase 1) this CPU's chunks on every LUN. */
+static void scsi_verify_cpu(u32 cpu) {
+    struct vq *v = &queues[cpu % num_req_queues];
+    if (cpu >= num_req_queues) return;
+    u64 bs = scsi_bs, nchunks = scsi_bytes_per_lun / bs;
+    for (int phase = 0; phase < 2; phase++) {
+        for (u32 lun = 0; lun <= max_lun; lun++) {
+            u64 next = cpu, inflight = 0; u64 chunk_of[SLOTS];
+            while (next < nchunks || inflight) {
+                while (next < nchunks && inflight < scsi_qd) {
+                    int s = -1;
+                    for (int k = 0; k < SLOTS && k < (int)scsi_qd; k++) if (!v->slots[k].busy) { s = k; break; }
+                    if (s < 0) break;
+                    u64 off = next * bs;
+                    if (phase == 0) { u64 *d = (u64 *)v->slots[s].data; for (u64 i = 0; i < bs / 8; i++) d[i] = pattern(scsi_seed, lun, off + i * 8); }
+                    u8 c[16]; cdb_rw16(c, phase == 0, off / 512, (u32)(bs / 512));
+                    chunk_of[s] = next;
+                    post(v, s, lun, c, 16, bs, phase == 0);
+                    inflight++;
+                    next += num_req_queues;
+                }
+                int s = wait_slot(v);
+                inflight--;
+                u8 key, asc;
+                int st = resp_status(&v->slots[s], &key, &asc);
+                if (st) { printk("ringvm-guest: lun %u chunk %u: status %x key %x asc %x\n", (u64)lun, chunk_of[s], (u64)st, (u64)key, (u64)asc); __atomic_add_fetch(&scsi_bad, 1, __ATOMIC_SEQ_CST); continue; }
+                if (phase == 1) {
+                    u64 off = chunk_of[s] * bs, *d = (u64 *)v->slots[s].data, bad = 0;
+                    for (u64 i = 0; i < bs / 8; i++) if (d[i] != pattern(scsi_seed, lun, off + i * 8)) bad++;
+                    if (bad) { printk("ringvm-guest: lun %u chunk %u: %u bad words\n", (u64)lun, chunk_of[s], bad); __atomic_add_fetch(&scsi_bad, 1, __ATOMIC_SEQ_CST); }
+                }
+            }
+        }
+        /* Both phases on every CPU before verifying. */
+        __atomic_add_fetch(&scsi_done_cpus, 1, __ATOMIC_SEQ_CST);
+        while (scsi_done_cpus < (u64)(phase + 1) * (ncpus < num_req_queues ? ncpus : num_req_queues)) cpu_relax();
+    }
+}
+
+static u64 bench_pattern; /* 0 randread, 1 read, 2 write */
+static volatile u64 bench_ops[MAX_CPUS];
+
+static void scsi_bench_cpu(u32 cpu) {
+    if (cpu >= num_req_queues) return;
+    struct vq *v = &queues[cpu];
+    u64 bs = scsi_bs, blocks = scsi_bytes_per_lun / bs, rng = 0x9E3779B97F4A7C15ULL ^ cpu, seq = cpu, inflight = 0, ops = 0;
+    u64 end = rdtsc() + secs * tsc_khz * 1000ULL;
+    while (rdtsc() < end || inflight) {
+        while (rdtsc() < end && inflight < scsi_qd) {
+            int s = -1;
+            for (int k = 0; k < SLOTS && k < (int)scsi_qd; k++) if (!v->slots[k].busy) { s = k; break; }
+            if (s < 0) break;
+            u64 blk;
+            if (bench_pattern == 0) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; blk = rng % blocks; }
+            else { blk = seq % blocks; seq += num_req_queues; }
+            u8 c[16]; cdb_rw16(c, bench_pattern == 2, blk * bs / 512, (u32)(bs / 512));
+            post(v, s, 0, c, 16, bs, bench_pattern == 2);
+            inflight++;
+        }
+        int s = reap(v);
+        if (s < 0) { cpu_relax(); continue; }
+        inflight--;
+        u8 key, asc;
+        if (resp_status(&v->slots[s], &key, &asc)) { printk("ringvm-guest: bench I/O failed key %x asc %x\n", (u64)key, (u64)asc); guest_exit(1); }
+        ops++;
+    }
+    bench_ops[cpu] = ops;
+}
+
+static int scsi_errors(void) {
+    struct vq *v = &queues[0];
+    int ok = 1;
+    for (u32 lun = 0; lun <= max_lun; lun++) {
+        u64 cap = capacity_blocks(v, lun);
+        u8 c[16], key, asc;
+        cdb_rw16(c, 0, cap, 1);
+        int st = scsi_sync(v, lun, c, 16, 512, 0, &key, &asc);
+        printk("ringvm-guest: lun %u read past end: status %x key %x asc %x\n", (u64)lun, (u64)st, (u64)key, (u64)asc);
+        if (st != 2 || key != 5 || asc != 0x21) ok = 0;
+        u8 ms[6] = {0x1a, 0x08, 0x3f, 0, 64, 0};
+        scsi_sync(v, lun, ms, 6, 64, 0, &key, &asc);
+        int wp = (v->slots[0].data[2] & 0x80) != 0;
+        cdb_rw16(c, 1, 0, 1);
+        st = scsi_sync(v, lun, c, 16, 512, 1, &key, &asc);
+        printk("ringvm-guest: lun %u wp=%u write: status %x key %x asc %x\n", (u64)lun, (u64)wp, (u64)st, (u64)key, (u64)asc);
+        if (wp && (st != 2 || key != 7 || asc != 0x27)) ok = 0;
+        if (!wp && st != 0) ok = 0;
+        u8 bad[6] = {0xc5, 0, 0, 0, 0, 0}; /* reserved opcode group 6: vendor specific */
+        st = scsi_sync(v, lun, bad, 6, 0, 0, &key, &asc);
+        if (st != 2 || key != 5 || asc != 0x20) { printk("ringvm-guest: lun %u bad opcode: status %x key %x asc %x\n", (u64)lun, (u64)st, (u64)key, (u64)asc); ok = 0; }
+    }
+    /* A LUN that does not exist: INQUIRY says so. */
+    u8 inq[6] = {0x12, 0, 0, 0, 36, 0}, key, asc;
+    int st = scsi_sync(v, max_lun + 1, inq, 6, 36, 0, &key, &asc);
+    if (st != 0 || v->slots[0].data[0] != 0x7f) { printk("ringvm-guest: missing lun inquiry: status %x pq %x\n", (u64)st, (u64)v->slots[0].data[0]); ok = 0; }
+    return ok;
+}
