@@ -400,8 +400,10 @@ void guest_main(u32 cpu) {
     ncpus = n;
     printk("ringvm-guest: cpus online=%u\n", (u64)ncpus);
     if (work_kind >= 6) {
-        if (virtio_scsi_init(ncpus, scsi_bs) < 0) guest_exit(3);
-        u64 cap = capacity_blocks(&queues[0], 0) * 512;
+        if (virtio_scsi_init(ncpus, scsi_bs) < 0 || discover_luns(&queues[0]) < 0) guest_exit(3);
+        u64 cap = capacity_blocks(&queues[0], lun_ids[0]) * 512;
+        for (u32 l = 1; l <= max_lun; l++) { u64 c2 = capacity_blocks(&queues[0], lun_ids[l]) * 512; if (c2 < cap) cap = c2; }
+        if (cap < scsi_bs) { printk("ringvm-guest: disk capacity %u is below one block of %u\n", cap, scsi_bs); guest_exit(3); }
         scsi_bytes_per_lun = mib ? mib * MIB : cap;
         if (scsi_bytes_per_lun > cap) scsi_bytes_per_lun = cap;
         scsi_bytes_per_lun -= scsi_bytes_per_lun % scsi_bs;

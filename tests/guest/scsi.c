@@ -48,7 +48,7 @@ struct vq {
     u64 data_len;
 };
 static struct vq queues[MAX_CPUS];
-static u32 num_req_queues, max_lun;
+static u32 num_req_queues, max_lun, lun_ids[64];
 static u64 scsi_bs, scsi_qd;
 
 static int virtio_scsi_init(u32 nq_want, u64 bs) {
@@ -56,12 +56,25 @@ static int virtio_scsi_init(u32 nq_want, u64 bs) {
     for (dev = 0; dev < 32; dev++)
         if (pci_rd(dev, 0) == 0x10481af4) break;
     if (dev == 32) { printk("ringvm-guest: no virtio-scsi device\n"); return -1; }
-    u64 bar = (pci_rd(dev, 0x10) & ~0xfULL) | (u64)pci_rd(dev, 0x14) << 32;
     pci_wr(dev, 0x04, pci_rd(dev, 0x04) | 0x6); /* memory space + bus master */
     for (u32 cap = pci_rd(dev, 0x34) & 0xff; cap; cap = (pci_rd(dev, cap) >> 8) & 0xff) {
         u32 h = pci_rd(dev, cap);
         if ((h & 0xff) != 0x09) continue;
-        u32 type = (h >> 24) & 0xff, off = pci_rd(dev, cap + 8);
+        u32 type = (h >> 24) & 0xff, bidx = pci_rd(dev, cap + 4) & 0xff, off = pci_rd(dev, cap + 8);
+        if (bidx > 5) continue;
+        u32 lo = pci_rd(dev, 0x10 + 4 * bidx);
+        u64 bar = lo & ~0xfULL;
+        if ((lo & 0x6) == 0x4) bar |= (u64)pci_rd(dev, 0x14 + 4 * bidx) << 32;
+        if (bar == 0 || bar >= (64ULL << 30)) {
+            /* Firmware put the BAR above what this guest maps: move it into
+             * the 32-bit hole, as an OS assigning resources would. */
+            u64 nb = 0xd0000000ULL + (u64)bidx * 0x1000000;
+            pci_wr(dev, 0x04, pci_rd(dev, 0x04) & ~0x2u);
+            pci_wr(dev, 0x10 + 4 * bidx, (u32)nb);
+            if ((lo & 0x6) == 0x4) pci_wr(dev, 0x14 + 4 * bidx, 0);
+            pci_wr(dev, 0x04, pci_rd(dev, 0x04) | 0x6);
+            bar = nb;
+        }
         if (type == 1) vcommon = (u8 *)(bar + off);
         if (type == 2) { vnotify = (u8 *)(bar + off); notify_mult = pci_rd(dev, cap + 16); }
         if (type == 4) vdevcfg = (u8 *)(bar + off);
@@ -77,7 +90,6 @@ static int virtio_scsi_init(u32 nq_want, u64 bs) {
     C8(0x14) = 1 | 2 | 8;
     if (!(C8(0x14) & 8)) { printk("ringvm-guest: FEATURES_OK refused\n"); return -1; }
     u32 dev_nq = *(volatile u32 *)(vdevcfg + 0);
-    max_lun = *(volatile u32 *)(vdevcfg + 32);
     num_req_queues = nq_want < dev_nq ? nq_want : dev_nq;
     for (u32 q = 0; q < num_req_queues; q++) {
         struct vq *v = &queues[q];
@@ -178,6 +190,29 @@ static void cdb_rw16(u8 *c, int write, u64 lba, u32 blocks) {
     for (int i = 0; i < 4; i++) c[10 + i] = (u8)(blocks >> (24 - 8 * i));
 }
 
+/* Clears unit attentions (a real target reports power-on first), then
+ * lists the LUNs with REPORT LUNS; max_lun becomes the count - 1. */
+static int discover_luns(struct vq *v) {
+    u8 tur[6] = {0}, key, asc;
+    for (int i = 0; i < 8; i++) {
+        int st = scsi_sync(v, 0, tur, 6, 0, 0, &key, &asc);
+        if (st == 0) break;
+        if (st != 2 || key != 6) { printk("ringvm-guest: TEST UNIT READY: status %x key %x\n", (u64)st, (u64)key); return -1; }
+    }
+    u8 rl[12] = {0xa0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0};
+    if (scsi_sync(v, 0, rl, 12, 512, 0, &key, &asc)) { printk("ringvm-guest: REPORT LUNS failed\n"); return -1; }
+    u8 *d = v->slots[0].data;
+    u32 n = ((u32)d[0] << 24 | (u32)d[1] << 16 | (u32)d[2] << 8 | d[3]) / 8;
+    if (n == 0) return -1;
+    if (n > 64) n = 64;
+    for (u32 i = 0; i < n; i++) lun_ids[i] = ((u32)(d[8 + 8 * i] & 0x3f) << 8) | d[9 + 8 * i];
+    max_lun = n - 1;
+    for (u32 i = 0; i < n; i++) {
+        for (int k = 0; k < 8; k++) if (scsi_sync(v, lun_ids[i], tur, 6, 0, 0, &key, &asc) == 0) break;
+    }
+    return 0;
+}
+
 static u64 capacity_blocks(struct vq *v, u32 lun) {
     u8 c[16] = {0x9e, 0x10}, key, asc;
     c[13] = 32;
@@ -215,7 +250,7 @@ static void scsi_verify_cpu(u32 cpu) {
                     if (phase == 0) { u64 *d = (u64 *)v->slots[s].data; for (u64 i = 0; i < bs / 8; i++) d[i] = pattern(scsi_seed, lun, off + i * 8); }
                     u8 c[16]; cdb_rw16(c, phase == 0, off / 512, (u32)(bs / 512));
                     chunk_of[s] = next;
-                    post(v, s, lun, c, 16, bs, phase == 0);
+                    post(v, s, lun_ids[lun], c, 16, bs, phase == 0);
                     inflight++;
                     next += num_req_queues;
                 }
@@ -254,7 +289,7 @@ static void scsi_bench_cpu(u32 cpu) {
             if (bench_pattern == 0) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; blk = rng % blocks; }
             else { blk = seq % blocks; seq += num_req_queues; }
             u8 c[16]; cdb_rw16(c, bench_pattern == 2, blk * bs / 512, (u32)(bs / 512));
-            post(v, s, 0, c, 16, bs, bench_pattern == 2);
+            post(v, s, lun_ids[0], c, 16, bs, bench_pattern == 2);
             inflight++;
         }
         int s = reap(v);
@@ -271,27 +306,28 @@ static int scsi_errors(void) {
     struct vq *v = &queues[0];
     int ok = 1;
     for (u32 lun = 0; lun <= max_lun; lun++) {
-        u64 cap = capacity_blocks(v, lun);
+        u32 id = lun_ids[lun];
+        u64 cap = capacity_blocks(v, id);
         u8 c[16], key, asc;
         cdb_rw16(c, 0, cap, 1);
-        int st = scsi_sync(v, lun, c, 16, 512, 0, &key, &asc);
+        int st = scsi_sync(v, id, c, 16, 512, 0, &key, &asc);
         printk("ringvm-guest: lun %u read past end: status %x key %x asc %x\n", (u64)lun, (u64)st, (u64)key, (u64)asc);
         if (st != 2 || key != 5 || asc != 0x21) ok = 0;
         u8 ms[6] = {0x1a, 0x08, 0x3f, 0, 64, 0};
-        scsi_sync(v, lun, ms, 6, 64, 0, &key, &asc);
+        scsi_sync(v, id, ms, 6, 64, 0, &key, &asc);
         int wp = (v->slots[0].data[2] & 0x80) != 0;
         cdb_rw16(c, 1, 0, 1);
-        st = scsi_sync(v, lun, c, 16, 512, 1, &key, &asc);
+        st = scsi_sync(v, id, c, 16, 512, 1, &key, &asc);
         printk("ringvm-guest: lun %u wp=%u write: status %x key %x asc %x\n", (u64)lun, (u64)wp, (u64)st, (u64)key, (u64)asc);
         if (wp && (st != 2 || key != 7 || asc != 0x27)) ok = 0;
         if (!wp && st != 0) ok = 0;
         u8 bad[6] = {0xc5, 0, 0, 0, 0, 0}; /* reserved opcode group 6: vendor specific */
-        st = scsi_sync(v, lun, bad, 6, 0, 0, &key, &asc);
+        st = scsi_sync(v, id, bad, 6, 0, 0, &key, &asc);
         if (st != 2 || key != 5 || asc != 0x20) { printk("ringvm-guest: lun %u bad opcode: status %x key %x asc %x\n", (u64)lun, (u64)st, (u64)key, (u64)asc); ok = 0; }
     }
     /* A LUN that does not exist: INQUIRY says so. */
     u8 inq[6] = {0x12, 0, 0, 0, 36, 0}, key, asc;
-    int st = scsi_sync(v, max_lun + 1, inq, 6, 36, 0, &key, &asc);
+    int st = scsi_sync(v, lun_ids[max_lun] + 1, inq, 6, 36, 0, &key, &asc);
     if (st != 0 || v->slots[0].data[0] != 0x7f) { printk("ringvm-guest: missing lun inquiry: status %x pq %x\n", (u64)st, (u64)v->slots[0].data[0]); ok = 0; }
     return ok;
 }
