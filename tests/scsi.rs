@@ -1,0 +1,186 @@
+//! virtio-scsi, driven by the test guest's own driver: data integrity
+//! across LUNs and queues (checked in the guest and in the host files),
+//! sense data for bad requests, and resets with I/O in flight.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(120);
+
+/// The guest's pattern (tests/guest/scsi.c `pattern`).
+fn pattern(seed: u64, lun: u32, off: u64) -> u64 {
+    let mut x = (off / 8 + 1) ^ (seed << 40) ^ (u64::from(lun) << 56);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+fn disk(dir: &Scratch, name: &str, mib: u64) -> String {
+    let p = dir.path(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(mib << 20).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn scsi_verify_across_luns_and_queues_and_host_files_match() {
+    if !require_kvm("scsi_verify_across_luns_and_queues_and_host_files_match") {
+        return;
+    }
+    let dir = Scratch::new("scsi-verify");
+    let g = guest_elf(&dir);
+    let d0 = disk(&dir, "d0.img", 24);
+    let d1 = disk(&dir, "d1.img", 16);
+    let o = ringvm(
+        &[
+            "run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--iothreads", "2",
+            "--cmdline", "work=scsi-verify mib=16 bs=65536 qd=8 seed=77",
+            "--disk", &format!("path={d0}"), "--disk", &format!("path={d1},cache=none"),
+        ],
+        T,
+    );
+    assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("virtio-scsi queues=2 luns=2"), "{}", o.stdout);
+    assert!(o.stdout.contains("scsi-verify luns=2 bytes=16777216 bad=0"), "{}", o.stdout);
+    // The host sees exactly what the guest wrote, LUN by LUN.
+    for (lun, path) in [(0u32, &d0), (1, &d1)] {
+        let data = std::fs::read(path).unwrap();
+        for (i, w) in data[..16 << 20].chunks_exact(8).enumerate() {
+            let got = u64::from_le_bytes(w.try_into().unwrap());
+            assert_eq!(got, pattern(77, lun, i as u64 * 8), "{path} byte {}", i * 8);
+        }
+        // Nothing written past what the guest covered.
+        assert!(data[16 << 20..].iter().all(|&b| b == 0), "{path}: bytes past 16 MiB");
+    }
+}
+
+#[test]
+fn scsi_errors_out_of_range_write_protect_and_bad_opcode() {
+    if !require_kvm("scsi_errors_out_of_range_write_protect_and_bad_opcode") {
+        return;
+    }
+    let dir = Scratch::new("scsi-errors");
+    let g = guest_elf(&dir);
+    let rw = disk(&dir, "rw.img", 8);
+    let ro = disk(&dir, "ro.img", 8);
+    std::fs::write(&ro, vec![0xabu8; 8 << 20]).unwrap();
+    let o = ringvm(
+        &[
+            "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-errors mib=1",
+            "--disk", &format!("path={rw}"), "--disk", &format!("path={ro},readonly=on"),
+        ],
+        T,
+    );
+    assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("lun 1 wp=1 write: status 0x0000000000000002 key 0x0000000000000007 asc 0x0000000000000027"), "{}", o.stdout);
+    assert!(o.stdout.contains("scsi-errors PASS"));
+    assert!(std::fs::read(&ro).unwrap().iter().all(|&b| b == 0xab), "read-only disk was modified");
+    // A disk that cannot be opened is a one-line error before the guest starts.
+    let o = ringvm(&["run", "--kernel", g.to_str().unwrap(), "--disk", "path=/nonexistent/x.img"], T);
+    assert_eq!(o.code(), 1);
+    assert!(o.stderr.contains("/nonexistent/x.img") && o.stderr.trim().lines().count() == 1, "{}", o.stderr);
+}
+
+fn qmp(sock: &std::path::Path) -> (BufReader<UnixStream>, UnixStream) {
+    let s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    (r, w)
+}
+
+fn exec(r: &mut BufReader<UnixStream>, w: &mut UnixStream, cmd: &str) -> String {
+    w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes()).unwrap();
+    loop {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        if !line.contains("\"event\"") {
+            return line;
+        }
+    }
+}
+
+/// The savevm-async seed scenario: resets while requests are in flight.
+/// Each system_reset pauses the vCPUs and quiesces every queue through its
+/// iothread; the guest re-initialises the device and resumes I/O. 200
+/// times, with a deadline; then the disk still verifies.
+#[test]
+fn system_reset_200_times_during_scsi_bench() {
+    if !require_kvm("system_reset_200_times_during_scsi_bench") {
+        return;
+    }
+    let dir = Scratch::new("scsi-reset");
+    let g = guest_elf(&dir);
+    let d0 = disk(&dir, "d0.img", 32);
+    let sock = dir.path("qmp.sock");
+    let mut vm = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--iothreads", "2",
+        "--cmdline", "work=scsi-bench pattern=randread bs=4096 qd=32 secs=100000 mib=32",
+        "--disk", &format!("path={d0},cache=none"), "--qmp", sock.to_str().unwrap(),
+    ]));
+    vm.wait_for_output("virtio-scsi queues=2", T);
+    let (mut r, mut w) = qmp(&sock);
+    let t0 = Instant::now();
+    for i in 0..200 {
+        let inits = vm.stdout().matches("virtio-scsi queues=").count();
+        let reply = exec(&mut r, &mut w, "system_reset");
+        assert!(reply.contains("\"return\""), "reset {i}: {reply}");
+        // Wait until the guest has the device running again (I/O restarts).
+        while vm.stdout().matches("virtio-scsi queues=").count() <= inits {
+            assert!(t0.elapsed() < T, "reset {i}: guest did not re-initialise the device\n{}", vm.stderr());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert!(!vm.stdout().contains("needs reset") && !vm.stdout().contains("timed out"), "{}", vm.stdout());
+    assert!(exec(&mut r, &mut w, "query-status").contains("running"));
+    exec(&mut r, &mut w, "quit");
+    let o = vm.wait(T);
+    assert_eq!(o.code(), 0, "{}", o.stderr);
+    assert!(!o.stderr.contains("did not quiesce"), "{}", o.stderr);
+}
+
+#[test]
+fn query_block_lists_disks() {
+    if !require_kvm("query_block_lists_disks") {
+        return;
+    }
+    let dir = Scratch::new("scsi-qb");
+    let g = guest_elf(&dir);
+    let d0 = disk(&dir, "d0.img", 4);
+    let d1 = disk(&dir, "d1.img", 2);
+    let sock = dir.path("qmp.sock");
+    let vm = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--iothreads", "2", "--cmdline", "work=spin secs=inf",
+        "--disk", &format!("path={d0},cache=none"), "--disk", &format!("path={d1},readonly=on,iothread=1"), "--qmp", sock.to_str().unwrap(),
+    ]));
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < T);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut r, mut w) = qmp(&sock);
+    let v: serde_json::Value = serde_json::from_str(&exec(&mut r, &mut w, "query-block")).unwrap();
+    let list = v["return"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    assert_eq!(list[0]["inserted"]["file"], d0.as_str());
+    assert_eq!(list[0]["inserted"]["cache"]["direct"], true);
+    assert_eq!(list[0]["inserted"]["image"]["virtual-size"], 4 << 20);
+    assert_eq!(list[1]["inserted"]["ro"], true);
+    assert_eq!(list[1]["ringvm"]["iothreads"], serde_json::json!(["iothread1"]));
+    exec(&mut r, &mut w, "quit");
+    assert_eq!(vm.wait(T).code(), 0);
+}
