@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 mod qmpbench;
 mod ringbench;
+mod scsibench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Suite {
     Ring,
     /// QMP query-status round-trip latency while the guest spins.
     Qmp,
+    /// virtio-scsi: the guest's scsi-bench in ringvm and QEMU, and host fio.
+    Scsi,
     /// Every suite.
     All,
 }
@@ -249,6 +252,45 @@ fn qmp(quick: bool) -> Result<()> {
     Ok(())
 }
 
+fn scsi(quick: bool) -> Result<()> {
+    let (bin, dir, guest) = setup()?;
+    let have_qemu = have("qemu-system-x86_64");
+    let have_fio = have("fio");
+    let (size, secs, reps) = if quick { (256u64 << 20, 1, 1) } else { (2u64 << 30, 5, 3) };
+    let file = scratch_dir()?.join("ring-bench.dat");
+    if have_fio {
+        ringbench::prepare_file(&file, size)?;
+    } else {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&file)?;
+        f.set_len(size)?;
+    }
+    println!("\n## scsi: test guest scsi-bench on {} ({} MiB, cache=none / O_DIRECT); {secs} s runs, median of {reps}, interleaved\n", file.display(), size >> 20);
+    println!("| job | queues | ringvm MB/s | QEMU MB/s | host fio MB/s | ringvm/fio | ringvm/QEMU |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for &queues in &[1u32, 2] {
+        for job in scsibench::JOBS {
+            let (mut a, mut b, mut c) = (vec![], vec![], vec![]);
+            for _ in 0..reps {
+                a.push(scsibench::ringvm(&bin, &guest, &file, *job, queues, secs)? / 1e6);
+                // QEMU gives this guest one CPU (it reads no MP table from SeaBIOS), so only the 1-queue rows compare.
+                if have_qemu && queues == 1 {
+                    b.push(scsibench::qemu(&guest, &file, *job, queues, secs)? / 1e6);
+                }
+                if have_fio {
+                    c.push(scsibench::fio(&file, *job, queues, secs)? / 1e6);
+                }
+            }
+            let m = |v: Vec<f64>| if v.is_empty() { None } else { Some(median(v).0) };
+            let (ma, mb, mc) = (median(a).0, m(b), m(c));
+            let f = |x: Option<f64>| x.map_or("skipped".to_string(), |v| format!("{v:.1}"));
+            let r = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.3}", ma / v));
+            println!("| {} | {queues} | {ma:.1} | {} | {} | {} | {} |", job.name, f(mb), f(mc), r(mc), r(mb));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// The ringvm binary, a scratch dir and the test guest written into it.
 fn setup() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -272,10 +314,12 @@ fn main() -> Result<()> {
         Suite::Boot => boot(cli.quick),
         Suite::Ring => ring(cli.quick),
         Suite::Qmp => qmp(cli.quick),
+        Suite::Scsi => scsi(cli.quick),
         Suite::All => {
             boot(cli.quick)?;
             ring(cli.quick)?;
-            qmp(cli.quick)
+            qmp(cli.quick)?;
+            scsi(cli.quick)
         }
     }
 }
