@@ -42,6 +42,10 @@ pub trait VirtioDevice: Send {
     /// events its iothreads set, never on their loops). Queues go back to
     /// the transport's reset state.
     fn reset(&mut self) -> crate::Result<()>;
+    /// The device found a broken queue (DEVICE_NEEDS_RESET).
+    fn needs_reset(&self) -> bool {
+        false
+    }
     /// Lines for `query-block`-style reporting.
     fn describe(&self) -> Vec<String> {
         Vec::new()

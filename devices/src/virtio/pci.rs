@@ -271,7 +271,7 @@ impl VirtioPci {
             },
             0x10 => u64::from(self.config_vector),
             0x12 => self.queues.len() as u64,
-            0x14 => u64::from(self.status),
+            0x14 => u64::from(self.status | if self.dev.needs_reset() { STATUS_NEEDS_RESET } else { 0 }),
             0x15 => u64::from(self.generation),
             0x16 => u64::from(self.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size)),

@@ -181,6 +181,10 @@ impl VirtioDevice for VirtioScsi {
         result
     }
 
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Relaxed)
+    }
+
     fn describe(&self) -> Vec<String> {
         self.disks
             .iter()
