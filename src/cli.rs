@@ -25,6 +25,18 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// State files.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StateCommand {
+    /// Print a state file's header and sections and check every checksum.
+    Inspect {
+        /// The state file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

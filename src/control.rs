@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 use crate::events::VmEvent;
 use crate::qmp::server::{ClientId, Limits, Server, Shared, QMP_SOURCE};
 use crate::qmp::{self, opt, reply_err, reply_ok, req, ArgType, CommandSpec, QmpError, Request};
+use crate::events::SnapshotStep;
+use crate::snapshot::{format, save, SaveShared, SaveState, StateSection};
 use crate::vmm::{Outcome, Vm};
+use std::sync::Arc;
 
 /// QEMU's run states (qapi/run-state.json) that ringvm can be in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +80,9 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "system_powerdown", args: &[] },
     CommandSpec { name: "quit", args: &[] },
     CommandSpec { name: "query-block", args: &[] },
+    CommandSpec { name: "savevm-start", args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number)] },
+    CommandSpec { name: "query-savevm", args: &[] },
+    CommandSpec { name: "savevm-end", args: &[] },
     CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
 ];
 
@@ -95,7 +101,23 @@ pub struct Controller {
     /// Set when the VM is finishing; the loop flushes clients, then ends.
     finishing: Option<Result<Outcome>>,
     _signalfd: Option<std::os::fd::OwnedFd>,
+    save: SaveCtl,
 }
+
+/// The control thread's side of a running snapshot.
+#[derive(Default)]
+struct SaveCtl {
+    shared: Arc<SaveShared>,
+    iothread: Option<ring::IoThread>,
+    /// The vCPUs were paused by the snapshot's final phase.
+    paused_by_us: bool,
+    /// The state to return to after the final phase.
+    resume_to: Option<RunState>,
+    pause_started: Option<Instant>,
+}
+
+/// Default downtime target (ms) for the final pause.
+pub const DEFAULT_DOWNTIME_MS: f64 = 5.0;
 
 /// Signals that end the VM gracefully (QEMU: SHUTDOWN, reason host-signal).
 const TERM_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -185,6 +207,7 @@ impl Controller {
             signal,
             finishing: None,
             _signalfd: signalfd,
+            save: SaveCtl::default(),
         })
     }
 
@@ -268,6 +291,7 @@ impl Controller {
                 if let Err(e) = self.vm.reset(resume) {
                     self.fatal(e);
                 }
+                self.snapshot_memory_rewritten();
             }
             VmEvent::TripleFault { cpu, at } if self.vm.no_reboot() => {
                 self.fatal(Error::Vcpu { cpu, what: format!("guest triple fault (KVM_EXIT_SHUTDOWN) at {at}") });
@@ -281,7 +305,180 @@ impl Controller {
                 }
             }
             VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
+            VmEvent::Snapshot(step) => self.on_snapshot_step(step),
         }
+    }
+
+    fn savevm_start(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
+        if self.save.shared.get().state == SaveState::Active || self.save.iothread.is_some() {
+            return Err(QmpError::generic("a snapshot is already running; wait for it to finish or call savevm-end"));
+        }
+        if !matches!(self.state, RunState::Running | RunState::Paused) {
+            return Err(QmpError::generic(format!("cannot snapshot a VM in state '{}'", self.state.as_str())));
+        }
+        if !self.vm.blocks().is_empty() {
+            return Err(QmpError::generic("snapshots of VMs with disks are not supported yet (disk quiesce and queue state are not saved)"));
+        }
+        let path = req.arguments.get("statefile").and_then(Value::as_str).unwrap_or_default().to_string();
+        if path.is_empty() {
+            return Err(QmpError::generic("Parameter 'statefile' must not be empty"));
+        }
+        let downtime = req.arguments.get("downtime-ms").and_then(Value::as_f64).unwrap_or(DEFAULT_DOWNTIME_MS);
+        if !(0.0..=60_000.0).contains(&downtime) {
+            return Err(QmpError::generic("Parameter 'downtime-ms' must be between 0 and 60000"));
+        }
+        let machine = self.vm.machine();
+        let slots = machine.slots();
+        let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
+        let desc = format::MachineDesc { cpus: self.vm.cpus(), mem_size: machine.mem_size, disks: vec![] };
+        let header = format::Header::layout(desc, &ram);
+        let io = ring::IoThread::spawn("iothread-savevm", 256).map_err(|e| QmpError::generic(format!("cannot start the snapshot iothread: {e}")))?;
+        machine.set_dirty_log(true).map_err(|e| QmpError::generic(format!("cannot enable dirty logging: {e}")))?;
+        let shared = Arc::new(SaveShared::default());
+        shared.update(|s| {
+            s.state = SaveState::Active;
+            s.path = path.clone();
+            s.started = Some(Instant::now());
+        });
+        let params = save::Params { path, header, slots, downtime_ms: downtime };
+        let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
+        if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
+            let _ = machine.set_dirty_log(false);
+            return Err(QmpError::generic(format!("snapshot iothread: {e}")));
+        }
+        self.save = SaveCtl { shared, iothread: Some(io), ..Default::default() };
+        Ok(json!({}))
+    }
+
+    /// A reset reloaded the kernel through the VMM (not through KVM, so
+    /// the dirty log missed it): a running snapshot rewrites everything.
+    fn snapshot_memory_rewritten(&self) {
+        if let Some(io) = &self.save.iothread {
+            let _ = io.remote().send(save::mark_all_dirty);
+        }
+    }
+
+    fn query_savevm(&self) -> Value {
+        let s = self.save.shared.get();
+        if s.state == SaveState::None {
+            return json!({});
+        }
+        let total = match (s.state, s.started) {
+            (SaveState::Active, Some(t)) => t.elapsed().as_millis() as u64,
+            _ => s.total_ms,
+        };
+        let mut v = json!({
+            "status": s.state.as_str(),
+            "statefile": s.path,
+            "total-time": total,
+            "bytes": s.bytes,
+            "iterations": s.iterations,
+            "remaining": s.remaining,
+            "throughput-mbps": s.throughput_mbps,
+            "dirty-rate-mbps": s.dirty_rate_mbps,
+            "direct-io": s.direct_io,
+            "stalled": s.stalled,
+        });
+        if let Some(d) = s.downtime_ms {
+            v["downtime"] = json!(d);
+        }
+        if let Some(e) = s.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
+
+    fn savevm_end(&mut self) -> Value {
+        if self.save.shared.get().state == SaveState::Active {
+            self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            // Wake the job so it notices.
+            if let Some(io) = &self.save.iothread {
+                let _ = io.remote().send(save::poke);
+            }
+        } else if self.save.iothread.is_none() {
+            self.save.shared = Arc::new(SaveShared::default());
+        }
+        json!({})
+    }
+
+    fn on_snapshot_step(&mut self, step: SnapshotStep) {
+        match step {
+            SnapshotStep::Pause => {
+                if self.save.iothread.is_none() {
+                    return;
+                }
+                if self.state == RunState::Running {
+                    if let Err(e) = self.vm.vcpus().pause() {
+                        self.save.shared.update(|s| {
+                            s.state = SaveState::Failed;
+                            s.error = Some(format!("cannot pause the vCPUs: {e}"));
+                        });
+                        self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    self.save.paused_by_us = true;
+                }
+                self.save.resume_to = Some(self.state);
+                self.state = RunState::FinishMigrate;
+                self.save.pause_started = Some(Instant::now());
+                if let Some(io) = &self.save.iothread {
+                    let _ = io.remote().send(save::final_phase);
+                }
+            }
+            SnapshotStep::Resume => {
+                let Some(back) = self.save.resume_to.take() else { return };
+                // Capture vCPU and machine state while they are still out.
+                let state = if self.save.shared.get().state == SaveState::Active { Some(self.capture_state()) } else { None };
+                if self.save.paused_by_us {
+                    self.vm.vcpus().resume();
+                    self.save.paused_by_us = false;
+                }
+                self.state = back;
+                if let Some(t) = self.save.pause_started.take() {
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    self.save.shared.update(|s| s.downtime_ms = Some(ms));
+                }
+                match state {
+                    Some(Ok(json)) => {
+                        if let Some(io) = &self.save.iothread {
+                            let _ = io.remote().send(move |ring| save::close(ring, json));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.save.shared.update(|s| {
+                            s.state = SaveState::Failed;
+                            s.error = Some(format!("cannot save vCPU/device state: {e}"));
+                        });
+                        self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(io) = &self.save.iothread {
+                            let _ = io.remote().send(save::poke);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            SnapshotStep::Done => {
+                if let Err(e) = self.vm.machine().set_dirty_log(false) {
+                    log::error!("cannot disable dirty logging: {e}");
+                }
+                if let Some(mut io) = self.save.iothread.take() {
+                    io.stop();
+                }
+                let s = self.save.shared.get();
+                let mut data = json!({"status": s.state.as_str()});
+                if let Some(e) = &s.error {
+                    data["error"] = json!(e);
+                }
+                self.broadcast("MIGRATION", Some(data));
+            }
+        }
+    }
+
+    fn capture_state(&self) -> std::result::Result<Vec<u8>, String> {
+        let vcpus = self.vm.vcpus().save_state().map_err(|e| e.to_string())?;
+        let machine = self.vm.machine().save_state().map_err(|e| e.to_string())?;
+        let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial: None };
+        serde_json::to_vec(&section).map_err(|e| e.to_string())
     }
 
     fn fatal(&mut self, e: Error) {
@@ -354,9 +551,11 @@ impl Controller {
                 RunState::InMigrate => Err(QmpError::generic("Migration is not finished yet; wait for it or cancel it")),
                 s => Err(QmpError::generic(format!("cannot continue while the VM is in state '{}'", s.as_str()))),
             },
+            "system_reset" if self.state == RunState::FinishMigrate => Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment")),
             "system_reset" => {
                 let resume = self.state == RunState::Running;
                 self.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
+                self.snapshot_memory_rewritten();
                 self.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
                 Ok(json!({}))
             }
@@ -392,6 +591,9 @@ impl Controller {
                     })
                     .collect(),
             )),
+            "savevm-start" => self.savevm_start(req),
+            "query-savevm" => Ok(self.query_savevm()),
+            "savevm-end" => Ok(self.savevm_end()),
             "human-monitor-command" => {
                 let line = req.arguments.get("command-line").and_then(Value::as_str).unwrap_or("");
                 self.hmp(line).map(Value::String)

@@ -20,6 +20,18 @@ pub enum VmEvent {
     TripleFault { cpu: usize, at: String },
     /// A vCPU stopped on a fatal error.
     Error(String),
+    /// The saving iothread asks the control thread for the next step.
+    Snapshot(SnapshotStep),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotStep {
+    /// Pause the vCPUs and send the final phase.
+    Pause,
+    /// The final pages are written: resume the vCPUs, send the state.
+    Resume,
+    /// The snapshot ended (completed or failed); clean up.
+    Done,
 }
 
 pub struct EventQueue {

@@ -15,6 +15,7 @@ pub mod irq;
 pub mod layout;
 pub mod machine;
 pub mod qmp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;
 

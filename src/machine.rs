@@ -131,6 +131,45 @@ impl Machine {
         self.vm.set_pit2(&self.reset_state.pit).map_err(error::kvm("KVM_SET_PIT2"))
     }
 
+    /// (memslot, gpa, size) of each RAM region.
+    pub fn slots(&self) -> Vec<(u32, u64, u64)> {
+        self.mem.iter().enumerate().map(|(i, r)| (i as u32, r.start_addr().0, r.len())).collect()
+    }
+
+    /// Turns KVM dirty-page logging on or off for every RAM slot.
+    pub fn set_dirty_log(&self, on: bool) -> Result<()> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let host = self.mem.get_host_address(region.start_addr()).map_err(|source| Error::GuestMemoryAccess { addr: region.start_addr().0, source })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the same mapping as at creation; only the flags change.
+            unsafe { self.vm.set_user_memory_region(r) }.map_err(error::kvm("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+        }
+        Ok(())
+    }
+
+    /// Interrupt controllers, PIT and clock, for a state file.
+    pub fn save_state(&self) -> Result<crate::snapshot::MachineState> {
+        let irqchips = [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC]
+            .into_iter()
+            .map(|id| {
+                let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+                self.vm.get_irqchip(&mut chip).map(|_| chip)
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(error::kvm("KVM_GET_IRQCHIP"))?;
+        Ok(crate::snapshot::MachineState {
+            irqchips,
+            pit: self.vm.get_pit2().map_err(error::kvm("KVM_GET_PIT2"))?,
+            clock: self.vm.get_clock().map_err(error::kvm("KVM_GET_CLOCK"))?,
+        })
+    }
+
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
     }

@@ -52,6 +52,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
+        Command::State(ringvm::cli::StateCommand::Inspect { file }) => {
+            let r = ringvm::snapshot::format::inspect(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!("{}", file.display());
+            for l in &r.lines {
+                println!("  {l}");
+            }
+            Ok(if r.ok { 0 } else { 1 })
+        }
         Command::GuestImage { out } => {
             std::fs::write(&out, ringvm::TEST_GUEST_ELF).with_context(|| format!("cannot write {}", out.display()))?;
             Ok(0)

@@ -38,6 +38,24 @@ struct CtlState {
     reset_epoch: u64,
     reset_acks: usize,
     boot: Option<BootEntry>,
+    /// Bumped by the controller to make every parked vCPU record its state.
+    save_epoch: u64,
+    saved: Vec<Option<std::result::Result<VcpuState, String>>>,
+}
+
+/// Everything KVM holds for one vCPU, as saved in a state file.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub regs: kvm_bindings::kvm_regs,
+    pub sregs: kvm_bindings::kvm_sregs,
+    pub xsave: kvm_bindings::kvm_xsave,
+    pub xcrs: kvm_bindings::kvm_xcrs,
+    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
+    pub lapic: kvm_bindings::kvm_lapic_state,
+    pub mp_state: kvm_bindings::kvm_mp_state,
+    pub events: kvm_bindings::kvm_vcpu_events,
+    pub debugregs: kvm_bindings::kvm_debugregs,
 }
 
 /// Shared between the controller and the vCPU threads.
@@ -56,7 +74,15 @@ const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
 impl VcpuControl {
     pub fn new(count: usize, boot: BootEntry) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(CtlState { request: Request::Pause, parked: 0, reset_epoch: 0, reset_acks: 0, boot: Some(boot) }),
+            state: Mutex::new(CtlState {
+                request: Request::Pause,
+                parked: 0,
+                reset_epoch: 0,
+                reset_acks: 0,
+                boot: Some(boot),
+                save_epoch: 0,
+                saved: (0..count).map(|_| None).collect(),
+            }),
             cv: Condvar::new(),
             count,
             runs: AtomicU64::new(0),
@@ -151,6 +177,29 @@ impl Vcpus {
         self.ctl.wait_until("vCPUs to reset", |s| s.reset_acks == self.ctl.count)
     }
 
+    /// With the vCPUs paused: each vCPU thread records its own state (KVM's
+    /// vCPU ioctls belong to the thread that runs it); returns them in
+    /// order.
+    pub fn save_state(&self) -> Result<Vec<VcpuState>> {
+        {
+            let mut st = self.ctl.lock();
+            st.save_epoch += 1;
+            st.saved.iter_mut().for_each(|s| *s = None);
+        }
+        self.ctl.cv.notify_all();
+        self.ctl.wait_until("vCPUs to save their state", |s| s.saved.iter().all(Option::is_some))?;
+        let mut st = self.ctl.lock();
+        st.saved
+            .iter_mut()
+            .enumerate()
+            .map(|(cpu, s)| match s.take() {
+                Some(Ok(v)) => Ok(v),
+                Some(Err(what)) => Err(Error::Vcpu { cpu, what }),
+                None => Err(Error::Timeout("vCPU state")),
+            })
+            .collect()
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn stop(&mut self) {
         self.ctl.lock().request = Request::Stop;
@@ -171,6 +220,10 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     mem: GuestMemoryMmap,
     events: Arc<EventQueue>,
+    /// MSRs to save (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Vec<u32>,
+    /// The last save request this vCPU answered.
+    save_seen: std::cell::Cell<u64>,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -199,12 +252,13 @@ impl Vcpu {
         mmio: Arc<Bus>,
         mem: GuestMemoryMmap,
         events: Arc<EventQueue>,
+        msr_list: Vec<u32>,
     ) -> Result<Self> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("KVM_CREATE_VCPU"))?;
         let cpuid = boot::cpuid::for_vcpu(supported, id, count);
         // CPUID must be set before the guest enables long mode, so set it now.
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-        Ok(Self { id, count, fd, pio, mmio, mem, events })
+        Ok(Self { id, count, fd, pio, mmio, mem, events, msr_list, save_seen: std::cell::Cell::new(0) })
     }
 
     /// Power-on state: MSRs, FPU, LAPIC LINT pins; the BSP gets the boot
@@ -326,6 +380,16 @@ impl Vcpu {
         let mut st = ctl.lock();
         let mut counted = false;
         let keep_running = loop {
+            let me = usize::from(self.id);
+            if st.request == Request::Pause && st.save_epoch != self.save_seen.get() && counted {
+                self.save_seen.set(st.save_epoch);
+                drop(st);
+                let r = self.capture().map_err(|e| e.to_string());
+                st = ctl.lock();
+                st.saved[me] = Some(r);
+                ctl.cv.notify_all();
+                continue;
+            }
             if st.reset_epoch != *my_epoch {
                 let boot = st.boot;
                 *my_epoch = st.reset_epoch;
@@ -434,6 +498,38 @@ impl Vcpu {
                 Some(Fatal::Other(msg)) => return Err(Error::Vcpu { cpu, what: format!("{msg} at {}", self.where_am_i()) }),
             }
         }
+    }
+
+    fn capture(&self) -> Result<VcpuState> {
+        let f = &self.fd;
+        let msrs = self.read_msrs()?;
+        Ok(VcpuState {
+            id: self.id,
+            regs: f.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: f.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            xsave: f.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
+            xcrs: f.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
+            msrs,
+            lapic: f.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+            mp_state: f.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+            events: f.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: f.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+        })
+    }
+
+    /// Every MSR KVM lists as saveable that this vCPU can read.
+    fn read_msrs(&self) -> Result<Vec<kvm_bindings::kvm_msr_entry>> {
+        let mut out = Vec::new();
+        let mut pending: Vec<u32> = self.msr_list.clone();
+        while !pending.is_empty() {
+            let entries: Vec<kvm_bindings::kvm_msr_entry> = pending.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| Error::Timeout("MSR list"))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+            out.extend_from_slice(&msrs.as_slice()[..n]);
+            // The MSR at `n` could not be read: skip it and go on.
+            pending = pending.split_off((n + 1).min(pending.len()));
+        }
+        Ok(out)
     }
 
     /// After a fatal-but-recoverable exit: park until the controller acts.

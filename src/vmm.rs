@@ -136,6 +136,8 @@ impl Vm {
     }
 
     fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
+        let msr_list: Vec<u32> =
+            machine.kvm.get_msr_index_list().map_err(crate::error::kvm("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec();
         let list = (0..cpus)
             .map(|id| {
                 Vcpu::new(
@@ -147,6 +149,7 @@ impl Vm {
                     machine.mmio.clone(),
                     machine.mem.clone(),
                     events.clone(),
+                    msr_list.clone(),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -163,6 +166,10 @@ impl Vm {
 
     pub fn vcpus(&self) -> &Vcpus {
         &self.vcpus
+    }
+
+    pub fn cpus(&self) -> u8 {
+        self.cpus
     }
 
     pub fn blocks(&self) -> &[crate::disk::BlockInfo] {

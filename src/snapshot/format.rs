@@ -1,0 +1,382 @@
+//! The state file, version 1 (docs/state-format.md): a header block, RAM at
+//! fixed 1 MiB-aligned offsets (pages rewritten in later passes overwrite
+//! their own place), per-region presence bitmaps and page checksums, the
+//! vCPU/device state section, and a completion record written last.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 8] = b"RINGVMST";
+pub const STATE_MAGIC: &[u8; 8] = b"RVSTATE\0";
+pub const COMPLETE_MAGIC: &[u8; 8] = b"RINGVMOK";
+pub const VERSION: u32 = 1;
+pub const HEADER_SIZE: u64 = 64 << 10;
+pub const RAM_ALIGN: u64 = 1 << 20;
+pub const PAGE: u64 = 4096;
+const JSON_AT: usize = 32;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DiskDesc {
+    pub path: String,
+    pub readonly: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MachineDesc {
+    pub cpus: u8,
+    pub mem_size: u64,
+    pub disks: Vec<DiskDesc>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RegionDesc {
+    pub gpa: u64,
+    pub size: u64,
+    /// File offset of the region's first page.
+    pub offset: u64,
+    /// One bit per page: present in the file (absent pages are zero).
+    pub bitmap_offset: u64,
+    /// One crc32c per page (0 for absent pages).
+    pub crc_offset: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub format: String,
+    pub version: u32,
+    pub created_unix: u64,
+    pub machine: MachineDesc,
+    pub regions: Vec<RegionDesc>,
+    pub state_offset: u64,
+    pub state_max: u64,
+    pub completion_offset: u64,
+    pub file_size: u64,
+}
+
+fn align(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+impl RegionDesc {
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE
+    }
+    pub fn bitmap_len(&self) -> u64 {
+        self.pages().div_ceil(64) * 8
+    }
+    pub fn crc_len(&self) -> u64 {
+        self.pages() * 4
+    }
+}
+
+impl Header {
+    /// Lays out a file for `ram` regions (gpa, size) and `machine`.
+    pub fn layout(machine: MachineDesc, ram: &[(u64, u64)]) -> Header {
+        let mut off = align(HEADER_SIZE, RAM_ALIGN);
+        let mut regions = Vec::new();
+        for &(gpa, size) in ram {
+            let offset = align(off, RAM_ALIGN);
+            off = offset + size;
+            regions.push(RegionDesc { gpa, size, offset, bitmap_offset: 0, crc_offset: 0 });
+        }
+        off = align(off, PAGE);
+        for r in &mut regions {
+            r.bitmap_offset = off;
+            off = align(off + r.bitmap_len(), PAGE);
+            r.crc_offset = off;
+            off = align(off + r.crc_len(), PAGE);
+        }
+        let state_offset = off;
+        let state_max = (1 << 20) + 128 * 1024 * u64::from(machine.cpus);
+        let completion_offset = align(state_offset + state_max, PAGE);
+        let created_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Header {
+            format: "ringvm-state".into(),
+            version: VERSION,
+            created_unix,
+            machine,
+            regions,
+            state_offset,
+            state_max,
+            completion_offset,
+            file_size: completion_offset + PAGE,
+        }
+    }
+
+    /// The header block: magic, version, JSON length and crc, JSON.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let json = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        if JSON_AT + json.len() > HEADER_SIZE as usize {
+            return Err(format!("header of {} bytes does not fit in {HEADER_SIZE}", json.len()));
+        }
+        let mut b = vec![0u8; HEADER_SIZE as usize];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(json.len() as u32).to_le_bytes());
+        b[16..20].copy_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+        b[JSON_AT..JSON_AT + json.len()].copy_from_slice(&json);
+        Ok(b)
+    }
+
+    /// Parses and checks a header block (untrusted input).
+    pub fn decode(b: &[u8]) -> Result<(Header, u32), String> {
+        if b.len() < JSON_AT || &b[0..8] != MAGIC {
+            return Err("not a ringvm state file (bad magic)".into());
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
+        if version != VERSION {
+            return Err(format!("state format version {version} is not supported (this ringvm reads version {VERSION})"));
+        }
+        let len = u32::from_le_bytes(b[12..16].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(b[16..20].try_into().unwrap_or_default());
+        let json = b.get(JSON_AT..JSON_AT + len).ok_or("header length runs past the header block")?;
+        if crc32c::crc32c(json) != crc {
+            return Err("header checksum mismatch".into());
+        }
+        let h: Header = serde_json::from_slice(json).map_err(|e| format!("header: {e}"))?;
+        h.validate()?;
+        Ok((h, crc))
+    }
+
+    /// Internal consistency: every section inside the file, in order,
+    /// aligned, non-overlapping.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != "ringvm-state" || self.version != VERSION {
+            return Err("header names another format".into());
+        }
+        if self.machine.cpus == 0 || self.regions.is_empty() {
+            return Err("header: no CPUs or no RAM regions".into());
+        }
+        let total: u64 = self.regions.iter().map(|r| r.size).sum();
+        if total != self.machine.mem_size {
+            return Err(format!("header: regions total {total} bytes but memory is {}", self.machine.mem_size));
+        }
+        let mut end = HEADER_SIZE;
+        for r in &self.regions {
+            if r.size % PAGE != 0 || r.offset % RAM_ALIGN != 0 || r.offset < end {
+                return Err(format!("header: region at {:#x} is misplaced", r.gpa));
+            }
+            end = r.offset.checked_add(r.size).ok_or("header: region overflows")?;
+        }
+        for r in &self.regions {
+            if r.bitmap_offset < end || r.crc_offset < r.bitmap_offset + r.bitmap_len() {
+                return Err(format!("header: metadata of region {:#x} is misplaced", r.gpa));
+            }
+            end = r.crc_offset + r.crc_len();
+        }
+        if self.state_offset < end || self.completion_offset < self.state_offset + self.state_max || self.file_size != self.completion_offset + PAGE {
+            return Err("header: sections are misplaced".into());
+        }
+        Ok(())
+    }
+}
+
+/// The completion record: written last, after everything else is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub header_crc: u32,
+    pub state_crc: u32,
+    pub meta_crc: u32,
+    pub ram_bytes: u64,
+}
+
+impl Completion {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; PAGE as usize];
+        b[0..8].copy_from_slice(COMPLETE_MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.header_crc.to_le_bytes());
+        b[16..20].copy_from_slice(&self.state_crc.to_le_bytes());
+        b[20..24].copy_from_slice(&self.meta_crc.to_le_bytes());
+        b[24..32].copy_from_slice(&self.ram_bytes.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Completion, String> {
+        if b.len() < 36 || &b[0..8] != COMPLETE_MAGIC {
+            return Err("no completion record: the snapshot never finished".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        if crc32c::crc32c(&b[0..32]) != u32_at(32) {
+            return Err("completion record checksum mismatch".into());
+        }
+        Ok(Completion { header_crc: u32_at(12), state_crc: u32_at(16), meta_crc: u32_at(20), ram_bytes: u64::from_le_bytes(b[24..32].try_into().unwrap_or_default()) })
+    }
+}
+
+/// The state section: magic, JSON length, crc, JSON.
+pub fn encode_state(json: &[u8], max: u64) -> Result<(Vec<u8>, u32), String> {
+    if 24 + json.len() as u64 > max {
+        return Err(format!("device state of {} bytes exceeds its section ({max})", json.len()));
+    }
+    let crc = crc32c::crc32c(json);
+    let mut b = Vec::with_capacity(24 + json.len());
+    b.extend_from_slice(STATE_MAGIC);
+    b.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    b.extend_from_slice(&crc.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    b.extend_from_slice(json);
+    Ok((b, crc))
+}
+
+pub fn decode_state(b: &[u8], max: u64) -> Result<(Vec<u8>, u32), String> {
+    if b.len() < 24 || &b[0..8] != STATE_MAGIC {
+        return Err("state section: bad magic".into());
+    }
+    let len = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(b[16..20].try_into().unwrap_or_default());
+    if 24 + len > max || 24 + len > b.len() as u64 {
+        return Err(format!("state section: length {len} out of range"));
+    }
+    let json = &b[24..24 + len as usize];
+    if crc32c::crc32c(json) != crc {
+        return Err("state section checksum mismatch".into());
+    }
+    Ok((json.to_vec(), crc))
+}
+
+/// crc32c over all regions' bitmaps and crc tables, in order.
+pub fn meta_crc(parts: &[(&[u8], &[u8])]) -> u32 {
+    let mut c = 0u32;
+    for (bm, crcs) in parts {
+        c = crc32c::crc32c_append(c, bm);
+        c = crc32c::crc32c_append(c, crcs);
+    }
+    c
+}
+
+/// What `state inspect` found.
+pub struct Report {
+    pub header: Header,
+    pub lines: Vec<String>,
+    pub ok: bool,
+}
+
+/// Reads `path` and checks every checksum: header, completion record,
+/// state section, metadata, and every present page.
+pub fn inspect(path: &Path) -> Result<Report, String> {
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut hb = vec![0u8; HEADER_SIZE as usize];
+    let n = f.read_at(&mut hb, 0).map_err(|e| e.to_string())?;
+    if n < JSON_AT {
+        return Err("file is truncated (no header)".into());
+    }
+    let (h, hcrc) = Header::decode(&hb[..n])?;
+    let mut lines = vec![
+        format!("format: ringvm-state v{} (created {} unix)", h.version, h.created_unix),
+        format!("machine: {} vCPU(s), {} MiB RAM, {} disk(s)", h.machine.cpus, h.machine.mem_size >> 20, h.machine.disks.len()),
+        format!("file: {len} bytes on disk, {} bytes laid out", h.file_size),
+    ];
+    if len < h.file_size {
+        return Err(format!("file is truncated: {len} bytes, layout needs {}", h.file_size));
+    }
+    let mut cb = vec![0u8; PAGE as usize];
+    f.read_exact_at(&mut cb, h.completion_offset).map_err(|e| e.to_string())?;
+    let comp = Completion::decode(&cb)?;
+    if comp.header_crc != hcrc {
+        return Err("completion record belongs to another header".into());
+    }
+    let mut sb = vec![0u8; h.state_max as usize];
+    f.read_exact_at(&mut sb, h.state_offset).map_err(|e| e.to_string())?;
+    let (state, scrc) = decode_state(&sb, h.state_max)?;
+    if scrc != comp.state_crc {
+        return Err("state section does not match the completion record".into());
+    }
+    lines.push(format!("state section: {} bytes at {:#x}, crc ok", state.len(), h.state_offset));
+    let mut metas = Vec::new();
+    for r in &h.regions {
+        let mut bm = vec![0u8; r.bitmap_len() as usize];
+        f.read_exact_at(&mut bm, r.bitmap_offset).map_err(|e| e.to_string())?;
+        let mut crcs = vec![0u8; r.crc_len() as usize];
+        f.read_exact_at(&mut crcs, r.crc_offset).map_err(|e| e.to_string())?;
+        metas.push((bm, crcs));
+    }
+    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    if meta_crc(&parts) != comp.meta_crc {
+        return Err("page bitmaps or checksums do not match the completion record".into());
+    }
+    let mut ok = true;
+    let mut page = vec![0u8; PAGE as usize];
+    let mut total_present = 0u64;
+    for (r, (bm, crcs)) in h.regions.iter().zip(&metas) {
+        let mut present = 0u64;
+        for p in 0..r.pages() {
+            if bm[(p / 8) as usize] & (1 << (p % 8)) == 0 {
+                continue;
+            }
+            present += 1;
+            f.read_exact_at(&mut page, r.offset + p * PAGE).map_err(|e| e.to_string())?;
+            let want = u32::from_le_bytes(crcs[(p * 4) as usize..(p * 4 + 4) as usize].try_into().unwrap_or_default());
+            if crc32c::crc32c(&page) != want {
+                if ok {
+                    lines.push(format!("BAD: page at gpa {:#x} (file offset {:#x}) fails its checksum", r.gpa + p * PAGE, r.offset + p * PAGE));
+                }
+                ok = false;
+            }
+        }
+        total_present += present;
+        lines.push(format!("region gpa {:#x} size {} MiB at file {:#x}: {present} of {} pages present", r.gpa, r.size >> 20, r.offset, r.pages()));
+    }
+    lines.push(format!("completion record: ok ({} RAM bytes written in all passes; {} MiB present)", comp.ram_bytes, total_present * PAGE >> 20));
+    lines.push(format!("checksums: {}", if ok { "all ok" } else { "FAILED" }));
+    Ok(Report { header: h, lines, ok })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header::layout(MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![] }, &[(0, 3 << 30), (4 << 30, 1 << 30)])
+    }
+
+    #[test]
+    fn layout_is_aligned_and_round_trips() {
+        let h = header();
+        h.validate().unwrap();
+        assert_eq!(h.regions[0].offset, RAM_ALIGN);
+        assert_eq!(h.regions[1].offset % RAM_ALIGN, 0);
+        let b = h.encode().unwrap();
+        let (h2, _) = Header::decode(&b).unwrap();
+        assert_eq!(h, h2);
+    }
+
+    #[test]
+    fn corrupt_headers_are_refused() {
+        let mut b = header().encode().unwrap();
+        b[40] ^= 1;
+        assert_eq!(Header::decode(&b).unwrap_err(), "header checksum mismatch");
+        let mut b = header().encode().unwrap();
+        b[8] = 9;
+        assert!(Header::decode(&b).unwrap_err().contains("version 9"));
+        assert!(Header::decode(b"garbage").unwrap_err().contains("bad magic"));
+        let mut h = header();
+        h.regions[1].offset = h.regions[0].offset;
+        assert!(h.validate().is_err());
+        let mut h = header();
+        h.machine.mem_size += 4096;
+        assert!(h.validate().is_err());
+    }
+
+    #[test]
+    fn completion_and_state_records() {
+        let c = Completion { header_crc: 1, state_crc: 2, meta_crc: 3, ram_bytes: 4 };
+        assert_eq!(Completion::decode(&c.encode()).unwrap(), c);
+        let mut b = c.encode();
+        b[20] ^= 1;
+        assert!(Completion::decode(&b).is_err());
+        assert!(Completion::decode(&[0u8; 4096]).unwrap_err().contains("never finished"));
+        let (s, crc) = encode_state(b"{\"a\":1}", 4096).unwrap();
+        assert_eq!(decode_state(&s, 4096).unwrap(), (b"{\"a\":1}".to_vec(), crc));
+        let mut bad = s.clone();
+        bad[25] ^= 1;
+        assert!(decode_state(&bad, 4096).is_err());
+        assert!(encode_state(&[0u8; 5000], 4096).is_err());
+    }
+}

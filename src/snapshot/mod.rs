@@ -1,0 +1,85 @@
+//! Live snapshots ("savevm-async"): RAM is written by an iothread's
+//! io_uring straight from guest memory while the guest runs with KVM dirty
+//! logging; a short pause writes what is left, and the vCPU and machine
+//! state. See docs/state-format.md.
+
+pub mod format;
+pub mod save;
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// What `query-savevm` reports.
+#[derive(Clone, Debug, Default)]
+pub struct SaveStatus {
+    pub state: SaveState,
+    pub path: String,
+    pub error: Option<String>,
+    pub started: Option<Instant>,
+    pub total_ms: u64,
+    pub bytes: u64,
+    pub iterations: u32,
+    pub remaining: u64,
+    pub downtime_ms: Option<f64>,
+    pub throughput_mbps: f64,
+    pub dirty_rate_mbps: f64,
+    pub stalled: bool,
+    pub direct_io: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SaveState {
+    #[default]
+    None,
+    Active,
+    Completed,
+    Failed,
+}
+
+impl SaveState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaveState::None => "none",
+            SaveState::Active => "active",
+            SaveState::Completed => "completed",
+            SaveState::Failed => "failed",
+        }
+    }
+}
+
+/// Shared between the control thread (QMP) and the saving iothread.
+#[derive(Default)]
+pub struct SaveShared {
+    pub status: Mutex<SaveStatus>,
+    pub cancel: std::sync::atomic::AtomicBool,
+}
+
+impl SaveShared {
+    pub fn get(&self) -> SaveStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn update(&self, f: impl FnOnce(&mut SaveStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Machine-level KVM state saved with the vCPUs.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    pub irqchips: Vec<kvm_bindings::kvm_irqchip>,
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+}
+
+/// The state section's JSON: versioned per part.
+#[derive(Serialize, Deserialize)]
+pub struct StateSection {
+    pub vcpus_version: u32,
+    pub vcpus: Vec<crate::vcpu::VcpuState>,
+    pub machine_version: u32,
+    pub machine: MachineState,
+    pub serial_version: u32,
+    pub serial: Option<serde_json::Value>,
+}

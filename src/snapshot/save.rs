@@ -1,0 +1,508 @@
+//! The saving engine. It lives on one iothread and only ever waits in its
+//! ring; it talks to the control thread by pushing events (never waiting
+//! on it), and the control thread answers by sending closures.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+use ring::{Fd, Op, Ring};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::format::{self, Completion, Header, PAGE};
+use super::{SaveShared, SaveState};
+use crate::events::{EventQueue, SnapshotStep, VmEvent};
+
+/// Ring source of the state file's operations.
+pub const SNAPSHOT_SOURCE: u32 = 0x5354_0000;
+const MAX_INFLIGHT: usize = 32;
+/// Pages per write (1 MiB).
+const RUN_PAGES: u64 = 256;
+pub const MAX_PASSES: u32 = 30;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Live,
+    /// Waiting for the control thread to pause the vCPUs.
+    WaitPause,
+    /// vCPUs paused: writing the last dirty pages.
+    Final,
+    /// vCPUs running again: state, metadata, fdatasync, completion record.
+    Closing,
+    Done,
+}
+
+pub struct Params {
+    pub path: String,
+    pub header: Header,
+    /// (memslot, gpa, size) of each RAM region, in header order.
+    pub slots: Vec<(u32, u64, u64)>,
+    pub downtime_ms: f64,
+}
+
+struct Job {
+    p: Params,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    shared: Arc<SaveShared>,
+    events: Arc<EventQueue>,
+    direct: File,
+    buffered: File,
+    present: Vec<Vec<u64>>,
+    crcs: Vec<Vec<u32>>,
+    dirty: Vec<Vec<u64>>,
+    cursor: (usize, u64),
+    inflight: usize,
+    phase: Phase,
+    pass: u32,
+    pass_started: Instant,
+    pass_bytes: u64,
+    last_dirty: Vec<u64>,
+    ram_bytes: u64,
+    throughput: f64,
+    failed: bool,
+    header_crc: u32,
+}
+
+type J = Rc<RefCell<Job>>;
+
+thread_local! {
+    static JOB: RefCell<Option<J>> = const { RefCell::new(None) };
+}
+
+fn open(path: &str) -> std::io::Result<(File, File, bool)> {
+    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode_0600().open(path)?;
+    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(d) => Ok((d, buffered, true)),
+        // No O_DIRECT here (some FUSE, older tmpfs): buffered writes.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((buffered.try_clone()?, buffered, false)),
+        Err(e) => Err(e),
+    }
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+impl Mode0600 for OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+/// Starts a snapshot on the calling iothread. Failures end up in the
+/// shared status (and a `Done` event), never in the caller.
+pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Arc<SaveShared>, events: Arc<EventQueue>) {
+    let fail = |shared: &SaveShared, events: &EventQueue, msg: String| {
+        shared.update(|s| {
+            s.state = SaveState::Failed;
+            s.error = Some(msg);
+        });
+        events.push(VmEvent::Snapshot(SnapshotStep::Done));
+    };
+    let (direct, buffered, is_direct) = match open(&p.path) {
+        Ok(f) => f,
+        Err(e) => return fail(&shared, &events, format!("statefile {}: open: {e}", p.path)),
+    };
+    let header = match p.header.encode() {
+        Ok(h) => h,
+        Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
+    };
+    let header_crc = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
+    if let Err(e) = buffered.set_len(p.header.file_size).and_then(|_| buffered.write_all_at(&header, 0)) {
+        return fail(&shared, &events, format!("statefile {}: {e}", p.path));
+    }
+    shared.update(|s| s.direct_io = is_direct);
+    let n = p.header.regions.len();
+    let present = p.header.regions.iter().map(|r| vec![0u64; r.pages().div_ceil(64) as usize]).collect();
+    let crcs = p.header.regions.iter().map(|r| vec![0u32; r.pages() as usize]).collect();
+    // Pass 0: every page.
+    let dirty = p
+        .header
+        .regions
+        .iter()
+        .map(|r| {
+            let mut v = vec![u64::MAX; r.pages().div_ceil(64) as usize];
+            if r.pages() % 64 != 0 {
+                let last = v.len() - 1;
+                v[last] = (1u64 << (r.pages() % 64)) - 1;
+            }
+            v
+        })
+        .collect();
+    let job = Rc::new(RefCell::new(Job {
+        p,
+        vm,
+        mem,
+        shared,
+        events,
+        direct,
+        buffered,
+        present,
+        crcs,
+        dirty,
+        cursor: (0, 0),
+        inflight: 0,
+        phase: Phase::Live,
+        pass: 0,
+        pass_started: Instant::now(),
+        pass_bytes: 0,
+        last_dirty: vec![0; n],
+        ram_bytes: 0,
+        throughput: 0.0,
+        failed: false,
+        header_crc,
+    }));
+    JOB.with(|j| *j.borrow_mut() = Some(job.clone()));
+    pump(&job, ring);
+}
+
+/// Called (as a closure sent by the control thread) once the vCPUs are out.
+pub fn final_phase(ring: &mut Ring) {
+    let Some(job) = JOB.with(|j| j.borrow().clone()) else { return };
+    {
+        let mut j = job.borrow_mut();
+        if j.phase != Phase::WaitPause {
+            return;
+        }
+        j.phase = Phase::Final;
+        if let Err(e) = j.harvest() {
+            j.fail(e);
+        }
+    }
+    pump(&job, ring);
+}
+
+/// Wakes the job (after a cancel request).
+pub fn poke(ring: &mut Ring) {
+    if let Some(job) = JOB.with(|j| j.borrow().clone()) {
+        pump(&job, ring);
+    }
+}
+
+/// The VMM wrote guest memory behind KVM's back (a reset reloaded the
+/// kernel): every page is dirty again.
+pub fn mark_all_dirty(ring: &mut Ring) {
+    if let Some(job) = JOB.with(|j| j.borrow().clone()) {
+        {
+            let mut j = job.borrow_mut();
+            for d in &mut j.dirty {
+                d.iter_mut().for_each(|w| *w = u64::MAX);
+            }
+            // Clear bits past the end of each region.
+            for (r, region) in j.p.header.regions.clone().iter().enumerate() {
+                let pages = region.pages();
+                if pages % 64 != 0 {
+                    let last = j.dirty[r].len() - 1;
+                    j.dirty[r][last] &= (1u64 << (pages % 64)) - 1;
+                }
+            }
+            j.cursor = (0, 0);
+        }
+        pump(&job, ring);
+    }
+}
+
+/// Called once the control thread resumed the vCPUs, with the state.
+pub fn close(ring: &mut Ring, state_json: Vec<u8>) {
+    let Some(job) = JOB.with(|j| j.borrow().clone()) else { return };
+    job.borrow_mut().phase = Phase::Closing;
+    if let Err(e) = finish(&job, ring, state_json) {
+        job.borrow_mut().fail(e);
+        end(&job);
+    }
+}
+
+impl Job {
+    fn fail(&mut self, msg: String) {
+        if !self.failed {
+            self.failed = true;
+            log::warn!("snapshot failed: {msg}");
+            let path = self.p.path.clone();
+            self.shared.update(|s| {
+                s.state = SaveState::Failed;
+                s.error = Some(if msg.contains(&path) { msg } else { format!("statefile {path}: {msg}") });
+            });
+        }
+    }
+
+    fn set_present(&mut self, r: usize, p: u64, on: bool) {
+        let w = &mut self.present[r][(p / 64) as usize];
+        if on {
+            *w |= 1 << (p % 64);
+        } else {
+            *w &= !(1 << (p % 64));
+        }
+    }
+
+    /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy).
+    fn harvest(&mut self) -> Result<(), String> {
+        for (i, &(slot, _gpa, size)) in self.p.slots.iter().enumerate() {
+            let bm = self.vm.get_dirty_log(slot, size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+            for (d, b) in self.dirty[i].iter_mut().zip(bm) {
+                *d |= b;
+            }
+            self.last_dirty[i] = self.dirty[i].iter().map(|w| u64::from(w.count_ones())).sum();
+        }
+        self.cursor = (0, 0);
+        Ok(())
+    }
+
+    fn pending_pages(&self) -> u64 {
+        self.dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Next run of dirty pages from the cursor: (region, first page, count).
+    fn next_run(&mut self) -> Option<(usize, u64, u64)> {
+        while self.cursor.0 < self.dirty.len() {
+            let r = self.cursor.0;
+            let pages = self.p.header.regions[r].pages();
+            let mut p = self.cursor.1;
+            while p < pages {
+                let word = self.dirty[r][(p / 64) as usize] >> (p % 64);
+                if word == 0 {
+                    p = (p / 64 + 1) * 64;
+                    continue;
+                }
+                p += u64::from(word.trailing_zeros());
+                if p >= pages {
+                    break;
+                }
+                let start = p;
+                while p < pages && p - start < RUN_PAGES && self.dirty[r][(p / 64) as usize] & (1 << (p % 64)) != 0 {
+                    self.dirty[r][(p / 64) as usize] &= !(1 << (p % 64));
+                    p += 1;
+                }
+                self.cursor = (r, p);
+                return Some((r, start, p - start));
+            }
+            self.cursor = (r + 1, 0);
+        }
+        None
+    }
+}
+
+fn pump(job: &J, ring: &mut Ring) {
+    loop {
+        let mut j = job.borrow_mut();
+        if j.failed || j.shared.cancel.load(Ordering::Relaxed) {
+            if !j.failed {
+                j.fail("cancelled by savevm-end".into());
+            }
+            drop(j);
+            if job.borrow().inflight == 0 {
+                end(job);
+            }
+            return;
+        }
+        if !matches!(j.phase, Phase::Live | Phase::Final) {
+            return;
+        }
+        if j.inflight >= MAX_INFLIGHT {
+            return;
+        }
+        let Some((r, first, count)) = j.next_run() else {
+            if j.inflight == 0 {
+                drop(j);
+                end_of_pass(job, ring);
+            }
+            return;
+        };
+        let region = j.p.header.regions[r].clone();
+        let base = match j.mem.get_host_address(GuestAddress(region.gpa)) {
+            Ok(b) => b,
+            Err(e) => {
+                j.fail(format!("guest memory: {e}"));
+                continue;
+            }
+        };
+        // Zero pages are left out (the file is sparse); the rest is split
+        // into runs of non-zero pages, each one write from guest memory.
+        let mut k = 0;
+        while k < count {
+            let p = first + k;
+            // SAFETY: p < region pages; the region is mapped for the VM's life.
+            let page = unsafe { std::slice::from_raw_parts(base.add((p * PAGE) as usize), PAGE as usize) };
+            if page.iter().all(|&b| b == 0) {
+                j.set_present(r, p, false);
+                j.crcs[r][p as usize] = 0;
+                k += 1;
+                continue;
+            }
+            let start = p;
+            while k < count {
+                let p = first + k;
+                // SAFETY: as above.
+                let page = unsafe { std::slice::from_raw_parts(base.add((p * PAGE) as usize), PAGE as usize) };
+                if page.iter().all(|&b| b == 0) {
+                    break;
+                }
+                j.crcs[r][p as usize] = crc32c::crc32c(page);
+                j.set_present(r, p, true);
+                k += 1;
+            }
+            let n = first + k - start;
+            let iov = vec![libc::iovec {
+                // SAFETY: inside the region (start + n <= pages).
+                iov_base: unsafe { base.add((start * PAGE) as usize) }.cast(),
+                iov_len: (n * PAGE) as usize,
+            }];
+            let fd = Fd::Raw(j.direct.as_raw_fd());
+            // SAFETY: guest RAM stays mapped while the job (holding the
+            // memory) lives; the kernel only reads it.
+            let op = unsafe { Op::writev(fd, iov, region.offset + start * PAGE) };
+            j.inflight += 1;
+            let job2 = job.clone();
+            ring.submit(SNAPSHOT_SOURCE, op, move |ring, c| {
+                {
+                    let mut j = job2.borrow_mut();
+                    j.inflight -= 1;
+                    match c.result {
+                        Ok(b) => {
+                            j.ram_bytes += b as u64;
+                            j.pass_bytes += b as u64;
+                        }
+                        Err(e) => j.fail(format!("write: {e}")),
+                    }
+                }
+                pump(&job2, ring);
+            });
+        }
+    }
+}
+
+fn end_of_pass(job: &J, ring: &mut Ring) {
+    let mut j = job.borrow_mut();
+    match j.phase {
+        Phase::Live => {
+            let secs = j.pass_started.elapsed().as_secs_f64().max(1e-6);
+            if j.pass_bytes > 0 {
+                j.throughput = j.pass_bytes as f64 / secs;
+            }
+            if let Err(e) = j.harvest() {
+                j.fail(e);
+                drop(j);
+                return pump(job, ring);
+            }
+            j.pass += 1;
+            let pending = j.pending_pages() * PAGE;
+            let dirty_rate = pending as f64 / secs;
+            let (pass, tp, target) = (j.pass, j.throughput, j.p.downtime_ms);
+            let expected_ms = pending as f64 / tp.max(1.0) * 1e3;
+            j.shared.update(|s| {
+                s.iterations = pass;
+                s.remaining = pending;
+                s.throughput_mbps = tp / 1e6;
+                s.dirty_rate_mbps = dirty_rate / 1e6;
+                s.bytes = s.bytes.max(0);
+            });
+            let ram = j.ram_bytes;
+            j.shared.update(|s| s.bytes = ram);
+            let stalled = pass >= MAX_PASSES;
+            if expected_ms <= target || stalled {
+                if stalled {
+                    j.shared.update(|s| s.stalled = true);
+                }
+                j.phase = Phase::WaitPause;
+                j.events.push(VmEvent::Snapshot(SnapshotStep::Pause));
+                return;
+            }
+            j.pass_started = Instant::now();
+            j.pass_bytes = 0;
+            drop(j);
+            pump(job, ring);
+        }
+        Phase::Final => {
+            // The last dirty pages are in the file: the guest may run.
+            let ram = j.ram_bytes;
+            j.shared.update(|s| {
+                s.bytes = ram;
+                s.remaining = 0;
+            });
+            j.events.push(VmEvent::Snapshot(SnapshotStep::Resume));
+        }
+        _ => {}
+    }
+}
+
+/// State section, metadata, fdatasync, completion record, fdatasync.
+fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
+    let j = job.borrow();
+    let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
+    j.buffered.write_all_at(&state, j.p.header.state_offset).map_err(|e| format!("write state: {e}"))?;
+    let mut metas = Vec::new();
+    for (r, region) in j.p.header.regions.iter().enumerate() {
+        let bm: Vec<u8> = j.present[r].iter().flat_map(|w| w.to_le_bytes()).take(region.bitmap_len() as usize).collect();
+        let crcs: Vec<u8> = j.crcs[r].iter().flat_map(|c| c.to_le_bytes()).collect();
+        j.buffered.write_all_at(&bm, region.bitmap_offset).map_err(|e| format!("write bitmap: {e}"))?;
+        j.buffered.write_all_at(&crcs, region.crc_offset).map_err(|e| format!("write checksums: {e}"))?;
+        metas.push((bm, crcs));
+    }
+    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    let comp = Completion { header_crc: j.header_crc, state_crc, meta_crc: format::meta_crc(&parts), ram_bytes: j.ram_bytes };
+    let fd = Fd::Raw(j.buffered.as_raw_fd());
+    let record = comp.encode();
+    let at = j.p.header.completion_offset;
+    drop(j);
+    // Durable data first, then the record, then the record durable: a file
+    // without a durable record is never loadable.
+    let (j1, j2, j3) = (job.clone(), job.clone(), job.clone());
+    ring.submit_linked(
+        SNAPSHOT_SOURCE,
+        vec![
+            (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: ring::Completion| {
+                if let Err(e) = c.result {
+                    j1.borrow_mut().fail(format!("fdatasync: {e}"));
+                }
+            })),
+            (Op::write(fd, record, at), Box::new(move |_: &mut Ring, c: ring::Completion| {
+                if let Err(e) = c.result {
+                    if e.raw_os_error() != Some(libc::ECANCELED) {
+                        j2.borrow_mut().fail(format!("write completion record: {e}"));
+                    }
+                }
+            })),
+            (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: ring::Completion| {
+                if let Err(e) = c.result {
+                    if e.raw_os_error() != Some(libc::ECANCELED) {
+                        j3.borrow_mut().fail(format!("fdatasync: {e}"));
+                    }
+                }
+                end(&j3);
+            })),
+        ],
+    );
+    Ok(())
+}
+
+/// Final status and the Done event; the job is dropped.
+fn end(job: &J) {
+    let mut j = job.borrow_mut();
+    if j.phase == Phase::Done {
+        return;
+    }
+    let was_paused = j.phase == Phase::Final || j.phase == Phase::WaitPause;
+    j.phase = Phase::Done;
+    let (failed, ram) = (j.failed, j.ram_bytes);
+    j.shared.update(|s| {
+        if !failed {
+            s.state = SaveState::Completed;
+        }
+        s.bytes = ram;
+        if let Some(t) = s.started {
+            s.total_ms = t.elapsed().as_millis() as u64;
+        }
+    });
+    if was_paused {
+        // The control thread may be holding the vCPUs for us.
+        j.events.push(VmEvent::Snapshot(SnapshotStep::Resume));
+    }
+    j.events.push(VmEvent::Snapshot(SnapshotStep::Done));
+    drop(j);
+    JOB.with(|s| *s.borrow_mut() = None);
+}
