@@ -114,6 +114,8 @@ struct SaveCtl {
     /// The state to return to after the final phase.
     resume_to: Option<RunState>,
     pause_started: Option<Instant>,
+    /// Guest events that arrived during the final pause.
+    deferred: Vec<VmEvent>,
 }
 
 /// Default downtime target (ms) for the final pause.
@@ -270,6 +272,12 @@ impl Controller {
     }
 
     fn on_vm_event(&mut self, ev: VmEvent) {
+        if self.state == RunState::FinishMigrate && matches!(ev, VmEvent::Reset | VmEvent::TripleFault { .. }) {
+            // Not while a snapshot's final phase holds the vCPUs: the RAM
+            // being written and the state about to be captured must match.
+            self.save.deferred.push(ev);
+            return;
+        }
         let guest_reset = json!({"guest": true, "reason": "guest-reset"});
         match ev {
             VmEvent::Exit(code) => {
@@ -288,10 +296,10 @@ impl Controller {
                 log::info!("guest reset");
                 self.broadcast("RESET", Some(guest_reset));
                 let resume = self.state == RunState::Running;
-                if let Err(e) = self.vm.reset(resume) {
-                    self.fatal(e);
+                match self.vm.reset(resume) {
+                    Ok(w) => self.snapshot_memory_rewritten(w),
+                    Err(e) => self.fatal(e),
                 }
-                self.snapshot_memory_rewritten();
             }
             VmEvent::TripleFault { cpu, at } if self.vm.no_reboot() => {
                 self.fatal(Error::Vcpu { cpu, what: format!("guest triple fault (KVM_EXIT_SHUTDOWN) at {at}") });
@@ -300,8 +308,9 @@ impl Controller {
                 log::warn!("vcpu{cpu}: guest triple fault at {at}; resetting");
                 self.broadcast("RESET", Some(guest_reset));
                 let resume = self.state == RunState::Running;
-                if let Err(e) = self.vm.reset(resume) {
-                    self.fatal(e);
+                match self.vm.reset(resume) {
+                    Ok(w) => self.snapshot_memory_rewritten(w),
+                    Err(e) => self.fatal(e),
                 }
             }
             VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
@@ -352,9 +361,9 @@ impl Controller {
 
     /// A reset reloaded the kernel through the VMM (not through KVM, so
     /// the dirty log missed it): a running snapshot rewrites everything.
-    fn snapshot_memory_rewritten(&self) {
+    fn snapshot_memory_rewritten(&self, ranges: Vec<(u64, u64)>) {
         if let Some(io) = &self.save.iothread {
-            let _ = io.remote().send(save::mark_all_dirty);
+            let _ = io.remote().send(move |ring| save::mark_dirty(ring, &ranges));
         }
     }
 
@@ -437,6 +446,9 @@ impl Controller {
                 if let Some(t) = self.save.pause_started.take() {
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     self.save.shared.update(|s| s.downtime_ms = Some(ms));
+                }
+                for ev in std::mem::take(&mut self.save.deferred) {
+                    self.on_vm_event(ev);
                 }
                 match state {
                     Some(Ok(json)) => {
@@ -554,8 +566,8 @@ impl Controller {
             "system_reset" if self.state == RunState::FinishMigrate => Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment")),
             "system_reset" => {
                 let resume = self.state == RunState::Running;
-                self.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
-                self.snapshot_memory_rewritten();
+                let written = self.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
+                self.snapshot_memory_rewritten(written);
                 self.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
                 Ok(json!({}))
             }

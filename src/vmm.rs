@@ -182,8 +182,8 @@ impl Vm {
 
     /// Resets the whole VM: vCPUs out, kernel reloaded, interrupt
     /// controllers and vCPUs back to power-on state; running again if
-    /// `resume`.
-    pub fn reset(&mut self, resume: bool) -> Result<()> {
+    /// `resume`. Returns the guest ranges the VMM rewrote.
+    pub fn reset(&mut self, resume: bool) -> Result<Vec<(u64, u64)>> {
         self.vcpus.pause()?;
         // Devices back to power-on state: each controller quiesces its
         // queues through their iothreads (this thread waits on their
@@ -199,7 +199,7 @@ impl Vm {
         if resume {
             self.vcpus.resume();
         }
-        Ok(())
+        Ok(entry.written())
     }
 
     /// Runs the guest with no control socket until it exits.

@@ -40,6 +40,20 @@ pub struct BootEntry {
     pub mode: EntryMode,
     pub entry: u64,
     pub boot_info: u64,
+    /// End of the kernel image (it starts at 1 MiB).
+    pub kernel_end: u64,
+    /// Where the initrd went: (address, size).
+    pub initrd: Option<(u64, u64)>,
+}
+
+impl BootEntry {
+    /// Guest-physical ranges the loader (and vCPU set-up) writes: low
+    /// memory with the boot tables, the kernel, the initrd.
+    pub fn written(&self) -> Vec<(u64, u64)> {
+        let mut v = vec![(0, HIMEM_START), (HIMEM_START, self.kernel_end.saturating_sub(HIMEM_START))];
+        v.extend(self.initrd);
+        v
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,7 +181,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> 
         }
     };
     log::info!("kernel {} ({format:?}) entry {entry:#x}, ends {kernel_end:#x}", spec.kernel.display());
-    Ok(BootEntry { mode, entry, boot_info })
+    Ok(BootEntry { mode, entry, boot_info, kernel_end, initrd })
 }
 
 /// Places the initrd page-aligned as high as allowed, above the kernel.

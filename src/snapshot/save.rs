@@ -186,26 +186,30 @@ pub fn poke(ring: &mut Ring) {
 }
 
 /// The VMM wrote guest memory behind KVM's back (a reset reloaded the
-/// kernel): every page is dirty again.
-pub fn mark_all_dirty(ring: &mut Ring) {
-    if let Some(job) = JOB.with(|j| j.borrow().clone()) {
-        {
-            let mut j = job.borrow_mut();
-            for d in &mut j.dirty {
-                d.iter_mut().for_each(|w| *w = u64::MAX);
-            }
-            // Clear bits past the end of each region.
-            for (r, region) in j.p.header.regions.clone().iter().enumerate() {
-                let pages = region.pages();
-                if pages % 64 != 0 {
-                    let last = j.dirty[r].len() - 1;
-                    j.dirty[r][last] &= (1u64 << (pages % 64)) - 1;
+/// kernel): those pages are dirty again.
+pub fn mark_dirty(ring: &mut Ring, ranges: &[(u64, u64)]) {
+    let Some(job) = JOB.with(|j| j.borrow().clone()) else { return };
+    {
+        let mut j = job.borrow_mut();
+        if !matches!(j.phase, Phase::Live | Phase::WaitPause | Phase::Final) {
+            return;
+        }
+        let regions = j.p.header.regions.clone();
+        for &(gpa, len) in ranges {
+            for (r, region) in regions.iter().enumerate() {
+                let start = gpa.max(region.gpa);
+                let end = (gpa + len).min(region.gpa + region.size);
+                let mut p = start.saturating_sub(region.gpa) / PAGE;
+                while start < end && region.gpa + p * PAGE < end {
+                    j.dirty[r][(p / 64) as usize] |= 1 << (p % 64);
+                    p += 1;
                 }
             }
-            j.cursor = (0, 0);
         }
-        pump(&job, ring);
+        // Rescan from the start so none of them is skipped in this pass.
+        j.cursor = (0, 0);
     }
+    pump(&job, ring);
 }
 
 /// Called once the control thread resumed the vCPUs, with the state.

@@ -1,0 +1,320 @@
+//! Live snapshots of the running test guest: completion with checksums,
+//! refusal of a second start, ENOSPC, cancel, resets and stop/cont during
+//! snapshots, and files that are not loadable (truncated, corrupt, never
+//! completed) are reported as such by `state inspect`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(120);
+
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(sock: &Path) -> Qmp {
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(t0.elapsed() < T, "connect: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: vec![] };
+        q.read();
+        q.cmd(json!({"execute": "qmp_capabilities"}));
+        q
+    }
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        assert!(self.r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        serde_json::from_str(&line).unwrap()
+    }
+    fn cmd(&mut self, c: Value) -> Value {
+        let mut b = serde_json::to_vec(&c).unwrap();
+        b.push(b'\n');
+        self.w.write_all(&b).unwrap();
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.cmd(json!({"execute": name, "arguments": args}));
+        r.get("return").cloned().unwrap_or_else(|| panic!("{name}: {r}"))
+    }
+    /// Polls query-savevm until the status is not active.
+    fn wait_savevm(&mut self) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.ok("query-savevm", json!({}));
+            if s["status"] != "active" {
+                return s;
+            }
+            assert!(t0.elapsed() < T, "snapshot still active after {T:?}: {s}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn vm(dir: &Scratch, cpus: &str, mem: &str, work: &str) -> (Proc, Qmp) {
+    let g = guest_elf(dir);
+    let sock = dir.path("qmp.sock");
+    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", cpus, "--memory", mem, "--cmdline", work, "--qmp", sock.to_str().unwrap()]));
+    p.wait_for_output("cpus online", T);
+    let q = Qmp::connect(&sock);
+    (p, q)
+}
+
+fn inspect(path: &Path) -> Output {
+    ringvm(&["state", "inspect", path.to_str().unwrap()], T)
+}
+
+fn beats(p: &Proc) -> usize {
+    p.stdout().matches("ringvm-guest: beat").count()
+}
+
+fn snapshot_while_dirtying(cpus: &str) {
+    let dir = Scratch::new(&format!("snap-live-{cpus}"));
+    let (mut p, mut q) = vm(&dir, cpus, "256M", "work=mem mib=128 secs=inf rate=200 beat=100");
+    p.wait_for_output("fill done", T);
+    let file = dir.path("vm.state");
+    assert_eq!(q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()})), json!({}));
+    let s = q.wait_savevm();
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(s["iterations"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["bytes"].as_u64().unwrap() >= 128 << 20, "at least the dirtied region was written: {s}");
+    assert!(s["downtime"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s.get("error").is_none());
+    // The guest keeps running afterwards.
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let b = beats(&p);
+    let t0 = Instant::now();
+    while beats(&p) < b + 2 {
+        assert!(t0.elapsed() < T, "guest stopped after the snapshot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = inspect(&file);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("checksums: all ok"), "{}", o.stdout);
+    assert!(o.stdout.contains(&format!("machine: {cpus} vCPU(s), 256 MiB RAM")), "{}", o.stdout);
+    // Sparse: the untouched half of RAM takes no space.
+    let used = std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
+    assert!(used < 200 << 20, "file uses {used} bytes");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
+
+#[test]
+fn live_snapshot_one_vcpu() {
+    if require_kvm("live_snapshot_one_vcpu") {
+        snapshot_while_dirtying("1");
+    }
+}
+
+#[test]
+fn live_snapshot_two_vcpus() {
+    if require_kvm("live_snapshot_two_vcpus") {
+        snapshot_while_dirtying("2");
+    }
+}
+
+#[test]
+fn second_start_refused_cancel_and_restart() {
+    if !require_kvm("second_start_refused_cancel_and_restart") {
+        return;
+    }
+    let dir = Scratch::new("snap-cancel");
+    let (p, mut q) = vm(&dir, "1", "1G", "work=mem mib=768 secs=inf rate=0");
+    let a = dir.path("a.state");
+    q.ok("savevm-start", json!({"statefile": a.to_str().unwrap()}));
+    let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("b.state").to_str().unwrap()}}));
+    assert!(r["error"]["desc"].as_str().unwrap().contains("already running"), "{r}");
+    // Cancel mid-flight (768 MiB of dirty RAM takes a while).
+    q.ok("savevm-end", json!({}));
+    let s = q.wait_savevm();
+    if s["status"] == "failed" {
+        assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
+        let o = inspect(&a);
+        assert_eq!(o.code(), 1);
+        assert!(o.stderr.contains("no completion record"), "{}", o.stderr);
+    } else {
+        // It finished before the cancel landed: then it must be whole.
+        assert_eq!(inspect(&a).code(), 0);
+    }
+    // A new snapshot can start and complete.
+    let c = dir.path("c.state");
+    q.ok("savevm-end", json!({}));
+    q.ok("savevm-start", json!({"statefile": c.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm()["status"], "completed");
+    assert_eq!(inspect(&c).code(), 0);
+    // Bad arguments.
+    assert!(q.cmd(json!({"execute": "savevm-start"}))["error"]["desc"].as_str().unwrap().contains("statefile"));
+    assert!(q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": 7}}))["error"].is_object());
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
+
+#[test]
+fn enospc_fails_cleanly_and_the_vm_keeps_running() {
+    if !require_kvm("enospc_fails_cleanly_and_the_vm_keeps_running") {
+        return;
+    }
+    let dir = Scratch::new("snap-enospc");
+    let small = dir.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let path = std::ffi::CString::new(small.to_str().unwrap()).unwrap();
+    // SAFETY: mounting a 16 MiB tmpfs on our own scratch directory.
+    let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=16m".as_ptr().cast()) };
+    if rc != 0 {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must be able to mount a tmpfs");
+        eprintln!("SKIP: cannot mount tmpfs");
+        return;
+    }
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: unmounting what this test mounted.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _u = Unmount(path);
+    let (p, mut q) = vm(&dir, "1", "256M", "work=mem mib=64 secs=inf rate=50 beat=100");
+    let file = small.join("vm.state");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+    let s = q.wait_savevm();
+    assert_eq!(s["status"], "failed", "{s}");
+    let err = s["error"].as_str().unwrap();
+    assert!(err.contains(file.to_str().unwrap()) && err.contains("No space left"), "{err}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let o = inspect(&file);
+    assert_eq!(o.code(), 1, "a failed snapshot is never loadable");
+    // The next snapshot, somewhere with room, succeeds.
+    let good = dir.path("good.state");
+    q.ok("savevm-end", json!({}));
+    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm()["status"], "completed");
+    assert_eq!(inspect(&good).code(), 0);
+    let b = beats(&p);
+    let t0 = Instant::now();
+    while beats(&p) <= b {
+        assert!(t0.elapsed() < T);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
+
+/// The seed's scenario from the other side: resets, stop and cont while
+/// snapshots run. 50 snapshots, 200 resets, no deadlock (every wait has a
+/// deadline), every completed file whole.
+#[test]
+fn resets_and_stop_cont_during_snapshots() {
+    if !require_kvm("resets_and_stop_cont_during_snapshots") {
+        return;
+    }
+    let dir = Scratch::new("snap-resets");
+    let (p, mut q) = vm(&dir, "2", "128M", "work=mem mib=48 secs=inf rate=100");
+    let file = dir.path("vm.state");
+    let (mut started, mut completed, mut resets, mut toggles) = (0, 0, 0, 0);
+    let t0 = Instant::now();
+    while resets < 200 {
+        assert!(t0.elapsed() < T, "deadline: {resets} resets, {started} snapshots");
+        let s = q.ok("query-savevm", json!({}));
+        if s["status"] != "active" {
+            if s["status"] == "completed" {
+                completed += 1;
+                assert_eq!(inspect(&file).code(), 0, "snapshot {started}");
+            }
+            q.ok("savevm-end", json!({}));
+            q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+            started += 1;
+        }
+        if resets % 4 == 3 && toggles < resets {
+            q.ok("stop", json!({}));
+            q.ok("cont", json!({}));
+            toggles = resets;
+        }
+        let r = q.cmd(json!({"execute": "system_reset"}));
+        if r.get("return").is_some() {
+            resets += 1;
+            // Let some snapshots finish between resets, others not.
+            std::thread::sleep(Duration::from_millis((resets % 5) as u64 * 8));
+        } else {
+            assert!(r["error"]["desc"].as_str().unwrap().contains("snapshot is finishing"), "{r}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let s = q.wait_savevm();
+    if s["status"] == "completed" {
+        completed += 1;
+        assert_eq!(inspect(&file).code(), 0);
+    }
+    assert!(started >= 5 && completed >= started - 1, "{completed} of {started} snapshots completed");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
+
+#[test]
+fn inspect_refuses_truncated_and_corrupt_files() {
+    if !require_kvm("inspect_refuses_truncated_and_corrupt_files") {
+        return;
+    }
+    let dir = Scratch::new("snap-bad");
+    let (p, mut q) = vm(&dir, "1", "64M", "work=mem mib=16 secs=inf rate=0");
+    let file = dir.path("vm.state");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm()["status"], "completed");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    assert_eq!(inspect(&file).code(), 0);
+    let data = std::fs::read(&file).unwrap();
+    // A flipped byte inside a present page (the pattern region, 16 MiB in).
+    let mut bad = data.clone();
+    bad[(1 << 20) + (16 << 20) + 100] ^= 0x40;
+    let b = dir.path("bad.state");
+    std::fs::write(&b, &bad).unwrap();
+    let o = inspect(&b);
+    assert_eq!(o.code(), 1, "{}", o.stdout);
+    assert!(o.stdout.contains("fails its checksum"), "{}", o.stdout);
+    // Truncated.
+    std::fs::write(&b, &data[..data.len() / 2]).unwrap();
+    let o = inspect(&b);
+    assert_eq!(o.code(), 1);
+    assert!(o.stderr.contains("truncated") && o.stderr.contains("bad.state"), "{}", o.stderr);
+    // Wrong magic and wrong version.
+    let mut m = data.clone();
+    m[0] = b'X';
+    std::fs::write(&b, &m).unwrap();
+    assert!(inspect(&b).stderr.contains("bad magic"));
+    let mut v = data.clone();
+    v[8] = 7;
+    std::fs::write(&b, &v).unwrap();
+    assert!(inspect(&b).stderr.contains("version 7"));
+    // The completion record erased: never loadable.
+    let mut c = data;
+    let n = c.len();
+    c[n - 4096..].fill(0);
+    std::fs::write(&b, &c).unwrap();
+    assert!(inspect(&b).stderr.contains("no completion record"));
+}
