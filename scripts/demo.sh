@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: boot the test guest, run its `mem`
-# workload, verify memory, print the figures. Extra arguments go to `ringvm demo`.
+# workload, take a live snapshot while it rewrites pages (over QMP), check
+# the state file, verify memory, print the figures. (Restore comes next.)
+# Extra arguments go to `ringvm demo`.
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
 cd "$ROOT"
 cargo build --release -q --bin ringvm
-exec "$ROOT/target/release/ringvm" demo --cpus 2 --memory 1G --mib 512 "$@"
+exec "$ROOT/target/release/ringvm" demo --cpus 2 --memory 1G --mib 512 --secs 2 "$@"

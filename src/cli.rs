@@ -100,6 +100,9 @@ pub struct DemoArgs {
     /// Rewrite rate in MiB/s (0 = as fast as the guest can).
     #[arg(long, default_value_t = 100)]
     pub rate: u64,
+    /// Where the live snapshot goes (default: a temporary file, removed).
+    #[arg(long)]
+    pub statefile: Option<PathBuf>,
     #[command(flatten)]
     pub machine: MachineArgs,
 }
