@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 mod qmpbench;
 mod ringbench;
 mod scsibench;
+mod snapbench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Suite {
     Qmp,
     /// virtio-scsi: the guest's scsi-bench in ringvm and QEMU, and host fio.
     Scsi,
+    /// Live snapshot save: guest sizes x dirty rates x targets, vs fio.
+    Snapshot,
     /// Every suite.
     All,
 }
@@ -221,33 +224,45 @@ fn qmp(quick: bool) -> Result<()> {
     let (bin, dir, guest) = setup()?;
     let have_qemu = have("qemu-system-x86_64");
     let (n, reps) = if quick { (200, 1) } else { (2000, 3) };
-    println!("\n## qmp: {n} query-status round trips while the guest spins on 2 vCPUs (work=spin); best-of-{reps} p50 shown with the run's p99\n");
-    println!("| system | p50 (us) | p99 (us) | max (us) |");
-    println!("| --- | --- | --- | --- |");
-    let mut rows = vec![];
-    for sys in ["ringvm", "qemu"] {
-        if sys == "qemu" && !have_qemu {
-            println!("| qemu | skipped: QEMU unavailable | | |");
-            continue;
-        }
-        let mut best: Option<qmpbench::Latency> = None;
-        for rep in 0..reps {
-            let sock = dir.join(format!("{sys}-{rep}.sock"));
-            let child = if sys == "ringvm" { qmpbench::spawn_ringvm(&bin, &guest, &sock, "2")? } else { qmpbench::spawn_qemu(&guest, &sock, "2")? };
-            let l = qmpbench::measure(&sock, n);
-            qmpbench::reap(child);
-            let l = l?;
-            if best.as_ref().is_none_or(|b| l.p50_us < b.p50_us) {
-                best = Some(l);
+    let disk = scratch_dir()?.join("qmp-disk.dat");
+    {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&disk)?;
+        f.set_len(256 << 20)?;
+    }
+    println!("\n## qmp: {n} query-status round trips while the guest spins on 2 vCPUs (work=spin) or reads its disk (scsi-bench randread QD32, cache=none); best-of-{reps} p50 shown with that run's p99\n");
+    println!("| system | guest load | p50 (us) | p99 (us) | max (us) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for load in ["cpu", "disk"] {
+        let d = (load == "disk").then_some(disk.as_path());
+        let mut rows = vec![];
+        for sys in ["ringvm", "qemu"] {
+            if sys == "qemu" && !have_qemu {
+                println!("| qemu | {load} | skipped: QEMU unavailable | | |");
+                continue;
             }
+            let mut best: Option<qmpbench::Latency> = None;
+            for rep in 0..reps {
+                let sock = dir.join(format!("{sys}-{load}-{rep}.sock"));
+                let child = if sys == "ringvm" { qmpbench::spawn_ringvm(&bin, &guest, &sock, "2", d)? } else { qmpbench::spawn_qemu(&guest, &sock, "2", d)? };
+                if d.is_some() {
+                    std::thread::sleep(Duration::from_millis(1500)); // let the I/O start
+                }
+                let l = qmpbench::measure(&sock, n);
+                qmpbench::reap(child);
+                let l = l?;
+                if best.as_ref().is_none_or(|b| l.p50_us < b.p50_us) {
+                    best = Some(l);
+                }
+            }
+            let b = best.unwrap();
+            println!("| {sys} | {load} | {:.1} | {:.1} | {:.1} |", b.p50_us, b.p99_us, b.max_us);
+            rows.push(b);
         }
-        let b = best.unwrap();
-        println!("| {sys} | {:.1} | {:.1} | {:.1} |", b.p50_us, b.p99_us, b.max_us);
-        rows.push(b);
+        if rows.len() == 2 {
+            println!("| ratio ringvm/qemu | {load} | {:.3} | {:.3} | |", rows[0].p50_us / rows[1].p50_us, rows[0].p99_us / rows[1].p99_us);
+        }
     }
-    if rows.len() == 2 {
-        println!("\nratios ringvm/qemu: p50 {:.3}, p99 {:.3}", rows[0].p50_us / rows[1].p50_us, rows[0].p99_us / rows[1].p99_us);
-    }
+    let _ = std::fs::remove_file(&disk);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -291,6 +306,54 @@ fn scsi(quick: bool) -> Result<()> {
     Ok(())
 }
 
+fn snapshot(quick: bool) -> Result<()> {
+    let (bin, dir, guest) = setup()?;
+    let have_fio = have("fio");
+    let sizes: &[u64] = if quick { &[512] } else { &[1024, 4096, 8192] };
+    let rates: &[u64] = if quick { &[1, 100] } else { &[1, 100, 500] };
+    let reps = if quick { 1 } else { 3 };
+    let targets = [("local disk", scratch_dir()?), ("/dev/shm", PathBuf::from("/dev/shm"))];
+    println!("\n## snapshot: live save of the test guest (2 vCPUs, 90% of RAM filled, then rewritten at the given rate); median of {reps}\n");
+    println!("| target | guest | dirty MiB/s | total ms | downtime ms | passes | written MB | MB/s | file MiB | fio MB/s (same bytes) | ratio |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (tname, tdir) in &targets {
+        for &mib in sizes {
+            for &rate in rates {
+                let file = tdir.join(format!("ringvm-perf-{}.state", std::process::id()));
+                let mut rs = Vec::new();
+                let mut fios = Vec::new();
+                for _ in 0..reps {
+                    let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate)?;
+                    if have_fio {
+                        fios.push(snapbench::fio(tdir, r.bytes as u64)?);
+                    }
+                    rs.push(r);
+                }
+                rs.sort_by(|a, b| a.total_ms.partial_cmp(&b.total_ms).unwrap());
+                let r = &rs[rs.len() / 2];
+                let mbs = r.bytes / 1e6 / (r.total_ms / 1e3);
+                let f = if fios.is_empty() { None } else { Some(median(fios).0) };
+                println!(
+                    "| {tname} | {} GiB | {} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                    mib as f64 / 1024.0,
+                    if rate <= 1 { "idle".to_string() } else { rate.to_string() },
+                    r.total_ms,
+                    r.downtime_ms,
+                    r.iterations,
+                    r.bytes / 1e6,
+                    mbs,
+                    r.file_mib,
+                    f.map_or("skipped".into(), |v| format!("{v:.0}")),
+                    f.map_or("-".into(), |v| format!("{:.3}", mbs / v)),
+                );
+            }
+        }
+    }
+    println!("\nQEMU `migrate file:` (mapped-ram, multifd, direct-io) is not measured yet.");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// The ringvm binary, a scratch dir and the test guest written into it.
 fn setup() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -315,11 +378,13 @@ fn main() -> Result<()> {
         Suite::Ring => ring(cli.quick),
         Suite::Qmp => qmp(cli.quick),
         Suite::Scsi => scsi(cli.quick),
+        Suite::Snapshot => snapshot(cli.quick),
         Suite::All => {
             boot(cli.quick)?;
             ring(cli.quick)?;
             qmp(cli.quick)?;
-            scsi(cli.quick)
+            scsi(cli.quick)?;
+            snapshot(cli.quick)
         }
     }
 }

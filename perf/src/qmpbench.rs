@@ -58,10 +58,22 @@ pub fn measure(sock: &Path, n: usize) -> Result<Latency> {
     Ok(Latency { p50_us: pct(0.50), p99_us: pct(0.99), max_us: samples[samples.len() - 1] })
 }
 
-pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str) -> Result<Child> {
-    Command::new(bin)
-        .args(["run", "--cpus", cpus, "--memory", "256M", "--cmdline", "work=spin secs=inf", "--serial", "off", "--kernel"])
-        .arg(guest)
+/// The guest's load: spinning, or random reads on a disk at QD 32.
+pub fn workload(disk: Option<&Path>) -> &'static str {
+    if disk.is_some() {
+        "work=scsi-bench pattern=randread bs=4096 qd=32 secs=100000 mib=0"
+    } else {
+        "work=spin secs=inf"
+    }
+}
+
+pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) -> Result<Child> {
+    let mut c = Command::new(bin);
+    c.args(["run", "--cpus", cpus, "--memory", "256M", "--cmdline", workload(disk), "--serial", "off", "--kernel"]).arg(guest);
+    if let Some(d) = disk {
+        c.arg("--disk").arg(format!("path={},cache=none", d.display()));
+    }
+    c
         .arg("--qmp")
         .arg(sock)
         .stdin(Stdio::null())
@@ -71,11 +83,18 @@ pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str) -> Result
         .context("spawn ringvm")
 }
 
-pub fn spawn_qemu(guest: &Path, sock: &Path, cpus: &str) -> Result<Child> {
-    Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", cpus, "-m", "256M", "-kernel"])
+pub fn spawn_qemu(guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) -> Result<Child> {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", cpus, "-m", "256M", "-kernel"])
         .arg(guest)
-        .args(["-append", "work=spin secs=inf", "-display", "none", "-serial", "null", "-monitor", "none", "-no-reboot"])
+        .args(["-append", workload(disk), "-display", "none", "-serial", "null", "-monitor", "none", "-no-reboot"]);
+    if let Some(d) = disk {
+        c.args(["-object", "iothread,id=io0", "-device", "virtio-scsi-pci,id=scsi0,iothread=io0,disable-legacy=on"])
+            .arg("-drive")
+            .arg(format!("file={},if=none,id=d0,format=raw,cache=none,aio=io_uring", d.display()))
+            .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,lun=0"]);
+    }
+    c
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())

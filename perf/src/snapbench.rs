@@ -1,0 +1,148 @@
+//! `snapshot`: live snapshot of the test guest (idle and dirtying memory)
+//! to the local disk and /dev/shm, against fio writing the same number of
+//! bytes sequentially with O_DIRECT on the same filesystem.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+pub struct Result1 {
+    pub total_ms: f64,
+    pub bytes: f64,
+    pub downtime_ms: f64,
+    pub iterations: u64,
+    pub file_mib: f64,
+}
+
+fn qmp(sock: &Path) -> Result<(BufReader<UnixStream>, UnixStream)> {
+    let t0 = Instant::now();
+    let s = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() > Duration::from_secs(60) => bail!("connect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let mut l = String::new();
+    r.read_line(&mut l)?;
+    let mut q = (r, w);
+    cmd(&mut q, json!({"execute": "qmp_capabilities"}))?;
+    Ok(q)
+}
+
+fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
+    q.1.write_all(format!("{c}\n").as_bytes())?;
+    loop {
+        let mut l = String::new();
+        if q.0.read_line(&mut l)? == 0 {
+            bail!("QMP closed");
+        }
+        let v: Value = serde_json::from_str(&l)?;
+        if v.get("event").is_none() {
+            return Ok(v);
+        }
+    }
+}
+
+/// Boots a `mem_mib` guest filling 90% of it, dirtying at `rate` MiB/s,
+/// snapshots it to `file`.
+pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64) -> Result<Result1> {
+    let sock = dir.join("snap.sock");
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(file);
+    let fill = mem_mib * 9 / 10;
+    let mut child = Command::new(bin)
+        .args(["run", "--cpus", "2", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .arg(guest)
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate}"), "--qmp"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains("fill done") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let res = (|| -> Result<Result1> {
+        rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
+        let mut q = qmp(&sock)?;
+        let r = cmd(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file}}))?;
+        if r.get("return").is_none() {
+            bail!("savevm-start: {r}");
+        }
+        let t0 = Instant::now();
+        let s = loop {
+            let s = cmd(&mut q, json!({"execute": "query-savevm"}))?["return"].clone();
+            if s["status"] != "active" {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("snapshot did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if s["status"] != "completed" {
+            bail!("snapshot failed: {s}");
+        }
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        Ok(Result1 {
+            total_ms: s["total-time"].as_f64().unwrap_or(0.0),
+            bytes: s["bytes"].as_f64().unwrap_or(0.0),
+            downtime_ms: s["downtime"].as_f64().unwrap_or(0.0),
+            iterations: s["iterations"].as_u64().unwrap_or(0),
+            file_mib: used as f64 / (1 << 20) as f64,
+        })
+    })();
+    let t0 = Instant::now();
+    while child.try_wait()?.is_none() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(file);
+    res
+}
+
+/// fio writing `bytes` sequentially (1 MiB, QD 32, O_DIRECT where the
+/// filesystem takes it) to a file in `dir`; returns MB/s.
+pub fn fio(dir: &Path, bytes: u64) -> Result<f64> {
+    let file = dir.join("fio-snap.dat");
+    let mib = (bytes >> 20).max(1);
+    let run = |direct: u32| {
+        Command::new("fio")
+            .args(["--name=w", "--ioengine=io_uring", "--rw=write", "--bs=1M", "--iodepth=32", "--output-format=json", "--end_fsync=1"])
+            .arg(format!("--direct={direct}"))
+            .arg(format!("--filename={}", file.display()))
+            .arg(format!("--size={mib}M"))
+            .output()
+    };
+    let mut out = run(1)?;
+    if !out.status.success() {
+        out = run(0)?;
+    }
+    let _ = std::fs::remove_file(&file);
+    if !out.status.success() {
+        bail!("fio: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let bw = v["jobs"][0]["write"]["bw_bytes"].as_f64().context("bw_bytes")?;
+    Ok(bw / 1e6)
+}
