@@ -541,6 +541,25 @@ impl Controller {
                         .collect(),
                 ))
             }
+            "stop" if self.state == RunState::FinishMigrate => {
+                // The snapshot's final pause holds the vCPUs: they stay
+                // paused when it ends.
+                if self.save.resume_to == Some(RunState::Running) {
+                    self.save.resume_to = Some(RunState::Paused);
+                    self.save.paused_by_us = false;
+                    self.broadcast("STOP", None);
+                }
+                Ok(json!({}))
+            }
+            "cont" if self.state == RunState::FinishMigrate => {
+                // They run again as soon as the final pause ends (ms).
+                if matches!(self.save.resume_to, Some(RunState::Paused | RunState::Prelaunch)) {
+                    self.save.resume_to = Some(RunState::Running);
+                    self.save.paused_by_us = true;
+                    self.broadcast("RESUME", None);
+                }
+                Ok(json!({}))
+            }
             "stop" => {
                 if matches!(self.state, RunState::Running) {
                     self.vm.vcpus().pause().map_err(|e| QmpError::generic(format!("cannot pause the vCPUs: {e}")))?;
