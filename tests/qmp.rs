@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::qmp::Qmp;
 use common::*;
 use serde_json::{json, Value};
 
@@ -31,84 +32,6 @@ fn start_vm(dir: &Scratch, sock: &Path, cpus: &str) -> Proc {
     ]).arg(format!("unix:{},server=on,wait=off", sock.display())));
     p.wait_for_output("ringvm-guest: start", T);
     p
-}
-
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    /// Connects and reads the greeting (not negotiated yet).
-    fn connect(sock: &Path) -> Qmp {
-        let s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(IO)).unwrap();
-        s.set_write_timeout(Some(IO)).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: vec![] };
-        let g = q.read().expect("greeting");
-        assert!(g["QMP"]["version"]["package"].as_str().unwrap().starts_with("ringvm"), "{g}");
-        assert_eq!(g["QMP"]["capabilities"], json!([]));
-        q
-    }
-
-    fn negotiated(sock: &Path) -> Qmp {
-        let mut q = Qmp::connect(sock);
-        assert_eq!(q.cmd(json!({"execute": "qmp_capabilities"})), json!({"return": {}}));
-        q
-    }
-
-    /// Next message, or None at EOF.
-    fn read(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.r.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON from ringvm {line:?}: {e}"))),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => None,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-
-    fn send_raw(&mut self, b: &[u8]) {
-        self.w.write_all(b).unwrap();
-    }
-
-    /// The next reply (events are collected on the side).
-    fn reply(&mut self) -> Value {
-        loop {
-            let v = self.read().expect("connection closed while waiting for a reply");
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn cmd(&mut self, c: Value) -> Value {
-        let mut b = serde_json::to_vec(&c).unwrap();
-        b.push(b'\n');
-        self.send_raw(&b);
-        self.reply()
-    }
-
-    fn exec(&mut self, name: &str) -> Value {
-        let r = self.cmd(json!({"execute": name}));
-        r.get("return").cloned().unwrap_or_else(|| panic!("{name}: {r}"))
-    }
-
-    fn wait_event(&mut self, name: &str) -> Value {
-        let deadline = Instant::now() + IO;
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return self.events.remove(i);
-            }
-            assert!(Instant::now() < deadline, "no {name} event");
-            let v = self.read().expect("closed while waiting for an event");
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            self.events.push(v);
-        }
-    }
 }
 
 fn error_of(v: &Value) -> (String, String) {

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::qmp::Qmp;
 use common::*;
 
 const T: Duration = Duration::from_secs(120);
@@ -90,30 +89,6 @@ fn scsi_errors_out_of_range_write_protect_and_bad_opcode() {
     assert!(o.stderr.contains("/nonexistent/x.img") && o.stderr.trim().lines().count() == 1, "{}", o.stderr);
 }
 
-fn qmp(sock: &std::path::Path) -> (BufReader<UnixStream>, UnixStream) {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    (r, w)
-}
-
-fn exec(r: &mut BufReader<UnixStream>, w: &mut UnixStream, cmd: &str) -> String {
-    w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes()).unwrap();
-    loop {
-        let mut line = String::new();
-        assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
-        if !line.contains("\"event\"") {
-            return line;
-        }
-    }
-}
-
 /// The savevm-async seed scenario: resets while requests are in flight.
 /// Each system_reset pauses the vCPUs and quiesces every queue through its
 /// iothread; the guest re-initialises the device and resumes I/O. 200
@@ -133,12 +108,12 @@ fn system_reset_200_times_during_scsi_bench() {
         "--disk", &format!("path={d0},cache=none"), "--qmp", sock.to_str().unwrap(),
     ]));
     vm.wait_for_output("virtio-scsi queues=2", T);
-    let (mut r, mut w) = qmp(&sock);
+    let mut q = Qmp::negotiated(&sock);
     let t0 = Instant::now();
     for i in 0..200 {
         let inits = vm.stdout().matches("virtio-scsi queues=").count();
-        let reply = exec(&mut r, &mut w, "system_reset");
-        assert!(reply.contains("\"return\""), "reset {i}: {reply}");
+        let reply = q.cmd(serde_json::json!({"execute": "system_reset"}));
+        assert!(reply.get("return").is_some(), "reset {i}: {reply}");
         // Wait until the guest has the device running again (I/O restarts).
         while vm.stdout().matches("virtio-scsi queues=").count() <= inits {
             assert!(t0.elapsed() < T, "reset {i}: guest did not re-initialise the device\n{}", vm.stderr());
@@ -146,8 +121,8 @@ fn system_reset_200_times_during_scsi_bench() {
         }
     }
     assert!(!vm.stdout().contains("needs reset") && !vm.stdout().contains("timed out"), "{}", vm.stdout());
-    assert!(exec(&mut r, &mut w, "query-status").contains("running"));
-    exec(&mut r, &mut w, "quit");
+    assert_eq!(q.exec("query-status")["status"], "running");
+    q.exec("quit");
     let o = vm.wait(T);
     assert_eq!(o.code(), 0, "{}", o.stderr);
     assert!(!o.stderr.contains("did not quiesce"), "{}", o.stderr);
@@ -172,15 +147,15 @@ fn query_block_lists_disks() {
         assert!(t0.elapsed() < T);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (mut r, mut w) = qmp(&sock);
-    let v: serde_json::Value = serde_json::from_str(&exec(&mut r, &mut w, "query-block")).unwrap();
-    let list = v["return"].as_array().unwrap();
+    let mut q = Qmp::negotiated(&sock);
+    let v = q.exec("query-block");
+    let list = v.as_array().unwrap();
     assert_eq!(list.len(), 2, "{v}");
     assert_eq!(list[0]["inserted"]["file"], d0.as_str());
     assert_eq!(list[0]["inserted"]["cache"]["direct"], true);
     assert_eq!(list[0]["inserted"]["image"]["virtual-size"], 4 << 20);
     assert_eq!(list[1]["inserted"]["ro"], true);
     assert_eq!(list[1]["ringvm"]["iothreads"], serde_json::json!(["iothread1"]));
-    exec(&mut r, &mut w, "quit");
+    q.exec("quit");
     assert_eq!(vm.wait(T).code(), 0);
 }

@@ -5,83 +5,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::qmp::Qmp;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(120);
-
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(sock: &Path) -> Qmp {
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(t0.elapsed() < T, "connect: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: vec![] };
-        q.read();
-        q.cmd(json!({"execute": "qmp_capabilities"}));
-        q
-    }
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        assert!(self.r.read_line(&mut line).unwrap() > 0, "QMP closed");
-        serde_json::from_str(&line).unwrap()
-    }
-    fn cmd(&mut self, c: Value) -> Value {
-        let mut b = serde_json::to_vec(&c).unwrap();
-        b.push(b'\n');
-        self.w.write_all(&b).unwrap();
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        let r = self.cmd(json!({"execute": name, "arguments": args}));
-        r.get("return").cloned().unwrap_or_else(|| panic!("{name}: {r}"))
-    }
-    /// Polls query-savevm until the status is not active.
-    fn wait_savevm(&mut self) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let s = self.ok("query-savevm", json!({}));
-            if s["status"] != "active" {
-                return s;
-            }
-            assert!(t0.elapsed() < T, "snapshot still active after {T:?}: {s}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 fn vm(dir: &Scratch, cpus: &str, mem: &str, work: &str) -> (Proc, Qmp) {
     let g = guest_elf(dir);
     let sock = dir.path("qmp.sock");
     let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", cpus, "--memory", mem, "--cmdline", work, "--qmp", sock.to_str().unwrap()]));
     p.wait_for_output("cpus online", T);
-    let q = Qmp::connect(&sock);
+    let q = Qmp::negotiated(&sock);
     (p, q)
 }
 
@@ -99,7 +38,7 @@ fn snapshot_while_dirtying(cpus: &str) {
     p.wait_for_output("fill done", T);
     let file = dir.path("vm.state");
     assert_eq!(q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()})), json!({}));
-    let s = q.wait_savevm();
+    let s = q.wait_savevm(T);
     assert_eq!(s["status"], "completed", "{s}");
     assert!(s["iterations"].as_u64().unwrap() >= 1, "{s}");
     assert!(s["bytes"].as_u64().unwrap() >= 128 << 20, "at least the dirtied region was written: {s}");
@@ -151,7 +90,7 @@ fn second_start_refused_cancel_and_restart() {
     assert!(r["error"]["desc"].as_str().unwrap().contains("already running"), "{r}");
     // Cancel mid-flight (768 MiB of dirty RAM takes a while).
     q.ok("savevm-end", json!({}));
-    let s = q.wait_savevm();
+    let s = q.wait_savevm(T);
     if s["status"] == "failed" {
         assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
         let o = inspect(&a);
@@ -165,7 +104,7 @@ fn second_start_refused_cancel_and_restart() {
     let c = dir.path("c.state");
     q.ok("savevm-end", json!({}));
     q.ok("savevm-start", json!({"statefile": c.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm()["status"], "completed");
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
     assert_eq!(inspect(&c).code(), 0);
     // Bad arguments.
     assert!(q.cmd(json!({"execute": "savevm-start"}))["error"]["desc"].as_str().unwrap().contains("statefile"));
@@ -201,7 +140,7 @@ fn enospc_fails_cleanly_and_the_vm_keeps_running() {
     let (p, mut q) = vm(&dir, "1", "256M", "work=mem mib=64 secs=inf rate=50 beat=100");
     let file = small.join("vm.state");
     q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    let s = q.wait_savevm();
+    let s = q.wait_savevm(T);
     assert_eq!(s["status"], "failed", "{s}");
     let err = s["error"].as_str().unwrap();
     assert!(err.contains(file.to_str().unwrap()) && err.contains("No space left"), "{err}");
@@ -212,7 +151,7 @@ fn enospc_fails_cleanly_and_the_vm_keeps_running() {
     let good = dir.path("good.state");
     q.ok("savevm-end", json!({}));
     q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm()["status"], "completed");
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
     assert_eq!(inspect(&good).code(), 0);
     let b = beats(&p);
     let t0 = Instant::now();
@@ -264,7 +203,7 @@ fn resets_and_stop_cont_during_snapshots() {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    let s = q.wait_savevm();
+    let s = q.wait_savevm(T);
     if s["status"] == "completed" {
         completed += 1;
         assert_eq!(inspect(&file).code(), 0);
@@ -284,7 +223,7 @@ fn inspect_refuses_truncated_and_corrupt_files() {
     let (p, mut q) = vm(&dir, "1", "64M", "work=mem mib=16 secs=inf rate=0");
     let file = dir.path("vm.state");
     q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm()["status"], "completed");
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
     assert_eq!(inspect(&file).code(), 0);

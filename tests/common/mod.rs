@@ -3,6 +3,8 @@
 //! deadlines that are always killed by PID.
 #![allow(dead_code)]
 
+pub mod qmp;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
