@@ -39,6 +39,13 @@ pub enum StateCommand {
     },
 }
 
+impl MachineArgs {
+    /// The defaults of --cpus and --memory (to tell them from explicit values).
+    pub fn default_values() -> (u8, u64) {
+        (1, 512 << 20)
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct MachineArgs {
     /// Number of vCPUs.
@@ -68,8 +75,11 @@ pub struct MachineArgs {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Kernel: a bzImage or an ELF with a PVH note.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "loadstate")]
+    pub kernel: Option<PathBuf>,
+    /// Restore a VM from a state file (Proxmox's spelling) instead of booting.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    pub loadstate: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,

@@ -339,7 +339,15 @@ impl Controller {
         let machine = self.vm.machine();
         let slots = machine.slots();
         let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
-        let desc = format::MachineDesc { cpus: self.vm.cpus(), mem_size: machine.mem_size, disks: vec![] };
+        let boot = self.vm.boot_spec();
+        let desc = format::MachineDesc {
+            cpus: self.vm.cpus(),
+            mem_size: machine.mem_size,
+            disks: vec![],
+            kernel: Some(boot.kernel.display().to_string()),
+            initrd: boot.initrd.as_ref().map(|p| p.display().to_string()),
+            cmdline: boot.cmdline.clone(),
+        };
         let header = format::Header::layout(desc, &ram);
         let io = ring::IoThread::spawn("iothread-savevm", 256).map_err(|e| QmpError::generic(format!("cannot start the snapshot iothread: {e}")))?;
         machine.set_dirty_log(true).map_err(|e| QmpError::generic(format!("cannot enable dirty logging: {e}")))?;

@@ -170,6 +170,23 @@ impl Machine {
         })
     }
 
+    /// Loads interrupt controllers, PIT and clock from a state file.
+    pub fn restore_state(&self, st: &crate::snapshot::MachineState) -> Result<()> {
+        if st.irqchips.len() != 3 {
+            return Err(Error::Config(format!("state has {} interrupt controllers, expected 3", st.irqchips.len())));
+        }
+        for (chip, want) in st.irqchips.iter().zip([KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC]) {
+            if chip.chip_id != want {
+                return Err(Error::Config(format!("state has interrupt controller {} where {want} belongs", chip.chip_id)));
+            }
+            self.vm.set_irqchip(chip).map_err(error::kvm("KVM_SET_IRQCHIP"))?;
+        }
+        self.vm.set_pit2(&st.pit).map_err(error::kvm("KVM_SET_PIT2"))?;
+        let mut clock = st.clock;
+        clock.flags = 0;
+        self.vm.set_clock(&clock).map_err(error::kvm("KVM_SET_CLOCK"))
+    }
+
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
     }

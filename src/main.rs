@@ -68,15 +68,33 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let (mut cpus, mut memory) = (args.machine.cpus, args.machine.memory);
+    let mut boot = BootSpec { kernel: args.kernel.clone().unwrap_or_default(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
+    if let Some(state) = &args.loadstate {
+        // The machine comes from the file; what the command line gives must agree.
+        let c = ringvm::snapshot::format::open_checked(state).map_err(|e| anyhow::anyhow!("state file {}: {e}", state.display()))?;
+        let m = &c.header.machine;
+        let defaults = ringvm::cli::MachineArgs::default_values();
+        if cpus != defaults.0 && cpus != m.cpus {
+            anyhow::bail!("state file {}: --cpus {cpus} but the file holds {} vCPU(s)", state.display(), m.cpus);
+        }
+        if memory != defaults.1 && memory != m.mem_size {
+            anyhow::bail!("state file {}: --memory {} MiB but the file holds {} MiB", state.display(), memory >> 20, m.mem_size >> 20);
+        }
+        cpus = m.cpus;
+        memory = m.mem_size;
+        boot = BootSpec { kernel: m.kernel.clone().unwrap_or_default().into(), initrd: m.initrd.clone().map(Into::into), cmdline: m.cmdline.clone() };
+    }
     let config = VmConfig {
-        cpus: args.machine.cpus,
-        mem_size: args.machine.memory,
-        boot: BootSpec { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline },
+        cpus,
+        mem_size: memory,
+        boot,
         serial: args.machine.serial.to_config(),
         no_reboot: args.machine.no_reboot,
         disks: args.machine.disks.clone(),
         iothreads: usize::from(args.machine.iothreads),
         scsi_queues: args.machine.scsi_queues,
+        restore: args.loadstate.clone(),
     };
     ringvm::control::block_term_signals()?;
     let vm = Vm::build(config)?;
@@ -177,6 +195,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         disks: args.machine.disks.clone(),
         iothreads: usize::from(args.machine.iothreads),
         scsi_queues: args.machine.scsi_queues,
+        restore: None,
     };
     let snap = {
         let (s, f, r) = (sock.clone(), statefile.clone(), rec.clone());

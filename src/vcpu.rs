@@ -41,6 +41,10 @@ struct CtlState {
     /// Bumped by the controller to make every parked vCPU record its state.
     save_epoch: u64,
     saved: Vec<Option<std::result::Result<VcpuState, String>>>,
+    /// Bumped by the controller to make every parked vCPU load a state.
+    restore_epoch: u64,
+    to_restore: Vec<Option<VcpuState>>,
+    restored: Vec<Option<std::result::Result<(), String>>>,
 }
 
 /// Everything KVM holds for one vCPU, as saved in a state file.
@@ -82,6 +86,9 @@ impl VcpuControl {
                 boot: Some(boot),
                 save_epoch: 0,
                 saved: (0..count).map(|_| None).collect(),
+                restore_epoch: 0,
+                to_restore: (0..count).map(|_| None).collect(),
+                restored: (0..count).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
             count,
@@ -200,6 +207,30 @@ impl Vcpus {
             .collect()
     }
 
+    /// With the vCPUs paused: each vCPU thread loads `states[id]`.
+    pub fn restore_state(&self, states: Vec<VcpuState>) -> Result<()> {
+        if states.len() != self.ctl.count {
+            return Err(Error::Config(format!("the state has {} vCPUs, the VM {}", states.len(), self.ctl.count)));
+        }
+        {
+            let mut st = self.ctl.lock();
+            st.restore_epoch += 1;
+            st.restored.iter_mut().for_each(|s| *s = None);
+            for (slot, s) in st.to_restore.iter_mut().zip(states) {
+                *slot = Some(s);
+            }
+        }
+        self.ctl.cv.notify_all();
+        self.ctl.wait_until("vCPUs to load their state", |s| s.restored.iter().all(Option::is_some))?;
+        let mut st = self.ctl.lock();
+        for (cpu, r) in st.restored.iter_mut().enumerate() {
+            if let Some(Err(what)) = r.take() {
+                return Err(Error::Vcpu { cpu, what });
+            }
+        }
+        Ok(())
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn stop(&mut self) {
         self.ctl.lock().request = Request::Stop;
@@ -224,6 +255,8 @@ pub struct Vcpu {
     msr_list: Vec<u32>,
     /// The last save request this vCPU answered.
     save_seen: std::cell::Cell<u64>,
+    /// The last restore request this vCPU answered.
+    restore_seen: std::cell::Cell<u64>,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -258,7 +291,7 @@ impl Vcpu {
         let cpuid = boot::cpuid::for_vcpu(supported, id, count);
         // CPUID must be set before the guest enables long mode, so set it now.
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-        Ok(Self { id, count, fd, pio, mmio, mem, events, msr_list, save_seen: std::cell::Cell::new(0) })
+        Ok(Self { id, count, fd, pio, mmio, mem, events, msr_list, save_seen: std::cell::Cell::new(0), restore_seen: std::cell::Cell::new(0) })
     }
 
     /// Power-on state: MSRs, FPU, LAPIC LINT pins; the BSP gets the boot
@@ -381,6 +414,19 @@ impl Vcpu {
         let mut counted = false;
         let keep_running = loop {
             let me = usize::from(self.id);
+            if st.request == Request::Pause && st.restore_epoch != self.restore_seen.get() && counted {
+                self.restore_seen.set(st.restore_epoch);
+                let state = st.to_restore.get_mut(me).and_then(Option::take);
+                drop(st);
+                let r = match state {
+                    Some(s) => self.apply(&s).map_err(|e| e.to_string()),
+                    None => Err("no state for this vCPU".to_string()),
+                };
+                st = ctl.lock();
+                st.restored[me] = Some(r);
+                ctl.cv.notify_all();
+                continue;
+            }
             if st.request == Request::Pause && st.save_epoch != self.save_seen.get() && counted {
                 self.save_seen.set(st.save_epoch);
                 drop(st);
@@ -515,6 +561,30 @@ impl Vcpu {
             events: f.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
             debugregs: f.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
         })
+    }
+
+    /// Loads a saved state (validated by KVM as it goes: a state it refuses
+    /// is an error, never a half-applied vCPU that runs).
+    fn apply(&self, s: &VcpuState) -> Result<()> {
+        if s.id != self.id {
+            return Err(Error::Config(format!("state for vCPU {} given to vCPU {}", s.id, self.id)));
+        }
+        let f = &self.fd;
+        let msrs = kvm_bindings::Msrs::from_entries(&s.msrs).map_err(|_| Error::Config("too many MSRs in the state".into()))?;
+        let n = f.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if n != s.msrs.len() {
+            return Err(Error::Config(format!("KVM refused MSR {:#x} from the state", s.msrs[n].index)));
+        }
+        f.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        f.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
+        // SAFETY: the xsave area is a full kvm_xsave read back from KVM_GET_XSAVE.
+        unsafe { f.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        f.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        f.set_debug_regs(&s.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        f.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        f.set_mp_state(s.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+        f.set_vcpu_events(&s.events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 
     /// Every MSR KVM lists as saveable that this vCPU can read.

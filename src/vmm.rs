@@ -36,6 +36,8 @@ pub struct VmConfig {
     pub iothreads: usize,
     /// Request queues per virtio-scsi controller (None: one per vCPU).
     pub scsi_queues: Option<u32>,
+    /// Restore from this state file instead of booting.
+    pub restore: Option<PathBuf>,
 }
 
 /// Why the VM stopped.
@@ -98,6 +100,9 @@ pub fn validate(config: &VmConfig) -> Result<()> {
             )));
         }
     }
+    if config.restore.is_some() {
+        return Ok(());
+    }
     boot::probe_kernel(&config.boot.kernel)?;
     if let Some(initrd) = &config.boot.initrd {
         File::open(initrd).map_err(|source| Error::OpenFile { what: "initrd", path: initrd.clone(), source })?;
@@ -127,8 +132,47 @@ impl Vm {
         }
         let queues = config.scsi_queues.unwrap_or(u32::from(config.cpus));
         let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues)?;
-        let entry = boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?;
+        let checked = match &config.restore {
+            Some(p) => {
+                let c = crate::snapshot::format::open_checked(p).map_err(|e| Error::Config(format!("state file {}: {e}", p.display())))?;
+                let h = &c.header.machine;
+                if h.cpus != config.cpus || h.mem_size != config.mem_size {
+                    return Err(Error::Config(format!(
+                        "state file {}: the VM has {} vCPU(s) and {} MiB, the file {} and {} MiB",
+                        p.display(),
+                        config.cpus,
+                        config.mem_size >> 20,
+                        h.cpus,
+                        h.mem_size >> 20
+                    )));
+                }
+                if !h.disks.is_empty() || !config.disks.is_empty() {
+                    return Err(Error::Config(format!("state file {}: restoring VMs with disks is not supported yet", p.display())));
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        let entry = match &checked {
+            None => boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?,
+            // Placeholder: the vCPUs get their saved state before they run.
+            Some(_) => BootEntry { mode: boot::EntryMode::Pvh, entry: 0, boot_info: 0, kernel_end: 0, initrd: None },
+        };
         let vcpus = Self::create_vcpus(&machine, config.cpus, &events, entry)?;
+        if let (Some(c), Some(path)) = (&checked, &config.restore) {
+            let fail = |e: String| Error::Config(format!("state file {}: {e}", path.display()));
+            let section: crate::snapshot::StateSection = serde_json::from_slice(&c.state_json).map_err(|e| fail(format!("state section: {e}")))?;
+            if section.vcpus_version != 1 || section.machine_version != 1 {
+                return Err(fail(format!("state section versions {}/{} are not supported", section.vcpus_version, section.machine_version)));
+            }
+            // Every vCPU parked (and done with its power-on set-up, which
+            // writes boot tables into RAM) before RAM is loaded over it.
+            vcpus.pause()?;
+            let stats = crate::snapshot::restore::load_ram(path, c, &machine.mem).map_err(fail)?;
+            log::info!("restored {} MiB of RAM in {:?} (O_DIRECT: {})", stats.bytes >> 20, stats.elapsed, stats.direct);
+            machine.restore_state(&section.machine)?;
+            vcpus.restore_state(section.vcpus)?;
+        }
         if stdin_to_guest {
             spawn_stdin_reader(machine.serial.clone())?;
         }
@@ -166,6 +210,10 @@ impl Vm {
 
     pub fn vcpus(&self) -> &Vcpus {
         &self.vcpus
+    }
+
+    pub fn boot_spec(&self) -> &BootSpec {
+        &self.boot
     }
 
     pub fn cpus(&self) -> u8 {

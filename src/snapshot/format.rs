@@ -29,6 +29,13 @@ pub struct MachineDesc {
     pub cpus: u8,
     pub mem_size: u64,
     pub disks: Vec<DiskDesc>,
+    /// What a guest reset reloads after a restore.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -250,6 +257,68 @@ pub fn meta_crc(parts: &[(&[u8], &[u8])]) -> u32 {
     c
 }
 
+/// A state file whose header, completion record, state section and
+/// metadata all checked out; RAM pages are checked as they are read.
+pub struct Checked {
+    pub file: File,
+    pub header: Header,
+    pub state_json: Vec<u8>,
+    /// Per region: (presence bitmap, crc table).
+    pub metas: Vec<(Vec<u8>, Vec<u8>)>,
+    pub completion: Completion,
+    pub len: u64,
+}
+
+impl Checked {
+    pub fn present(&self, r: usize, p: u64) -> bool {
+        self.metas[r].0[(p / 8) as usize] & (1 << (p % 8)) != 0
+    }
+    pub fn crc(&self, r: usize, p: u64) -> u32 {
+        let c = &self.metas[r].1;
+        u32::from_le_bytes(c[(p * 4) as usize..(p * 4 + 4) as usize].try_into().unwrap_or_default())
+    }
+}
+
+/// Opens `path` and checks everything but the RAM pages.
+pub fn open_checked(path: &Path) -> Result<Checked, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut hb = vec![0u8; HEADER_SIZE as usize];
+    let n = file.read_at(&mut hb, 0).map_err(|e| e.to_string())?;
+    if n < JSON_AT {
+        return Err("file is truncated (no header)".into());
+    }
+    let (header, hcrc) = Header::decode(&hb[..n])?;
+    if len < header.file_size {
+        return Err(format!("file is truncated: {len} bytes, its layout needs {}", header.file_size));
+    }
+    let mut cb = vec![0u8; PAGE as usize];
+    file.read_exact_at(&mut cb, header.completion_offset).map_err(|e| e.to_string())?;
+    let completion = Completion::decode(&cb)?;
+    if completion.header_crc != hcrc {
+        return Err("completion record belongs to another header".into());
+    }
+    let mut sb = vec![0u8; header.state_max as usize];
+    file.read_exact_at(&mut sb, header.state_offset).map_err(|e| e.to_string())?;
+    let (state_json, scrc) = decode_state(&sb, header.state_max)?;
+    if scrc != completion.state_crc {
+        return Err("state section does not match the completion record".into());
+    }
+    let mut metas = Vec::new();
+    for r in &header.regions {
+        let mut bm = vec![0u8; r.bitmap_len() as usize];
+        file.read_exact_at(&mut bm, r.bitmap_offset).map_err(|e| e.to_string())?;
+        let mut crcs = vec![0u8; r.crc_len() as usize];
+        file.read_exact_at(&mut crcs, r.crc_offset).map_err(|e| e.to_string())?;
+        metas.push((bm, crcs));
+    }
+    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    if meta_crc(&parts) != completion.meta_crc {
+        return Err("page bitmaps or checksums do not match the completion record".into());
+    }
+    Ok(Checked { file, header, state_json, metas, completion, len })
+}
+
 /// What `state inspect` found.
 pub struct Report {
     pub header: Header,
@@ -260,60 +329,26 @@ pub struct Report {
 /// Reads `path` and checks every checksum: header, completion record,
 /// state section, metadata, and every present page.
 pub fn inspect(path: &Path) -> Result<Report, String> {
-    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
-    let mut hb = vec![0u8; HEADER_SIZE as usize];
-    let n = f.read_at(&mut hb, 0).map_err(|e| e.to_string())?;
-    if n < JSON_AT {
-        return Err("file is truncated (no header)".into());
-    }
-    let (h, hcrc) = Header::decode(&hb[..n])?;
+    let c = open_checked(path)?;
+    let h = c.header.clone();
     let mut lines = vec![
         format!("format: ringvm-state v{} (created {} unix)", h.version, h.created_unix),
         format!("machine: {} vCPU(s), {} MiB RAM, {} disk(s)", h.machine.cpus, h.machine.mem_size >> 20, h.machine.disks.len()),
-        format!("file: {len} bytes on disk, {} bytes laid out", h.file_size),
+        format!("file: {} bytes on disk, {} bytes laid out", c.len, h.file_size),
+        format!("state section: {} bytes at {:#x}, crc ok", c.state_json.len(), h.state_offset),
     ];
-    if len < h.file_size {
-        return Err(format!("file is truncated: {len} bytes, layout needs {}", h.file_size));
-    }
-    let mut cb = vec![0u8; PAGE as usize];
-    f.read_exact_at(&mut cb, h.completion_offset).map_err(|e| e.to_string())?;
-    let comp = Completion::decode(&cb)?;
-    if comp.header_crc != hcrc {
-        return Err("completion record belongs to another header".into());
-    }
-    let mut sb = vec![0u8; h.state_max as usize];
-    f.read_exact_at(&mut sb, h.state_offset).map_err(|e| e.to_string())?;
-    let (state, scrc) = decode_state(&sb, h.state_max)?;
-    if scrc != comp.state_crc {
-        return Err("state section does not match the completion record".into());
-    }
-    lines.push(format!("state section: {} bytes at {:#x}, crc ok", state.len(), h.state_offset));
-    let mut metas = Vec::new();
-    for r in &h.regions {
-        let mut bm = vec![0u8; r.bitmap_len() as usize];
-        f.read_exact_at(&mut bm, r.bitmap_offset).map_err(|e| e.to_string())?;
-        let mut crcs = vec![0u8; r.crc_len() as usize];
-        f.read_exact_at(&mut crcs, r.crc_offset).map_err(|e| e.to_string())?;
-        metas.push((bm, crcs));
-    }
-    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
-    if meta_crc(&parts) != comp.meta_crc {
-        return Err("page bitmaps or checksums do not match the completion record".into());
-    }
     let mut ok = true;
     let mut page = vec![0u8; PAGE as usize];
     let mut total_present = 0u64;
-    for (r, (bm, crcs)) in h.regions.iter().zip(&metas) {
+    for (ri, r) in h.regions.iter().enumerate() {
         let mut present = 0u64;
         for p in 0..r.pages() {
-            if bm[(p / 8) as usize] & (1 << (p % 8)) == 0 {
+            if !c.present(ri, p) {
                 continue;
             }
             present += 1;
-            f.read_exact_at(&mut page, r.offset + p * PAGE).map_err(|e| e.to_string())?;
-            let want = u32::from_le_bytes(crcs[(p * 4) as usize..(p * 4 + 4) as usize].try_into().unwrap_or_default());
-            if crc32c::crc32c(&page) != want {
+            c.file.read_exact_at(&mut page, r.offset + p * PAGE).map_err(|e| e.to_string())?;
+            if crc32c::crc32c(&page) != c.crc(ri, p) {
                 if ok {
                     lines.push(format!("BAD: page at gpa {:#x} (file offset {:#x}) fails its checksum", r.gpa + p * PAGE, r.offset + p * PAGE));
                 }
@@ -323,7 +358,7 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
         total_present += present;
         lines.push(format!("region gpa {:#x} size {} MiB at file {:#x}: {present} of {} pages present", r.gpa, r.size >> 20, r.offset, r.pages()));
     }
-    lines.push(format!("completion record: ok ({} RAM bytes written in all passes; {} MiB present)", comp.ram_bytes, total_present * PAGE >> 20));
+    lines.push(format!("completion record: ok ({} RAM bytes written in all passes; {} MiB present)", c.completion.ram_bytes, total_present * PAGE >> 20));
     lines.push(format!("checksums: {}", if ok { "all ok" } else { "FAILED" }));
     Ok(Report { header: h, lines, ok })
 }
@@ -333,7 +368,7 @@ mod tests {
     use super::*;
 
     fn header() -> Header {
-        Header::layout(MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![] }, &[(0, 3 << 30), (4 << 30, 1 << 30)])
+        Header::layout(MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![], kernel: None, initrd: None, cmdline: String::new() }, &[(0, 3 << 30), (4 << 30, 1 << 30)])
     }
 
     #[test]

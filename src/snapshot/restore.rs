@@ -1,0 +1,135 @@
+//! Restore: the incoming loader thread reads every present page straight
+//! into guest memory with io_uring (O_DIRECT where possible, many large
+//! reads in flight), checking each page's checksum as it lands. It holds no
+//! lock anyone else needs; vCPU and machine state are applied afterwards,
+//! with the vCPUs parked.
+
+use std::cell::RefCell;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ring::{Fd, Op, Ring};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::format::{Checked, PAGE};
+
+const MAX_INFLIGHT: usize = 32;
+const RUN_PAGES: u64 = 256;
+
+pub struct LoadStats {
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub direct: bool,
+}
+
+/// Loads RAM on a named loader thread and waits for it (the caller has
+/// nothing to do meanwhile; the VM does not exist for the guest yet).
+pub fn load_ram(path: &Path, checked: &Checked, mem: &GuestMemoryMmap) -> Result<LoadStats, String> {
+    // Runs of present pages: (file offset, host address, pages, region, first page).
+    let mut runs = Vec::new();
+    for (ri, r) in checked.header.regions.iter().enumerate() {
+        let base = mem.get_host_address(GuestAddress(r.gpa)).map_err(|e| format!("guest memory at {:#x}: {e}", r.gpa))? as usize;
+        let mut p = 0;
+        while p < r.pages() {
+            if !checked.present(ri, p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < r.pages() && p - start < RUN_PAGES && checked.present(ri, p) {
+                p += 1;
+            }
+            runs.push((r.offset + start * PAGE, base + (start * PAGE) as usize, p - start, ri, start));
+        }
+    }
+    let crcs: Vec<Vec<u32>> = checked
+        .header
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(ri, r)| (0..r.pages()).map(|p| checked.crc(ri, p)).collect())
+        .collect();
+    let gpas: Vec<u64> = checked.header.regions.iter().map(|r| r.gpa).collect();
+    let path: PathBuf = path.to_path_buf();
+    let t = std::thread::Builder::new()
+        .name("ringvm-loader".into())
+        .spawn(move || loader(&path, runs, crcs, gpas))
+        .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+    t.join().map_err(|_| "the loader thread panicked".to_string())?
+}
+
+type Run = (u64, usize, u64, usize, u64);
+
+fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>) -> Result<LoadStats, String> {
+    let t0 = Instant::now();
+    let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => (f, true),
+        Err(_) => (OpenOptions::new().read(true).open(path).map_err(|e| e.to_string())?, false),
+    };
+    let mut ring = Ring::new(64, None).map_err(|e| e.to_string())?;
+    let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
+    struct St {
+        next: usize,
+        inflight: usize,
+        bytes: u64,
+        err: Option<String>,
+    }
+    let st = Rc::new(RefCell::new(St { next: 0, inflight: 0, bytes: 0, err: None }));
+    let runs = Rc::new(runs);
+    let crcs = Rc::new(crcs);
+    let gpas = Rc::new(gpas);
+    fn issue(ring: &mut Ring, st: &Rc<RefCell<St>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd) {
+        loop {
+            let i = {
+                let mut s = st.borrow_mut();
+                if s.err.is_some() || s.next >= runs.len() || s.inflight >= MAX_INFLIGHT {
+                    return;
+                }
+                s.next += 1;
+                s.inflight += 1;
+                s.next - 1
+            };
+            let (off, host, pages, ri, first) = runs[i];
+            let len = (pages * PAGE) as usize;
+            let iov = vec![libc::iovec { iov_base: host as *mut libc::c_void, iov_len: len }];
+            // SAFETY: `host..host+len` is guest RAM of a VM whose vCPUs are
+            // parked; nothing else touches it until the load is done.
+            let op = unsafe { Op::readv(fd, iov, off) };
+            let (st2, runs2, crcs2, gpas2) = (st.clone(), runs.clone(), crcs.clone(), gpas.clone());
+            ring.submit(1, op, move |ring, c| {
+                {
+                    let mut s = st2.borrow_mut();
+                    s.inflight -= 1;
+                    match c.result {
+                        Ok(n) if n == len => {
+                            s.bytes += n as u64;
+                            for k in 0..pages {
+                                // SAFETY: inside the run just read.
+                                let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
+                                if crc32c::crc32c(page) != crcs2[ri][(first + k) as usize] && s.err.is_none() {
+                                    s.err = Some(format!("page at gpa {:#x} fails its checksum", gpas2[ri] + (first + k) * PAGE));
+                                }
+                            }
+                        }
+                        Ok(n) => s.err = s.err.take().or(Some(format!("short read at file offset {off:#x} ({n} of {len} bytes): the file is truncated"))),
+                        Err(e) => s.err = s.err.take().or(Some(format!("read at file offset {off:#x}: {e}"))),
+                    }
+                }
+                issue(ring, &st2, &runs2, &crcs2, &gpas2, fd);
+            });
+        }
+    }
+    issue(&mut ring, &st, &runs, &crcs, &gpas, fd);
+    while ring.in_flight() > 0 {
+        ring.run_once(true).map_err(|e| e.to_string())?;
+    }
+    let s = st.borrow();
+    if let Some(e) = &s.err {
+        return Err(e.clone());
+    }
+    Ok(LoadStats { bytes: s.bytes, elapsed: t0.elapsed(), direct })
+}
