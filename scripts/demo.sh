@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: boot the test guest, run its `mem`
 # workload, take a live snapshot while it rewrites pages (over QMP), check
-# the state file, verify memory, print the figures. (Restore comes next.)
+# the state file, restore it into a fresh VM where the guest carries on and
+# verifies every page, print the figures.
 # Extra arguments go to `ringvm demo`.
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
