@@ -309,9 +309,15 @@ fn scsi(quick: bool) -> Result<()> {
 fn snapshot(quick: bool) -> Result<()> {
     let (bin, dir, guest) = setup()?;
     let have_fio = have("fio");
-    let sizes: &[u64] = if quick { &[512] } else { &[1024, 4096, 8192] };
+    // RINGVM_PERF_SIZES=1024,4096 (MiB) and RINGVM_PERF_REPS=N narrow a run.
+    let env_sizes: Option<Vec<u64>> = std::env::var("RINGVM_PERF_SIZES").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let sizes: &[u64] = match &env_sizes {
+        Some(v) => v,
+        None if quick => &[512],
+        None => &[1024, 4096, 8192],
+    };
     let rates: &[u64] = if quick { &[1, 100] } else { &[1, 100, 500] };
-    let reps = if quick { 1 } else { 3 };
+    let reps = std::env::var("RINGVM_PERF_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 3 });
     let targets = [("local disk", scratch_dir()?), ("/dev/shm", PathBuf::from("/dev/shm"))];
     println!("\n## snapshot: live save of the test guest (2 vCPUs, 90% of RAM filled, then rewritten at the given rate); median of {reps}\n");
     println!("| target | guest | dirty MiB/s | total ms | downtime ms | passes | written MB | MB/s | file MiB | fio MB/s (same bytes) | ratio |");
