@@ -83,6 +83,9 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "savevm-start", args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number)] },
     CommandSpec { name: "query-savevm", args: &[] },
     CommandSpec { name: "savevm-end", args: &[] },
+    CommandSpec { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)] },
+    CommandSpec { name: "query-migrate", args: &[] },
+    CommandSpec { name: "migrate_cancel", args: &[] },
     CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
 ];
 
@@ -631,6 +634,42 @@ impl Controller {
                     .collect(),
             )),
             "savevm-start" => self.savevm_start(req),
+            // QEMU's spelling, same engine: only file: URIs.
+            "migrate" => {
+                let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
+                let Some(path) = uri.strip_prefix("file:") else {
+                    return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm migrates to file:PATH only")));
+                };
+                let mut r = req.clone();
+                r.arguments = serde_json::Map::new();
+                r.arguments.insert("statefile".into(), json!(path));
+                self.savevm_start(&r)
+            }
+            "query-migrate" => {
+                let s = self.query_savevm();
+                if s.get("status").is_none() {
+                    return Ok(json!({}));
+                }
+                let mut v = json!({
+                    "status": s["status"],
+                    "total-time": s["total-time"],
+                    "ram": {
+                        "transferred": s["bytes"],
+                        "remaining": s["remaining"],
+                        "mbps": s["throughput-mbps"].as_f64().unwrap_or(0.0) * 8.0,
+                        "dirty-sync-count": s["iterations"],
+                        "dirty-pages-rate": s["dirty-rate-mbps"].as_f64().unwrap_or(0.0) * 1e6 / 4096.0,
+                    },
+                });
+                if let Some(d) = s.get("downtime") {
+                    v["downtime"] = json!(d.as_f64().unwrap_or(0.0).round() as u64);
+                }
+                if let Some(e) = s.get("error") {
+                    v["error-desc"] = e.clone();
+                }
+                Ok(v)
+            }
+            "migrate_cancel" => Ok(self.savevm_end()),
             "query-savevm" => Ok(self.query_savevm()),
             "savevm-end" => Ok(self.savevm_end()),
             "human-monitor-command" => {

@@ -257,3 +257,34 @@ fn inspect_refuses_truncated_and_corrupt_files() {
     std::fs::write(&b, &c).unwrap();
     assert!(inspect(&b).stderr.contains("no completion record"));
 }
+
+/// QEMU's spelling on the same engine: migrate file:, query-migrate,
+/// migrate_cancel; other URIs are errors.
+#[test]
+fn qemu_migrate_file_spelling() {
+    if !require_kvm("qemu_migrate_file_spelling") {
+        return;
+    }
+    let dir = Scratch::new("snap-migrate");
+    let (p, mut q) = vm(&dir, "1", "128M", "work=mem mib=32 secs=inf rate=20");
+    let file = dir.path("m.state");
+    assert_eq!(q.ok("query-migrate", json!({})), json!({}));
+    let r = q.cmd(json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444"}}));
+    assert!(r["error"]["desc"].as_str().unwrap().contains("file:PATH"), "{r}");
+    q.ok("migrate", json!({"uri": format!("file:{}", file.display())}));
+    let t0 = std::time::Instant::now();
+    let m = loop {
+        let m = q.ok("query-migrate", json!({}));
+        if m["status"] != "active" {
+            break m;
+        }
+        assert!(t0.elapsed() < T);
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(m["ram"]["transferred"].as_u64().unwrap() > 0);
+    assert_eq!(inspect(&file).code(), 0);
+    q.ok("migrate_cancel", json!({}));
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
