@@ -75,11 +75,14 @@ pub struct MachineArgs {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Kernel: a bzImage or an ELF with a PVH note.
-    #[arg(long, required_unless_present = "loadstate")]
+    #[arg(long, required_unless_present_any = ["loadstate", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// Restore a VM from a state file (Proxmox's spelling) instead of booting.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "incoming"])]
     pub loadstate: Option<PathBuf>,
+    /// `defer`: wait for QMP migrate-incoming {"uri": "file:PATH"} (QEMU's spelling).
+    #[arg(long, value_parser = ["defer"], conflicts_with_all = ["kernel", "initrd"])]
+    pub incoming: Option<String>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,

@@ -62,6 +62,19 @@ pub struct ControlOptions {
     pub paused: bool,
     /// The VM's name (query-name).
     pub name: Option<String>,
+    /// Wait for migrate-incoming (the VM was built without a kernel).
+    pub incoming: bool,
+    /// Figures for the caller (the demo).
+    pub stats: Option<Arc<ControlStats>>,
+}
+
+/// Figures the control loop records for whoever started it.
+#[derive(Default)]
+pub struct ControlStats {
+    /// Microseconds from the start of a restore to the guest running.
+    pub restore_us: std::sync::atomic::AtomicU64,
+    /// RAM bytes the restore loaded.
+    pub restore_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Every command ringvm implements, with its arguments. `query-commands`
@@ -86,6 +99,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)] },
     CommandSpec { name: "query-migrate", args: &[] },
     CommandSpec { name: "migrate_cancel", args: &[] },
+    CommandSpec { name: "migrate-incoming", args: &[req("uri", ArgType::Str)] },
     CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
 ];
 
@@ -105,6 +119,25 @@ pub struct Controller {
     finishing: Option<Result<Outcome>>,
     _signalfd: Option<std::os::fd::OwnedFd>,
     save: SaveCtl,
+    incoming: IncomingCtl,
+    stats: Arc<ControlStats>,
+}
+
+/// An incoming state (restore): loader progress and outcome.
+#[derive(Default)]
+struct IncomingCtl {
+    /// Waiting for RAM: the parsed state to apply once it is in.
+    section: Option<crate::snapshot::StateSection>,
+    path: Option<std::path::PathBuf>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+    total: u64,
+    started: Option<Instant>,
+    status: Option<&'static str>,
+    error: Option<String>,
+    /// Run the guest when the load completes (no -S).
+    autostart: bool,
+    /// --loadstate: a failed load ends ringvm with status 1.
+    fatal: bool,
 }
 
 /// The control thread's side of a running snapshot.
@@ -172,7 +205,9 @@ fn term_signals_blocked() -> bool {
 }
 
 impl Controller {
-    pub fn new(vm: Vm, opts: ControlOptions) -> Result<Controller> {
+    pub fn new(mut vm: Vm, opts: ControlOptions) -> Result<Controller> {
+        let pending = vm.take_pending_restore();
+        let incoming = pending.is_some() || opts.incoming;
         let mut ring = Ring::new(RING_ENTRIES, None)?;
         let qmp = match &opts.qmp {
             Some(path) => {
@@ -202,18 +237,108 @@ impl Controller {
         } else {
             None
         };
-        Ok(Controller {
+        let mut c = Controller {
             vm,
             ring,
             qmp,
-            state: if opts.paused { RunState::Prelaunch } else { RunState::Running },
+            state: if incoming { RunState::InMigrate } else if opts.paused { RunState::Prelaunch } else { RunState::Running },
             name: opts.name,
             vm_event,
             signal,
             finishing: None,
             _signalfd: signalfd,
             save: SaveCtl::default(),
+            incoming: IncomingCtl { autostart: !opts.paused, ..Default::default() },
+            stats: opts.stats.clone().unwrap_or_default(),
+        };
+        if let Some(p) = pending {
+            c.incoming.fatal = true;
+            c.start_load(p.path, p.checked, p.section).map_err(Error::Config)?;
+        }
+        Ok(c)
+    }
+
+    /// Starts the loader thread; the control loop keeps serving QMP.
+    fn start_load(&mut self, path: std::path::PathBuf, checked: format::Checked, section: StateSection) -> std::result::Result<(), String> {
+        let total = crate::snapshot::restore::present_bytes(&checked);
+        let events = self.vm.events().clone();
+        let shown = path.display().to_string();
+        crate::snapshot::restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.incoming.progress.clone(), move |r| {
+            events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
         })
+        .map_err(|e| format!("state file {}: {e}", path.display()))?;
+        self.incoming.section = Some(section);
+        self.incoming.path = Some(path);
+        self.incoming.total = total;
+        self.incoming.started = Some(Instant::now());
+        self.incoming.status = Some("active");
+        self.state = RunState::InMigrate;
+        Ok(())
+    }
+
+    fn on_restored(&mut self, r: std::result::Result<u64, String>) {
+        let r = r.and_then(|bytes| {
+            let section = self.incoming.section.take().ok_or("no state to apply")?;
+            self.vm.apply_state(section).map_err(|e| format!("state file {}: {e}", self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()))?;
+            Ok(bytes)
+        });
+        match r {
+            Ok(bytes) => {
+                let ms = self.incoming.started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                log::info!("restored {} MiB of RAM in {ms:.1} ms", bytes >> 20);
+                self.stats.restore_us.store((ms * 1e3) as u64, std::sync::atomic::Ordering::Relaxed);
+                self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+                self.incoming.status = Some("completed");
+                self.broadcast("MIGRATION", Some(json!({"status": "completed"})));
+                if self.incoming.autostart {
+                    self.vm.vcpus().resume();
+                    self.state = RunState::Running;
+                    self.broadcast("RESUME", None);
+                } else {
+                    self.state = RunState::Paused;
+                }
+            }
+            Err(e) => {
+                if !self.incoming.fatal {
+                    log::warn!("{e}");
+                }
+                self.incoming.status = Some("failed");
+                self.incoming.error = Some(e.clone());
+                self.broadcast("MIGRATION", Some(json!({"status": "failed", "error": e})));
+                if self.incoming.fatal {
+                    self.finish(Err(Error::Config(e)));
+                }
+            }
+        }
+    }
+
+    fn migrate_incoming(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
+        if self.state != RunState::InMigrate || self.incoming.status.is_some() {
+            return Err(QmpError::generic("migrate-incoming is only possible once, on a VM started with --incoming defer"));
+        }
+        let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
+        let Some(path) = uri.strip_prefix("file:") else {
+            return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH only")));
+        };
+        let path = std::path::PathBuf::from(path);
+        let fail = |e: String| QmpError::generic(format!("state file {}: {e}", path.display()));
+        let checked = format::open_checked(&path).map_err(fail)?;
+        let m = &checked.header.machine;
+        if m.cpus != self.vm.cpus() || m.mem_size != self.vm.machine().mem_size {
+            return Err(fail(format!(
+                "the file holds {} vCPU(s) and {} MiB, this VM has {} and {} MiB",
+                m.cpus,
+                m.mem_size >> 20,
+                self.vm.cpus(),
+                self.vm.machine().mem_size >> 20
+            )));
+        }
+        if !m.disks.is_empty() || !self.vm.blocks().is_empty() {
+            return Err(fail("restoring VMs with disks is not supported yet".into()));
+        }
+        let section = crate::vmm::parse_section(&path, &checked).map_err(|e| QmpError::generic(e.to_string()))?;
+        self.start_load(path, checked, section).map_err(QmpError::generic)?;
+        Ok(json!({}))
     }
 
     pub fn state(&self) -> RunState {
@@ -318,6 +443,7 @@ impl Controller {
             }
             VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
             VmEvent::Snapshot(step) => self.on_snapshot_step(step),
+            VmEvent::Restored(r) => self.on_restored(r),
         }
     }
 
@@ -552,6 +678,11 @@ impl Controller {
                         .collect(),
                 ))
             }
+            "stop" if self.state == RunState::InMigrate => {
+                // QEMU: stop before the incoming state is in means no autostart.
+                self.incoming.autostart = false;
+                Ok(json!({}))
+            }
             "stop" if self.state == RunState::FinishMigrate => {
                 // The snapshot's final pause holds the vCPUs: they stay
                 // paused when it ends.
@@ -593,6 +724,7 @@ impl Controller {
                 RunState::InMigrate => Err(QmpError::generic("Migration is not finished yet; wait for it or cancel it")),
                 s => Err(QmpError::generic(format!("cannot continue while the VM is in state '{}'", s.as_str()))),
             },
+            "system_reset" if self.state == RunState::InMigrate => Err(QmpError::generic("the VM is waiting for its incoming state; system_reset is not possible yet")),
             "system_reset" if self.state == RunState::FinishMigrate => Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment")),
             "system_reset" => {
                 let resume = self.state == RunState::Running;
@@ -644,6 +776,21 @@ impl Controller {
                 r.arguments = serde_json::Map::new();
                 r.arguments.insert("statefile".into(), json!(path));
                 self.savevm_start(&r)
+            }
+            "migrate-incoming" => self.migrate_incoming(req),
+            "query-migrate" if self.incoming.status.is_some() && self.save.shared.get().state == SaveState::None => {
+                let done = self.incoming.progress.load(std::sync::atomic::Ordering::Relaxed);
+                let ms = self.incoming.started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                let mut v = json!({
+                    "status": self.incoming.status,
+                    "total-time": ms as u64,
+                    "ram": {"transferred": done, "total": self.incoming.total, "remaining": self.incoming.total.saturating_sub(done),
+                            "mbps": if ms > 0.0 { done as f64 * 8.0 / ms / 1e3 } else { 0.0 }},
+                });
+                if let Some(e) = &self.incoming.error {
+                    v["error-desc"] = json!(e);
+                }
+                Ok(v)
             }
             "query-migrate" => {
                 let s = self.query_savevm();

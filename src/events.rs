@@ -22,6 +22,8 @@ pub enum VmEvent {
     Error(String),
     /// The saving iothread asks the control thread for the next step.
     Snapshot(SnapshotStep),
+    /// The loader thread finished reading RAM (bytes) or failed.
+    Restored(Result<u64, String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,6 +38,28 @@ pub struct VmConfig {
     pub scsi_queues: Option<u32>,
     /// Restore from this state file instead of booting.
     pub restore: Option<PathBuf>,
+    /// Wait for QMP migrate-incoming (QEMU's `-incoming defer`).
+    pub incoming_defer: bool,
+}
+
+/// A checked state file and its parsed state section.
+pub struct PendingRestore {
+    pub path: PathBuf,
+    pub checked: crate::snapshot::format::Checked,
+    pub section: crate::snapshot::StateSection,
+}
+
+/// Parses and version-checks a state section.
+pub fn parse_section(path: &std::path::Path, c: &crate::snapshot::format::Checked) -> Result<crate::snapshot::StateSection> {
+    let fail = |e: String| Error::Config(format!("state file {}: {e}", path.display()));
+    let section: crate::snapshot::StateSection = serde_json::from_slice(&c.state_json).map_err(|e| fail(format!("state section: {e}")))?;
+    if section.vcpus_version != 1 || section.machine_version != 1 {
+        return Err(fail(format!("state section versions {}/{} are not supported", section.vcpus_version, section.machine_version)));
+    }
+    if section.vcpus.len() != usize::from(c.header.machine.cpus) {
+        return Err(fail(format!("state section has {} vCPUs, the header {}", section.vcpus.len(), c.header.machine.cpus)));
+    }
+    Ok(section)
 }
 
 /// Why the VM stopped.
@@ -70,6 +92,8 @@ pub struct Vm {
     cpus: u8,
     no_reboot: bool,
     storage: crate::disk::Storage,
+    /// A state file validated at build time, to load before the guest runs.
+    pending: Option<PendingRestore>,
     pub resets: u64,
     pub started: Instant,
 }
@@ -100,7 +124,7 @@ pub fn validate(config: &VmConfig) -> Result<()> {
             )));
         }
     }
-    if config.restore.is_some() {
+    if config.restore.is_some() || config.incoming_defer {
         return Ok(());
     }
     boot::probe_kernel(&config.boot.kernel)?;
@@ -154,29 +178,29 @@ impl Vm {
             None => None,
         };
         let entry = match &checked {
-            None => boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?,
+            None if !config.incoming_defer => boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?,
             // Placeholder: the vCPUs get their saved state before they run.
-            Some(_) => BootEntry { mode: boot::EntryMode::Pvh, entry: 0, boot_info: 0, kernel_end: 0, initrd: None },
+            _ => BootEntry { mode: boot::EntryMode::Pvh, entry: 0, boot_info: 0, kernel_end: 0, initrd: None },
         };
         let vcpus = Self::create_vcpus(&machine, config.cpus, &events, entry)?;
-        if let (Some(c), Some(path)) = (&checked, &config.restore) {
-            let fail = |e: String| Error::Config(format!("state file {}: {e}", path.display()));
-            let section: crate::snapshot::StateSection = serde_json::from_slice(&c.state_json).map_err(|e| fail(format!("state section: {e}")))?;
-            if section.vcpus_version != 1 || section.machine_version != 1 {
-                return Err(fail(format!("state section versions {}/{} are not supported", section.vcpus_version, section.machine_version)));
+        let pending = match (checked, &config.restore) {
+            (Some(c), Some(path)) => {
+                let section = parse_section(path, &c)?;
+                // Every vCPU parked (and done with its power-on set-up, which
+                // writes boot tables into RAM) before RAM is loaded over it.
+                vcpus.pause()?;
+                Some(PendingRestore { path: path.clone(), checked: c, section })
             }
-            // Every vCPU parked (and done with its power-on set-up, which
-            // writes boot tables into RAM) before RAM is loaded over it.
-            vcpus.pause()?;
-            let stats = crate::snapshot::restore::load_ram(path, c, &machine.mem).map_err(fail)?;
-            log::info!("restored {} MiB of RAM in {:?} (O_DIRECT: {})", stats.bytes >> 20, stats.elapsed, stats.direct);
-            machine.restore_state(&section.machine)?;
-            vcpus.restore_state(section.vcpus)?;
-        }
+            _ if config.incoming_defer => {
+                vcpus.pause()?;
+                None
+            }
+            _ => None,
+        };
         if stdin_to_guest {
             spawn_stdin_reader(machine.serial.clone())?;
         }
-        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, resets: 0, started })
+        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, resets: 0, started, pending })
     }
 
     fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
@@ -210,6 +234,16 @@ impl Vm {
 
     pub fn vcpus(&self) -> &Vcpus {
         &self.vcpus
+    }
+
+    pub fn take_pending_restore(&mut self) -> Option<PendingRestore> {
+        self.pending.take()
+    }
+
+    /// Applies machine and vCPU state after RAM was loaded (vCPUs parked).
+    pub fn apply_state(&mut self, section: crate::snapshot::StateSection) -> Result<()> {
+        self.machine.restore_state(&section.machine)?;
+        self.vcpus.restore_state(section.vcpus)
     }
 
     pub fn boot_spec(&self) -> &BootSpec {

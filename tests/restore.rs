@@ -89,6 +89,11 @@ fn chain_of_three_restores() {
         let _ = std::fs::remove_file(&sock);
         let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", prev.to_str().unwrap(), "--qmp"]).arg(&sock));
         let mut q = Qmp::negotiated(&sock);
+        let t0 = std::time::Instant::now();
+        while q.ok("query-status", json!({}))["status"] == "inmigrate" {
+            assert!(t0.elapsed() < T, "restore never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(q.ok("query-status", json!({}))["status"], "running");
         // It makes progress after the restore: two more heartbeats.
         p.wait_for_output("ringvm-guest: beat", T);
@@ -160,4 +165,52 @@ fn bad_state_files_are_one_line_errors() {
     let o = ringvm(&["run", "--loadstate", dir.path("missing.state").to_str().unwrap()], T);
     assert_eq!(o.code(), 1);
     assert!(o.stderr.contains("missing.state") && o.stderr.contains("No such file"), "{}", o.stderr);
+}
+
+/// QEMU's spelling: --incoming defer, then migrate-incoming file:PATH over
+/// QMP; query-status says inmigrate while RAM loads and QMP keeps
+/// answering; -S leaves the restored VM paused until cont.
+#[test]
+fn incoming_defer_and_qmp_during_the_load() {
+    if !require_kvm("incoming_defer_and_qmp_during_the_load") {
+        return;
+    }
+    let dir = Scratch::new("restore-incoming");
+    let g = guest_elf(&dir);
+    let file = dir.path("big.state");
+    // A 1 GiB guest with 900 MiB of data.
+    let o = run_and_snapshot(&dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "1G", "--cmdline", "work=mem mib=900 secs=2 rate=10 beat=100"], &file, "ringvm-guest: beat 1");
+    assert_eq!(o.code(), 0);
+    let sock = dir.path("in.sock");
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--incoming", "defer", "-S", "--memory", "1G", "--qmp"]).arg(&sock));
+    let mut q = Qmp::negotiated(&sock);
+    assert_eq!(q.ok("query-status", json!({}))["status"], "inmigrate");
+    // Bad requests first: wrong URI, a file that does not match.
+    assert!(q.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:1.2.3.4:5"}}))["error"].is_object());
+    let small = dir.path("small.state");
+    std::fs::write(&small, b"not a state file").unwrap();
+    let r = q.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", small.display())}}));
+    assert!(r["error"]["desc"].as_str().unwrap().contains("small.state"), "{r}");
+    q.ok("migrate-incoming", json!({"uri": format!("file:{}", file.display())}));
+    // QMP answers while RAM loads.
+    let mut answered = 0;
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = q.ok("query-status", json!({}));
+        answered += 1;
+        if st["status"] != "inmigrate" {
+            assert_eq!(st["status"], "paused", "-S keeps it paused");
+            break;
+        }
+        let m = q.ok("query-migrate", json!({}));
+        assert!(m["ram"]["total"].as_u64().unwrap() >= 900 << 20, "{m}");
+        assert!(t0.elapsed() < T);
+    }
+    assert!(answered >= 2, "QMP was not answered during the load");
+    assert_eq!(q.ok("query-migrate", json!({}))["status"], "completed");
+    assert!(!p.stdout().contains("ringvm-guest: dirty done"), "the guest ran before cont");
+    q.ok("cont", json!({}));
+    let o = p.wait(T);
+    assert_eq!(o.code(), 0, "{}", o.stderr);
+    assert!(o.stdout.contains("verify pages=230400 bad=0"), "{}", o.stdout);
 }

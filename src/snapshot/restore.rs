@@ -26,9 +26,8 @@ pub struct LoadStats {
     pub direct: bool,
 }
 
-/// Loads RAM on a named loader thread and waits for it (the caller has
-/// nothing to do meanwhile; the VM does not exist for the guest yet).
-pub fn load_ram(path: &Path, checked: &Checked, mem: &GuestMemoryMmap) -> Result<LoadStats, String> {
+/// Plans the reads: runs of present pages.
+fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<(Vec<Run>, Vec<Vec<u32>>, Vec<u64>), String> {
     // Runs of present pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
@@ -54,17 +53,49 @@ pub fn load_ram(path: &Path, checked: &Checked, mem: &GuestMemoryMmap) -> Result
         .map(|(ri, r)| (0..r.pages()).map(|p| checked.crc(ri, p)).collect())
         .collect();
     let gpas: Vec<u64> = checked.header.regions.iter().map(|r| r.gpa).collect();
+    Ok((runs, crcs, gpas))
+}
+
+/// Bytes to load (present pages) of a checked file.
+pub fn present_bytes(checked: &Checked) -> u64 {
+    let mut n = 0;
+    for (ri, r) in checked.header.regions.iter().enumerate() {
+        n += (0..r.pages()).filter(|&p| checked.present(ri, p)).count() as u64 * PAGE;
+    }
+    n
+}
+
+/// Starts the named loader thread; `done` runs on it with the result. The
+/// VM's vCPUs must be parked and stay parked until then. `progress` counts
+/// bytes loaded.
+pub fn spawn_loader(
+    path: &Path,
+    checked: &Checked,
+    mem: &GuestMemoryMmap,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
+) -> Result<(), String> {
+    let (runs, crcs, gpas) = plan(checked, mem)?;
     let path: PathBuf = path.to_path_buf();
-    let t = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("ringvm-loader".into())
-        .spawn(move || loader(&path, runs, crcs, gpas))
-        .map_err(|e| format!("cannot start the loader thread: {e}"))?;
-    t.join().map_err(|_| "the loader thread panicked".to_string())?
+        .spawn(move || done(loader(&path, runs, crcs, gpas, &progress)))
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the loader thread: {e}"))
+}
+
+/// Loads RAM on a named loader thread and waits for it.
+pub fn load_ram(path: &Path, checked: &Checked, mem: &GuestMemoryMmap) -> Result<LoadStats, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_loader(path, checked, mem, Default::default(), move |r| {
+        let _ = tx.send(r);
+    })?;
+    rx.recv().map_err(|_| "the loader thread died".to_string())?
 }
 
 type Run = (u64, usize, u64, usize, u64);
 
-fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>) -> Result<LoadStats, String> {
+fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {
     let t0 = Instant::now();
     let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => (f, true),
@@ -126,6 +157,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>) -> R
     issue(&mut ring, &st, &runs, &crcs, &gpas, fd);
     while ring.in_flight() > 0 {
         ring.run_once(true).map_err(|e| e.to_string())?;
+        progress.store(st.borrow().bytes, std::sync::atomic::Ordering::Relaxed);
     }
     let s = st.borrow();
     if let Some(e) = &s.err {
