@@ -322,6 +322,7 @@ fn snapshot(quick: bool) -> Result<()> {
     println!("\n## snapshot: live save of the test guest (2 vCPUs, 90% of RAM filled, then rewritten at the given rate); median of {reps}\n");
     println!("| target | guest | dirty MiB/s | total ms | downtime ms | passes | written MB | MB/s | file MiB | fio MB/s (same bytes) | ratio |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut restores = Vec::new();
     for (tname, tdir) in &targets {
         for &mib in sizes {
             for &rate in rates {
@@ -333,6 +334,14 @@ fn snapshot(quick: bool) -> Result<()> {
                     if have_fio {
                         fios.push(snapbench::fio(tdir, r.bytes as u64)?);
                     }
+                    if rate > 1 && rate < 500 {
+                        // Restore the same file (one dirty rate is enough).
+                        let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
+                        let present = (r.file_mib * (1 << 20) as f64) as u64;
+                        let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
+                        restores.push((format!("{tname}"), mib, ms, worst, fio_ms, r.file_mib));
+                    }
+                    let _ = std::fs::remove_file(&file);
                     rs.push(r);
                 }
                 rs.sort_by(|a, b| a.total_ms.partial_cmp(&b.total_ms).unwrap());
@@ -354,6 +363,18 @@ fn snapshot(quick: bool) -> Result<()> {
                 );
             }
         }
+    }
+    println!("\n### restore (ringvm run --loadstate -S, until the VM is paused with all state applied)\n");
+    println!("| target | guest | present MiB | time to ready ms | MB/s | fio read of the same bytes ms | ratio (ringvm/fio time) | worst query-status during load ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (t, mib, ms, worst, fio_ms, file_mib) in restores {
+        println!(
+            "| {t} | {} GiB | {file_mib:.0} | {ms:.0} | {:.0} | {} | {} | {worst:.2} |",
+            mib as f64 / 1024.0,
+            file_mib * 1.048576 / (ms / 1e3),
+            fio_ms.map_or("skipped".into(), |v| format!("{v:.0}")),
+            fio_ms.map_or("-".into(), |v| format!("{:.3}", ms / v)),
+        );
     }
     println!("\nQEMU `migrate file:` (mapped-ram, multifd, direct-io) is not measured yet.");
     let _ = std::fs::remove_dir_all(&dir);

@@ -117,8 +117,79 @@ pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, r
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::fs::remove_file(file);
     res
+}
+
+/// Restores `file` with -S and measures the time until the VM is paused
+/// with all state applied (QMP query-status leaves inmigrate); also the
+/// worst query-status latency seen during the load.
+pub fn restore(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
+    let sock = dir.join("restore.sock");
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["run", "-S", "--serial", "off", "--loadstate"])
+        .arg(file)
+        .arg("--qmp")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let res = (|| -> Result<(f64, f64)> {
+        let mut q = qmp(&sock)?;
+        let mut worst: f64 = 0.0;
+        loop {
+            let t = Instant::now();
+            let st = cmd(&mut q, json!({"execute": "query-status"}))?["return"]["status"].clone();
+            worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
+            if st != "inmigrate" {
+                if st != "paused" {
+                    bail!("restore ended in state {st}");
+                }
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("restore did not finish");
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        Ok((ms, worst))
+    })();
+    let t1 = Instant::now();
+    while child.try_wait()?.is_none() {
+        if t1.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    res
+}
+
+/// fio reading `bytes` sequentially from `file` (1 MiB, QD32, O_DIRECT):
+/// milliseconds.
+pub fn fio_read_ms(file: &Path, bytes: u64) -> Result<f64> {
+    let run = |direct: u32| {
+        Command::new("fio")
+            .args(["--name=r", "--ioengine=io_uring", "--rw=read", "--bs=1M", "--iodepth=32", "--output-format=json"])
+            .arg(format!("--direct={direct}"))
+            .arg(format!("--filename={}", file.display()))
+            .arg(format!("--size={}M", (bytes >> 20).max(1)))
+            .output()
+    };
+    let mut out = run(1)?;
+    if !out.status.success() {
+        out = run(0)?;
+    }
+    if !out.status.success() {
+        bail!("fio: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let bw = v["jobs"][0]["read"]["bw_bytes"].as_f64().context("bw_bytes")?;
+    Ok(bytes as f64 / bw * 1e3)
 }
 
 /// fio writing `bytes` sequentially (1 MiB, QD 32, O_DIRECT where the
