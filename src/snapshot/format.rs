@@ -157,7 +157,10 @@ impl Header {
         if self.machine.cpus == 0 || self.regions.is_empty() {
             return Err("header: no CPUs or no RAM regions".into());
         }
-        let total: u64 = self.regions.iter().map(|r| r.size).sum();
+        if self.regions.len() > 64 {
+            return Err("header: too many RAM regions".into());
+        }
+        let total = self.regions.iter().try_fold(0u64, |a, r| a.checked_add(r.size)).ok_or("header: region sizes overflow")?;
         if total != self.machine.mem_size {
             return Err(format!("header: regions total {total} bytes but memory is {}", self.machine.mem_size));
         }
@@ -168,14 +171,24 @@ impl Header {
             }
             end = r.offset.checked_add(r.size).ok_or("header: region overflows")?;
         }
+        let bad = |what: String| Err(format!("header: {what} is misplaced"));
         for r in &self.regions {
-            if r.bitmap_offset < end || r.crc_offset < r.bitmap_offset + r.bitmap_len() {
-                return Err(format!("header: metadata of region {:#x} is misplaced", r.gpa));
+            let bm_end = r.bitmap_offset.checked_add(r.bitmap_len());
+            if r.bitmap_offset < end || bm_end.is_none_or(|e| r.crc_offset < e) {
+                return bad(format!("metadata of region {:#x}", r.gpa));
             }
-            end = r.crc_offset + r.crc_len();
+            match r.crc_offset.checked_add(r.crc_len()) {
+                Some(e) => end = e,
+                None => return bad(format!("metadata of region {:#x}", r.gpa)),
+            }
         }
-        if self.state_offset < end || self.completion_offset < self.state_offset + self.state_max || self.file_size != self.completion_offset + PAGE {
-            return Err("header: sections are misplaced".into());
+        let state_end = self.state_offset.checked_add(self.state_max);
+        if self.state_offset < end
+            || state_end.is_none_or(|e| self.completion_offset < e)
+            || self.completion_offset.checked_add(PAGE) != Some(self.file_size)
+            || self.state_max > 1 << 30
+        {
+            return bad("a section".into());
         }
         Ok(())
     }
@@ -237,8 +250,9 @@ pub fn decode_state(b: &[u8], max: u64) -> Result<(Vec<u8>, u32), String> {
     }
     let len = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
     let crc = u32::from_le_bytes(b[16..20].try_into().unwrap_or_default());
-    if 24 + len > max || 24 + len > b.len() as u64 {
-        return Err(format!("state section: length {len} out of range"));
+    match len.checked_add(24) {
+        Some(end) if end <= max && end <= b.len() as u64 => {}
+        _ => return Err(format!("state section: length {len} out of range")),
     }
     let json = &b[24..24 + len as usize];
     if crc32c::crc32c(json) != crc {
@@ -413,5 +427,9 @@ mod tests {
         bad[25] ^= 1;
         assert!(decode_state(&bad, 4096).is_err());
         assert!(encode_state(&[0u8; 5000], 4096).is_err());
+        // Found by fuzzing (fuzz/state_file): a length that wraps 24 + len.
+        let mut wrap = s.clone();
+        wrap[8..16].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        assert!(decode_state(&wrap, 4096).unwrap_err().contains("out of range"));
     }
 }
