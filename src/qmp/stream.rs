@@ -37,6 +37,19 @@ impl Splitter {
         self.buf.len()
     }
 
+    /// One byte inside a string; true when it closed the string.
+    fn string_byte(&mut self, c: u8) -> bool {
+        if self.escape {
+            self.escape = false;
+        } else if c == b'\\' {
+            self.escape = true;
+        } else if c == b'"' {
+            self.in_string = false;
+            return true;
+        }
+        false
+    }
+
     fn emit_scalar(&mut self, out: &mut Vec<Frame>) {
         self.scalar = false;
         out.push(Frame::Message(std::mem::take(&mut self.buf)));
@@ -50,12 +63,7 @@ impl Splitter {
                 if self.scalar && self.in_string {
                     // A top-level string: its end is the closing quote.
                     self.buf.push(c);
-                    if self.escape {
-                        self.escape = false;
-                    } else if c == b'\\' {
-                        self.escape = true;
-                    } else if c == b'"' {
-                        self.in_string = false;
+                    if self.string_byte(c) {
                         self.emit_scalar(out);
                         continue;
                     }
@@ -104,13 +112,7 @@ impl Splitter {
                 }
             }
             if self.in_string {
-                if self.escape {
-                    self.escape = false;
-                } else if c == b'\\' {
-                    self.escape = true;
-                } else if c == b'"' {
-                    self.in_string = false;
-                }
+                self.string_byte(c);
                 continue;
             }
             match c {
