@@ -56,6 +56,16 @@ fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<(Vec<Run>, Vec<Vec<u
     Ok((runs, crcs, gpas))
 }
 
+/// Bulk work yields to the control thread (QMP keeps answering while RAM
+/// loads): nice 10 for the calling thread.
+fn background_priority() {
+    // SAFETY: gettid/setpriority on the calling thread only.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 /// Bytes to load (present pages) of a checked file.
 pub fn present_bytes(checked: &Checked) -> u64 {
     let mut n = 0;
@@ -81,6 +91,7 @@ pub fn spawn_loader(
     // only moves the cost of first touch off the I/O path.
     let prefault: Vec<(usize, usize)> = runs.iter().map(|r| (r.1, (r.2 * PAGE) as usize)).collect();
     let _ = std::thread::Builder::new().name("ringvm-prefault".into()).spawn(move || {
+        background_priority();
         for (addr, len) in prefault {
             // SAFETY: advice on guest RAM we own; MADV_POPULATE_WRITE only
             // faults pages in and never changes their contents.
@@ -92,7 +103,10 @@ pub fn spawn_loader(
     let path: PathBuf = path.to_path_buf();
     std::thread::Builder::new()
         .name("ringvm-loader".into())
-        .spawn(move || done(loader(&path, runs, crcs, gpas, &progress)))
+        .spawn(move || {
+            background_priority();
+            done(loader(&path, runs, crcs, gpas, &progress))
+        })
         .map(|_| ())
         .map_err(|e| format!("cannot start the loader thread: {e}"))
 }
