@@ -422,24 +422,14 @@ impl Controller {
             }
             VmEvent::Reset => {
                 log::info!("guest reset");
-                self.broadcast("RESET", Some(guest_reset));
-                let resume = self.state == RunState::Running;
-                match self.vm.reset(resume) {
-                    Ok(w) => self.snapshot_memory_rewritten(w),
-                    Err(e) => self.fatal(e),
-                }
+                self.guest_reset(guest_reset);
             }
             VmEvent::TripleFault { cpu, at } if self.vm.no_reboot() => {
                 self.fatal(Error::Vcpu { cpu, what: format!("guest triple fault (KVM_EXIT_SHUTDOWN) at {at}") });
             }
             VmEvent::TripleFault { cpu, at } => {
                 log::warn!("vcpu{cpu}: guest triple fault at {at}; resetting");
-                self.broadcast("RESET", Some(guest_reset));
-                let resume = self.state == RunState::Running;
-                match self.vm.reset(resume) {
-                    Ok(w) => self.snapshot_memory_rewritten(w),
-                    Err(e) => self.fatal(e),
-                }
+                self.guest_reset(guest_reset);
             }
             VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
             VmEvent::Snapshot(step) => self.on_snapshot_step(step),
@@ -534,13 +524,35 @@ impl Controller {
         v
     }
 
+    /// A guest-initiated reset (i8042, triple fault): RESET, then the VM
+    /// back to power-on state, running if it was.
+    fn guest_reset(&mut self, data: Value) {
+        self.broadcast("RESET", Some(data));
+        let resume = self.state == RunState::Running;
+        match self.vm.reset(resume) {
+            Ok(w) => self.snapshot_memory_rewritten(w),
+            Err(e) => self.fatal(e),
+        }
+    }
+
+    /// Ends a running snapshot: marks it failed with `why` (if given), asks
+    /// the job to stop and wakes it so it notices.
+    fn cancel_snapshot(&mut self, why: Option<String>) {
+        if let Some(msg) = why {
+            self.save.shared.update(|s| {
+                s.state = SaveState::Failed;
+                s.error = Some(msg);
+            });
+        }
+        self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(io) = &self.save.iothread {
+            let _ = io.remote().send(save::poke);
+        }
+    }
+
     fn savevm_end(&mut self) -> Value {
         if self.save.shared.get().state == SaveState::Active {
-            self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-            // Wake the job so it notices.
-            if let Some(io) = &self.save.iothread {
-                let _ = io.remote().send(save::poke);
-            }
+            self.cancel_snapshot(None);
         } else if self.save.iothread.is_none() {
             self.save.shared = Arc::new(SaveShared::default());
         }
@@ -555,11 +567,7 @@ impl Controller {
                 }
                 if self.state == RunState::Running {
                     if let Err(e) = self.vm.vcpus().pause() {
-                        self.save.shared.update(|s| {
-                            s.state = SaveState::Failed;
-                            s.error = Some(format!("cannot pause the vCPUs: {e}"));
-                        });
-                        self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.cancel_snapshot(Some(format!("cannot pause the vCPUs: {e}")));
                         return;
                     }
                     self.save.paused_by_us = true;
@@ -593,16 +601,7 @@ impl Controller {
                             let _ = io.remote().send(move |ring| save::close(ring, json));
                         }
                     }
-                    Some(Err(e)) => {
-                        self.save.shared.update(|s| {
-                            s.state = SaveState::Failed;
-                            s.error = Some(format!("cannot save vCPU/device state: {e}"));
-                        });
-                        self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                        if let Some(io) = &self.save.iothread {
-                            let _ = io.remote().send(save::poke);
-                        }
-                    }
+                    Some(Err(e)) => self.cancel_snapshot(Some(format!("cannot save vCPU/device state: {e}"))),
                     None => {}
                 }
             }

@@ -109,8 +109,7 @@ impl Storage {
     pub fn stop(&mut self) {
         for c in &self.controllers {
             // Resetting quiesces each controller's queues on their iothreads.
-            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-            devices::bus::BusDevice::write(&mut *c, 0x14, &[0]);
+            c.lock().unwrap_or_else(|e| e.into_inner()).device_reset();
         }
         for t in &mut self.iothreads {
             t.stop();

@@ -72,8 +72,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     let mut boot = BootSpec { kernel: args.kernel.clone().unwrap_or_default(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
     if let Some(state) = &args.loadstate {
         // The machine comes from the file; what the command line gives must agree.
-        let c = ringvm::snapshot::format::open_checked(state).map_err(|e| anyhow::anyhow!("state file {}: {e}", state.display()))?;
-        let m = &c.header.machine;
+        let header = ringvm::snapshot::format::read_header(state).map_err(|e| anyhow::anyhow!("state file {}: {e}", state.display()))?;
+        let m = &header.machine;
         let defaults = ringvm::cli::MachineArgs::default_values();
         if cpus != defaults.0 && cpus != m.cpus {
             anyhow::bail!("state file {}: --cpus {cpus} but the file holds {} vCPU(s)", state.display(), m.cpus);
@@ -205,7 +205,6 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
     };
     let result = Vm::build(config).and_then(|vm| Controller::new(vm, ControlOptions { qmp: Some(sock.clone()), ..Default::default() })?.run());
     let outcome = result?;
-    let total = t0.elapsed();
     let snap = snap.join().map_err(|_| anyhow::anyhow!("demo client panicked"))?;
     let st = rec.0.lock().unwrap_or_else(|e| e.into_inner());
     let text = String::from_utf8_lossy(&st.text);
@@ -300,7 +299,6 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             }
         }
     }
-    let _ = total;
     println!("total:             {:.1} ms (boot, run, live snapshot, restore, verify)", ms(t0.elapsed()));
     println!("result:            {}", if ok { "PASS" } else { "FAIL" });
     drop(st);

@@ -271,8 +271,7 @@ impl Vm {
         // queues through their iothreads (this thread waits on their
         // events; they never wait on it).
         for c in &self.storage.controllers {
-            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-            devices::bus::BusDevice::write(&mut *c, 0x14, &[0]);
+            c.lock().unwrap_or_else(|e| e.into_inner()).device_reset();
         }
         let entry = boot::load(&self.machine.mem, &self.boot, self.machine.mem_size, self.cpus)?;
         self.machine.reset_irqchips()?;

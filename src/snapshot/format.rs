@@ -293,9 +293,9 @@ impl Checked {
     }
 }
 
-/// Opens `path` and checks everything but the RAM pages.
-pub fn open_checked(path: &Path) -> Result<Checked, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+/// The checked header of an open state file (and the file's length): the
+/// machine it describes, without reading the rest.
+fn header_of(file: &File) -> Result<(Header, u32, u64), String> {
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut hb = vec![0u8; HEADER_SIZE as usize];
     let n = file.read_at(&mut hb, 0).map_err(|e| e.to_string())?;
@@ -306,6 +306,20 @@ pub fn open_checked(path: &Path) -> Result<Checked, String> {
     if len < header.file_size {
         return Err(format!("file is truncated: {len} bytes, its layout needs {}", header.file_size));
     }
+    Ok((header, hcrc, len))
+}
+
+/// Reads and checks only the header of `path` (what machine to build);
+/// [`open_checked`] does the full check before anything is loaded.
+pub fn read_header(path: &Path) -> Result<Header, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    header_of(&file).map(|h| h.0)
+}
+
+/// Opens `path` and checks everything but the RAM pages.
+pub fn open_checked(path: &Path) -> Result<Checked, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let (header, hcrc, len) = header_of(&file)?;
     let mut cb = vec![0u8; PAGE as usize];
     file.read_exact_at(&mut cb, header.completion_offset).map_err(|e| e.to_string())?;
     let completion = Completion::decode(&cb)?;

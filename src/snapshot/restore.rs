@@ -111,15 +111,6 @@ pub fn spawn_loader(
         .map_err(|e| format!("cannot start the loader thread: {e}"))
 }
 
-/// Loads RAM on a named loader thread and waits for it.
-pub fn load_ram(path: &Path, checked: &Checked, mem: &GuestMemoryMmap) -> Result<LoadStats, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    spawn_loader(path, checked, mem, Default::default(), move |r| {
-        let _ = tx.send(r);
-    })?;
-    rx.recv().map_err(|_| "the loader thread died".to_string())?
-}
-
 type Run = (u64, usize, u64, usize, u64);
 
 fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {

@@ -77,7 +77,7 @@ thread_local! {
 }
 
 fn open(path: &str) -> std::io::Result<(File, File, bool)> {
-    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode_0600().open(path)?;
+    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)?;
     match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(d) => Ok((d, buffered, true)),
         // No O_DIRECT here (some FUSE, older tmpfs): buffered writes.
@@ -86,14 +86,6 @@ fn open(path: &str) -> std::io::Result<(File, File, bool)> {
     }
 }
 
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-impl Mode0600 for OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
-    }
-}
 
 /// Starts a snapshot on the calling iothread. Failures end up in the
 /// shared status (and a `Done` event), never in the caller.
@@ -229,8 +221,11 @@ impl Job {
             log::warn!("snapshot failed: {msg}");
             let path = self.p.path.clone();
             self.shared.update(|s| {
+                // The control thread may have failed it first, with the reason.
+                if s.state != SaveState::Failed || s.error.is_none() {
+                    s.error = Some(if msg.contains(&path) { msg } else { format!("statefile {path}: {msg}") });
+                }
                 s.state = SaveState::Failed;
-                s.error = Some(if msg.contains(&path) { msg } else { format!("statefile {path}: {msg}") });
             });
         }
     }
@@ -396,17 +391,15 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
             j.pass += 1;
             let pending = j.pending_pages() * PAGE;
             let dirty_rate = pending as f64 / secs;
-            let (pass, tp, target) = (j.pass, j.throughput, j.p.downtime_ms);
+            let (pass, tp, target, ram) = (j.pass, j.throughput, j.p.downtime_ms, j.ram_bytes);
             let expected_ms = pending as f64 / tp.max(1.0) * 1e3;
             j.shared.update(|s| {
                 s.iterations = pass;
                 s.remaining = pending;
                 s.throughput_mbps = tp / 1e6;
                 s.dirty_rate_mbps = dirty_rate / 1e6;
-                s.bytes = s.bytes.max(0);
+                s.bytes = ram;
             });
-            let ram = j.ram_bytes;
-            j.shared.update(|s| s.bytes = ram);
             let stalled = pass >= MAX_PASSES;
             if expected_ms <= target || stalled {
                 if stalled {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -145,6 +145,12 @@ impl VirtioPci {
 
     pub fn status(&self) -> u8 {
         self.status
+    }
+
+    /// Resets the device as a driver writing status 0 would: its queues
+    /// are quiesced through their iothreads first.
+    pub fn device_reset(&mut self) {
+        self.reset();
     }
 
     pub fn describe(&self) -> Vec<String> {
@@ -463,5 +469,3 @@ impl BusDevice for VirtioPci {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_addr(_: GuestAddress) {}

@@ -427,7 +427,7 @@ impl Worker {
         if total(&resp) < resp_len as u64 {
             // Nowhere to say anything: give the head back, zero bytes.
             log::debug!("virtio-scsi: head {head}: response buffer too short");
-            return Worker::finish(w, head, None, 0);
+            return Worker::finish(w, head, 0);
         }
         let req_len = 19 + cdb_size;
         let (hdr_segs, data_out) = split(&rd, req_len);
@@ -598,11 +598,11 @@ impl Worker {
             resp[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
         }
         let used = if write_segs(&mem, &r.resp, &resp) { resp.len() as u64 + data_in } else { 0 };
-        Worker::finish(w, r.head, Some(()), used as u32);
+        Worker::finish(w, r.head, used as u32);
     }
 
     /// Puts `head` in the used ring and signals if the driver wants it.
-    fn finish(w: &W, head: u16, _resp: Option<()>, used: u32) {
+    fn finish(w: &W, head: u16, used: u32) {
         let mut wk = w.borrow_mut();
         let mem = wk.s.mem.clone();
         if let Some(f) = wk.in_flight.get_mut(head as usize) {
@@ -630,7 +630,7 @@ impl Worker {
     /// on this queue.
     fn control(w: &W, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
         let mem = w.borrow().s.mem.clone();
-        let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, None, 0) };
+        let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, 0) };
         let kind = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         let reply: Vec<u8> = match kind {
             0 => vec![0], // TMF: VIRTIO_SCSI_S_FUNCTION_COMPLETE
@@ -642,7 +642,7 @@ impl Worker {
             _ => vec![S_FAILURE],
         };
         let used = if write_segs(&mem, wr, &reply) { reply.len() as u32 } else { 0 };
-        Worker::finish(w, head, None, used);
+        Worker::finish(w, head, used);
     }
 }
 
@@ -653,5 +653,3 @@ pub fn disk_size(f: &File) -> std::io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
-#[allow(dead_code)]
-fn _unused(_: &Queue) {}
