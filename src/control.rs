@@ -333,9 +333,9 @@ impl Controller {
                 self.vm.machine().mem_size >> 20
             )));
         }
-        if !m.disks.is_empty() || !self.vm.blocks().is_empty() {
-            return Err(fail("restoring VMs with disks is not supported yet".into()));
-        }
+        let mut blocks: Vec<_> = self.vm.blocks().to_vec();
+        blocks.sort_by_key(|b| b.index);
+        crate::snapshot::check_disks(&m.disks, &blocks.iter().map(|b| b.path.clone()).collect::<Vec<_>>()).map_err(fail)?;
         let section = crate::vmm::parse_section(&path, &checked).map_err(|e| QmpError::generic(e.to_string()))?;
         self.start_load(path, checked, section).map_err(QmpError::generic)?;
         Ok(json!({}))
@@ -444,9 +444,6 @@ impl Controller {
         if !matches!(self.state, RunState::Running | RunState::Paused) {
             return Err(QmpError::generic(format!("cannot snapshot a VM in state '{}'", self.state.as_str())));
         }
-        if !self.vm.blocks().is_empty() {
-            return Err(QmpError::generic("snapshots of VMs with disks are not supported yet (disk quiesce and queue state are not saved)"));
-        }
         let path = req.arguments.get("statefile").and_then(Value::as_str).unwrap_or_default().to_string();
         if path.is_empty() {
             return Err(QmpError::generic("Parameter 'statefile' must not be empty"));
@@ -459,10 +456,15 @@ impl Controller {
         let slots = machine.slots();
         let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
         let boot = self.vm.boot_spec();
+        let mut blocks: Vec<_> = self.vm.blocks().to_vec();
+        blocks.sort_by_key(|b| b.index);
+        let disks = blocks.iter().map(|b| format::DiskDesc { path: b.path.clone(), readonly: b.readonly, direct: b.direct, iothread: b.pin }).collect();
         let desc = format::MachineDesc {
             cpus: self.vm.cpus(),
             mem_size: machine.mem_size,
-            disks: vec![],
+            disks,
+            scsi_queues: self.vm.scsi_queues(),
+            iothreads: self.vm.storage().iothreads.len(),
             kernel: Some(boot.kernel.display().to_string()),
             initrd: boot.initrd.as_ref().map(|p| p.display().to_string()),
             cmdline: boot.cmdline.clone(),
@@ -476,10 +478,16 @@ impl Controller {
             s.path = path.clone();
             s.started = Some(Instant::now());
         });
-        let params = save::Params { path, header, slots, downtime_ms: downtime };
+        // What the disks' queues write into guest RAM, KVM does not see.
+        let dma = (!self.vm.blocks().is_empty()).then(|| self.vm.storage().dirty.clone());
+        if let Some(d) = &dma {
+            d.set_enabled(true);
+        }
+        let params = save::Params { path, header, slots, downtime_ms: downtime, dma };
         let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
         if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
             let _ = machine.set_dirty_log(false);
+            self.vm.storage().dirty.set_enabled(false);
             return Err(QmpError::generic(format!("snapshot iothread: {e}")));
         }
         self.save = SaveCtl { shared, iothread: Some(io), ..Default::default() };
@@ -572,6 +580,17 @@ impl Controller {
                     }
                     self.save.paused_by_us = true;
                 }
+                // Disks next: their iothreads finish what is in flight (so
+                // its data and used entries are in RAM and in the dirty
+                // log) and take nothing new until the resume.
+                if let Err(e) = self.vm.storage().pause() {
+                    if self.save.paused_by_us {
+                        self.vm.vcpus().resume();
+                        self.save.paused_by_us = false;
+                    }
+                    self.cancel_snapshot(Some(format!("cannot quiesce the disks: {e}")));
+                    return;
+                }
                 self.save.resume_to = Some(self.state);
                 self.state = RunState::FinishMigrate;
                 self.save.pause_started = Some(Instant::now());
@@ -583,6 +602,7 @@ impl Controller {
                 let Some(back) = self.save.resume_to.take() else { return };
                 // Capture vCPU and machine state while they are still out.
                 let state = if self.save.shared.get().state == SaveState::Active { Some(self.capture_state()) } else { None };
+                self.vm.storage().resume();
                 if self.save.paused_by_us {
                     self.vm.vcpus().resume();
                     self.save.paused_by_us = false;
@@ -609,6 +629,7 @@ impl Controller {
                 if let Err(e) = self.vm.machine().set_dirty_log(false) {
                     log::error!("cannot disable dirty logging: {e}");
                 }
+                self.vm.storage().dirty.set_enabled(false);
                 if let Some(mut io) = self.save.iothread.take() {
                     io.stop();
                 }
@@ -625,7 +646,8 @@ impl Controller {
     fn capture_state(&self) -> std::result::Result<Vec<u8>, String> {
         let vcpus = self.vm.vcpus().save_state().map_err(|e| e.to_string())?;
         let machine = self.vm.machine().save_state().map_err(|e| e.to_string())?;
-        let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial: None };
+        let devices = self.vm.storage().save_state();
+        let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial: None, devices_version: 1, devices };
         serde_json::to_vec(&section).map_err(|e| e.to_string())
     }
 

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use devices::scsi::Lun;
-use devices::virtio::pci::{VirtioPci, BAR_SIZE};
+use devices::dirty::DmaDirtyLog;
+use devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE};
 use devices::virtio::scsi::{disk_size, Disk, VirtioScsi};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use ring::{IoThread, Remote};
@@ -91,18 +92,59 @@ pub struct BlockInfo {
     pub lun: usize,
     pub iothreads: Vec<String>,
     pub size: u64,
+    /// Position in the VM's disk list, and its iothread pin.
+    pub index: usize,
+    pub pin: Option<usize>,
 }
 
 pub struct Storage {
     pub iothreads: Vec<IoThread>,
     pub controllers: Vec<Arc<Mutex<VirtioPci>>>,
     pub blocks: Vec<BlockInfo>,
+    /// What the controllers' queues wrote into guest RAM (live snapshots).
+    pub dirty: Arc<DmaDirtyLog>,
 }
 
 impl Storage {
     /// Remotes of the iothreads, for other sources (snapshots).
     pub fn remotes(&self) -> Vec<Remote> {
         self.iothreads.iter().map(IoThread::remote).collect()
+    }
+
+    /// Stops every controller's queues with nothing in flight, keeping
+    /// their state (the vCPUs are out). On failure the ones already paused
+    /// are resumed.
+    pub fn pause(&self) -> Result<()> {
+        for (i, c) in self.controllers.iter().enumerate() {
+            if let Err(e) = c.lock().unwrap_or_else(|e| e.into_inner()).pause() {
+                self.resume();
+                return Err(Error::Config(format!("virtio-scsi controller {i} did not quiesce: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves the paused queues again.
+    pub fn resume(&self) {
+        for c in &self.controllers {
+            c.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
+    }
+
+    /// Each controller's state, in attach order (take it paused).
+    pub fn save_state(&self) -> Vec<VirtioPciState> {
+        self.controllers.iter().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).save_state()).collect()
+    }
+
+    /// Loads saved controller states (after guest RAM was loaded).
+    pub fn restore_state(&self, states: &[VirtioPciState]) -> std::result::Result<(), String> {
+        if states.len() != self.controllers.len() {
+            return Err(format!("{} virtio-scsi controller(s) in the state, {} here", states.len(), self.controllers.len()));
+        }
+        for (i, (c, st)) in self.controllers.iter().zip(states).enumerate() {
+            c.lock().unwrap_or_else(|e| e.into_inner()).restore_state(st).map_err(|e| format!("virtio-scsi controller {i}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Stops the iothreads (after the vCPUs stopped).
@@ -142,6 +184,8 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
         }
     }
     let router = Arc::new(KvmMsiRouter::new(machine.vm.clone()));
+    let ram: Vec<(u64, u64)> = machine.slots().iter().map(|&(_, g, s)| (g, s)).collect();
+    let dirty = Arc::new(DmaDirtyLog::new(&ram));
     let mut controllers = Vec::new();
     let mut blocks = Vec::new();
     for (ci, (pin, members)) in groups.into_iter().enumerate() {
@@ -162,11 +206,13 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
                 lun,
                 iothreads: remotes.iter().map(|r| r.name().to_string()).collect(),
                 size: d.lun.blocks * u64::from(d.lun.block_size),
+                index: *i,
+                pin,
             });
             opened.push(d);
         }
         let bar = layout::PCI_MMIO_START + ci as u64 * BAR_SIZE;
-        let dev = VirtioScsi::new(opened, remotes, nq);
+        let dev = VirtioScsi::new(opened, remotes, nq).with_dirty_log(dirty.clone());
         let pci = VirtioPci::new(Box::new(dev), machine.mem.clone(), router.clone(), bar)?;
         for (addr, evt) in pci.notify_events() {
             machine.vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(error::kvm("KVM_IOEVENTFD"))?;
@@ -176,7 +222,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
         machine.pci.lock().unwrap_or_else(|e| e.into_inner()).add(pci.clone())?;
         controllers.push(pci);
     }
-    Ok(Storage { iothreads: threads, controllers, blocks })
+    Ok(Storage { iothreads: threads, controllers, blocks, dirty })
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ fn check_caps(kvm: &Kvm) -> Result<()> {
 
 impl Machine {
     /// Creates the VM with `mem_size` bytes of RAM and the legacy devices.
-    pub fn new(mem_size: u64, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
+    pub fn new(mem_size: u64, thp: bool, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         check_caps(&kvm)?;
         let vm = kvm.create_vm().map_err(error::kvm("KVM_CREATE_VM"))?;
@@ -88,6 +88,15 @@ impl Machine {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
+            // Transparent huge pages on request (--thp): a 1 MiB O_DIRECT
+            // transfer into guest RAM is then one physical segment instead
+            // of 256, which doubles large reads on a virtio host disk; but
+            // each snapshot's dirty logging makes KVM split them again.
+            // Advice only: failure changes nothing.
+            // SAFETY: advice on a mapping `mem` owns; it does not change contents.
+            if thp && unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) } != 0 {
+                log::debug!("madvise(MADV_HUGEPAGE) on guest RAM: {}", std::io::Error::last_os_error());
+            }
             // SAFETY: the mapping backs `region` and lives as long as `mem`,
             // which the Machine owns for the VM's whole lifetime.
             unsafe { vm.set_user_memory_region(r) }.map_err(error::kvm("KVM_SET_USER_MEMORY_REGION"))?;

@@ -32,6 +32,8 @@ pub struct VmConfig {
     pub boot: BootSpec,
     pub serial: SerialConfig,
     pub no_reboot: bool,
+    /// MADV_HUGEPAGE on guest RAM.
+    pub thp: bool,
     pub disks: Vec<crate::disk::DiskSpec>,
     pub iothreads: usize,
     /// Request queues per virtio-scsi controller (None: one per vCPU).
@@ -55,6 +57,9 @@ pub fn parse_section(path: &std::path::Path, c: &crate::snapshot::format::Checke
     let section: crate::snapshot::StateSection = serde_json::from_slice(&c.state_json).map_err(|e| fail(format!("state section: {e}")))?;
     if section.vcpus_version != 1 || section.machine_version != 1 {
         return Err(fail(format!("state section versions {}/{} are not supported", section.vcpus_version, section.machine_version)));
+    }
+    if !section.devices.is_empty() && section.devices_version != 1 {
+        return Err(fail(format!("device state version {} is not supported", section.devices_version)));
     }
     if section.vcpus.len() != usize::from(c.header.machine.cpus) {
         return Err(fail(format!("state section has {} vCPUs, the header {}", section.vcpus.len(), c.header.machine.cpus)));
@@ -92,6 +97,7 @@ pub struct Vm {
     cpus: u8,
     no_reboot: bool,
     storage: crate::disk::Storage,
+    scsi_queues: u32,
     /// A state file validated at build time, to load before the guest runs.
     pending: Option<PendingRestore>,
     pub resets: u64,
@@ -136,7 +142,7 @@ pub fn validate(config: &VmConfig) -> Result<()> {
 
 impl Vm {
     /// Creates the machine, loads the kernel, creates the vCPUs (parked).
-    pub fn build(config: VmConfig) -> Result<Vm> {
+    pub fn build(mut config: VmConfig) -> Result<Vm> {
         validate(&config)?;
         let started = Instant::now();
         vcpu::install_kick_handler()?;
@@ -150,12 +156,10 @@ impl Vm {
             SerialConfig::Off => SerialOutput::Sink,
             SerialConfig::Writer(w) => SerialOutput::Writer(w),
         };
-        let machine = Machine::new(config.mem_size, serial_out, Arc::new(DeviceRequests(events.clone())))?;
+        let machine = Machine::new(config.mem_size, config.thp, serial_out, Arc::new(DeviceRequests(events.clone())))?;
         if usize::from(config.cpus) > machine.max_vcpus() {
             return Err(Error::Config(format!("--cpus {} exceeds KVM's limit of {}", config.cpus, machine.max_vcpus())));
         }
-        let queues = config.scsi_queues.unwrap_or(u32::from(config.cpus));
-        let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues)?;
         let checked = match &config.restore {
             Some(p) => {
                 let c = crate::snapshot::format::open_checked(p).map_err(|e| Error::Config(format!("state file {}: {e}", p.display())))?;
@@ -170,13 +174,23 @@ impl Vm {
                         h.mem_size >> 20
                     )));
                 }
-                if !h.disks.is_empty() || !config.disks.is_empty() {
-                    return Err(Error::Config(format!("state file {}: restoring VMs with disks is not supported yet", p.display())));
+                // The saved disks come back as saved unless given again
+                // (then they must be the same files).
+                if config.disks.is_empty() {
+                    config.disks = h.disks.iter().map(|d| crate::disk::DiskSpec { path: d.path.clone().into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread }).collect();
+                    if h.scsi_queues > 0 && config.scsi_queues.is_none() {
+                        config.scsi_queues = Some(h.scsi_queues);
+                    }
+                    config.iothreads = config.iothreads.max(h.iothreads);
                 }
+                crate::snapshot::check_disks(&h.disks, &config.disks.iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>())
+                    .map_err(|e| Error::Config(format!("state file {}: {e}", p.display())))?;
                 Some(c)
             }
             None => None,
         };
+        let queues = config.scsi_queues.unwrap_or(u32::from(config.cpus));
+        let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues)?;
         let entry = match &checked {
             None if !config.incoming_defer => boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?,
             // Placeholder: the vCPUs get their saved state before they run.
@@ -200,7 +214,7 @@ impl Vm {
         if stdin_to_guest {
             spawn_stdin_reader(machine.serial.clone())?;
         }
-        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, resets: 0, started, pending })
+        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, scsi_queues: queues, resets: 0, started, pending })
     }
 
     fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
@@ -243,7 +257,16 @@ impl Vm {
     /// Applies machine and vCPU state after RAM was loaded (vCPUs parked).
     pub fn apply_state(&mut self, section: crate::snapshot::StateSection) -> Result<()> {
         self.machine.restore_state(&section.machine)?;
-        self.vcpus.restore_state(section.vcpus)
+        self.vcpus.restore_state(section.vcpus)?;
+        self.storage.restore_state(&section.devices).map_err(Error::Config)
+    }
+
+    pub fn storage(&self) -> &crate::disk::Storage {
+        &self.storage
+    }
+
+    pub fn scsi_queues(&self) -> u32 {
+        self.scsi_queues
     }
 
     pub fn boot_spec(&self) -> &BootSpec {

@@ -6,6 +6,7 @@
 //! I/O through a ring handle.
 
 pub mod bus;
+pub mod dirty;
 pub mod legacy;
 pub mod pci;
 pub mod scsi;

@@ -752,11 +752,16 @@ impl Ring {
         }
 
         let slot = self.slots.remove(idx);
-        if !slot.persistent {
-            self.source_done(slot.source);
-        }
+        let (source, persistent) = (slot.source, slot.persistent);
+        // The handler runs before the source's count drops: what it does
+        // (a device writing its response and used entry into guest RAM)
+        // is part of the operation a quiesce waiter waits for; what it
+        // submits keeps the source busy.
         if let Some(mut h) = slot.handler {
             h(self, Completion { result, op: Some(slot.op), more: false });
+        }
+        if !persistent {
+            self.source_done(source);
         }
     }
 

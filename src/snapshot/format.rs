@@ -22,6 +22,12 @@ const JSON_AT: usize = 32;
 pub struct DiskDesc {
     pub path: String,
     pub readonly: bool,
+    /// cache=none.
+    #[serde(default)]
+    pub direct: bool,
+    /// The iothread its controller is pinned to, if any.
+    #[serde(default)]
+    pub iothread: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -36,6 +42,12 @@ pub struct MachineDesc {
     pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: String,
+    /// Request queues per virtio-scsi controller and iothreads: the
+    /// controllers a loader rebuilds must have the saved queue count.
+    #[serde(default)]
+    pub scsi_queues: u32,
+    #[serde(default)]
+    pub iothreads: usize,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -396,7 +408,7 @@ mod tests {
     use super::*;
 
     fn header() -> Header {
-        Header::layout(MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![], kernel: None, initrd: None, cmdline: String::new() }, &[(0, 3 << 30), (4 << 30, 1 << 30)])
+        Header::layout(MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![], kernel: None, initrd: None, cmdline: String::new(), scsi_queues: 0, iothreads: 0 }, &[(0, 3 << 30), (4 << 30, 1 << 30)])
     }
 
     #[test]

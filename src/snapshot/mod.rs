@@ -83,4 +83,26 @@ pub struct StateSection {
     pub machine: MachineState,
     pub serial_version: u32,
     pub serial: Option<serde_json::Value>,
+    /// virtio-pci functions (version 1), in attach order; absent in files
+    /// of VMs without disks written before they existed.
+    #[serde(default)]
+    pub devices_version: u32,
+    #[serde(default)]
+    pub devices: Vec<devices::virtio::pci::VirtioPciState>,
+}
+
+/// The disks a state file names against the ones a VM has (by path, in
+/// order): a VM must come back on the very files it was saved with.
+pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), String> {
+    if saved.len() != have.len() {
+        return Err(format!("the file holds a VM with {} disk(s), this one has {}", saved.len(), have.len()));
+    }
+    for (i, (s, h)) in saved.iter().zip(have).enumerate() {
+        let same = s.path == *h
+            || matches!((std::fs::canonicalize(&s.path), std::fs::canonicalize(h)), (Ok(a), Ok(b)) if a == b);
+        if !same {
+            return Err(format!("disk {i} was {} when saved, here it is {h}", s.path));
+        }
+    }
+    Ok(())
 }

@@ -44,6 +44,8 @@ pub struct Params {
     /// (memslot, gpa, size) of each RAM region, in header order.
     pub slots: Vec<(u32, u64, u64)>,
     pub downtime_ms: f64,
+    /// Pages devices wrote into guest RAM (KVM's log misses them).
+    pub dma: Option<Arc<devices::dirty::DmaDirtyLog>>,
 }
 
 struct Job {
@@ -241,10 +243,15 @@ impl Job {
 
     /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy).
     fn harvest(&mut self) -> Result<(), String> {
-        for (i, &(slot, _gpa, size)) in self.p.slots.iter().enumerate() {
+        for (i, &(slot, gpa, size)) in self.p.slots.iter().enumerate() {
             let bm = self.vm.get_dirty_log(slot, size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
             for (d, b) in self.dirty[i].iter_mut().zip(bm) {
                 *d |= b;
+            }
+            if let Some(dma) = self.p.dma.as_ref().and_then(|l| l.take(gpa)) {
+                for (d, b) in self.dirty[i].iter_mut().zip(dma) {
+                    *d |= b;
+                }
             }
             self.last_dirty[i] = self.dirty[i].iter().map(|w| u64::from(w.count_ones())).sum();
         }

@@ -356,9 +356,10 @@ void guest_main(u32 cpu) {
         scsi_bs = param_u64("bs", 65536, &bad);
         scsi_qd = param_u64("qd", 8, &bad);
         scsi_seed = region_seed;
+        scsi_passes = param_u64("passes", 1, &bad);
         const char *pat = param("pattern");
         bench_pattern = !pat || word_is(pat, "randread") ? 0 : word_is(pat, "read") ? 1 : word_is(pat, "write") ? 2 : 3;
-        if (bad || bench_pattern == 3 || scsi_bs < 512 || scsi_bs % 512 || scsi_bs > 4 * MIB || !scsi_qd || scsi_qd > SLOTS) {
+        if (bad || !scsi_passes || bench_pattern == 3 || scsi_bs < 512 || scsi_bs % 512 || scsi_bs > 4 * MIB || !scsi_qd || scsi_qd > SLOTS) {
             printk("ringvm-guest: bad scsi parameters\n");
             guest_exit(2);
         }

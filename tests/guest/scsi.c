@@ -4,6 +4,7 @@
  * main.c. Works against ringvm and QEMU's virtio-scsi-pci alike.
  *
  *   work=scsi-verify  [mib=N per LUN (0: whole disk)] [bs=BYTES] [qd=N] [seed=N]
+ *                     [passes=N: verify N times after writing (default 1)]
  *   work=scsi-errors  (out-of-range LBA and write-protect sense checks)
  *   work=scsi-bench   pattern=randread|read|write bs=BYTES qd=N secs=N
  */
@@ -230,7 +231,7 @@ static u64 pattern(u64 seed, u32 lun, u64 off) {
     return x;
 }
 
-static u64 scsi_seed, scsi_bytes_per_lun;
+static u64 scsi_seed, scsi_bytes_per_lun, scsi_passes = 1;
 static volatile u64 scsi_bad, scsi_done_cpus, scsi_phase;
 
 /* Writes (phase 0) or verifies (phase 1) this CPU's chunks on every LUN. */
@@ -238,7 +239,7 @@ static void scsi_verify_cpu(u32 cpu) {
     struct vq *v = &queues[cpu % num_req_queues];
     if (cpu >= num_req_queues) return;
     u64 bs = scsi_bs, nchunks = scsi_bytes_per_lun / bs;
-    for (int phase = 0; phase < 2; phase++) {
+    for (u64 phase = 0; phase < 1 + scsi_passes; phase++) {
         for (u32 lun = 0; lun <= max_lun; lun++) {
             u64 next = cpu, inflight = 0; u64 chunk_of[SLOTS];
             while (next < nchunks || inflight) {
@@ -259,7 +260,7 @@ static void scsi_verify_cpu(u32 cpu) {
                 u8 key, asc;
                 int st = resp_status(&v->slots[s], &key, &asc);
                 if (st) { printk("ringvm-guest: lun %u chunk %u: status %x key %x asc %x\n", (u64)lun, chunk_of[s], (u64)st, (u64)key, (u64)asc); __atomic_add_fetch(&scsi_bad, 1, __ATOMIC_SEQ_CST); continue; }
-                if (phase == 1) {
+                if (phase >= 1) {
                     u64 off = chunk_of[s] * bs, *d = (u64 *)v->slots[s].data, bad = 0;
                     for (u64 i = 0; i < bs / 8; i++) if (d[i] != pattern(scsi_seed, lun, off + i * 8)) bad++;
                     if (bad) { printk("ringvm-guest: lun %u chunk %u: %u bad words\n", (u64)lun, chunk_of[s], bad); __atomic_add_fetch(&scsi_bad, 1, __ATOMIC_SEQ_CST); }
@@ -268,7 +269,8 @@ static void scsi_verify_cpu(u32 cpu) {
         }
         /* Both phases on every CPU before verifying. */
         __atomic_add_fetch(&scsi_done_cpus, 1, __ATOMIC_SEQ_CST);
-        while (scsi_done_cpus < (u64)(phase + 1) * (ncpus < num_req_queues ? ncpus : num_req_queues)) cpu_relax();
+        while (scsi_done_cpus < (phase + 1) * (ncpus < num_req_queues ? ncpus : num_req_queues)) cpu_relax();
+        if (cpu == 0 && phase >= 1 && scsi_passes > 1) printk("ringvm-guest: scsi-verify pass %u bad=%u\n", phase, (u64)scsi_bad);
     }
 }
 

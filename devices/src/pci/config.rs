@@ -140,6 +140,23 @@ impl PciConfig {
         }
     }
 
+    /// All 64 registers, for a snapshot.
+    pub fn save(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Loads saved registers: only guest-writable bits are taken from
+    /// `regs` (identity, capabilities and BAR sizes stay this device's).
+    pub fn restore(&mut self, regs: &[u32]) -> Result<(), String> {
+        if regs.len() != NUM_REGS {
+            return Err(format!("PCI config space has {} registers, expected {NUM_REGS}", regs.len()));
+        }
+        for (i, &v) in regs.iter().enumerate() {
+            self.regs[i] = (self.regs[i] & !self.wmask[i]) | (v & self.wmask[i]);
+        }
+        Ok(())
+    }
+
     pub fn command(&self) -> u16 {
         self.regs[1] as u16
     }

@@ -42,6 +42,19 @@ pub trait VirtioDevice: Send {
     /// events its iothreads set, never on their loops). Queues go back to
     /// the transport's reset state.
     fn reset(&mut self) -> crate::Result<()>;
+    /// Stops taking requests and returns once none is in flight, keeping
+    /// the queues' and the device's state (a snapshot's final pause, when
+    /// the vCPUs are already out). [`VirtioDevice::activate`] serves the
+    /// queues again.
+    fn pause(&mut self) -> crate::Result<()>;
+    /// Device-specific state (its config fields), for a snapshot.
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Loads what [`VirtioDevice::save`] produced; untrusted input.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// The device found a broken queue (DEVICE_NEEDS_RESET).
     fn needs_reset(&self) -> bool {
         false

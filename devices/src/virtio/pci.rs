@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -27,8 +27,8 @@ pub const NO_VECTOR: u16 = 0xffff;
 const CAP_VENDOR: u8 = 0x09;
 const CAP_MSIX: u8 = 0x11;
 
-#[derive(Clone, Copy, Default)]
-struct QueueCfg {
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueCfg {
     size: u16,
     vector: u16,
     enabled: bool,
@@ -37,8 +37,8 @@ struct QueueCfg {
     device: u64,
 }
 
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-struct MsixEntry {
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixEntry {
     addr: u64,
     data: u32,
     masked: bool,
@@ -49,6 +49,28 @@ struct Vector {
     evt: Arc<EventFd>,
     entry: MsixEntry,
     routed: Option<MsiMessage>,
+}
+
+/// A virtio-pci function's state in a snapshot (version 1): the
+/// transport registers, the MSI-X table and the device's own state. Queue
+/// positions are not stored: the device is quiesced when this is taken,
+/// so every request it took is in the used ring, and the used ring's idx
+/// (in guest RAM) is where both indices resume.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u16,
+    pub config: Vec<u32>,
+    pub status: u8,
+    pub generation: u8,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    pub config_vector: u16,
+    pub queues: Vec<QueueCfg>,
+    pub msix: Vec<MsixEntry>,
+    pub active: bool,
+    pub device: serde_json::Value,
 }
 
 pub struct VirtioPci {
@@ -69,6 +91,8 @@ pub struct VirtioPci {
     queue_select: u16,
     config_vector: u16,
     active: bool,
+    /// Active, but its queues are stopped (snapshot pause).
+    paused: bool,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u32, len: u32, extra: Option<u32>) -> Vec<u8> {
@@ -129,6 +153,7 @@ impl VirtioPci {
             queue_select: 0,
             config_vector: NO_VECTOR,
             active: false,
+            paused: false,
         })
     }
 
@@ -157,6 +182,102 @@ impl VirtioPci {
         self.dev.describe()
     }
 
+    /// Stops the device's queues, keeping their state (vCPUs are out):
+    /// returns once nothing is in flight.
+    pub fn pause(&mut self) -> crate::Result<()> {
+        if self.active {
+            self.dev.pause()?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    /// Serves the queues again after [`VirtioPci::pause`], from where the
+    /// used rings say they stopped.
+    pub fn resume(&mut self) {
+        if self.paused {
+            self.paused = false;
+            self.active = false;
+            self.activate(true);
+        }
+    }
+
+    /// The transport's and device's state (take it paused).
+    pub fn save_state(&self) -> VirtioPciState {
+        VirtioPciState {
+            device_type: self.dev.device_type(),
+            config: self.config.save(),
+            status: self.status,
+            generation: self.generation,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            config_vector: self.config_vector,
+            queues: self.queues.clone(),
+            msix: self.vectors.iter().map(|v| v.entry).collect(),
+            active: self.active || self.paused,
+            device: self.dev.save(),
+        }
+    }
+
+    /// Loads a saved state (untrusted: every field is checked) into a
+    /// device that has not run, after guest RAM was loaded; an active
+    /// device starts serving its queues from the used rings' positions.
+    pub fn restore_state(&mut self, st: &VirtioPciState) -> Result<(), String> {
+        if st.device_type != self.dev.device_type() {
+            return Err(format!("virtio device type {} in the state, {} here", st.device_type, self.dev.device_type()));
+        }
+        if st.queues.len() != self.queues.len() || st.msix.len() != self.vectors.len() {
+            return Err(format!(
+                "{} queues and {} MSI-X vectors in the state, {} and {} here",
+                st.queues.len(),
+                st.msix.len(),
+                self.queues.len(),
+                self.vectors.len()
+            ));
+        }
+        let nvec = self.vectors.len();
+        for (i, q) in st.queues.iter().enumerate() {
+            if q.size > self.max_sizes[i] || (q.size != 0 && !q.size.is_power_of_two()) {
+                return Err(format!("queue {i}: size {} invalid (max {})", q.size, self.max_sizes[i]));
+            }
+            if q.vector != NO_VECTOR && q.vector as usize >= nvec {
+                return Err(format!("queue {i}: MSI-X vector {} out of range", q.vector));
+            }
+        }
+        if st.config_vector != NO_VECTOR && st.config_vector as usize >= nvec {
+            return Err(format!("config MSI-X vector {} out of range", st.config_vector));
+        }
+        if st.driver_features & !self.dev.features() != 0 {
+            return Err(format!("driver features {:#x} not offered by the device", st.driver_features));
+        }
+        if self.active {
+            return Err("the device is already running".into());
+        }
+        self.config.restore(&st.config)?;
+        self.dev.restore(&st.device)?;
+        self.status = st.status;
+        self.generation = st.generation;
+        self.device_feature_select = st.device_feature_select;
+        self.driver_feature_select = st.driver_feature_select;
+        self.driver_features = st.driver_features;
+        self.queue_select = st.queue_select;
+        self.config_vector = st.config_vector;
+        self.queues = st.queues.clone();
+        for (v, e) in self.vectors.iter_mut().zip(&st.msix) {
+            v.entry = *e;
+        }
+        self.sync_vectors();
+        if st.active {
+            self.activate(true);
+            if !self.active {
+                return Err("a queue in the state is not valid in the loaded guest memory".into());
+            }
+        }
+        Ok(())
+    }
+
     fn msix_control(&self) -> u16 {
         let off = self.msix_cap + 2;
         u16::from(self.config.read_bytes(off)) | u16::from(self.config.read_bytes(off + 1)) << 8
@@ -178,6 +299,7 @@ impl VirtioPci {
     }
 
     fn reset(&mut self) {
+        self.paused = false;
         if self.active {
             if let Err(e) = self.dev.reset() {
                 log::error!("virtio-pci: device reset: {e}");
@@ -199,7 +321,7 @@ impl VirtioPci {
         }
     }
 
-    fn activate(&mut self) {
+    fn activate(&mut self, resume: bool) {
         let mut active = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             if !q.enabled {
@@ -219,6 +341,21 @@ impl VirtioPci {
                 log::warn!("virtio-pci: queue {i} is not valid (size {} or rings outside RAM); device needs reset", q.size);
                 self.status |= STATUS_NEEDS_RESET;
                 return;
+            }
+            // A fresh activation starts at 0. After a pause or a restore
+            // every request taken was completed, so both positions resume
+            // at the used ring's idx (which only the device writes).
+            if resume {
+                match self.mem.read_obj::<u16>(vm_memory::GuestAddress(q.device + 2)) {
+                    Ok(idx) => {
+                        queue.set_next_avail(idx);
+                        queue.set_next_used(idx);
+                    }
+                    Err(_) => {
+                        self.status |= STATUS_NEEDS_RESET;
+                        return;
+                    }
+                }
             }
             let notify = match self.notify[i].try_clone() {
                 Ok(n) => n,
@@ -255,7 +392,7 @@ impl VirtioPci {
         }
         self.status = v | (old & STATUS_NEEDS_RESET);
         if v & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 && v & STATUS_FEATURES_OK != 0 && !self.active {
-            self.activate();
+            self.activate(false);
         }
     }
 

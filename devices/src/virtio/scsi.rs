@@ -20,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::dirty::DmaDirtyLog;
 use crate::scsi::{self, Action, Lun, Sense, Target};
 
 pub const DEVICE_TYPE: u16 = 8;
@@ -56,6 +57,7 @@ pub struct VirtioScsi {
     /// (iothread, source) of every running queue.
     running: Vec<(Remote, SourceId)>,
     needs_reset: Arc<AtomicBool>,
+    dirty: Option<Arc<DmaDirtyLog>>,
 }
 
 impl VirtioScsi {
@@ -70,7 +72,15 @@ impl VirtioScsi {
             cdb_size: DEFAULT_CDB_SIZE,
             running: Vec::new(),
             needs_reset: Arc::new(AtomicBool::new(false)),
+            dirty: None,
         }
+    }
+
+    /// Every byte the queues write into guest memory is also marked in
+    /// `log` (for live snapshots).
+    pub fn with_dirty_log(mut self, log: Arc<DmaDirtyLog>) -> VirtioScsi {
+        self.dirty = Some(log);
+        self
     }
 
     pub fn needs_reset_flag(&self) -> Arc<AtomicBool> {
@@ -150,6 +160,7 @@ impl VirtioDevice for VirtioScsi {
                 event_idx,
                 source,
                 needs_reset: self.needs_reset.clone(),
+                dirty: self.dirty.clone(),
             };
             remote.send(move |ring| Worker::start(ring, setup))?;
             self.running.push((remote, source));
@@ -158,9 +169,50 @@ impl VirtioDevice for VirtioScsi {
     }
 
     fn reset(&mut self) -> crate::Result<()> {
-        // Ask every owning iothread to stop taking requests, then wait on
-        // each one's quiesce event: in-flight requests finish (their used
-        // entries are written), none is lost or replayed.
+        let result = self.quiesce();
+        self.needs_reset.store(false, Ordering::Relaxed);
+        self.sense_size = DEFAULT_SENSE_SIZE;
+        self.cdb_size = DEFAULT_CDB_SIZE;
+        result
+    }
+
+    fn pause(&mut self) -> crate::Result<()> {
+        self.quiesce()
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::json!({ "sense_size": self.sense_size, "cdb_size": self.cdb_size })
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let get = |k: &str| state.get(k).and_then(serde_json::Value::as_u64).ok_or_else(|| format!("virtio-scsi state: '{k}' missing"));
+        let (sense, cdb) = (get("sense_size")?, get("cdb_size")?);
+        if sense > u64::from(MAX_SENSE_SIZE) || !(6..=u64::from(MAX_CDB_SIZE)).contains(&cdb) {
+            return Err(format!("virtio-scsi state: sense_size {sense} or cdb_size {cdb} out of range"));
+        }
+        self.sense_size = sense as u32;
+        self.cdb_size = cdb as u32;
+        Ok(())
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Relaxed)
+    }
+
+    fn describe(&self) -> Vec<String> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("lun {i}: {} ({} blocks of {}, {}{})", d.path, d.lun.blocks, d.lun.block_size, if d.lun.readonly { "ro" } else { "rw" }, if d.direct { ", cache=none" } else { "" }))
+            .collect()
+    }
+}
+
+impl VirtioScsi {
+    /// Asks every owning iothread to stop taking requests, then waits on
+    /// each one's quiesce event: in-flight requests finish (their used
+    /// entries are written), none is lost or replayed.
+    fn quiesce(&mut self) -> crate::Result<()> {
         let mut waiters = Vec::new();
         for (remote, source) in self.running.drain(..) {
             let s = source;
@@ -175,22 +227,7 @@ impl VirtioDevice for VirtioScsi {
             }
             let _ = remote.send(move |_| Worker::forget(source));
         }
-        self.needs_reset.store(false, Ordering::Relaxed);
-        self.sense_size = DEFAULT_SENSE_SIZE;
-        self.cdb_size = DEFAULT_CDB_SIZE;
         result
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::Relaxed)
-    }
-
-    fn describe(&self) -> Vec<String> {
-        self.disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| format!("lun {i}: {} ({} blocks of {}, {}{})", d.path, d.lun.blocks, d.lun.block_size, if d.lun.readonly { "ro" } else { "rw" }, if d.direct { ", cache=none" } else { "" }))
-            .collect()
     }
 }
 
@@ -207,6 +244,18 @@ struct WorkerSetup {
     event_idx: bool,
     source: SourceId,
     needs_reset: Arc<AtomicBool>,
+    dirty: Option<Arc<DmaDirtyLog>>,
+}
+
+impl WorkerSetup {
+    /// Notes guest memory this queue wrote (disk data, responses).
+    fn mark(&self, segs: &[(GuestAddress, usize)]) {
+        if let Some(d) = &self.dirty {
+            for &(a, l) in segs {
+                d.mark(a.0, l as u64);
+            }
+        }
+    }
 }
 
 /// One queue, owned by one iothread.
@@ -337,6 +386,13 @@ impl Worker {
         WORKERS.with(|m| m.borrow_mut().remove(&source));
     }
 
+    /// The used ring (flags, idx, entries, avail_event) was written.
+    fn mark_used_ring(&self) {
+        if let Some(d) = &self.s.dirty {
+            d.mark(self.s.queue.used_ring(), 6 + 8 * u64::from(self.s.queue.size()));
+        }
+    }
+
     fn mark_broken(&mut self, why: &str) {
         if !self.broken {
             log::warn!("virtio-scsi: queue {}: {why}; device needs reset", self.s.index);
@@ -360,6 +416,7 @@ impl Worker {
                         wk.mark_broken(&format!("disable notification: {e}"));
                         return;
                     }
+                    wk.mark_used_ring();
                 }
                 let mut chains = Vec::new();
                 match wk.s.queue.iter(&mem) {
@@ -378,7 +435,9 @@ impl Worker {
             if wk.broken || wk.stopped {
                 return;
             }
-            match wk.s.queue.enable_notification(&mem) {
+            let re_enabled = wk.s.queue.enable_notification(&mem);
+            wk.mark_used_ring();
+            match re_enabled {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
@@ -431,7 +490,7 @@ impl Worker {
         }
         let req_len = 19 + cdb_size;
         let (hdr_segs, data_out) = split(&rd, req_len);
-        let mut r = Req { head, resp, data_out, data_in };
+        let r = Req { head, resp, data_out, data_in };
         let fail = |w: &W, r: &Req, code: u8| Worker::respond(w, r, code, scsi::GOOD, None, 0, 0);
         if bad_order || n > SEG_MAX + 2 {
             return fail(w, &r, S_FAILURE);
@@ -468,7 +527,6 @@ impl Worker {
             Action::Read { offset, len } => {
                 let Some(iov) = iovecs(&mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
                 let w2 = w.clone();
-                r.data_in.clear();
                 // SAFETY: the iovecs point into guest RAM, which stays mapped
                 // while this worker (holding the memory) lives; the guest
                 // gave these buffers to the device until we put the head in
@@ -598,6 +656,11 @@ impl Worker {
             resp[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
         }
         let used = if write_segs(&mem, &r.resp, &resp) { resp.len() as u64 + data_in } else { 0 };
+        {
+            let wk = w.borrow();
+            wk.s.mark(&r.data_in);
+            wk.s.mark(&r.resp);
+        }
         Worker::finish(w, r.head, used as u32);
     }
 
@@ -613,6 +676,7 @@ impl Worker {
             wk.mark_broken(&format!("add_used: {e}"));
             return;
         }
+        wk.mark_used_ring();
         match wk.s.queue.needs_notification(&mem) {
             Ok(true) => {
                 if let Some(irq) = &wk.s.irq {
@@ -642,6 +706,7 @@ impl Worker {
             _ => vec![S_FAILURE],
         };
         let used = if write_segs(&mem, wr, &reply) { reply.len() as u32 } else { 0 };
+        w.borrow().s.mark(wr);
         Worker::finish(w, head, used);
     }
 }
