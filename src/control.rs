@@ -625,6 +625,21 @@ impl Controller {
                     None => {}
                 }
             }
+            SnapshotStep::Pass => {
+                let s = self.save.shared.get();
+                if s.state == SaveState::Active {
+                    self.broadcast(
+                        "SAVEVM_PROGRESS",
+                        Some(json!({
+                            "pass": s.iterations,
+                            "bytes": s.bytes,
+                            "remaining": s.remaining,
+                            "throughput-mbps": s.throughput_mbps,
+                            "dirty-rate-mbps": s.dirty_rate_mbps,
+                        })),
+                    );
+                }
+            }
             SnapshotStep::Done => {
                 if let Err(e) = self.vm.machine().set_dirty_log(false) {
                     log::error!("cannot disable dirty logging: {e}");
@@ -647,7 +662,8 @@ impl Controller {
         let vcpus = self.vm.vcpus().save_state().map_err(|e| e.to_string())?;
         let machine = self.vm.machine().save_state().map_err(|e| e.to_string())?;
         let devices = self.vm.storage().save_state();
-        let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial: None, devices_version: 1, devices };
+        let serial = Some(self.vm.machine().serial.lock().unwrap_or_else(|e| e.into_inner()).save());
+        let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial, devices_version: 1, devices };
         serde_json::to_vec(&section).map_err(|e| e.to_string())
     }
 

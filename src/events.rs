@@ -34,6 +34,9 @@ pub enum SnapshotStep {
     Resume,
     /// The snapshot ended (completed or failed); clean up.
     Done,
+    /// A live pass ended (for the SAVEVM_PROGRESS event; the figures are
+    /// in the shared status).
+    Pass,
 }
 
 pub struct EventQueue {

@@ -258,6 +258,9 @@ impl Vm {
     pub fn apply_state(&mut self, section: crate::snapshot::StateSection) -> Result<()> {
         self.machine.restore_state(&section.machine)?;
         self.vcpus.restore_state(section.vcpus)?;
+        if let Some(v) = &section.serial {
+            self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(v).map_err(Error::Config)?;
+        }
         self.storage.restore_state(&section.devices).map_err(Error::Config)
     }
 

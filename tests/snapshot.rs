@@ -44,6 +44,12 @@ fn snapshot_while_dirtying(cpus: &str) {
     assert!(s["bytes"].as_u64().unwrap() >= 128 << 20, "at least the dirtied region was written: {s}");
     assert!(s["downtime"].as_f64().unwrap() > 0.0, "{s}");
     assert!(s.get("error").is_none());
+    // One SAVEVM_PROGRESS per live pass, then MIGRATION completed.
+    let ev = q.wait_event("SAVEVM_PROGRESS");
+    assert_eq!(ev["data"]["pass"], 1, "{ev}");
+    assert!(ev["data"]["bytes"].as_u64().unwrap() >= 128 << 20, "{ev}");
+    assert!(ev["data"]["throughput-mbps"].as_f64().unwrap() > 0.0, "{ev}");
+    assert_eq!(q.wait_event("MIGRATION")["data"]["status"], "completed");
     // The guest keeps running afterwards.
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");
     let b = beats(&p);

@@ -407,6 +407,7 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
                 s.dirty_rate_mbps = dirty_rate / 1e6;
                 s.bytes = ram;
             });
+            j.events.push(VmEvent::Snapshot(SnapshotStep::Pass));
             let stalled = pass >= MAX_PASSES;
             if expected_ms <= target || stalled {
                 if stalled {
