@@ -60,7 +60,7 @@ pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, r
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * 9 / 10;
     let mut child = Command::new(bin)
-        .args(["run", "--cpus", "2", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
         .arg(guest)
         .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate}"), "--qmp"])
         .arg(&sock)
@@ -216,4 +216,110 @@ pub fn fio(dir: &Path, bytes: u64) -> Result<f64> {
     let v: Value = serde_json::from_slice(&out.stdout)?;
     let bw = v["jobs"][0]["write"]["bw_bytes"].as_f64().context("bw_bytes")?;
     Ok(bw / 1e6)
+}
+
+/// How QEMU writes its state file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum QemuMode {
+    /// `migrate file:` as is: a stream.
+    Plain,
+    /// mapped-ram + multifd (4 channels) + direct-io: RAM at fixed offsets.
+    MappedRam,
+}
+
+impl QemuMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            QemuMode::Plain => "QEMU migrate file:",
+            QemuMode::MappedRam => "QEMU mapped-ram+multifd+direct-io",
+        }
+    }
+}
+
+/// The same guest and workload in QEMU 10, saved with `migrate file:`.
+/// QEMU brings up one vCPU of this guest (its MP table differs), which
+/// does the same filling and dirtying.
+pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, mode: QemuMode) -> Result<Result1> {
+    let sock = dir.join("qemu-snap.sock");
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(file);
+    let fill = mem_mib * 9 / 10;
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
+        .arg(guest)
+        .args(["-append", &format!("work=mem mib={fill} secs=inf rate={rate}"), "-nographic", "-serial", "stdio", "-monitor", "none"])
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64")?;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains("fill done") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let res = (|| -> Result<Result1> {
+        rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
+        let mut q = qmp(&sock)?;
+        // No bandwidth cap (QEMU's default is 128 MiB/s) and ringvm's
+        // default downtime target (QEMU's is 300 ms).
+        let r = cmd(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}))?;
+        if r.get("return").is_none() {
+            bail!("migrate-set-parameters: {r}");
+        }
+        if mode == QemuMode::MappedRam {
+            let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
+            let r = cmd(&mut q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
+            if r.get("return").is_none() {
+                bail!("migrate-set-capabilities: {r}");
+            }
+            let r = cmd(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
+            if r.get("return").is_none() {
+                bail!("migrate-set-parameters: {r}");
+            }
+        }
+        let r = cmd(&mut q, json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}))?;
+        if r.get("return").is_none() {
+            bail!("migrate: {r}");
+        }
+        let t0 = Instant::now();
+        let s = loop {
+            let s = cmd(&mut q, json!({"execute": "query-migrate"}))?["return"].clone();
+            match s["status"].as_str() {
+                Some("completed") => break s,
+                Some("failed") | Some("cancelled") => bail!("QEMU migrate: {s}"),
+                _ => {}
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("QEMU migrate did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        Ok(Result1 {
+            total_ms: s["total-time"].as_f64().unwrap_or(0.0),
+            bytes: s["ram"]["transferred"].as_f64().unwrap_or(0.0),
+            downtime_ms: s["downtime"].as_f64().unwrap_or(0.0),
+            iterations: s["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            file_mib: used as f64 / (1 << 20) as f64,
+        })
+    })();
+    let t0 = Instant::now();
+    while child.try_wait()?.is_none() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(file);
+    res
 }
