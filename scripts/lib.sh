@@ -24,6 +24,8 @@ apt_install() {
 # Build tools for the VMM and its test guest.
 ensure_build_deps() {
     apt_install gcc make libc6-dev
+    # mkfs.xfs: the snapshot test with "disks": "clone" reflinks on a loop-mounted XFS.
+    apt_install xfsprogs
     command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 }
 

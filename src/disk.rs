@@ -159,6 +159,25 @@ impl Storage {
     }
 }
 
+/// Makes `dst` a reflink (FICLONE) of `src`: same content, shared extents.
+pub fn reflink(src: &str, dst: &str) -> std::result::Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let s = File::open(src).map_err(|e| format!("{src}: {e}"))?;
+    let d = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(dst).map_err(|e| format!("{dst}: {e}"))?;
+    // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
+    let r = unsafe { libc::ioctl(d.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {
+                format!("cannot reflink {src} to {dst}: the filesystem does not support it ({e}); use XFS or Btrfs, or leave 'disks' out")
+            }
+            _ => format!("reflink {src} to {dst}: {e}"),
+        });
+    }
+    Ok(())
+}
+
 /// Creates `iothreads` iothreads and one virtio-scsi controller per group
 /// of disks (disks without `iothread=` share one whose `queues` request
 /// queues are spread over all iothreads; `iothread=N` pins a disk's own

@@ -174,10 +174,10 @@ impl Vm {
                         h.mem_size >> 20
                     )));
                 }
-                // The saved disks come back as saved unless given again
-                // (then they must be the same files).
+                // The saved disks (their clones, if taken) come back as
+                // saved unless given again (then they must be those files).
                 if config.disks.is_empty() {
-                    config.disks = h.disks.iter().map(|d| crate::disk::DiskSpec { path: d.path.clone().into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread }).collect();
+                    config.disks = h.disks.iter().map(|d| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread }).collect();
                     if h.scsi_queues > 0 && config.scsi_queues.is_none() {
                         config.scsi_queues = Some(h.scsi_queues);
                     }

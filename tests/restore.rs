@@ -289,3 +289,108 @@ fn restore_with_disk_under_verify_load() {
     assert_eq!(o.code(), 1, "{}", o.stdout);
     assert!(o.stderr.contains("disk 0 was") && o.stderr.contains("other.img"), "{}", o.stderr);
 }
+
+/// A loop-mounted XFS (reflink) in `dir`, unmounted on drop.
+struct XfsMount {
+    dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl XfsMount {
+    /// None (a skip) when it cannot be made here, unless CI=true.
+    fn new(scratch: &Scratch) -> Option<XfsMount> {
+        let image = scratch.path("xfs.img");
+        let dir = scratch.path("xfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
+        let run = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image)) && run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir));
+        if !ok {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("cannot make a loop-mounted XFS (mkfs.xfs from xfsprogs, root, loop devices)");
+            }
+            eprintln!("SKIP: no loop-mounted XFS here");
+            return None;
+        }
+        Some(XfsMount { dir, image })
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// `"disks": "clone"`: the disk is reflinked during the final pause, the
+/// state file names the clone, and a restore runs on it -- even after the
+/// original disk was wiped. On a filesystem without reflink the request
+/// is refused before the snapshot starts.
+#[test]
+fn disks_clone_reflinks_during_the_pause() {
+    if !require_kvm("disks_clone_reflinks_during_the_pause") {
+        return;
+    }
+    let scratch = Scratch::new("restore-clone");
+    let g = guest_elf(&scratch);
+    // Refused where reflink is not supported (the scratch dir, when it is such a filesystem).
+    {
+        let a = scratch.path("probe-a");
+        std::fs::write(&a, b"x").unwrap();
+        if ringvm::disk::reflink(a.to_str().unwrap(), scratch.path("probe-b").to_str().unwrap()).is_err() {
+            let disk = scratch.path("plain.img");
+            std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+            let sock = scratch.path("plain.sock");
+            let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=mem mib=8 secs=inf", "--disk", disk.to_str().unwrap(), "--qmp"]).arg(&sock));
+            let mut q = Qmp::negotiated(&sock);
+            let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": scratch.path("plain.state").to_str().unwrap(), "disks": "clone"}}));
+            let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+            assert!(desc.contains("reflink") && desc.contains("plain.img"), "{r}");
+            assert_eq!(q.ok("query-savevm", json!({})), json!({}), "nothing started");
+            let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": "/tmp/x", "disks": "copy"}}));
+            assert!(r["error"]["desc"].as_str().unwrap().contains("'disks'"), "{r}");
+            q.ok("quit", json!({}));
+            drop(p);
+        }
+    }
+    let Some(xfs) = XfsMount::new(&scratch) else { return };
+    let disk = xfs.dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    let file = xfs.dir.join("vm.state");
+    let sock = scratch.path("qmp.sock");
+    let mut p = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-verify mib=8 bs=65536 qd=8 seed=9 passes=1000000", "--disk"])
+            .arg(format!("path={},cache=none", disk.display()))
+            .arg("--qmp")
+            .arg(&sock),
+    );
+    p.wait_for_output("scsi-verify pass 2 bad=0", T);
+    let mut q = Qmp::negotiated(&sock);
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "disks": "clone"}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    let clone = xfs.dir.join("vm.state.disk0");
+    assert_eq!(std::fs::metadata(&clone).unwrap().len(), 16 << 20);
+    // Wipe the original: the restore must run on the clone.
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let r = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--qmp"]).arg(&sock));
+    let mut q = Qmp::negotiated(&sock);
+    let t0 = std::time::Instant::now();
+    while r.stdout().matches("scsi-verify pass").count() < 3 {
+        assert!(t0.elapsed() < T, "no progress after the restore:\n{}\n{}", r.stdout(), r.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let blocks = q.ok("query-block", json!({}));
+    assert!(blocks.to_string().contains("vm.state.disk0"), "{blocks}");
+    q.ok("quit", json!({}));
+    let o = r.wait(T);
+    assert_eq!(o.code(), 0, "{}", o.stderr);
+    for line in o.stdout.lines().filter(|l| l.contains("scsi-verify pass") && l.contains(" bad=")) {
+        assert!(line.ends_with(" bad=0"), "{line}\n{}", o.stdout);
+    }
+    assert!(!o.stdout.contains("bad words"), "{}", o.stdout);
+}

@@ -28,6 +28,10 @@ pub struct DiskDesc {
     /// The iothread its controller is pinned to, if any.
     #[serde(default)]
     pub iothread: Option<usize>,
+    /// A reflink of the disk taken during the final pause (`"disks":
+    /// "clone"`): what a restore uses, as it matches the RAM.
+    #[serde(default)]
+    pub clone: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

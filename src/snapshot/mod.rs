@@ -98,10 +98,11 @@ pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), St
         return Err(format!("the file holds a VM with {} disk(s), this one has {}", saved.len(), have.len()));
     }
     for (i, (s, h)) in saved.iter().zip(have).enumerate() {
-        let same = s.path == *h
-            || matches!((std::fs::canonicalize(&s.path), std::fs::canonicalize(h)), (Ok(a), Ok(b)) if a == b);
+        let want = s.clone.as_ref().unwrap_or(&s.path);
+        let same = want == h || matches!((std::fs::canonicalize(want), std::fs::canonicalize(h)), (Ok(a), Ok(b)) if a == b);
         if !same {
-            return Err(format!("disk {i} was {} when saved, here it is {h}", s.path));
+            let what = if s.clone.is_some() { "its clone is" } else { "it was" };
+            return Err(format!("disk {i}: {what} {want} when saved, here it is {h}"));
         }
     }
     Ok(())
