@@ -324,6 +324,7 @@ fn snapshot(quick: bool) -> Result<()> {
     println!("| target | guest | dirty MiB/s | total ms | downtime ms | passes | written MB | MB/s | file MiB | fio MB/s (same bytes) | ratio |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut restores = Vec::new();
+    let mut qemu_restores: Vec<(String, u64, snapbench::QemuMode, f64)> = Vec::new();
     for (tname, tdir) in &targets {
         for &mib in sizes {
             for &rate in rates {
@@ -356,9 +357,18 @@ fn snapshot(quick: bool) -> Result<()> {
                         let mut qs = Vec::new();
                         for _ in 0..reps {
                             match snapbench::qemu(&guest, &dir, &file, mib, rate, mode) {
-                                Ok(r) => qs.push(r),
+                                Ok(r) => {
+                                    if rate > 1 && rate < 500 {
+                                        match snapbench::qemu_restore(&guest, &dir, &file, mib, mode) {
+                                            Ok(ms) => qemu_restores.push((tname.to_string(), mib, mode, ms)),
+                                            Err(e) => eprintln!("{} restore on {tname}: {e:#}", mode.name()),
+                                        }
+                                    }
+                                    qs.push(r)
+                                }
                                 Err(e) => eprintln!("{} on {tname}: {e:#}", mode.name()),
                             }
+                            let _ = std::fs::remove_file(&file);
                         }
                         qs.sort_by(|a, b| a.total_ms.partial_cmp(&b.total_ms).unwrap());
                         qemu_rows.push((mode, if qs.is_empty() { None } else { Some(qs.swap_remove(qs.len() / 2)) }));
@@ -406,7 +416,7 @@ fn snapshot(quick: bool) -> Result<()> {
     println!("\n### restore (ringvm run --loadstate -S, until the VM is paused with all state applied)\n");
     println!("| target | guest | present MiB | time to ready ms | MB/s | fio read of the same bytes ms | ratio (ringvm/fio time) | worst query-status during load ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (t, mib, ms, worst, fio_ms, file_mib) in restores {
+    for (t, mib, ms, worst, fio_ms, file_mib) in restores.clone() {
         println!(
             "| {t} | {} GiB | {file_mib:.0} | {ms:.0} | {:.0} | {} | {} | {worst:.2} |",
             mib as f64 / 1024.0,
@@ -414,6 +424,22 @@ fn snapshot(quick: bool) -> Result<()> {
             fio_ms.map_or("skipped".into(), |v| format!("{v:.0}")),
             fio_ms.map_or("-".into(), |v| format!("{:.3}", ms / v)),
         );
+    }
+    if !qemu_restores.is_empty() {
+        println!("\n### QEMU restore of its own file of the same guest (-S -incoming defer + migrate-incoming file:, process start to completed)\n");
+        println!("| target | guest | mode | time to ready ms | ringvm time to ready ms (same target and size, median) | ratio ringvm/QEMU |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for (t, mib, mode, ms) in &qemu_restores {
+            let ours: Vec<f64> = restores.iter().filter(|r| &r.0 == t && r.1 == *mib).map(|r| r.2).collect();
+            let o = if ours.is_empty() { None } else { Some(median(ours).0) };
+            println!(
+                "| {t} | {} GiB | {} | {ms:.0} | {} | {} |",
+                *mib as f64 / 1024.0,
+                mode.name(),
+                o.map_or("-".into(), |v| format!("{v:.0}")),
+                o.map_or("-".into(), |v| format!("{:.3}", v / ms)),
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

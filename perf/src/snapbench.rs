@@ -320,6 +320,68 @@ pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, mode
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::fs::remove_file(file);
+    res
+}
+
+/// QEMU restoring `file` (saved by [`qemu`] in `mode`) with `-incoming
+/// defer` + `migrate-incoming`, paused (-S): milliseconds from process
+/// start until the incoming migration completed.
+pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: QemuMode) -> Result<f64> {
+    let sock = dir.join("qemu-in.sock");
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
+        .arg(guest)
+        .args(["-nographic", "-serial", "none", "-monitor", "none", "-S", "-incoming", "defer"])
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64")?;
+    let res = (|| -> Result<f64> {
+        let mut q = qmp(&sock)?;
+        if mode == QemuMode::MappedRam {
+            let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
+            let r = cmd(&mut q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
+            if r.get("return").is_none() {
+                bail!("migrate-set-capabilities: {r}");
+            }
+            let r = cmd(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
+            if r.get("return").is_none() {
+                bail!("migrate-set-parameters: {r}");
+            }
+        }
+        let r = cmd(&mut q, json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}))?;
+        if r.get("return").is_none() {
+            bail!("migrate-incoming: {r}");
+        }
+        loop {
+            let s = cmd(&mut q, json!({"execute": "query-migrate"}))?["return"].clone();
+            match s["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => bail!("QEMU incoming: {s}"),
+                _ => {}
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("QEMU restore did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        Ok(ms)
+    })();
+    let t0 = Instant::now();
+    while child.try_wait()?.is_none() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     res
 }
