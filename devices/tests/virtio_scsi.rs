@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ring::IoThread;
 use ringvm_devices::scsi::Lun;
-use ringvm_devices::virtio::scsi::{Disk, VirtioScsi, S_BAD_TARGET, S_FAILURE, S_OK};
+use ringvm_devices::virtio::scsi::{Disk, VirtioScsi, S_ABORTED, S_BAD_TARGET, S_FAILURE, S_OK};
 use ringvm_devices::virtio::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -252,4 +252,133 @@ fn reset_waits_for_in_flight_requests() {
     let _ = avail_taken;
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(r.used_idx(), done, "nothing completes after reset returned");
+}
+
+/// A split queue at `base` (descriptors, avail at +0x1000, used at +0x2000).
+struct Q {
+    base: u64,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Q {
+    fn queue(&self, mem: &GuestMemoryMmap) -> Queue {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(self.base as u32), Some(0));
+        q.set_avail_ring_address(Some((self.base + 0x1000) as u32), Some(0));
+        q.set_used_ring_address(Some((self.base + 0x2000) as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+    fn desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = GuestAddress(self.base + u64::from(i) * 16);
+        mem.write_obj(addr, a).unwrap();
+        mem.write_obj(len, a.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+        mem.write_obj(next, a.unchecked_add(14)).unwrap();
+    }
+    fn push(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        mem.write_obj(head, GuestAddress(self.base + 0x1000 + 4 + 2 * u64::from(self.avail_idx % QSIZE))).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(self.base + 0x1000 + 2)).unwrap();
+    }
+    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap()
+    }
+}
+
+/// Task management on the control queue against a request queue whose
+/// reads cannot finish (the disk is an empty pipe): ABORT TASK cancels
+/// exactly its task through the ring, the aborted request completes with
+/// VIRTIO_SCSI_S_ABORTED, and the TMF answers only after it; QUERY TASK
+/// SET sees what is in flight; LUN RESET clears the rest; bad LUNs and
+/// targets get their codes.
+#[test]
+fn task_management_cancels_in_flight_requests_and_answers_after_them() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] is ours; the File owns it from here.
+    let read_end = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+    let io = IoThread::spawn("iothread-tmf", 64).unwrap();
+    let disk = Disk { path: "pipe".into(), file: read_end, lun: Lun::new(1 << 20, 512, false, "P"), direct: false };
+    let mut dev = VirtioScsi::new(vec![disk], vec![io.remote()], 1);
+    let (mut ctl, mut rq) = (Q { base: 0x100000, avail_idx: 0, used_seen: 0 }, Q { base: 0x200000, avail_idx: 0, used_seen: 0 });
+    let (cn, rn) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let queues = vec![
+        ActiveQueue { index: 0, queue: ctl.queue(&mem), notify: cn.try_clone().unwrap(), irq: None },
+        ActiveQueue { index: 2, queue: rq.queue(&mem), notify: rn.try_clone().unwrap(), irq: None },
+    ];
+    dev.activate(mem.clone(), VIRTIO_F_VERSION_1, queues).unwrap();
+    let wait = |q: &Q, n: u16| {
+        let t0 = Instant::now();
+        while q.used_idx(&mem).wrapping_sub(q.used_seen) < n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "deadline waiting for {n} completions");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // Two reads with tags 7 and 8: they block on the pipe.
+    for (k, tag) in [(0u16, 7u64), (3, 8)] {
+        let at = 0x10000 + u64::from(k) * 0x1000;
+        let mut r = vec![0u8; 51];
+        r[0] = 1;
+        r[2] = 0x40;
+        r[8..16].copy_from_slice(&tag.to_le_bytes());
+        r[19..29].copy_from_slice(&read10(0, 1));
+        mem.write_slice(&r, GuestAddress(at)).unwrap();
+        rq.desc(&mem, k, at, 51, F_NEXT, k + 1);
+        rq.desc(&mem, k + 1, at + 0x100, 108, F_WRITE | F_NEXT, k + 2);
+        rq.desc(&mem, k + 2, 0x40000 + u64::from(k) * 0x1000, 512, F_WRITE, 0);
+        rq.push(&mem, k);
+    }
+    rn.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rq.used_idx(&mem), 0, "reads from an empty pipe stay in flight");
+    // A TMF request: type 0, subtype, lun, tag; response byte at `resp`.
+    let mut next = 0u16;
+    let mut tmf = |ctl: &mut Q, subtype: u32, target: u8, lun: u16, tag: u64| -> u8 {
+        let at = 0x30000 + u64::from(next) * 0x100;
+        let mut b = vec![0u8; 24];
+        b[4..8].copy_from_slice(&subtype.to_le_bytes());
+        b[8] = 1;
+        b[9] = target;
+        b[10] = 0x40 | (lun >> 8) as u8;
+        b[11] = lun as u8;
+        b[16..24].copy_from_slice(&tag.to_le_bytes());
+        mem.write_slice(&b, GuestAddress(at)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(at + 0x80)).unwrap();
+        ctl.desc(&mem, next, at, 24, F_NEXT, next + 1);
+        ctl.desc(&mem, next + 1, at + 0x80, 1, F_WRITE, 0);
+        ctl.push(&mem, next);
+        next += 2;
+        cn.write(1).unwrap();
+        wait(ctl, 1);
+        ctl.used_seen = ctl.used_seen.wrapping_add(1);
+        mem.read_obj(GuestAddress(at + 0x80)).unwrap()
+    };
+    assert_eq!(tmf(&mut ctl, 7, 0, 0, 0), 10, "QUERY TASK SET: FUNCTION SUCCEEDED (tasks in flight)");
+    assert_eq!(tmf(&mut ctl, 6, 0, 0, 99), 0, "QUERY TASK of an unknown tag: FUNCTION COMPLETE");
+    // ABORT TASK 7: when its answer is back, request 0 is in the used ring, aborted.
+    assert_eq!(tmf(&mut ctl, 0, 0, 0, 7), 0);
+    assert_eq!(rq.used_idx(&mem), 1, "exactly the aborted task completed before the TMF answered");
+    let id: u32 = mem.read_obj(GuestAddress(0x202004)).unwrap();
+    assert_eq!(id, 0);
+    let resp: u8 = mem.read_obj(GuestAddress(0x10000 + 0x100 + 11)).unwrap();
+    assert_eq!(resp, S_ABORTED);
+    // Bad addresses.
+    assert_eq!(tmf(&mut ctl, 5, 0, 3, 0), 12, "LUN 3: INCORRECT LUN");
+    assert_eq!(tmf(&mut ctl, 5, 2, 0, 0), S_BAD_TARGET);
+    assert_eq!(tmf(&mut ctl, 2, 0, 0, 0), 11, "CLEAR ACA: FUNCTION REJECTED");
+    // LUN RESET: the other one is aborted too, before the answer.
+    assert_eq!(tmf(&mut ctl, 5, 0, 0, 0), 0);
+    assert_eq!(rq.used_idx(&mem), 2);
+    let resp: u8 = mem.read_obj(GuestAddress(0x13000 + 0x100 + 11)).unwrap();
+    assert_eq!(resp, S_ABORTED);
+    assert_eq!(tmf(&mut ctl, 7, 0, 0, 0), 0, "nothing left in flight");
+    dev.reset().unwrap();
+    // SAFETY: closing our write end.
+    unsafe { libc::close(fds[1]) };
 }

@@ -35,6 +35,10 @@ const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
 
 // virtio-scsi response codes.
 pub const S_OK: u8 = 0;
+pub const S_ABORTED: u8 = 2;
+pub const S_FUNCTION_SUCCEEDED: u8 = 10;
+pub const S_FUNCTION_REJECTED: u8 = 11;
+pub const S_INCORRECT_LUN: u8 = 12;
 pub const S_BAD_TARGET: u8 = 3;
 pub const S_FAILURE: u8 = 9;
 
@@ -59,6 +63,10 @@ pub struct VirtioScsi {
     needs_reset: Arc<AtomicBool>,
     dirty: Option<Arc<DmaDirtyLog>>,
 }
+
+/// The request queues of one activation, for task management: (owning
+/// iothread, worker source). Locked only to copy it.
+type Peers = Arc<std::sync::Mutex<Vec<(Remote, SourceId)>>>;
 
 impl VirtioScsi {
     /// `num_queues` request queues spread round-robin over `iothreads`.
@@ -139,6 +147,8 @@ impl VirtioDevice for VirtioScsi {
 
     fn activate(&mut self, mem: GuestMemoryMmap, acked: u64, queues: Vec<ActiveQueue>) -> crate::Result<()> {
         let event_idx = acked & VIRTIO_RING_F_EVENT_IDX != 0;
+        let peers: Peers = Arc::default();
+        let mut request_queues = Vec::new();
         for q in queues {
             // Queue 0 (control) and the request queues are served; the
             // event queue only holds buffers for events we never send.
@@ -161,10 +171,16 @@ impl VirtioDevice for VirtioScsi {
                 source,
                 needs_reset: self.needs_reset.clone(),
                 dirty: self.dirty.clone(),
+                peers: peers.clone(),
+                own: remote.clone(),
             };
             remote.send(move |ring| Worker::start(ring, setup))?;
+            if q.index >= 2 {
+                request_queues.push((remote.clone(), source));
+            }
             self.running.push((remote, source));
         }
+        *peers.lock().unwrap_or_else(|e| e.into_inner()) = request_queues;
         Ok(())
     }
 
@@ -245,6 +261,10 @@ struct WorkerSetup {
     source: SourceId,
     needs_reset: Arc<AtomicBool>,
     dirty: Option<Arc<DmaDirtyLog>>,
+    /// The request queues (for the control queue's task management).
+    peers: Peers,
+    /// This queue's iothread (where task-management answers come back).
+    own: Remote,
 }
 
 impl WorkerSetup {
@@ -258,6 +278,31 @@ impl WorkerSetup {
     }
 }
 
+/// A request in flight: its I_T_L_Q nexus and the ring operations a task
+/// management function would cancel.
+struct Track {
+    lun: u16,
+    tag: u64,
+    ops: Vec<OpId>,
+}
+
+/// A task management function waiting for these heads to complete.
+struct TmfWait {
+    heads: Vec<u16>,
+    found: u64,
+    reply: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+/// A task management request on the control queue, waiting for the
+/// request queues' answers.
+struct PendingTmf {
+    head: u16,
+    wr: Vec<(GuestAddress, usize)>,
+    waiting: usize,
+    found: u64,
+    query: bool,
+}
+
 /// One queue, owned by one iothread.
 struct Worker {
     s: WorkerSetup,
@@ -266,6 +311,10 @@ struct Worker {
     broken: bool,
     in_flight: Vec<bool>,
     pub completed: u64,
+    tracked: HashMap<u16, Track>,
+    tmf_waits: Vec<TmfWait>,
+    tmfs: HashMap<u64, PendingTmf>,
+    next_tmf: u64,
 }
 
 thread_local! {
@@ -356,7 +405,18 @@ impl Worker {
         let source = s.source;
         let fd = s.notify.as_raw_fd();
         let size = s.queue.size() as usize;
-        let w: W = Rc::new(RefCell::new(Worker { s, poll: None, stopped: false, broken: false, in_flight: vec![false; size], completed: 0 }));
+        let w: W = Rc::new(RefCell::new(Worker {
+            s,
+            poll: None,
+            stopped: false,
+            broken: false,
+            in_flight: vec![false; size],
+            completed: 0,
+            tracked: HashMap::new(),
+            tmf_waits: Vec::new(),
+            tmfs: HashMap::new(),
+            next_tmf: 0,
+        }));
         let w2 = w.clone();
         let poll = ring.submit(source | 0x8000_0000, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
             if c.result.is_ok() {
@@ -501,6 +561,8 @@ impl Worker {
             return fail(w, &r, S_BAD_TARGET);
         }
         let lun_id = usize::from(u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff);
+        let tag = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        w.borrow_mut().tracked.insert(head, Track { lun: lun_id as u16, tag, ops: Vec::new() });
         let cdb = &hdr[19..19 + cdb_size];
         let disks = w.borrow().s.disks.clone();
         let disk = disks.get(lun_id);
@@ -532,7 +594,8 @@ impl Worker {
                 // gave these buffers to the device until we put the head in
                 // the used ring, which happens only in the completion.
                 let op = unsafe { Op::readv(fd, iov, offset) };
-                ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, false, in_len, len));
+                let id = ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, false, in_len, len));
+                Worker::track(w, head, &[id]);
             }
             Action::Write { offset, len, sync } => {
                 let Some(iov) = iovecs(&mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
@@ -546,7 +609,8 @@ impl Worker {
             }
             Action::Flush => {
                 let w2 = w.clone();
-                ring.submit(source, Op::Fsync { fd, datasync: true }, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
+                let id = ring.submit(source, Op::Fsync { fd, datasync: true }, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
+                Worker::track(w, head, &[id]);
             }
             Action::Discard { ranges } => {
                 if ranges.is_empty() {
@@ -557,7 +621,7 @@ impl Worker {
                 for (off, len) in ranges {
                     let (w2, left, r) = (w.clone(), left.clone(), r.clone());
                     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                    ring.submit(source, Op::Fallocate { fd, mode, offset: off, len }, move |_, c| {
+                    let id = ring.submit(source, Op::Fallocate { fd, mode, offset: off, len }, move |_, c| {
                         let mut l = left.borrow_mut();
                         l.0 -= 1;
                         if let Err(e) = c.result {
@@ -570,23 +634,25 @@ impl Worker {
                             }
                         }
                     });
+                    Worker::track(w, head, &[id]);
                 }
             }
         }
     }
 
     fn write_then_sync(w: &W, ring: &mut Ring, r: Req, op: Op, fd: Fd, sync: bool, in_len: u64) {
-        let source = w.borrow().s.source;
+        let (source, head) = (w.borrow().s.source, r.head);
         if !sync {
             let w2 = w.clone();
-            ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
+            let id = ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
+            Worker::track(w, head, &[id]);
             return;
         }
         // Write, then fdatasync, linked: the response waits for both.
         let result = Rc::new(RefCell::new(None::<i32>));
         let (w2, res1, res2) = (w.clone(), result.clone(), result.clone());
         let r = Rc::new(r);
-        ring.submit_linked(
+        let ids = ring.submit_linked(
             source,
             vec![
                 (op, Box::new(move |_: &mut Ring, c: Completion| {
@@ -604,6 +670,7 @@ impl Worker {
                 })),
             ],
         );
+        Worker::track(w, head, &ids);
     }
 
     fn io_done(w: &W, r: &Req, c: Completion, write: bool, in_len: u64, want: u64) {
@@ -613,6 +680,10 @@ impl Worker {
                 // Short read: the file shrank under us.
                 log::warn!("virtio-scsi: short read ({n} of {want} bytes)");
                 Worker::respond(w, r, S_OK, scsi::CHECK_CONDITION, Some(Sense::READ_ERROR), n as u64, in_len)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                // Cancelled by a task management function.
+                Worker::respond(w, r, S_ABORTED, scsi::GOOD, None, 0, in_len)
             }
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(libc::EIO);
@@ -671,6 +742,18 @@ impl Worker {
         if let Some(f) = wk.in_flight.get_mut(head as usize) {
             *f = false;
         }
+        if wk.tracked.remove(&head).is_some() && !wk.tmf_waits.is_empty() {
+            for t in &mut wk.tmf_waits {
+                t.heads.retain(|&h| h != head);
+            }
+            let (done, waiting): (Vec<TmfWait>, Vec<TmfWait>) = std::mem::take(&mut wk.tmf_waits).into_iter().partition(|t| t.heads.is_empty());
+            wk.tmf_waits = waiting;
+            for mut t in done {
+                if let Some(reply) = t.reply.take() {
+                    reply(t.found);
+                }
+            }
+        }
         wk.completed += 1;
         if let Err(e) = wk.s.queue.add_used(&mem, head, used) {
             wk.mark_broken(&format!("add_used: {e}"));
@@ -688,16 +771,120 @@ impl Worker {
         }
     }
 
-    /// Control queue: task management and async notification requests.
-    /// In-flight commands here complete quickly, so ABORT TASK and the
-    /// resets answer FUNCTION COMPLETE once nothing of the LUN is pending
-    /// on this queue.
+    fn track(w: &W, head: u16, ids: &[OpId]) {
+        if let Some(t) = w.borrow_mut().tracked.get_mut(&head) {
+            t.ops.extend_from_slice(ids);
+        }
+    }
+
+    /// On a request queue's iothread: the requests in flight for `lun`
+    /// (all LUNs if None) and `tag` (all if None); with `cancel`, their
+    /// ring operations are cancelled and `reply` runs once every one of
+    /// them has completed (answered ABORTED, or normally if the kernel
+    /// finished first). `reply` gets how many there were.
+    fn tmf_scan(ring: &mut Ring, source: SourceId, lun: Option<u16>, tag: Option<u64>, cancel: bool, reply: Box<dyn FnOnce(u64) + Send>) {
+        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return reply(0) };
+        let (heads, ops): (Vec<u16>, Vec<OpId>) = {
+            let wk = w.borrow();
+            let hit: Vec<(&u16, &Track)> = wk.tracked.iter().filter(|(_, t)| lun.is_none_or(|l| l == t.lun) && tag.is_none_or(|g| g == t.tag)).collect();
+            (hit.iter().map(|(h, _)| **h).collect(), hit.iter().flat_map(|(_, t)| t.ops.iter().copied()).collect())
+        };
+        let found = heads.len() as u64;
+        if !cancel || heads.is_empty() {
+            return reply(found);
+        }
+        w.borrow_mut().tmf_waits.push(TmfWait { heads, found, reply: Some(reply) });
+        for op in ops {
+            ring.cancel(op);
+        }
+    }
+
+    /// On the control queue's iothread: one request queue answered.
+    fn tmf_part_done(source: SourceId, id: u64, found: u64) {
+        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return };
+        let ready = {
+            let mut wk = w.borrow_mut();
+            let Some(p) = wk.tmfs.get_mut(&id) else { return };
+            p.waiting -= 1;
+            p.found += found;
+            if p.waiting > 0 {
+                return;
+            }
+            wk.tmfs.remove(&id)
+        };
+        if let Some(p) = ready {
+            let response = if p.query && p.found > 0 { S_FUNCTION_SUCCEEDED } else { 0 };
+            Worker::control_reply(&w, p.head, &p.wr, &[response]);
+        }
+    }
+
+    fn control_reply(w: &W, head: u16, wr: &[(GuestAddress, usize)], reply: &[u8]) {
+        let mem = w.borrow().s.mem.clone();
+        let used = if write_segs(&mem, wr, reply) { reply.len() as u32 } else { 0 };
+        w.borrow().s.mark(wr);
+        Worker::finish(w, head, used);
+    }
+
+    /// A task management function (virtio_scsi_ctrl_tmf_req: type,
+    /// subtype, lun[8], tag). Aborts and resets cancel the matching
+    /// requests on every request queue and answer once they are done.
+    fn tmf(w: &W, head: u16, req: &[u8], wr: &[(GuestAddress, usize)]) {
+        let subtype = u32::from_le_bytes(req[4..8].try_into().unwrap_or_default());
+        let lun = &req[8..16];
+        let tag = u64::from_le_bytes(req[16..24].try_into().unwrap_or_default());
+        if lun[0] != 1 || lun[1] != 0 {
+            return Worker::control_reply(w, head, wr, &[S_BAD_TARGET]);
+        }
+        let lun_id = u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff;
+        if usize::from(lun_id) >= w.borrow().s.disks.len() {
+            return Worker::control_reply(w, head, wr, &[S_INCORRECT_LUN]);
+        }
+        // (lun filter, tag filter, cancel, query)
+        let (lf, tf, cancel, query) = match subtype {
+            0 => (Some(lun_id), Some(tag), true, false), // ABORT TASK
+            1 | 3 | 5 => (Some(lun_id), None, true, false), // ABORT/CLEAR TASK SET, LOGICAL UNIT RESET
+            4 => (None, None, true, false),              // I_T NEXUS RESET
+            6 => (Some(lun_id), Some(tag), false, true), // QUERY TASK
+            7 => (Some(lun_id), None, false, true),      // QUERY TASK SET
+            _ => return Worker::control_reply(w, head, wr, &[S_FUNCTION_REJECTED]), // CLEAR ACA (no ACA), unknown
+        };
+        let (peers, own, source) = {
+            let wk = w.borrow();
+            let peers = wk.s.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            (peers, wk.s.own.clone(), wk.s.source)
+        };
+        let id = {
+            let mut wk = w.borrow_mut();
+            wk.next_tmf += 1;
+            let id = wk.next_tmf;
+            wk.tmfs.insert(id, PendingTmf { head, wr: wr.to_vec(), waiting: peers.len() + 1, found: 0, query });
+            id
+        };
+        for (remote, peer) in peers {
+            let back = own.clone();
+            let reply: Box<dyn FnOnce(u64) + Send> = Box::new(move |found| {
+                let _ = back.send(move |_| Worker::tmf_part_done(source, id, found));
+            });
+            if remote.send(move |ring| Worker::tmf_scan(ring, peer, lf, tf, cancel, reply)).is_err() {
+                Worker::tmf_part_done(source, id, 0);
+            }
+        }
+        // Our own share (the control queue holds no SCSI commands).
+        Worker::tmf_part_done(source, id, 0);
+    }
+
+    /// Control queue: task management and asynchronous notification.
     fn control(w: &W, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
         let mem = w.borrow().s.mem.clone();
         let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, 0) };
         let kind = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        if kind == 0 {
+            return match read_segs(&mem, rd, 24) {
+                Some(req) => Worker::tmf(w, head, &req, wr),
+                None => Worker::control_reply(w, head, wr, &[S_FAILURE]),
+            };
+        }
         let reply: Vec<u8> = match kind {
-            0 => vec![0], // TMF: VIRTIO_SCSI_S_FUNCTION_COMPLETE
             1 | 2 => {
                 let mut v = vec![0u8; 5]; // AN query/subscribe: no events supported
                 v[4] = S_OK;
