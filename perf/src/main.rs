@@ -332,7 +332,7 @@ fn snapshot(quick: bool) -> Result<()> {
                 let mut rs = Vec::new();
                 let mut fios = Vec::new();
                 for _ in 0..reps {
-                    let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate)?;
+                    let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate, 90)?;
                     if have_fio {
                         match snapbench::fio(tdir, r.bytes as u64) {
                             Ok(v) => fios.push(v),
@@ -346,6 +346,13 @@ fn snapshot(quick: bool) -> Result<()> {
                         let present = (r.file_mib * (1 << 20) as f64) as u64;
                         let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
                         restores.push((format!("{tname}"), mib, ms, worst, fio_ms, r.file_mib));
+                        // And a sparse one: 10% of RAM in use.
+                        let _ = std::fs::remove_file(&file);
+                        let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
+                        let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
+                        let present = (sparse.file_mib * (1 << 20) as f64) as u64;
+                        let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
+                        restores.push((format!("{tname} (sparse)"), mib, ms, worst, fio_ms, sparse.file_mib));
                     }
                     let _ = std::fs::remove_file(&file);
                     rs.push(r);

@@ -52,13 +52,13 @@ fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
     }
 }
 
-/// Boots a `mem_mib` guest filling 90% of it, dirtying at `rate` MiB/s,
-/// snapshots it to `file`.
-pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64) -> Result<Result1> {
+/// Boots a `mem_mib` guest filling `fill_pct`% of it, dirtying at `rate`
+/// MiB/s, snapshots it to `file`.
+pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, fill_pct: u64) -> Result<Result1> {
     let sock = dir.join("snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
-    let fill = mem_mib * 9 / 10;
+    let fill = mem_mib * fill_pct / 100;
     let mut child = Command::new(bin)
         .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
         .arg(guest)
@@ -333,7 +333,7 @@ pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: Q
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
         .arg(guest)
-        .args(["-nographic", "-serial", "none", "-monitor", "none", "-S", "-incoming", "defer"])
+        .args(["-nographic", "-serial", "null", "-monitor", "none", "-S", "-incoming", "defer"])
         .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())
