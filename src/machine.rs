@@ -88,7 +88,7 @@ impl Machine {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // Transparent huge pages on request (--thp): a 1 MiB O_DIRECT
+            // Transparent huge pages unless --no-thp: a 1 MiB O_DIRECT
             // transfer into guest RAM is then one physical segment instead
             // of 256, which doubles large reads on a virtio host disk; but
             // each snapshot's dirty logging makes KVM split them again.

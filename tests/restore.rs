@@ -287,7 +287,7 @@ fn restore_with_disk_under_verify_load() {
     std::fs::File::create(&other).unwrap().set_len(16 << 20).unwrap();
     let o = ringvm(&["run", "--loadstate", file.to_str().unwrap(), "--disk", other.to_str().unwrap()], T);
     assert_eq!(o.code(), 1, "{}", o.stdout);
-    assert!(o.stderr.contains("disk 0 was") && o.stderr.contains("other.img"), "{}", o.stderr);
+    assert!(o.stderr.contains("disk 0: it was") && o.stderr.contains("disk.img") && o.stderr.contains("other.img"), "{}", o.stderr);
 }
 
 /// A loop-mounted XFS (reflink) in `dir`, unmounted on drop.

@@ -57,9 +57,9 @@ pub fn ringvm(bin: &Path, guest: &Path, file: &Path, job: Job, queues: u32, secs
         .args(["--cmdline", &cmdline(job, secs)])
         .arg("--disk")
         .arg(format!("path={},cache=none", file.display()));
-    // RINGVM_PERF_THP=1: guest RAM in transparent huge pages, as QEMU's is.
-    if std::env::var("RINGVM_PERF_THP").is_ok_and(|v| v == "1") {
-        c.arg("--thp");
+    // RINGVM_PERF_THP=0: guest RAM in small pages (ringvm --no-thp).
+    if std::env::var("RINGVM_PERF_THP").is_ok_and(|v| v == "0") {
+        c.arg("--no-thp");
     }
     parse(&run(c, Duration::from_secs(secs + 120))?)
 }
