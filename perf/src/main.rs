@@ -316,7 +316,13 @@ fn snapshot(quick: bool) -> Result<()> {
         None if quick => &[512],
         None => &[1024, 4096, 8192],
     };
-    let rates: &[u64] = if quick { &[1, 100] } else { &[1, 100, 500] };
+    // RINGVM_PERF_RATES=1,100 (MiB/s; 1 is idle) narrows them.
+    let env_rates: Option<Vec<u64>> = std::env::var("RINGVM_PERF_RATES").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let rates: &[u64] = match &env_rates {
+        Some(v) => v,
+        None if quick => &[1, 100],
+        None => &[1, 100, 500],
+    };
     let reps = std::env::var("RINGVM_PERF_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 3 });
     let targets = [("local disk", scratch_dir()?), ("/dev/shm", PathBuf::from("/dev/shm"))];
     println!("\n## snapshot: live save of the test guest (1 vCPU, as QEMU brings up one of this guest's vCPUs; 90% of RAM filled, then rewritten at the given rate); median of {reps}\n");
@@ -331,54 +337,70 @@ fn snapshot(quick: bool) -> Result<()> {
                 let file = tdir.join(format!("ringvm-perf-{}.state", std::process::id()));
                 let mut rs = Vec::new();
                 let mut fios = Vec::new();
-                for _ in 0..reps {
-                    let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate, 90)?;
-                    if have_fio {
-                        match snapbench::fio(tdir, r.bytes as u64) {
-                            Ok(v) => fios.push(v),
-                            // e.g. /dev/shm full: the row says skipped.
-                            Err(e) => eprintln!("fio on {tname}: {e:#}"),
-                        }
+                let have_qemu = have("qemu-system-x86_64");
+                let modes = [snapbench::QemuMode::MappedRam, snapbench::QemuMode::Plain];
+                let mut qs: Vec<Vec<snapbench::Result1>> = vec![Vec::new(), Vec::new()];
+                // Sides alternate order from one repetition to the next
+                // (A B C / C B A): on this machine freshly allocated memory
+                // is slow to touch (the host reclaims freed pages), which
+                // favours whoever runs second.
+                for rep in 0..reps {
+                    let mut order: Vec<Option<usize>> = vec![None];
+                    if have_qemu {
+                        order.extend([Some(0), Some(1)]);
                     }
-                    if rate > 1 && rate < 500 {
-                        // Restore the same file (one dirty rate is enough).
-                        let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
-                        let present = (r.file_mib * (1 << 20) as f64) as u64;
-                        let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
-                        restores.push((format!("{tname}"), mib, ms, worst, fio_ms, r.file_mib));
-                        // And a sparse one: 10% of RAM in use.
-                        let _ = std::fs::remove_file(&file);
-                        let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
-                        let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
-                        let present = (sparse.file_mib * (1 << 20) as f64) as u64;
-                        let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
-                        restores.push((format!("{tname} (sparse)"), mib, ms, worst, fio_ms, sparse.file_mib));
+                    if rep % 2 == 1 {
+                        order.reverse();
                     }
-                    let _ = std::fs::remove_file(&file);
-                    rs.push(r);
-                }
-                // QEMU on the same guest, workload and target, both ways.
-                let mut qemu_rows = Vec::new();
-                if have("qemu-system-x86_64") {
-                    for mode in [snapbench::QemuMode::MappedRam, snapbench::QemuMode::Plain] {
-                        let mut qs = Vec::new();
-                        for _ in 0..reps {
-                            match snapbench::qemu(&guest, &dir, &file, mib, rate, mode) {
-                                Ok(r) => {
-                                    if rate > 1 && rate < 500 {
-                                        match snapbench::qemu_restore(&guest, &dir, &file, mib, mode) {
-                                            Ok(ms) => qemu_restores.push((tname.to_string(), mib, mode, ms)),
-                                            Err(e) => eprintln!("{} restore on {tname}: {e:#}", mode.name()),
-                                        }
-                                    }
-                                    qs.push(r)
+                    for side in order {
+                        let Some(m) = side else {
+                            let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate, 90)?;
+                            if have_fio {
+                                match snapbench::fio(tdir, r.bytes as u64) {
+                                    Ok(v) => fios.push(v),
+                                    // e.g. /dev/shm full: the row says skipped.
+                                    Err(e) => eprintln!("fio on {tname}: {e:#}"),
                                 }
-                                Err(e) => eprintln!("{} on {tname}: {e:#}", mode.name()),
+                            }
+                            if rate > 1 && rate < 500 {
+                                // Restore the same file (one dirty rate is enough).
+                                let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
+                                let present = (r.file_mib * (1 << 20) as f64) as u64;
+                                let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
+                                restores.push((format!("{tname}"), mib, ms, worst, fio_ms, r.file_mib));
+                                // And a sparse one: 10% of RAM in use.
+                                let _ = std::fs::remove_file(&file);
+                                let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
+                                let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
+                                let present = (sparse.file_mib * (1 << 20) as f64) as u64;
+                                let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
+                                restores.push((format!("{tname} (sparse)"), mib, ms, worst, fio_ms, sparse.file_mib));
                             }
                             let _ = std::fs::remove_file(&file);
+                            rs.push(r);
+                            continue;
+                        };
+                        let mode = modes[m];
+                        match snapbench::qemu(&guest, &dir, &file, mib, rate, mode) {
+                            Ok(r) => {
+                                if rate > 1 && rate < 500 {
+                                    match snapbench::qemu_restore(&guest, &dir, &file, mib, mode) {
+                                        Ok(ms) => qemu_restores.push((tname.to_string(), mib, mode, ms)),
+                                        Err(e) => eprintln!("{} restore on {tname}: {e:#}", mode.name()),
+                                    }
+                                }
+                                qs[m].push(r)
+                            }
+                            Err(e) => eprintln!("{} on {tname}: {e:#}", mode.name()),
                         }
-                        qs.sort_by(|a, b| a.total_ms.partial_cmp(&b.total_ms).unwrap());
-                        qemu_rows.push((mode, if qs.is_empty() { None } else { Some(qs.swap_remove(qs.len() / 2)) }));
+                        let _ = std::fs::remove_file(&file);
+                    }
+                }
+                let mut qemu_rows = Vec::new();
+                if have_qemu {
+                    for (m, mut v) in qs.into_iter().enumerate() {
+                        v.sort_by(|a, b| a.total_ms.partial_cmp(&b.total_ms).unwrap());
+                        qemu_rows.push((modes[m], if v.is_empty() { None } else { Some(v.swap_remove(v.len() / 2)) }));
                     }
                 }
                 rs.sort_by(|a, b| a.total_ms.partial_cmp(&b.total_ms).unwrap());
