@@ -67,7 +67,7 @@ pub struct MachineArgs {
     /// pages whenever a snapshot turns dirty logging on.
     #[arg(long)]
     pub no_thp: bool,
-    /// A disk on virtio-scsi: path=FILE[,readonly=on][,cache=none|writeback][,iothread=N]
+    /// A disk on virtio-scsi: path=FILE[,readonly=on][,cache=none|writeback][,iothread=N][,queues=N]
     /// (repeat for more LUNs).
     #[arg(long = "disk", value_parser = crate::disk::parse_disk)]
     pub disks: Vec<crate::disk::DiskSpec>,

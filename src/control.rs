@@ -482,6 +482,7 @@ impl Controller {
                 direct: b.direct,
                 iothread: b.pin,
                 clone: clones.iter().find(|c| c.0 == b.path).map(|c| c.1.clone()),
+                queues: b.queues,
             })
             .collect();
         let desc = format::MachineDesc {

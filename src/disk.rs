@@ -26,7 +26,13 @@ pub struct DiskSpec {
     pub direct: bool,
     /// Pin this disk's controller to one iothread.
     pub iothread: Option<usize>,
+    /// Request queues of this disk's controller (disks sharing a
+    /// controller must agree).
+    pub queues: Option<u32>,
 }
+
+/// Request queues per controller at most.
+pub const MAX_QUEUES: u32 = 64;
 
 fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
     match v {
@@ -36,10 +42,10 @@ fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
     }
 }
 
-/// `path=FILE[,readonly=on|off][,cache=none|writeback][,iothread=N]`
+/// `path=FILE[,readonly=on|off][,cache=none|writeback][,iothread=N][,queues=N]`
 /// (a bare FILE is taken as path=FILE).
 pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
-    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None };
+    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None, queues: None };
     for (i, part) in s.split(',').enumerate() {
         let (k, v) = match part.split_once('=') {
             Some(kv) => kv,
@@ -57,6 +63,13 @@ pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
                 }
             }
             "iothread" => d.iothread = Some(v.trim_start_matches("iothread").parse().map_err(|_| format!("iothread={v}: expected a number"))?),
+            "queues" | "num_queues" => {
+                let n: u32 = v.parse().map_err(|_| format!("queues={v}: expected a number"))?;
+                if !(1..=MAX_QUEUES).contains(&n) {
+                    return Err(format!("queues={v}: expected 1 to {MAX_QUEUES}"));
+                }
+                d.queues = Some(n);
+            }
             _ => return Err(format!("unknown disk option '{k}'")),
         }
     }
@@ -92,9 +105,10 @@ pub struct BlockInfo {
     pub lun: usize,
     pub iothreads: Vec<String>,
     pub size: u64,
-    /// Position in the VM's disk list, and its iothread pin.
+    /// Position in the VM's disk list, its iothread pin and queues= option.
     pub index: usize,
     pub pin: Option<usize>,
+    pub queues: Option<u32>,
 }
 
 pub struct Storage {
@@ -212,7 +226,13 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
             Some(t) => vec![threads[t].remote()],
             None => threads.iter().map(IoThread::remote).collect(),
         };
-        let nq = if pin.is_some() { queues.min(4) } else { queues };
+        // The controller's queue count: what its disks ask for (they must
+        // agree), else --scsi-queues (at most 4 for a pinned controller).
+        let asked: Vec<u32> = members.iter().filter_map(|(_, d)| d.queues).collect();
+        if asked.windows(2).any(|w| w[0] != w[1]) {
+            return Err(Error::Config(format!("disks sharing a virtio-scsi controller ask for different queue counts: {asked:?}")));
+        }
+        let nq = asked.first().copied().unwrap_or(if pin.is_some() { queues.min(4) } else { queues });
         let mut opened = Vec::new();
         for (lun, (i, spec)) in members.iter().enumerate() {
             let d = open(spec, *i)?;
@@ -227,6 +247,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
                 size: d.lun.blocks * u64::from(d.lun.block_size),
                 index: *i,
                 pin,
+                queues: spec.queues,
             });
             opened.push(d);
         }
@@ -251,7 +272,10 @@ mod tests {
     #[test]
     fn disk_specs() {
         let d = parse_disk("path=/x.img,readonly=on,cache=none,iothread=1").unwrap();
-        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1) });
+        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1), queues: None });
+        assert_eq!(parse_disk("path=/x,queues=3").unwrap().queues, Some(3));
+        assert!(parse_disk("path=/x,queues=0").is_err());
+        assert!(parse_disk("path=/x,queues=65").is_err());
         assert_eq!(parse_disk("/y.img").unwrap().path, PathBuf::from("/y.img"));
         assert!(parse_disk("path=/x,cache=bogus").is_err());
         assert!(parse_disk("path=/x,speed=9").is_err());

@@ -177,7 +177,7 @@ impl Vm {
                 // The saved disks (their clones, if taken) come back as
                 // saved unless given again (then they must be those files).
                 if config.disks.is_empty() {
-                    config.disks = h.disks.iter().map(|d| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread }).collect();
+                    config.disks = h.disks.iter().map(|d| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread, queues: d.queues }).collect();
                     if h.scsi_queues > 0 && config.scsi_queues.is_none() {
                         config.scsi_queues = Some(h.scsi_queues);
                     }

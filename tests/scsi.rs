@@ -159,3 +159,27 @@ fn query_block_lists_disks() {
     q.exec("quit");
     assert_eq!(vm.wait(T).code(), 0);
 }
+
+/// `queues=N` on a disk sets its controller's request queues (the guest
+/// drives min(its CPUs, the device's queues)); disks sharing a controller
+/// that disagree are refused.
+#[test]
+fn per_disk_queue_count() {
+    if !require_kvm("per_disk_queue_count") {
+        return;
+    }
+    let dir = Scratch::new("scsi-queues");
+    let g = guest_elf(&dir);
+    let d0 = disk(&dir, "d0.img", 8);
+    let d1 = disk(&dir, "d1.img", 8);
+    let o = ringvm(
+        &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=4 bs=65536 qd=4 seed=3", "--disk", &format!("path={d0},queues=1")],
+        T,
+    );
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("virtio-scsi queues=1 luns=1"), "{}", o.stdout);
+    assert!(o.stdout.contains("bad=0"), "{}", o.stdout);
+    let o = ringvm(&["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--disk", &format!("path={d0},queues=1"), "--disk", &format!("path={d1},queues=2")], T);
+    assert_eq!(o.code(), 1);
+    assert!(o.stderr.contains("different queue counts"), "{}", o.stderr);
+}

@@ -32,6 +32,9 @@ pub struct DiskDesc {
     /// "clone"`): what a restore uses, as it matches the RAM.
     #[serde(default)]
     pub clone: Option<String>,
+    /// Its `queues=` option, if given.
+    #[serde(default)]
+    pub queues: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
