@@ -364,17 +364,17 @@ fn snapshot(quick: bool) -> Result<()> {
                             }
                             if rate > 1 && rate < 500 {
                                 // Restore the same file (one dirty rate is enough).
-                                let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
+                                let (ms, p99) = snapbench::restore(&bin, &dir, &file)?;
                                 let present = (r.file_mib * (1 << 20) as f64) as u64;
                                 let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
-                                restores.push((format!("{tname}"), mib, ms, worst, fio_ms, r.file_mib));
+                                restores.push((format!("{tname}"), mib, ms, p99, fio_ms, r.file_mib));
                                 // And a sparse one: 10% of RAM in use.
                                 let _ = std::fs::remove_file(&file);
                                 let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
-                                let (ms, worst) = snapbench::restore(&bin, &dir, &file)?;
+                                let (ms, p99) = snapbench::restore(&bin, &dir, &file)?;
                                 let present = (sparse.file_mib * (1 << 20) as f64) as u64;
                                 let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
-                                restores.push((format!("{tname} (sparse)"), mib, ms, worst, fio_ms, sparse.file_mib));
+                                restores.push((format!("{tname} (sparse)"), mib, ms, p99, fio_ms, sparse.file_mib));
                             }
                             let _ = std::fs::remove_file(&file);
                             rs.push(r);
@@ -443,11 +443,11 @@ fn snapshot(quick: bool) -> Result<()> {
         }
     }
     println!("\n### restore (ringvm run --loadstate -S, until the VM is paused with all state applied)\n");
-    println!("| target | guest | present MiB | time to ready ms | MB/s | fio read of the same bytes ms | ratio (ringvm/fio time) | worst query-status during load ms |");
+    println!("| target | guest | present MiB | time to ready ms | MB/s | fio read of the same bytes ms | ratio (ringvm/fio time) | p99 query-status during load ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (t, mib, ms, worst, fio_ms, file_mib) in restores.clone() {
+    for (t, mib, ms, p99, fio_ms, file_mib) in restores.clone() {
         println!(
-            "| {t} | {} GiB | {file_mib:.0} | {ms:.0} | {:.0} | {} | {} | {worst:.2} |",
+            "| {t} | {} GiB | {file_mib:.0} | {ms:.0} | {:.0} | {} | {} | {p99:.2} |",
             mib as f64 / 1024.0,
             file_mib * 1.048576 / (ms / 1e3),
             fio_ms.map_or("skipped".into(), |v| format!("{v:.0}")),
