@@ -52,6 +52,44 @@ fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
     }
 }
 
+/// A command that must succeed: its `return` value.
+fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
+    let r = cmd(q, c.clone())?;
+    match r.get("return") {
+        Some(v) => Ok(v.clone()),
+        None => bail!("{}: {r}", c["execute"]),
+    }
+}
+
+/// Waits (10 s) for a child that was told to quit, then kills it.
+fn reap(mut child: std::process::Child) -> Result<()> {
+    let t0 = Instant::now();
+    while child.try_wait()?.is_none() {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Reads the guest's stdout in the background; the receiver gets one
+/// message when the guest says its fill is done.
+fn watch_fill(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<()> {
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains("fill done") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
+}
+
 /// Boots a `mem_mib` guest filling `fill_pct`% of it, dirtying at `rate`
 /// MiB/s, snapshots it to `file`.
 pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, fill_pct: u64) -> Result<Result1> {
@@ -68,22 +106,11 @@ pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, r
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if l.contains("fill done") {
-                let _ = tx.send(());
-            }
-        }
-    });
+    let rx = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
-        let r = cmd(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file}}))?;
-        if r.get("return").is_none() {
-            bail!("savevm-start: {r}");
-        }
+        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file}}))?;
         let t0 = Instant::now();
         let s = loop {
             let s = cmd(&mut q, json!({"execute": "query-savevm"}))?["return"].clone();
@@ -108,15 +135,7 @@ pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, r
             file_mib: used as f64 / (1 << 20) as f64,
         })
     })();
-    let t0 = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reap(child)?;
     res
 }
 
@@ -127,7 +146,7 @@ pub fn restore(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
     let sock = dir.join("restore.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(["run", "-S", "--serial", "off", "--loadstate"])
         .arg(file)
         .arg("--qmp")
@@ -159,15 +178,7 @@ pub fn restore(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
         let p99 = lat[((lat.len() * 99) / 100).min(lat.len() - 1)];
         Ok((ms, p99))
     })();
-    let t1 = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t1.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reap(child)?;
     res
 }
 
@@ -241,68 +252,66 @@ impl QemuMode {
 /// The same guest and workload in QEMU 10, saved with `migrate file:`.
 /// QEMU brings up one vCPU of this guest (its MP table differs), which
 /// does the same filling and dirtying.
+/// QEMU 10 with the test guest, one vCPU, `mem_mib` of RAM and QMP on
+/// `sock`; the caller adds the rest.
+fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
+        .arg(guest)
+        .args(["-nographic", "-monitor", "none", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// mapped-ram + multifd (4 channels) + direct-io, on both ends.
+fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) -> Result<()> {
+    if mode == QemuMode::MappedRam {
+        let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
+        ok(q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
+        ok(q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
+    }
+    Ok(())
+}
+
+/// Polls query-migrate until `completed` (its status object), within
+/// 600 s of `t0`.
+fn qemu_wait(q: &mut (BufReader<UnixStream>, UnixStream), t0: Instant, poll: Duration) -> Result<Value> {
+    loop {
+        let s = ok(q, json!({"execute": "query-migrate"}))?;
+        match s["status"].as_str() {
+            Some("completed") => return Ok(s),
+            Some("failed") | Some("cancelled") => bail!("QEMU migration: {s}"),
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("QEMU migration did not finish");
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, mode: QemuMode) -> Result<Result1> {
     let sock = dir.join("qemu-snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * 9 / 10;
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
-        .arg(guest)
-        .args(["-append", &format!("work=mem mib={fill} secs=inf rate={rate}"), "-nographic", "-serial", "stdio", "-monitor", "none"])
-        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
+    let mut child = qemu_command(guest, mem_mib, &sock)
+        .args(["-append", &format!("work=mem mib={fill} secs=inf rate={rate}"), "-serial", "stdio"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .context("qemu-system-x86_64")?;
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if l.contains("fill done") {
-                let _ = tx.send(());
-            }
-        }
-    });
+    let rx = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
         let mut q = qmp(&sock)?;
         // No bandwidth cap (QEMU's default is 128 MiB/s) and ringvm's
         // default downtime target (QEMU's is 300 ms).
-        let r = cmd(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}))?;
-        if r.get("return").is_none() {
-            bail!("migrate-set-parameters: {r}");
-        }
-        if mode == QemuMode::MappedRam {
-            let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
-            let r = cmd(&mut q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
-            if r.get("return").is_none() {
-                bail!("migrate-set-capabilities: {r}");
-            }
-            let r = cmd(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
-            if r.get("return").is_none() {
-                bail!("migrate-set-parameters: {r}");
-            }
-        }
-        let r = cmd(&mut q, json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}))?;
-        if r.get("return").is_none() {
-            bail!("migrate: {r}");
-        }
-        let t0 = Instant::now();
-        let s = loop {
-            let s = cmd(&mut q, json!({"execute": "query-migrate"}))?["return"].clone();
-            match s["status"].as_str() {
-                Some("completed") => break s,
-                Some("failed") | Some("cancelled") => bail!("QEMU migrate: {s}"),
-                _ => {}
-            }
-            if t0.elapsed() > Duration::from_secs(600) {
-                bail!("QEMU migrate did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
+        ok(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}))?;
+        qemu_set_mode(&mut q, mode)?;
+        ok(&mut q, json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}))?;
+        let s = qemu_wait(&mut q, Instant::now(), Duration::from_millis(2))?;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
         let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
         Ok(Result1 {
@@ -313,15 +322,7 @@ pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, mode
             file_mib: used as f64 / (1 << 20) as f64,
         })
     })();
-    let t0 = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reap(child)?;
     res
 }
 
@@ -332,58 +333,20 @@ pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: Q
     let sock = dir.join("qemu-in.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
-        .arg(guest)
-        .args(["-nographic", "-serial", "null", "-monitor", "none", "-S", "-incoming", "defer"])
-        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
+    let child = qemu_command(guest, mem_mib, &sock)
+        .args(["-serial", "null", "-S", "-incoming", "defer"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .context("qemu-system-x86_64")?;
     let res = (|| -> Result<f64> {
         let mut q = qmp(&sock)?;
-        if mode == QemuMode::MappedRam {
-            let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
-            let r = cmd(&mut q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
-            if r.get("return").is_none() {
-                bail!("migrate-set-capabilities: {r}");
-            }
-            let r = cmd(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
-            if r.get("return").is_none() {
-                bail!("migrate-set-parameters: {r}");
-            }
-        }
-        let r = cmd(&mut q, json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}))?;
-        if r.get("return").is_none() {
-            bail!("migrate-incoming: {r}");
-        }
-        loop {
-            let s = cmd(&mut q, json!({"execute": "query-migrate"}))?["return"].clone();
-            match s["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => bail!("QEMU incoming: {s}"),
-                _ => {}
-            }
-            if t0.elapsed() > Duration::from_secs(600) {
-                bail!("QEMU restore did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        qemu_set_mode(&mut q, mode)?;
+        ok(&mut q, json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}))?;
+        qemu_wait(&mut q, t0, Duration::from_millis(1))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
         Ok(ms)
     })();
-    let t0 = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reap(child)?;
     res
 }
