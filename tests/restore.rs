@@ -215,6 +215,24 @@ fn incoming_defer_and_qmp_during_the_load() {
     assert!(o.stdout.contains("verify pages=230400 bad=0"), "{}", o.stdout);
 }
 
+/// Waits (deadline T) until the guest has printed `n` scsi-verify pass lines.
+fn wait_passes(p: &Proc, n: usize, what: &str) {
+    let t0 = std::time::Instant::now();
+    while p.stdout().matches("scsi-verify pass").count() < n {
+        assert!(t0.elapsed() < T, "{what}:\n{}\n{}", p.stdout(), p.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every scsi-verify pass line says bad=0 (the last one may be cut short
+/// by quit) and no chunk reported bad words.
+fn assert_passes_clean(stdout: &str) {
+    for line in stdout.lines().filter(|l| l.contains("scsi-verify pass") && l.contains(" bad=")) {
+        assert!(line.ends_with(" bad=0"), "{line}\n{stdout}");
+    }
+    assert!(!stdout.contains("bad words"), "{stdout}");
+}
+
 /// A VM with a disk, snapshotted while its guest reads and verifies the
 /// disk in a loop: the disk's reads land in guest RAM behind KVM's dirty
 /// log, the final pause quiesces the queues, and the restored VM (disks
@@ -247,12 +265,7 @@ fn restore_with_disk_under_verify_load() {
     let s = q.wait_savevm(T);
     assert_eq!(s["status"], "completed", "{s}");
     // The guest kept verifying after the pause (queues resumed).
-    let n = p.stdout().matches("scsi-verify pass").count();
-    let t0 = std::time::Instant::now();
-    while p.stdout().matches("scsi-verify pass").count() < n + 2 {
-        assert!(t0.elapsed() < T, "no progress after the snapshot:\n{}", p.stdout());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_passes(&p, p.stdout().matches("scsi-verify pass").count() + 2, "no progress after the snapshot");
     q.ok("quit", json!({}));
     let o = p.wait(T);
     assert_eq!(o.code(), 0, "{}", o.stdout);
@@ -266,21 +279,14 @@ fn restore_with_disk_under_verify_load() {
     let _ = std::fs::remove_file(&sock);
     let r = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--qmp"]).arg(&sock));
     let mut q = Qmp::negotiated(&sock);
-    let t0 = std::time::Instant::now();
-    while r.stdout().matches("scsi-verify pass").count() < 3 {
-        assert!(t0.elapsed() < T, "the restored guest made no progress:\n{}\n{}", r.stdout(), r.stderr());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_passes(&r, 3, "the restored guest made no progress");
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");
     q.ok("quit", json!({}));
     let o = r.wait(T);
     assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
     assert!(!o.stdout.contains("ringvm-guest: start"), "the restored guest rebooted:\n{}", o.stdout);
-    // (The last line may be cut short by quit.)
-    for line in o.stdout.lines().filter(|l| l.contains("scsi-verify pass") && l.contains(" bad=")) {
-        assert!(line.ends_with(" bad=0"), "{line}\n{}", o.stdout);
-    }
-    assert!(!o.stdout.contains("bad words") && !o.stdout.contains("status "), "{}", o.stdout);
+    assert_passes_clean(&o.stdout);
+    assert!(!o.stdout.contains("status "), "{}", o.stdout);
 
     // The wrong disk is refused before anything runs.
     let other = dir.path("other.img");
@@ -379,18 +385,11 @@ fn disks_clone_reflinks_during_the_pause() {
     let _ = std::fs::remove_file(&sock);
     let r = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--qmp"]).arg(&sock));
     let mut q = Qmp::negotiated(&sock);
-    let t0 = std::time::Instant::now();
-    while r.stdout().matches("scsi-verify pass").count() < 3 {
-        assert!(t0.elapsed() < T, "no progress after the restore:\n{}\n{}", r.stdout(), r.stderr());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_passes(&r, 3, "no progress after the restore");
     let blocks = q.ok("query-block", json!({}));
     assert!(blocks.to_string().contains("vm.state.disk0"), "{blocks}");
     q.ok("quit", json!({}));
     let o = r.wait(T);
     assert_eq!(o.code(), 0, "{}", o.stderr);
-    for line in o.stdout.lines().filter(|l| l.contains("scsi-verify pass") && l.contains(" bad=")) {
-        assert!(line.ends_with(" bad=0"), "{line}\n{}", o.stdout);
-    }
-    assert!(!o.stdout.contains("bad words"), "{}", o.stdout);
+    assert_passes_clean(&o.stdout);
 }

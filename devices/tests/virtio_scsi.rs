@@ -28,8 +28,7 @@ struct Rig {
     dev: VirtioScsi,
     notify: EventFd,
     irq: Arc<EventFd>,
-    avail_idx: u16,
-    used_seen: u16,
+    q: Q,
     _io: IoThread,
     _file: tempfile::NamedTempFile,
 }
@@ -42,33 +41,21 @@ fn rig() -> Rig {
     let io = IoThread::spawn("iothread-test", 64).unwrap();
     let disk = Disk { path: "test".into(), file: file.reopen().unwrap(), lun: Lun::new(1 << 20, 512, false, "T"), direct: false };
     let mut dev = VirtioScsi::new(vec![disk], vec![io.remote()], 1);
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
-    assert!(q.is_valid(&mem));
+    let rq = Q { base: DESC, avail_idx: 0, used_seen: 0 };
+    let q = rq.queue(&mem);
     let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     dev.activate(mem.clone(), VIRTIO_F_VERSION_1, vec![ActiveQueue { index: 2, queue: q, notify: notify.try_clone().unwrap(), irq: Some(irq.clone()) }]).unwrap();
-    Rig { mem, dev, notify, irq, avail_idx: 0, used_seen: 0, _io: io, _file: file }
+    Rig { mem, dev, notify, irq, q: rq, _io: io, _file: file }
 }
 
 impl Rig {
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = GuestAddress(DESC + u64::from(i) * 16);
-        self.mem.write_obj(addr, a).unwrap();
-        self.mem.write_obj(len, a.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, a.unchecked_add(14)).unwrap();
+        self.q.desc(&self.mem, i, addr, len, flags, next);
     }
 
     fn push(&mut self, head: u16) {
-        let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE));
-        self.mem.write_obj(head, slot).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+        self.q.push(&self.mem, head);
     }
 
     fn kick(&self) {
@@ -76,21 +63,21 @@ impl Rig {
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.q.used_idx(&self.mem)
     }
 
     /// Waits for `n` more used entries; returns (id, len) of each.
     fn wait_used(&mut self, n: u16) -> Vec<(u32, u32)> {
         let t0 = Instant::now();
-        while self.used_idx().wrapping_sub(self.used_seen) < n {
-            assert!(t0.elapsed() < Duration::from_secs(10), "deadline: {} of {n} completions", self.used_idx().wrapping_sub(self.used_seen));
+        while self.used_idx().wrapping_sub(self.q.used_seen) < n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "deadline: {} of {n} completions", self.used_idx().wrapping_sub(self.q.used_seen));
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut v = Vec::new();
         for _ in 0..n {
-            let e = GuestAddress(USED + 4 + 8 * u64::from(self.used_seen % QSIZE));
+            let e = GuestAddress(USED + 4 + 8 * u64::from(self.q.used_seen % QSIZE));
             v.push((self.mem.read_obj(e).unwrap(), self.mem.read_obj(e.unchecked_add(4)).unwrap()));
-            self.used_seen = self.used_seen.wrapping_add(1);
+            self.q.used_seen = self.q.used_seen.wrapping_add(1);
         }
         v
     }
@@ -254,7 +241,8 @@ fn reset_waits_for_in_flight_requests() {
     assert_eq!(r.used_idx(), done, "nothing completes after reset returned");
 }
 
-/// A split queue at `base` (descriptors, avail at +0x1000, used at +0x2000).
+/// A split queue at `base` (descriptors, avail at +0x1000, used at +0x2000;
+/// the rig's queue is the one at DESC).
 struct Q {
     base: u64,
     avail_idx: u16,
