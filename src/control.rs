@@ -335,9 +335,8 @@ impl Controller {
                 self.vm.machine().mem_size >> 20
             )));
         }
-        let mut blocks: Vec<_> = self.vm.blocks().to_vec();
-        blocks.sort_by_key(|b| b.index);
-        crate::snapshot::check_disks(&m.disks, &blocks.iter().map(|b| b.path.clone()).collect::<Vec<_>>()).map_err(fail)?;
+        let paths: Vec<String> = self.vm.disks_in_order().into_iter().map(|b| b.path).collect();
+        crate::snapshot::check_disks(&m.disks, &paths).map_err(fail)?;
         let section = crate::vmm::parse_section(&path, &checked).map_err(|e| QmpError::generic(e.to_string()))?;
         self.start_load(path, checked, section).map_err(QmpError::generic)?;
         Ok(json!({}))
@@ -458,8 +457,7 @@ impl Controller {
         let slots = machine.slots();
         let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
         let boot = self.vm.boot_spec();
-        let mut blocks: Vec<_> = self.vm.blocks().to_vec();
-        blocks.sort_by_key(|b| b.index);
+        let blocks = self.vm.disks_in_order();
         // "disks": "clone": each disk is reflinked next to the state file
         // during the final pause, so the disks match the RAM. Tried once
         // now: a filesystem without reflink fails here, before anything runs.
@@ -610,10 +608,7 @@ impl Controller {
                 // its data and used entries are in RAM and in the dirty
                 // log) and take nothing new until the resume.
                 if let Err(e) = self.vm.storage().pause() {
-                    if self.save.paused_by_us {
-                        self.vm.vcpus().resume();
-                        self.save.paused_by_us = false;
-                    }
+                    self.release_snapshot_pause();
                     self.cancel_snapshot(Some(format!("cannot quiesce the disks: {e}")));
                     return;
                 }
@@ -622,10 +617,7 @@ impl Controller {
                 let clone_err = self.save.clones.iter().find_map(|(src, dst)| crate::disk::reflink(src, dst).err());
                 if let Some(e) = clone_err {
                     self.vm.storage().resume();
-                    if self.save.paused_by_us {
-                        self.vm.vcpus().resume();
-                        self.save.paused_by_us = false;
-                    }
+                    self.release_snapshot_pause();
                     self.cancel_snapshot(Some(format!("disks=clone: {e}")));
                     return;
                 }
@@ -641,10 +633,7 @@ impl Controller {
                 // Capture vCPU and machine state while they are still out.
                 let state = if self.save.shared.get().state == SaveState::Active { Some(self.capture_state()) } else { None };
                 self.vm.storage().resume();
-                if self.save.paused_by_us {
-                    self.vm.vcpus().resume();
-                    self.save.paused_by_us = false;
-                }
+                self.release_snapshot_pause();
                 self.state = back;
                 if let Some(t) = self.save.pause_started.take() {
                     let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -693,6 +682,14 @@ impl Controller {
                 }
                 self.broadcast("MIGRATION", Some(data));
             }
+        }
+    }
+
+    /// Resumes the vCPUs if the snapshot's final pause stopped them.
+    fn release_snapshot_pause(&mut self) {
+        if self.save.paused_by_us {
+            self.vm.vcpus().resume();
+            self.save.paused_by_us = false;
         }
     }
 

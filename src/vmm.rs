@@ -284,6 +284,13 @@ impl Vm {
         &self.storage.blocks
     }
 
+    /// The disks in the order they were given (as a state file lists them).
+    pub fn disks_in_order(&self) -> Vec<crate::disk::BlockInfo> {
+        let mut b = self.storage.blocks.clone();
+        b.sort_by_key(|b| b.index);
+        b
+    }
+
     pub fn no_reboot(&self) -> bool {
         self.no_reboot
     }

@@ -353,47 +353,51 @@ fn snapshot(quick: bool) -> Result<()> {
                         order.reverse();
                     }
                     for side in order {
-                        let Some(m) = side else {
-                            let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate, 90)?;
-                            if have_fio {
-                                match snapbench::fio(tdir, r.bytes as u64) {
-                                    Ok(v) => fios.push(v),
-                                    // e.g. /dev/shm full: the row says skipped.
-                                    Err(e) => eprintln!("fio on {tname}: {e:#}"),
-                                }
-                            }
-                            if rate > 1 && rate < 500 {
-                                // Restore the same file (one dirty rate is enough).
-                                let (ms, p99) = snapbench::restore(&bin, &dir, &file)?;
-                                let present = (r.file_mib * (1 << 20) as f64) as u64;
-                                let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
-                                restores.push((format!("{tname}"), mib, ms, p99, fio_ms, r.file_mib));
-                                // And a sparse one: 10% of RAM in use.
-                                let _ = std::fs::remove_file(&file);
-                                let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
-                                let (ms, p99) = snapbench::restore(&bin, &dir, &file)?;
-                                let present = (sparse.file_mib * (1 << 20) as f64) as u64;
-                                let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
-                                restores.push((format!("{tname} (sparse)"), mib, ms, p99, fio_ms, sparse.file_mib));
-                            }
-                            let _ = std::fs::remove_file(&file);
-                            rs.push(r);
-                            continue;
-                        };
-                        let mode = modes[m];
-                        match snapbench::qemu(&guest, &dir, &file, mib, rate, mode) {
-                            Ok(r) => {
-                                if rate > 1 && rate < 500 {
-                                    match snapbench::qemu_restore(&guest, &dir, &file, mib, mode) {
-                                        Ok(ms) => qemu_restores.push((tname.to_string(), mib, mode, ms)),
-                                        Err(e) => eprintln!("{} restore on {tname}: {e:#}", mode.name()),
+                        match side {
+                            None => {
+                                let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate, 90)?;
+                                if have_fio {
+                                    match snapbench::fio(tdir, r.bytes as u64) {
+                                        Ok(v) => fios.push(v),
+                                        // e.g. /dev/shm full: the row says skipped.
+                                        Err(e) => eprintln!("fio on {tname}: {e:#}"),
                                     }
                                 }
-                                qs[m].push(r)
+                                if rate > 1 && rate < 500 {
+                                    // Restore the file just written, against fio reading as many bytes.
+                                    let mut restore_row = |label: String, file_mib: f64| -> Result<()> {
+                                        let (ms, p99) = snapbench::restore(&bin, &dir, &file)?;
+                                        let present = (file_mib * (1 << 20) as f64) as u64;
+                                        let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
+                                        restores.push((label, mib, ms, p99, fio_ms, file_mib));
+                                        Ok(())
+                                    };
+                                    // One dirty rate is enough: this snapshot, then a sparse one (10% of RAM in use).
+                                    restore_row(tname.to_string(), r.file_mib)?;
+                                    let _ = std::fs::remove_file(&file);
+                                    let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
+                                    restore_row(format!("{tname} (sparse)"), sparse.file_mib)?;
+                                }
+                                let _ = std::fs::remove_file(&file);
+                                rs.push(r);
                             }
-                            Err(e) => eprintln!("{} on {tname}: {e:#}", mode.name()),
+                            Some(m) => {
+                                let mode = modes[m];
+                                match snapbench::qemu(&guest, &dir, &file, mib, rate, mode) {
+                                    Ok(r) => {
+                                        if rate > 1 && rate < 500 {
+                                            match snapbench::qemu_restore(&guest, &dir, &file, mib, mode) {
+                                                Ok(ms) => qemu_restores.push((tname.to_string(), mib, mode, ms)),
+                                                Err(e) => eprintln!("{} restore on {tname}: {e:#}", mode.name()),
+                                            }
+                                        }
+                                        qs[m].push(r)
+                                    }
+                                    Err(e) => eprintln!("{} on {tname}: {e:#}", mode.name()),
+                                }
+                                let _ = std::fs::remove_file(&file);
+                            }
                         }
-                        let _ = std::fs::remove_file(&file);
                     }
                 }
                 let mut qemu_rows = Vec::new();

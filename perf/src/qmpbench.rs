@@ -55,7 +55,11 @@ pub fn measure(sock: &Path, n: usize) -> Result<Latency> {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
     let _ = w.write_all(b"{\"execute\":\"quit\"}\n");
-    Ok(Latency { p50_us: pct(0.50), p99_us: pct(0.99), max_us: samples[samples.len() - 1] })
+    Ok(Latency {
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: samples[samples.len() - 1],
+    })
 }
 
 /// The guest's load: spinning, or random reads on a disk at QD 32.
@@ -67,14 +71,32 @@ pub fn workload(disk: Option<&Path>) -> &'static str {
     }
 }
 
-pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) -> Result<Child> {
+pub fn spawn_ringvm(
+    bin: &Path,
+    guest: &Path,
+    sock: &Path,
+    cpus: &str,
+    disk: Option<&Path>,
+) -> Result<Child> {
     let mut c = Command::new(bin);
-    c.args(["run", "--cpus", cpus, "--memory", "256M", "--cmdline", workload(disk), "--serial", "off", "--kernel"]).arg(guest);
+    c.args([
+        "run",
+        "--cpus",
+        cpus,
+        "--memory",
+        "256M",
+        "--cmdline",
+        workload(disk),
+        "--serial",
+        "off",
+        "--kernel",
+    ])
+    .arg(guest);
     if let Some(d) = disk {
-        c.arg("--disk").arg(format!("path={},cache=none", d.display()));
+        c.arg("--disk")
+            .arg(format!("path={},cache=none", d.display()));
     }
-    c
-        .arg("--qmp")
+    c.arg("--qmp")
         .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -85,17 +107,44 @@ pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str, disk: Opt
 
 pub fn spawn_qemu(guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) -> Result<Child> {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", cpus, "-m", "256M", "-kernel"])
-        .arg(guest)
-        .args(["-append", workload(disk), "-display", "none", "-serial", "null", "-monitor", "none", "-no-reboot"]);
+    c.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        cpus,
+        "-m",
+        "256M",
+        "-kernel",
+    ])
+    .arg(guest)
+    .args([
+        "-append",
+        workload(disk),
+        "-display",
+        "none",
+        "-serial",
+        "null",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ]);
     if let Some(d) = disk {
-        c.args(["-object", "iothread,id=io0", "-device", "virtio-scsi-pci,id=scsi0,iothread=io0,disable-legacy=on"])
-            .arg("-drive")
-            .arg(format!("file={},if=none,id=d0,format=raw,cache=none,aio=io_uring", d.display()))
-            .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,lun=0"]);
+        c.args([
+            "-object",
+            "iothread,id=io0",
+            "-device",
+            "virtio-scsi-pci,id=scsi0,iothread=io0,disable-legacy=on",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
+            d.display()
+        ))
+        .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,lun=0"]);
     }
-    c
-        .arg("-qmp")
+    c.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -23,9 +23,27 @@ pub struct Job {
 }
 
 pub const JOBS: &[Job] = &[
-    Job { name: "4k randread QD32", write: false, random: true, bs: 4096, depth: 32 },
-    Job { name: "1M seq write QD8", write: true, random: false, bs: 1 << 20, depth: 8 },
-    Job { name: "1M seq read QD8", write: false, random: false, bs: 1 << 20, depth: 8 },
+    Job {
+        name: "4k randread QD32",
+        write: false,
+        random: true,
+        bs: 4096,
+        depth: 32,
+    },
+    Job {
+        name: "1M seq write QD8",
+        write: true,
+        random: false,
+        bs: 1 << 20,
+        depth: 8,
+    },
+    Job {
+        name: "1M seq read QD8",
+        write: false,
+        random: false,
+        bs: 1 << 20,
+        depth: 8,
+    },
 ];
 
 /// Anonymous, page-aligned memory for O_DIRECT: the same kind of memory as
@@ -40,7 +58,16 @@ struct Arena {
 impl Arena {
     fn new(len: usize) -> Result<Arena> {
         // SAFETY: anonymous private mapping, checked below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             bail!("mmap {len}: {}", std::io::Error::last_os_error());
         }
@@ -59,7 +86,12 @@ impl Drop for Arena {
 
 /// Bytes per second moved by the ring for `secs`.
 pub fn run_ring(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
-    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).with_context(|| format!("open {}", path.display()))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
     let mut ring = Ring::new(64, None)?;
     let fd = ring.register_fd(file.as_raw_fd())?;
     let arena = Arena::new(job.bs * job.depth)?;
@@ -71,9 +103,23 @@ pub fn run_ring(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
         stop: bool,
         err: Option<std::io::Error>,
     }
-    let st = Rc::new(RefCell::new(St { rng: 0x9E37_79B9_7F4A_7C15, next_seq: 0, bytes: 0, stop: false, err: None }));
+    let st = Rc::new(RefCell::new(St {
+        rng: 0x9E37_79B9_7F4A_7C15,
+        next_seq: 0,
+        bytes: 0,
+        stop: false,
+        err: None,
+    }));
     let blocks = size / job.bs as u64;
-    fn issue(ring: &mut Ring, st: &Rc<RefCell<St>>, job: Job, fd: Fd, idx: u16, slot_ptr: *mut u8, blocks: u64) {
+    fn issue(
+        ring: &mut Ring,
+        st: &Rc<RefCell<St>>,
+        job: Job,
+        fd: Fd,
+        idx: u16,
+        slot_ptr: *mut u8,
+        blocks: u64,
+    ) {
         let off = {
             let mut s = st.borrow_mut();
             if s.stop {
@@ -155,7 +201,19 @@ pub fn run_fio(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
     };
     let ramp = (secs * 0.1).min(1.0);
     let out = Command::new("fio")
-        .args(["--name=job", "--ioengine=io_uring", "--direct=1", "--fixedbufs=1", "--registerfiles=1", "--thread", "--mem=mmap", "--output-format=json", "--time_based", "--norandommap", "--randrepeat=0"])
+        .args([
+            "--name=job",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--fixedbufs=1",
+            "--registerfiles=1",
+            "--thread",
+            "--mem=mmap",
+            "--output-format=json",
+            "--time_based",
+            "--norandommap",
+            "--randrepeat=0",
+        ])
         .arg(format!("--filename={}", path.display()))
         .arg(format!("--size={size}"))
         .arg(format!("--rw={rw}"))
@@ -170,16 +228,29 @@ pub fn run_fio(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
     let side = if job.write { "write" } else { "read" };
-    v["jobs"][0][side]["bw_bytes"].as_f64().context("fio JSON: bw_bytes")
+    v["jobs"][0][side]["bw_bytes"]
+        .as_f64()
+        .context("fio JSON: bw_bytes")
 }
 
 /// Creates (once) a fully written file of `size` bytes.
 pub fn prepare_file(path: &Path, size: u64) -> Result<()> {
-    if std::fs::metadata(path).map(|m| m.len() == size).unwrap_or(false) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == size)
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     let st = Command::new("fio")
-        .args(["--name=fill", "--ioengine=io_uring", "--direct=1", "--rw=write", "--bs=1M", "--iodepth=8", "--output-format=terse"])
+        .args([
+            "--name=fill",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            "--output-format=terse",
+        ])
         .arg(format!("--filename={}", path.display()))
         .arg(format!("--size={size}"))
         .output()

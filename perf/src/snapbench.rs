@@ -92,15 +92,34 @@ fn watch_fill(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<()> 
 
 /// Boots a `mem_mib` guest filling `fill_pct`% of it, dirtying at `rate`
 /// MiB/s, snapshots it to `file`.
-pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, fill_pct: u64) -> Result<Result1> {
+pub fn ringvm(
+    bin: &Path,
+    guest: &Path,
+    dir: &Path,
+    file: &Path,
+    mem_mib: u64,
+    rate: u64,
+    fill_pct: u64,
+) -> Result<Result1> {
     let sock = dir.join("snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * fill_pct / 100;
     let mut child = Command::new(bin)
-        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .args([
+            "run",
+            "--cpus",
+            "1",
+            "--memory",
+            &format!("{mem_mib}M"),
+            "--kernel",
+        ])
         .arg(guest)
-        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate}"), "--qmp"])
+        .args([
+            "--cmdline",
+            &format!("work=mem mib={fill} secs=inf rate={rate}"),
+            "--qmp",
+        ])
         .arg(&sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -108,9 +127,13 @@ pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, r
         .spawn()?;
     let rx = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
-        rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
+        rx.recv_timeout(Duration::from_secs(600))
+            .context("guest fill")?;
         let mut q = qmp(&sock)?;
-        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file}}))?;
+        ok(
+            &mut q,
+            json!({"execute": "savevm-start", "arguments": {"statefile": file}}),
+        )?;
         let t0 = Instant::now();
         let s = loop {
             let s = cmd(&mut q, json!({"execute": "query-savevm"}))?["return"].clone();
@@ -126,7 +149,9 @@ pub fn ringvm(bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, r
             bail!("snapshot failed: {s}");
         }
         let _ = cmd(&mut q, json!({"execute": "quit"}));
-        let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        let used = std::fs::metadata(file)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
         Ok(Result1 {
             total_ms: s["total-time"].as_f64().unwrap_or(0.0),
             bytes: s["bytes"].as_f64().unwrap_or(0.0),
@@ -187,7 +212,14 @@ pub fn restore(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
 pub fn fio_read_ms(file: &Path, bytes: u64) -> Result<f64> {
     let run = |direct: u32| {
         Command::new("fio")
-            .args(["--name=r", "--ioengine=io_uring", "--rw=read", "--bs=1M", "--iodepth=32", "--output-format=json"])
+            .args([
+                "--name=r",
+                "--ioengine=io_uring",
+                "--rw=read",
+                "--bs=1M",
+                "--iodepth=32",
+                "--output-format=json",
+            ])
             .arg(format!("--direct={direct}"))
             .arg(format!("--filename={}", file.display()))
             .arg(format!("--size={}M", (bytes >> 20).max(1)))
@@ -201,7 +233,9 @@ pub fn fio_read_ms(file: &Path, bytes: u64) -> Result<f64> {
         bail!("fio: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: Value = serde_json::from_slice(&out.stdout)?;
-    let bw = v["jobs"][0]["read"]["bw_bytes"].as_f64().context("bw_bytes")?;
+    let bw = v["jobs"][0]["read"]["bw_bytes"]
+        .as_f64()
+        .context("bw_bytes")?;
     Ok(bytes as f64 / bw * 1e3)
 }
 
@@ -212,7 +246,15 @@ pub fn fio(dir: &Path, bytes: u64) -> Result<f64> {
     let mib = (bytes >> 20).max(1);
     let run = |direct: u32| {
         Command::new("fio")
-            .args(["--name=w", "--ioengine=io_uring", "--rw=write", "--bs=1M", "--iodepth=32", "--output-format=json", "--end_fsync=1"])
+            .args([
+                "--name=w",
+                "--ioengine=io_uring",
+                "--rw=write",
+                "--bs=1M",
+                "--iodepth=32",
+                "--output-format=json",
+                "--end_fsync=1",
+            ])
             .arg(format!("--direct={direct}"))
             .arg(format!("--filename={}", file.display()))
             .arg(format!("--size={mib}M"))
@@ -227,7 +269,9 @@ pub fn fio(dir: &Path, bytes: u64) -> Result<f64> {
         bail!("fio: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: Value = serde_json::from_slice(&out.stdout)?;
-    let bw = v["jobs"][0]["write"]["bw_bytes"].as_f64().context("bw_bytes")?;
+    let bw = v["jobs"][0]["write"]["bw_bytes"]
+        .as_f64()
+        .context("bw_bytes")?;
     Ok(bw / 1e6)
 }
 
@@ -256,12 +300,29 @@ impl QemuMode {
 /// `sock`; the caller adds the rest.
 fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
-        .arg(guest)
-        .args(["-nographic", "-monitor", "none", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null());
+    c.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-m",
+        &format!("{mem_mib}M"),
+        "-kernel",
+    ])
+    .arg(guest)
+    .args([
+        "-nographic",
+        "-monitor",
+        "none",
+        "-device",
+        "isa-debug-exit,iobase=0x501,iosize=1",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()))
+    .stdin(Stdio::null())
+    .stderr(Stdio::null());
     c
 }
 
@@ -269,15 +330,25 @@ fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
 fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) -> Result<()> {
     if mode == QemuMode::MappedRam {
         let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
-        ok(q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
-        ok(q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
+        ok(
+            q,
+            json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}),
+        )?;
+        ok(
+            q,
+            json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}),
+        )?;
     }
     Ok(())
 }
 
 /// Polls query-migrate until `completed` (its status object), within
 /// 600 s of `t0`.
-fn qemu_wait(q: &mut (BufReader<UnixStream>, UnixStream), t0: Instant, poll: Duration) -> Result<Value> {
+fn qemu_wait(
+    q: &mut (BufReader<UnixStream>, UnixStream),
+    t0: Instant,
+    poll: Duration,
+) -> Result<Value> {
     loop {
         let s = ok(q, json!({"execute": "query-migrate"}))?;
         match s["status"].as_str() {
@@ -292,28 +363,49 @@ fn qemu_wait(q: &mut (BufReader<UnixStream>, UnixStream), t0: Instant, poll: Dur
     }
 }
 
-pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, mode: QemuMode) -> Result<Result1> {
+pub fn qemu(
+    guest: &Path,
+    dir: &Path,
+    file: &Path,
+    mem_mib: u64,
+    rate: u64,
+    mode: QemuMode,
+) -> Result<Result1> {
     let sock = dir.join("qemu-snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * 9 / 10;
     let mut child = qemu_command(guest, mem_mib, &sock)
-        .args(["-append", &format!("work=mem mib={fill} secs=inf rate={rate}"), "-serial", "stdio"])
+        .args([
+            "-append",
+            &format!("work=mem mib={fill} secs=inf rate={rate}"),
+            "-serial",
+            "stdio",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .context("qemu-system-x86_64")?;
     let rx = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
-        rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
+        rx.recv_timeout(Duration::from_secs(600))
+            .context("guest fill under QEMU")?;
         let mut q = qmp(&sock)?;
         // No bandwidth cap (QEMU's default is 128 MiB/s) and ringvm's
         // default downtime target (QEMU's is 300 ms).
-        ok(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}))?;
+        ok(
+            &mut q,
+            json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}),
+        )?;
         qemu_set_mode(&mut q, mode)?;
-        ok(&mut q, json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}))?;
+        ok(
+            &mut q,
+            json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}),
+        )?;
         let s = qemu_wait(&mut q, Instant::now(), Duration::from_millis(2))?;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
-        let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        let used = std::fs::metadata(file)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
         Ok(Result1 {
             total_ms: s["total-time"].as_f64().unwrap_or(0.0),
             bytes: s["ram"]["transferred"].as_f64().unwrap_or(0.0),
@@ -329,7 +421,13 @@ pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, mode
 /// QEMU restoring `file` (saved by [`qemu`] in `mode`) with `-incoming
 /// defer` + `migrate-incoming`, paused (-S): milliseconds from process
 /// start until the incoming migration completed.
-pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: QemuMode) -> Result<f64> {
+pub fn qemu_restore(
+    guest: &Path,
+    dir: &Path,
+    file: &Path,
+    mem_mib: u64,
+    mode: QemuMode,
+) -> Result<f64> {
     let sock = dir.join("qemu-in.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
@@ -341,7 +439,10 @@ pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: Q
     let res = (|| -> Result<f64> {
         let mut q = qmp(&sock)?;
         qemu_set_mode(&mut q, mode)?;
-        ok(&mut q, json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}))?;
+        ok(
+            &mut q,
+            json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}),
+        )?;
         qemu_wait(&mut q, t0, Duration::from_millis(1))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let _ = cmd(&mut q, json!({"execute": "quit"}));

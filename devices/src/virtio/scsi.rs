@@ -892,9 +892,7 @@ impl Worker {
             }
             _ => vec![S_FAILURE],
         };
-        let used = if write_segs(&mem, wr, &reply) { reply.len() as u32 } else { 0 };
-        w.borrow().s.mark(wr);
-        Worker::finish(w, head, used);
+        Worker::control_reply(w, head, wr, &reply);
     }
 }
 
