@@ -26,6 +26,8 @@ ensure_build_deps() {
     apt_install gcc make libc6-dev
     # mkfs.xfs: the snapshot test with "disks": "clone" reflinks on a loop-mounted XFS.
     apt_install xfsprogs
+    # gdb: a failed test prints the still-running VMM's thread stacks.
+    apt_install gdb
     command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 }
 

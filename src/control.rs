@@ -359,7 +359,7 @@ impl Controller {
                 self.finish(Ok(Outcome::Quit));
             }
             if self.vm_event.take() {
-                self.vm.events().wait();
+                self.vm.events().clear();
                 while let Some(ev) = self.vm.events().pop() {
                     self.on_vm_event(ev);
                     if self.finishing.is_some() {

@@ -1,7 +1,7 @@
 //! Events from vCPUs and devices to the control thread.
 //!
 //! Producers push and signal an eventfd; they never block on the consumer.
-//! The control thread waits on the eventfd (later from its io_uring).
+//! The control thread polls the eventfd from its io_uring.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -46,7 +46,10 @@ pub struct EventQueue {
 
 impl EventQueue {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { queue: Mutex::new(VecDeque::new()), evt: EventFd::new(libc::EFD_CLOEXEC)? })
+        // Non-blocking: a multishot poll can report one write twice (a second
+        // write lands before the first completion is handled), and the
+        // consumer must then find the counter already drained, not block.
+        Ok(Self { queue: Mutex::new(VecDeque::new()), evt: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)? })
     }
 
     pub fn push(&self, e: VmEvent) {
@@ -60,8 +63,9 @@ impl EventQueue {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
     }
 
-    /// Blocks until at least one event was pushed since the last wait.
-    pub fn wait(&self) {
+    /// Clears the eventfd's counter (never blocks); call before popping so
+    /// an event pushed meanwhile signals again.
+    pub fn clear(&self) {
         let _ = self.evt.read();
     }
 
@@ -79,5 +83,24 @@ impl devices::VmRequests for DeviceRequests {
     }
     fn exit(&self, code: u8) {
         self.0.push(VmEvent::Exit(code));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The control thread may be told twice about one batch of events
+    /// (multishot poll); the second clear finds nothing and must return.
+    #[test]
+    fn a_second_clear_does_not_block() {
+        let q = EventQueue::new().unwrap();
+        q.push(VmEvent::Reset);
+        q.push(VmEvent::Shutdown);
+        q.clear();
+        assert_eq!(q.pop(), Some(VmEvent::Reset));
+        assert_eq!(q.pop(), Some(VmEvent::Shutdown));
+        q.clear();
+        assert_eq!(q.pop(), None);
     }
 }

@@ -152,6 +152,19 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            if std::thread::panicking() {
+                // A failed test with the VMM still up: show where each of its
+                // threads is (a hang's evidence) and what it logged.
+                eprintln!("--- ringvm (pid {}) stderr:\n{}", self.child.id(), self.stderr());
+                let bt = Command::new("timeout")
+                    .args(["60", "gdb", "-p", &self.child.id().to_string(), "-batch", "-nx", "-ex", "thread apply all bt 30"])
+                    .stdin(Stdio::null())
+                    .output();
+                match bt {
+                    Ok(o) => eprintln!("--- ringvm threads:\n{}", String::from_utf8_lossy(&o.stdout)),
+                    Err(e) => eprintln!("--- no thread stacks (gdb: {e})"),
+                }
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
