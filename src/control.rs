@@ -319,8 +319,8 @@ impl Controller {
             return Err(QmpError::generic("migrate-incoming is only possible once, on a VM started with --incoming defer"));
         }
         let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
-        let Some(path) = uri.strip_prefix("file:") else {
-            return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH only")));
+        let Some(path) = uri.strip_prefix("file:").or(crate::nfs::is_uri(uri).then_some(uri)) else {
+            return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH or nfs://SERVER/EXPORT/FILE")));
         };
         let path = std::path::PathBuf::from(path);
         let fail = |e: String| QmpError::generic(format!("state file {}: {e}", path.display()));
@@ -463,6 +463,9 @@ impl Controller {
         // now: a filesystem without reflink fails here, before anything runs.
         let clones: Vec<(String, String)> = match req.arguments.get("disks").and_then(Value::as_str) {
             None => Vec::new(),
+            Some("clone") if crate::nfs::is_uri(&path) => {
+                return Err(QmpError::generic("disks=clone reflinks the disks next to the state file: it needs a local statefile, not nfs://"));
+            }
             Some("clone") => {
                 let c: Vec<(String, String)> = blocks.iter().map(|b| (b.path.clone(), format!("{path}.disk{}", b.index))).collect();
                 for (src, dst) in &c {
@@ -838,11 +841,11 @@ impl Controller {
                     .collect(),
             )),
             "savevm-start" => self.savevm_start(req),
-            // QEMU's spelling, same engine: only file: URIs.
+            // QEMU's spelling, same engine: file: and nfs:// URIs.
             "migrate" => {
                 let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
-                let Some(path) = uri.strip_prefix("file:") else {
-                    return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm migrates to file:PATH only")));
+                let Some(path) = uri.strip_prefix("file:").or(crate::nfs::is_uri(uri).then_some(uri)) else {
+                    return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm migrates to file:PATH or nfs://SERVER/EXPORT/FILE")));
                 };
                 let mut r = req.clone();
                 r.arguments = serde_json::Map::new();

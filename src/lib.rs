@@ -14,6 +14,7 @@ pub mod events;
 pub mod irq;
 pub mod layout;
 pub mod machine;
+pub mod nfs;
 pub mod qmp;
 pub mod snapshot;
 pub mod vcpu;

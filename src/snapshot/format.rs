@@ -290,10 +290,59 @@ pub fn meta_crc(parts: &[(&[u8], &[u8])]) -> u32 {
     c
 }
 
+/// Where a state file is read from: a local file or an `nfs://` URI.
+pub enum Source {
+    File(File),
+    Nfs(crate::nfs::Nfs),
+}
+
+impl Source {
+    pub fn open(path: &Path) -> Result<Source, String> {
+        match path.to_str() {
+            Some(uri) if crate::nfs::is_uri(uri) => crate::nfs::Nfs::open(uri, false).map(Source::Nfs),
+            _ => File::open(path).map(Source::File).map_err(|e| format!("cannot open: {e}")),
+        }
+    }
+
+    pub fn len(&mut self) -> Result<u64, String> {
+        match self {
+            Source::File(f) => f.metadata().map(|m| m.len()).map_err(|e| e.to_string()),
+            Source::Nfs(n) => n.len(),
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` (fewer only at the end).
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize, String> {
+        match self {
+            Source::File(f) => {
+                let mut done = 0;
+                while done < buf.len() {
+                    match f.read_at(&mut buf[done..], offset + done as u64) {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                Ok(done)
+            }
+            Source::Nfs(n) => n.read_at(buf, offset),
+        }
+    }
+
+    pub fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        let n = self.read_at(buf, offset)?;
+        if n < buf.len() {
+            return Err(format!("file is truncated: {} bytes at offset {offset:#x} missing", buf.len() - n));
+        }
+        Ok(())
+    }
+}
+
 /// A state file whose header, completion record, state section and
 /// metadata all checked out; RAM pages are checked as they are read.
 pub struct Checked {
-    pub file: File,
+    pub src: Source,
     pub header: Header,
     pub state_json: Vec<u8>,
     /// Per region: (presence bitmap, crc table).
@@ -314,10 +363,10 @@ impl Checked {
 
 /// The checked header of an open state file (and the file's length): the
 /// machine it describes, without reading the rest.
-fn header_of(file: &File) -> Result<(Header, u32, u64), String> {
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+fn header_of(src: &mut Source) -> Result<(Header, u32, u64), String> {
+    let len = src.len()?;
     let mut hb = vec![0u8; HEADER_SIZE as usize];
-    let n = file.read_at(&mut hb, 0).map_err(|e| e.to_string())?;
+    let n = src.read_at(&mut hb, 0)?;
     if n < JSON_AT {
         return Err("file is truncated (no header)".into());
     }
@@ -331,22 +380,21 @@ fn header_of(file: &File) -> Result<(Header, u32, u64), String> {
 /// Reads and checks only the header of `path` (what machine to build);
 /// [`open_checked`] does the full check before anything is loaded.
 pub fn read_header(path: &Path) -> Result<Header, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    header_of(&file).map(|h| h.0)
+    header_of(&mut Source::open(path)?).map(|h| h.0)
 }
 
-/// Opens `path` and checks everything but the RAM pages.
+/// Opens `path` (a file or an `nfs://` URI) and checks everything but the RAM pages.
 pub fn open_checked(path: &Path) -> Result<Checked, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let (header, hcrc, len) = header_of(&file)?;
+    let mut src = Source::open(path)?;
+    let (header, hcrc, len) = header_of(&mut src)?;
     let mut cb = vec![0u8; PAGE as usize];
-    file.read_exact_at(&mut cb, header.completion_offset).map_err(|e| e.to_string())?;
+    src.read_exact_at(&mut cb, header.completion_offset)?;
     let completion = Completion::decode(&cb)?;
     if completion.header_crc != hcrc {
         return Err("completion record belongs to another header".into());
     }
     let mut sb = vec![0u8; header.state_max as usize];
-    file.read_exact_at(&mut sb, header.state_offset).map_err(|e| e.to_string())?;
+    src.read_exact_at(&mut sb, header.state_offset)?;
     let (state_json, scrc) = decode_state(&sb, header.state_max)?;
     if scrc != completion.state_crc {
         return Err("state section does not match the completion record".into());
@@ -354,16 +402,16 @@ pub fn open_checked(path: &Path) -> Result<Checked, String> {
     let mut metas = Vec::new();
     for r in &header.regions {
         let mut bm = vec![0u8; r.bitmap_len() as usize];
-        file.read_exact_at(&mut bm, r.bitmap_offset).map_err(|e| e.to_string())?;
+        src.read_exact_at(&mut bm, r.bitmap_offset)?;
         let mut crcs = vec![0u8; r.crc_len() as usize];
-        file.read_exact_at(&mut crcs, r.crc_offset).map_err(|e| e.to_string())?;
+        src.read_exact_at(&mut crcs, r.crc_offset)?;
         metas.push((bm, crcs));
     }
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
     if meta_crc(&parts) != completion.meta_crc {
         return Err("page bitmaps or checksums do not match the completion record".into());
     }
-    Ok(Checked { file, header, state_json, metas, completion, len })
+    Ok(Checked { src, header, state_json, metas, completion, len })
 }
 
 /// What `state inspect` found.
@@ -376,7 +424,7 @@ pub struct Report {
 /// Reads `path` and checks every checksum: header, completion record,
 /// state section, metadata, and every present page.
 pub fn inspect(path: &Path) -> Result<Report, String> {
-    let c = open_checked(path)?;
+    let mut c = open_checked(path)?;
     let h = c.header.clone();
     let mut lines = vec![
         format!("format: ringvm-state v{} (created {} unix)", h.version, h.created_unix),
@@ -394,7 +442,7 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
                 continue;
             }
             present += 1;
-            c.file.read_exact_at(&mut page, r.offset + p * PAGE).map_err(|e| e.to_string())?;
+            c.src.read_exact_at(&mut page, r.offset + p * PAGE)?;
             if crc32c::crc32c(&page) != c.crc(ri, p) {
                 if ok {
                     lines.push(format!("BAD: page at gpa {:#x} (file offset {:#x}) fails its checksum", r.gpa + p * PAGE, r.offset + p * PAGE));

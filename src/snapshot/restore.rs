@@ -113,7 +113,116 @@ pub fn spawn_loader(
 
 type Run = (u64, usize, u64, usize, u64);
 
+/// Checks a run that was read: whole, and every page's checksum.
+fn landed(run: &Run, r: Result<usize, String>, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {
+    let &(off, host, pages, ri, first) = run;
+    let len = (pages * PAGE) as usize;
+    match r {
+        Ok(n) if n == len => {}
+        Ok(n) => return Err(format!("short read at file offset {off:#x} ({n} of {len} bytes): the file is truncated")),
+        Err(e) => return Err(format!("read at file offset {off:#x}: {e}")),
+    }
+    for k in 0..pages {
+        // SAFETY: inside the run just read, which nothing else touches.
+        let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
+        if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
+            return Err(format!("page at gpa {:#x} fails its checksum", gpas[ri] + (first + k) * PAGE));
+        }
+    }
+    Ok(())
+}
+
+/// Loads from `nfs://`: many READs in flight on one connection, driven by
+/// this thread's ring; each reply is copied into guest memory as it lands.
+fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {
+    let t0 = Instant::now();
+    let n = crate::nfs::Nfs::open(uri, false)?;
+    // One READ per run, no larger than the server's rsize.
+    let max_pages = (n.readmax() as u64 / PAGE).max(1);
+    let mut reads = Vec::new();
+    for &(off, host, pages, ri, first) in &runs {
+        let mut k = 0;
+        while k < pages {
+            let c = (pages - k).min(max_pages);
+            reads.push((off + k * PAGE, host + (k * PAGE) as usize, c, ri, first + k));
+            k += c;
+        }
+    }
+    log::info!("{uri}: {} READs of up to {} KiB", reads.len(), max_pages * PAGE / 1024);
+    let conn = crate::nfs::Conn::new(n);
+    let mut ring = Ring::new(64, None).map_err(|e| e.to_string())?;
+    struct St {
+        next: usize,
+        inflight: usize,
+        bytes: u64,
+        err: Option<String>,
+    }
+    let st = Rc::new(RefCell::new(St { next: 0, inflight: 0, bytes: 0, err: None }));
+    let reads = Rc::new(reads);
+    let issue = {
+        let (st, reads, conn) = (st.clone(), reads.clone(), conn.clone());
+        move || loop {
+            let mut s = st.borrow_mut();
+            if s.err.is_some() || s.next >= reads.len() || s.inflight >= MAX_INFLIGHT {
+                return;
+            }
+            let (off, host, pages, _, _) = reads[s.next];
+            // SAFETY: guest RAM of a VM whose vCPUs are parked; nothing
+            // else touches the run until its reply is copied in.
+            let r = unsafe { conn.borrow_mut().nfs.pread_async(s.next as u64, host as *mut u8, (pages * PAGE) as usize, off) };
+            match r {
+                Ok(()) => {
+                    s.next += 1;
+                    s.inflight += 1;
+                }
+                Err(e) => s.err = Some(e),
+            }
+        }
+    };
+    let handler: crate::nfs::Handler = {
+        let (st, reads) = (st.clone(), reads.clone());
+        Rc::new(move |_: &mut Ring, r: Result<Vec<crate::nfs::Done>, String>| {
+            let mut s = st.borrow_mut();
+            match r {
+                Ok(done) => {
+                    for (i, res) in done {
+                        s.inflight = s.inflight.saturating_sub(1);
+                        let run = &reads[i as usize];
+                        match landed(run, res, &crcs, &gpas) {
+                            Ok(()) => s.bytes += run.2 * PAGE,
+                            Err(e) => s.err = s.err.take().or(Some(e)),
+                        }
+                    }
+                }
+                Err(e) => s.err = s.err.take().or(Some(e)),
+            }
+        })
+    };
+    loop {
+        issue();
+        {
+            let s = st.borrow();
+            if s.err.is_some() || (s.inflight == 0 && s.next >= reads.len()) {
+                break;
+            }
+        }
+        crate::nfs::Conn::kick(&conn, &mut ring, 1, &handler);
+        ring.run_once(true).map_err(|e| e.to_string())?;
+        progress.store(st.borrow().bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+    crate::nfs::Conn::close(&conn, &mut ring);
+    ring.run_until(Duration::from_secs(1), |r| r.in_flight() == 0).ok();
+    let s = st.borrow();
+    if let Some(e) = &s.err {
+        return Err(e.clone());
+    }
+    Ok(LoadStats { bytes: s.bytes, elapsed: t0.elapsed(), direct: false })
+}
+
 fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {
+    if let Some(uri) = path.to_str().filter(|p| crate::nfs::is_uri(p)) {
+        return nfs_loader(uri, runs, crcs, gpas, progress);
+    }
     let t0 = Instant::now();
     let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => (f, true),
@@ -142,7 +251,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
                 s.inflight += 1;
                 s.next - 1
             };
-            let (off, host, pages, ri, first) = runs[i];
+            let (off, host, pages, _, _) = runs[i];
             let len = (pages * PAGE) as usize;
             let iov = vec![libc::iovec { iov_base: host as *mut libc::c_void, iov_len: len }];
             // SAFETY: `host..host+len` is guest RAM of a VM whose vCPUs are
@@ -153,19 +262,11 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
                 {
                     let mut s = st2.borrow_mut();
                     s.inflight -= 1;
-                    match c.result {
-                        Ok(n) if n == len => {
-                            s.bytes += n as u64;
-                            for k in 0..pages {
-                                // SAFETY: inside the run just read.
-                                let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
-                                if crc32c::crc32c(page) != crcs2[ri][(first + k) as usize] && s.err.is_none() {
-                                    s.err = Some(format!("page at gpa {:#x} fails its checksum", gpas2[ri] + (first + k) * PAGE));
-                                }
-                            }
-                        }
-                        Ok(n) => s.err = s.err.take().or(Some(format!("short read at file offset {off:#x} ({n} of {len} bytes): the file is truncated"))),
-                        Err(e) => s.err = s.err.take().or(Some(format!("read at file offset {off:#x}: {e}"))),
+                    let r = c.result.map_err(|e| e.to_string());
+                    if let Err(e) = landed(&runs2[i], r, &crcs2, &gpas2) {
+                        s.err = s.err.take().or(Some(e));
+                    } else {
+                        s.bytes += len as u64;
                     }
                 }
                 issue(ring, &st2, &runs2, &crcs2, &gpas2, fd);

@@ -16,6 +16,7 @@ use ring::{Fd, Op, Ring};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::format::{self, Completion, Header, PAGE};
+use crate::nfs;
 use super::{SaveShared, SaveState};
 use crate::events::{EventQueue, SnapshotStep, VmEvent};
 
@@ -54,8 +55,7 @@ struct Job {
     mem: GuestMemoryMmap,
     shared: Arc<SaveShared>,
     events: Arc<EventQueue>,
-    direct: File,
-    buffered: File,
+    target: Target,
     present: Vec<Vec<u64>>,
     crcs: Vec<Vec<u32>>,
     dirty: Vec<Vec<u64>>,
@@ -74,8 +74,32 @@ struct Job {
 
 type J = Rc<RefCell<Job>>;
 
+/// Where the state goes.
+enum Target {
+    /// A local file (or a kernel NFS mount): O_DIRECT RAM writes from the
+    /// ring, buffered metadata.
+    File { direct: File, buffered: File },
+    /// `nfs://`: libnfs's socket driven by this ring, many WRITEs in flight.
+    Nfs { conn: Rc<RefCell<nfs::Conn>>, handler: Option<nfs::Handler> },
+}
+
 thread_local! {
     static JOB: RefCell<Option<J>> = const { RefCell::new(None) };
+}
+
+/// Opens the target, sized and with its header written.
+fn open_target(path: &str, header: &[u8], file_size: u64) -> Result<(Target, bool), String> {
+    if nfs::is_uri(path) {
+        // Synchronous (bounded by the RPC timeout): this iothread serves
+        // only the snapshot, and nobody waits on it.
+        let mut n = nfs::Nfs::open(path, true)?;
+        n.set_len(file_size)?;
+        n.write_all_at(header, 0)?;
+        return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None }, false));
+    }
+    let (direct, buffered, is_direct) = open(path).map_err(|e| format!("statefile {path}: open: {e}"))?;
+    buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)).map_err(|e| format!("statefile {path}: {e}"))?;
+    Ok((Target::File { direct, buffered }, is_direct))
 }
 
 fn open(path: &str) -> std::io::Result<(File, File, bool)> {
@@ -99,19 +123,11 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
         });
         events.push(VmEvent::Snapshot(SnapshotStep::Done));
     };
-    let (direct, buffered, is_direct) = match open(&p.path) {
-        Ok(f) => f,
-        Err(e) => return fail(&shared, &events, format!("statefile {}: open: {e}", p.path)),
-    };
     let header = match p.header.encode() {
         Ok(h) => h,
         Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
     };
     let header_crc = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
-    if let Err(e) = buffered.set_len(p.header.file_size).and_then(|_| buffered.write_all_at(&header, 0)) {
-        return fail(&shared, &events, format!("statefile {}: {e}", p.path));
-    }
-    shared.update(|s| s.direct_io = is_direct);
     let n = p.header.regions.len();
     let present = p.header.regions.iter().map(|r| vec![0u64; r.pages().div_ceil(64) as usize]).collect();
     let crcs = p.header.regions.iter().map(|r| vec![0u32; r.pages() as usize]).collect();
@@ -129,14 +145,18 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
             v
         })
         .collect();
+    let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size) {
+        Ok(t) => t,
+        Err(e) => return fail(&shared, &events, e),
+    };
+    shared.update(|s| s.direct_io = is_direct);
     let job = Rc::new(RefCell::new(Job {
         p,
         vm,
         mem,
         shared,
         events,
-        direct,
-        buffered,
+        target,
         present,
         crcs,
         dirty,
@@ -152,6 +172,15 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
         failed: false,
         header_crc,
     }));
+    if let Target::Nfs { handler, .. } = &mut job.borrow_mut().target {
+        // Results of the NFS requests come back through the ring's poll.
+        let weak = Rc::downgrade(&job);
+        *handler = Some(Rc::new(move |ring: &mut Ring, r: Result<Vec<nfs::Done>, String>| {
+            if let Some(job) = weak.upgrade() {
+                nfs_done(&job, ring, r);
+            }
+        }));
+    }
     JOB.with(|j| *j.borrow_mut() = Some(job.clone()));
     pump(&job, ring);
 }
@@ -294,11 +323,56 @@ impl Job {
 }
 
 fn pump(job: &J, ring: &mut Ring) {
+    let mut queued_nfs = false;
+    fill(job, ring, &mut queued_nfs);
+    if queued_nfs {
+        let nfs = match &job.borrow().target {
+            Target::Nfs { conn, handler: Some(h) } => Some((conn.clone(), h.clone())),
+            _ => None,
+        };
+        if let Some((conn, h)) = nfs {
+            nfs::Conn::kick(&conn, ring, SNAPSHOT_SOURCE, &h);
+        }
+    }
+}
+
+/// The NFS requests that finished (or the connection's failure).
+fn nfs_done(job: &J, ring: &mut Ring, r: Result<Vec<nfs::Done>, String>) {
+    {
+        let mut j = job.borrow_mut();
+        match r {
+            Ok(done) => {
+                for (_, res) in done {
+                    j.inflight = j.inflight.saturating_sub(1);
+                    match res {
+                        Ok(b) => {
+                            j.ram_bytes += b as u64;
+                            j.pass_bytes += b as u64;
+                        }
+                        Err(e) => j.fail(format!("write: {e}")),
+                    }
+                }
+            }
+            Err(e) => j.fail(e),
+        }
+    }
+    pump(job, ring);
+}
+
+/// Queues writes while there is room; `queued_nfs` tells the caller to
+/// send what was queued on an NFS connection.
+fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
     loop {
         let mut j = job.borrow_mut();
         if j.failed || j.shared.cancel.load(Ordering::Relaxed) {
             if !j.failed {
                 j.fail("cancelled by savevm-end".into());
+            }
+            if let Target::Nfs { conn, .. } = &j.target {
+                // Nothing to wait for: the requests die with the connection
+                // (a stalled server cannot hold a cancel up).
+                nfs::Conn::close(conn, ring);
+                j.inflight = 0;
             }
             drop(j);
             if job.borrow().inflight == 0 {
@@ -353,15 +427,38 @@ fn pump(job: &J, ring: &mut Ring) {
                 k += 1;
             }
             let n = first + k - start;
-            let iov = vec![libc::iovec {
-                // SAFETY: inside the region (start + n <= pages).
-                iov_base: unsafe { base.add((start * PAGE) as usize) }.cast(),
-                iov_len: (n * PAGE) as usize,
-            }];
-            let fd = Fd::Raw(j.direct.as_raw_fd());
+            // SAFETY: inside the region (start + n <= pages).
+            let host = unsafe { base.add((start * PAGE) as usize) };
+            let (len, at) = ((n * PAGE) as usize, region.offset + start * PAGE);
+            let direct = match &j.target {
+                Target::File { direct, .. } => direct.as_raw_fd(),
+                Target::Nfs { conn, .. } => {
+                    // WRITEs of up to the server's wsize; each is one
+                    // request in flight. The library copies the bytes into
+                    // its request when queueing it.
+                    let conn = conn.clone();
+                    let max = conn.borrow().nfs.writemax();
+                    let mut off = 0;
+                    while off < len {
+                        let chunk = (len - off).min(max);
+                        // SAFETY: guest RAM stays mapped for the VM's life.
+                        let r = unsafe { conn.borrow_mut().nfs.pwrite_async(0, host.add(off), chunk, at + off as u64) };
+                        if let Err(e) = r {
+                            j.fail(e);
+                            break;
+                        }
+                        j.inflight += 1;
+                        off += chunk;
+                    }
+                    *queued_nfs = true;
+                    continue;
+                }
+            };
+            let iov = vec![libc::iovec { iov_base: host.cast(), iov_len: len }];
+            let fd = Fd::Raw(direct);
             // SAFETY: guest RAM stays mapped while the job (holding the
             // memory) lives; the kernel only reads it.
-            let op = unsafe { Op::writev(fd, iov, region.offset + start * PAGE) };
+            let op = unsafe { Op::writev(fd, iov, at) };
             j.inflight += 1;
             let job2 = job.clone();
             ring.submit(SNAPSHOT_SOURCE, op, move |ring, c| {
@@ -437,22 +534,50 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
 
 /// State section, metadata, fdatasync, completion record, fdatasync.
 fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
-    let j = job.borrow();
+    let mut j = job.borrow_mut();
     let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
-    j.buffered.write_all_at(&state, j.p.header.state_offset).map_err(|e| format!("write state: {e}"))?;
+    let mut writes = vec![(state, j.p.header.state_offset, "state")];
     let mut metas = Vec::new();
     for (r, region) in j.p.header.regions.iter().enumerate() {
         let bm: Vec<u8> = j.present[r].iter().flat_map(|w| w.to_le_bytes()).take(region.bitmap_len() as usize).collect();
         let crcs: Vec<u8> = j.crcs[r].iter().flat_map(|c| c.to_le_bytes()).collect();
-        j.buffered.write_all_at(&bm, region.bitmap_offset).map_err(|e| format!("write bitmap: {e}"))?;
-        j.buffered.write_all_at(&crcs, region.crc_offset).map_err(|e| format!("write checksums: {e}"))?;
-        metas.push((bm, crcs));
+        metas.push((bm, crcs, region.bitmap_offset, region.crc_offset));
     }
-    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b, _, _)| (a.as_slice(), b.as_slice())).collect();
     let comp = Completion { header_crc: j.header_crc, state_crc, meta_crc: format::meta_crc(&parts), ram_bytes: j.ram_bytes };
-    let fd = Fd::Raw(j.buffered.as_raw_fd());
+    for (bm, crcs, bo, co) in metas {
+        writes.push((bm, bo, "bitmap"));
+        writes.push((crcs, co, "checksums"));
+    }
     let record = comp.encode();
     let at = j.p.header.completion_offset;
+    let fd = match &mut j.target {
+        Target::File { buffered, .. } => {
+            for (b, off, what) in &writes {
+                buffered.write_all_at(b, *off).map_err(|e| format!("write {what}: {e}"))?;
+            }
+            Fd::Raw(buffered.as_raw_fd())
+        }
+        Target::Nfs { conn, .. } => {
+            // Every RAM WRITE has been answered. The closing records go
+            // synchronously (a few MiB); the ring stops watching the
+            // socket first so it never services a reply these calls take.
+            nfs::Conn::close(conn, ring);
+            let mut c = conn.borrow_mut();
+            for (b, off, _) in &writes {
+                c.nfs.write_all_at(b, *off)?;
+            }
+            // COMMIT the UNSTABLE writes, then the record, then COMMIT it:
+            // a file without a durable record is never loadable.
+            c.nfs.commit()?;
+            c.nfs.write_all_at(&record, at)?;
+            c.nfs.commit()?;
+            drop(c);
+            drop(j);
+            end(job);
+            return Ok(());
+        }
+    };
     drop(j);
     // Durable data first, then the record, then the record durable: a file
     // without a durable record is never loadable.
