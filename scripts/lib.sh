@@ -31,6 +31,13 @@ ensure_build_deps() {
     command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 }
 
+# nfs:// state files need libnfs at run time; the NFS tests run a real
+# server (nfs-ganesha + rpcbind) in network namespaces (iproute2) and probe
+# it with libnfs's nfs-ls.
+ensure_nfs_deps() {
+    apt_install libnfs13 libnfs-utils nfs-ganesha nfs-ganesha-vfs rpcbind iproute2 util-linux
+}
+
 # The Python QMP client the tests drive ringvm with (qemu.qmp, with
 # qmp-shell), in a venv under the cache; prints the venv's python.
 QEMU_QMP_VERSION=0.0.6

@@ -3,6 +3,7 @@
 # builds the Linux guest for the smoke test, the Python QMP client, runs the whole workspace's tests.
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
+ensure_nfs_deps
 RINGVM_LINUX_DIR="$("$ROOT/scripts/linux-guest.sh")"
 RINGVM_PYTHON="$(ensure_python_clients)"
 export RINGVM_LINUX_DIR RINGVM_PYTHON

@@ -196,6 +196,28 @@ unsafe extern "C" fn on_done(err: c_int, _nfs: Ctx, data: *mut c_void, private: 
     unsafe { &*p.done }.borrow_mut().push((p.token, r));
 }
 
+/// After a failed mount (libnfs says only "nfs_service failed"): can the
+/// server's MOUNT service (the URI's `mountport`, else rpcbind's 111) be
+/// reached at all?
+fn unreachable(uri: &str) -> Option<String> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let rest = uri.strip_prefix("nfs://")?;
+    let host = rest.split(['/', '?']).next()?;
+    let port = uri.split(['?', '&']).find_map(|kv| kv.strip_prefix("mountport=")).and_then(|p| p.parse::<u16>().ok()).unwrap_or(111);
+    let addrs = match (host, port).to_socket_addrs() {
+        Ok(a) => a.collect::<Vec<_>>(),
+        Err(e) => return Some(format!("cannot resolve {host}: {e}")),
+    };
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
+            Ok(_) => return None,
+            Err(e) => last = Some(e),
+        }
+    }
+    last.map(|e| format!("server {host} port {port} unreachable: {e}"))
+}
+
 /// One NFS context (one TCP connection), mounted, with one open file.
 pub struct Nfs {
     lib: &'static Lib,
@@ -213,13 +235,13 @@ impl Nfs {
     fn err(&self, what: &str, rc: c_int) -> String {
         // SAFETY: the context is live; the message is owned by it.
         let msg = unsafe { (self.lib.get_error)(self.ctx) };
-        let detail = if msg.is_null() {
-            std::io::Error::from_raw_os_error(-rc).to_string()
-        } else {
-            // SAFETY: NUL-terminated string owned by the context.
-            unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
-        };
-        format!("{}: {what}: {detail}", self.uri)
+        let errno = std::io::Error::from_raw_os_error(-rc);
+        if msg.is_null() {
+            return format!("{what}: {errno}");
+        }
+        // SAFETY: NUL-terminated string owned by the context.
+        let detail = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+        format!("{what}: {detail} ({errno})")
     }
 
     /// Connects and mounts the export named by `uri`, then opens (or, with
@@ -254,7 +276,13 @@ impl Nfs {
         // SAFETY: the URL came from parse_url_full and is not used again.
         unsafe { (lib.destroy_url)(url) };
         if rc < 0 {
-            return Err(n.err(stage, rc));
+            let mut e = n.err(stage, rc);
+            if stage == "mount" {
+                if let Some(why) = unreachable(uri) {
+                    e = format!("{e}: {why}");
+                }
+            }
+            return Err(e);
         }
         Ok(n)
     }

@@ -147,7 +147,8 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
         .collect();
     let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size) {
         Ok(t) => t,
-        Err(e) => return fail(&shared, &events, e),
+        Err(e) if e.contains(&p.path) => return fail(&shared, &events, e),
+        Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
     };
     shared.update(|s| s.direct_io = is_direct);
     let job = Rc::new(RefCell::new(Job {

@@ -3,6 +3,7 @@
 //! deadlines that are always killed by PID.
 #![allow(dead_code)]
 
+pub mod nfs;
 pub mod qmp;
 
 use std::io::Read;
@@ -126,6 +127,12 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL by PID, and reaped.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for exit; kills by PID and panics at the deadline.
