@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod nfsbench;
 mod qmpbench;
 mod ringbench;
 mod scsibench;
@@ -37,6 +38,9 @@ enum Suite {
     Scsi,
     /// Live snapshot save: guest sizes x dirty rates x targets, vs fio.
     Snapshot,
+    /// Snapshot save and restore to nfs:// (nfs-ganesha in a network
+    /// namespace) vs nfs-cp and the local disk, with and without latency.
+    Nfs,
     /// Every suite.
     All,
 }
@@ -478,6 +482,90 @@ fn snapshot(quick: bool) -> Result<()> {
     Ok(())
 }
 
+fn nfs(quick: bool) -> Result<()> {
+    let on_path = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).exists());
+    if !on_path("ganesha.nfsd") || !on_path("nfs-cp") || !on_path("ip") {
+        println!("\n## nfs: skipped (needs nfs-ganesha, libnfs-utils and iproute2: scripts/lib.sh ensure_nfs_deps)\n");
+        return Ok(());
+    }
+    let (bin, dir, guest) = setup()?;
+    let local = scratch_dir()?;
+    let env_sizes: Option<Vec<u64>> = std::env::var("RINGVM_PERF_SIZES").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let sizes: &[u64] = match &env_sizes {
+        Some(v) => v,
+        None if quick => &[256],
+        None => &[1024, 2048],
+    };
+    let reps = std::env::var("RINGVM_PERF_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 3 });
+    // RINGVM_PERF_NFS_DELAY_US: the injected one-way delay (default 500 us).
+    let delay_us: u64 = std::env::var("RINGVM_PERF_NFS_DELAY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let server = nfsbench::Server::start(&dir).context("NFS server")?;
+    nfsbench::start_proxy(&server.ns, Duration::from_micros(delay_us))?;
+    println!("\n## nfs: live save (idle guest, 90% of RAM filled, 1 vCPU) to nfs:// and restore from it; nfs-ganesha 4 (VFS) on loopback in a network namespace, state on the local disk; median of {reps}\n");
+    println!("'seq. client' is libnfs's nfs-cp moving the same number of bytes one request at a time. The delayed rows go through a TCP proxy adding {delay_us} us each way (RTT +{} ms).\n", delay_us as f64 * 2.0 / 1e3);
+    println!("| target | guest | save ms | save MB/s | seq. client write MB/s | save / seq. | restore ms | restore MB/s | seq. client read MB/s | restore / seq. |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mbs = |bytes: f64, ms: f64| bytes / 1e6 / (ms / 1e3);
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", a / b));
+    for &mib in sizes {
+        let targets: [(&str, Option<u16>); 3] = [("local disk", None), ("nfs:// loopback", Some(nfsbench::NFS_PORT)), ("nfs:// + delay", Some(nfsbench::PROXY_PORT))];
+        for (tname, port) in targets {
+            let (mut saves, mut restores, mut wr, mut rd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for rep in 0..reps {
+                // Fresh names each time: ganesha caches what it served and
+                // answers STALE for a name deleted behind its back.
+                let (name, seq) = (format!("vm-{mib}-{}-{rep}.state", port.unwrap_or(0)), format!("seq-{mib}-{}-{rep}.dat", port.unwrap_or(0)));
+                let (file, ns) = match port {
+                    None => (local.join(format!("ringvm-perf-nfs-{}.state", std::process::id())), None),
+                    Some(p) => (PathBuf::from(server.uri(&name, p)), Some(server.ns.as_str())),
+                };
+                let r = snapbench::ringvm_in(ns, &bin, &guest, &dir, &file, mib, 1, 90)?;
+                let on_disk = if port.is_some() { server.export.join(&name) } else { file.clone() };
+                let present = std::fs::metadata(&on_disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64;
+                saves.push(mbs(r.bytes, r.total_ms));
+                let (ms, _) = snapbench::restore_in(ns, &bin, &dir, &file)?;
+                restores.push((mbs(present, ms), ms));
+                if port.is_none() {
+                    let _ = std::fs::remove_file(&on_disk);
+                }
+                if let Some(p) = port {
+                    let src = local.join(format!("ringvm-perf-nfs-src-{}", std::process::id()));
+                    nfsbench::make_source(&src, r.bytes as u64)?;
+                    let dst = server.uri(&seq, p);
+                    let w = nfsbench::nfs_cp(&server.ns, src.to_str().unwrap(), &dst)?;
+                    wr.push(mbs(r.bytes, w));
+                    let back = PathBuf::from("/dev/shm").join(format!("ringvm-perf-nfs-back-{}", std::process::id()));
+                    let _ = std::fs::remove_file(&back);
+                    let rms = nfsbench::nfs_cp(&server.ns, &dst, back.to_str().unwrap())?;
+                    rd.push(mbs(r.bytes, rms));
+                    let _ = std::fs::remove_file(&back);
+                    let _ = std::fs::remove_file(&src);
+                }
+            }
+            let s = median(saves).0;
+            let (rmbs, rms) = {
+                restores.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+                restores[restores.len() / 2]
+            };
+            let w = (!wr.is_empty()).then(|| median(wr).0);
+            let rd = (!rd.is_empty()).then(|| median(rd).0);
+            let save_ms = mib as f64 * 0.9 * 1.048576 / s * 1e3;
+            println!(
+                "| {tname} | {} GiB | {save_ms:.0} | {s:.0} | {} | {} | {rms:.0} | {rmbs:.0} | {} | {} |",
+                mib as f64 / 1024.0,
+                cell(w),
+                ratio(s, w),
+                cell(rd),
+                ratio(rmbs, rd)
+            );
+        }
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// The ringvm binary, a scratch dir and the test guest written into it.
 fn setup() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -503,12 +591,14 @@ fn main() -> Result<()> {
         Suite::Qmp => qmp(cli.quick),
         Suite::Scsi => scsi(cli.quick),
         Suite::Snapshot => snapshot(cli.quick),
+        Suite::Nfs => nfs(cli.quick),
         Suite::All => {
             boot(cli.quick)?;
             ring(cli.quick)?;
             qmp(cli.quick)?;
             scsi(cli.quick)?;
-            snapshot(cli.quick)
+            snapshot(cli.quick)?;
+            nfs(cli.quick)
         }
     }
 }

@@ -101,11 +101,38 @@ pub fn ringvm(
     rate: u64,
     fill_pct: u64,
 ) -> Result<Result1> {
+    ringvm_in(None, bin, guest, dir, file, mem_mib, rate, fill_pct)
+}
+
+/// `bin`, run inside network namespace `netns` if given.
+pub fn command(netns: Option<&str>, bin: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// [`ringvm`] inside a network namespace (`file` may be an nfs:// URI).
+#[allow(clippy::too_many_arguments)]
+pub fn ringvm_in(
+    netns: Option<&str>,
+    bin: &Path,
+    guest: &Path,
+    dir: &Path,
+    file: &Path,
+    mem_mib: u64,
+    rate: u64,
+    fill_pct: u64,
+) -> Result<Result1> {
     let sock = dir.join("snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * fill_pct / 100;
-    let mut child = Command::new(bin)
+    let mut child = command(netns, bin)
         .args([
             "run",
             "--cpus",
@@ -168,10 +195,15 @@ pub fn ringvm(
 /// with all state applied (QMP query-status leaves inmigrate); also the
 /// p99 of back-to-back query-status latencies during the load.
 pub fn restore(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
+    restore_in(None, bin, dir, file)
+}
+
+/// [`restore`] inside a network namespace.
+pub fn restore_in(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
     let sock = dir.join("restore.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
-    let child = Command::new(bin)
+    let child = command(netns, bin)
         .args(["run", "-S", "--serial", "off", "--loadstate"])
         .arg(file)
         .arg("--qmp")
