@@ -67,6 +67,10 @@ pub struct MachineArgs {
     /// pages whenever a snapshot turns dirty logging on.
     #[arg(long)]
     pub no_thp: bool,
+    /// Seccomp filters per thread role: on (a forbidden system call kills
+    /// ringvm), log (allowed, logged by the kernel), off.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
     /// A disk on virtio-scsi: path=FILE[,readonly=on][,cache=none|writeback][,iothread=N][,queues=N]
     /// (repeat for more LUNs).
     #[arg(long = "disk", value_parser = crate::disk::parse_disk)]

@@ -348,6 +348,7 @@ impl Controller {
 
     /// Runs until the guest exits, `quit`, a fatal error or a signal.
     pub fn run(mut self) -> Result<Outcome> {
+        crate::seccomp::apply(crate::seccomp::Role::Control).map_err(Error::Config)?;
         if self.state == RunState::Running {
             self.vm.vcpus().resume();
         }
@@ -498,6 +499,9 @@ impl Controller {
         };
         let header = format::Header::layout(desc, &ram);
         let io = ring::IoThread::spawn("iothread-savevm", 256).map_err(|e| QmpError::generic(format!("cannot start the snapshot iothread: {e}")))?;
+        io.remote()
+            .send(|_| crate::seccomp::apply_or_exit(crate::seccomp::Role::Snapshot))
+            .map_err(|e| QmpError::generic(format!("snapshot iothread: {e}")))?;
         machine.set_dirty_log(true).map_err(|e| QmpError::generic(format!("cannot enable dirty logging: {e}")))?;
         let shared = Arc::new(SaveShared::default());
         shared.update(|s| {

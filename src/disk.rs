@@ -201,7 +201,9 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
     let mut threads = Vec::new();
     if !disks.is_empty() {
         for i in 0..iothreads {
-            threads.push(IoThread::spawn(&format!("iothread{i}"), 256).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?);
+            let t = IoThread::spawn(&format!("iothread{i}"), 256).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
+            t.remote().send(|_| crate::seccomp::apply_or_exit(crate::seccomp::Role::IoThread)).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
+            threads.push(t);
         }
     }
     let mut groups: Vec<(Option<usize>, Vec<(usize, &DiskSpec)>)> = Vec::new();

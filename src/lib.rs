@@ -16,6 +16,7 @@ pub mod layout;
 pub mod machine;
 pub mod nfs;
 pub mod qmp;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;

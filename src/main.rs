@@ -99,6 +99,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         incoming_defer: args.incoming.is_some(),
     };
     ringvm::control::block_term_signals()?;
+    ringvm::seccomp::set_mode(args.machine.seccomp);
     let vm = Vm::build(config)?;
     let opts = ControlOptions { qmp: args.qmp, paused: args.paused, name: args.name, incoming: args.incoming.is_some(), stats: None };
     let outcome = Controller::new(vm, opts)?.run()?;
@@ -177,6 +178,7 @@ fn demo_snapshot(sock: std::path::PathBuf, statefile: std::path::PathBuf, rec: R
 fn demo(args: DemoArgs) -> anyhow::Result<u8> {
     let t0 = Instant::now();
     ringvm::control::block_term_signals()?;
+    ringvm::seccomp::set_mode(args.machine.seccomp);
     let tmp = std::env::temp_dir().join(format!("ringvm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let guest = tmp.join("guest.elf");

@@ -389,6 +389,7 @@ impl Vcpu {
     }
 
     fn thread_main(mut self, ctl: Arc<VcpuControl>) {
+        crate::seccomp::apply_or_exit(crate::seccomp::Role::Vcpu);
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let id = usize::from(self.id);
         // SAFETY: gettid has no preconditions.

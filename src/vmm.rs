@@ -335,6 +335,7 @@ fn spawn_stdin_reader(serial: Arc<std::sync::Mutex<devices::legacy::Serial>>) ->
     std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Role::Helper);
             use std::io::Read;
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin();

@@ -141,3 +141,80 @@ fn qmp_flood_leaves_the_vm_and_other_clients_alone() {
     good.exec("quit");
     assert_eq!(p.wait(T).code(), 0);
 }
+
+fn killed_by_sigsys(o: &Output) -> bool {
+    std::os::unix::process::ExitStatusExt::signal(&o.status) == Some(libc::SIGSYS)
+}
+
+/// Every thread of a running VM is filtered; a forbidden system call from
+/// each thread role kills ringvm (SIGSYS); `--seccomp off` installs nothing.
+#[test]
+fn seccomp_filters_every_thread_role() {
+    if !require_kvm("seccomp_filters_every_thread_role") {
+        return;
+    }
+    let dir = Scratch::new("rel-seccomp");
+    let g = guest_elf(&dir);
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let sock = dir.path("qmp.sock");
+    let boot = |extra: &[&str], env: Option<&str>| {
+        let _ = std::fs::remove_file(&sock);
+        let mut c = Command::new(ringvm_bin());
+        c.args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=mem mib=16 secs=inf rate=10"]);
+        c.arg("--disk").arg(format!("path={}", disk.display())).arg("--qmp").arg(&sock).args(extra);
+        if let Some(role) = env {
+            c.env("RINGVM_SECCOMP_SELFTEST", role);
+        }
+        Proc::spawn(&mut c)
+    };
+    // A running VM: every thread has a filter (Seccomp: 2 = filter mode).
+    let mut p = boot(&[], None);
+    p.wait_for_output("fill done", T);
+    let mut q = Qmp::negotiated(&sock);
+    let file = dir.path("vm.state");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    let mut seen = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_string();
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        if comm.starts_with("kvm-") {
+            continue; // KVM's own worker
+        }
+        assert!(status.lines().any(|l| l == "Seccomp:\t2"), "thread {comm} runs without a filter");
+        seen.push(comm);
+    }
+    for want in ["ringvm", "vcpu0", "iothread0"] {
+        assert!(seen.iter().any(|c| c == want), "no {want} thread among {seen:?}");
+    }
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+
+    // Each role's thread makes one forbidden call right after its filter
+    // is in: the VMM dies of SIGSYS.
+    for role in ["control", "vcpu", "iothread"] {
+        let o = boot(&[], Some(role)).wait(T);
+        assert!(killed_by_sigsys(&o), "{role}: {:?}\n{}", o.status, o.stderr);
+    }
+    let mut p = boot(&[], Some("snapshot"));
+    p.wait_for_output("fill done", T);
+    let mut q = Qmp::negotiated(&sock);
+    q.send_raw(format!("{}\n", json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("x.state").to_str().unwrap()}})).as_bytes());
+    let o = p.wait(T);
+    assert!(killed_by_sigsys(&o), "snapshot: {:?}", o.status);
+    for role in ["loader", "helper"] {
+        let mut c = Command::new(ringvm_bin());
+        c.args(["run", "--loadstate", file.to_str().unwrap(), "--disk"]).arg(format!("path={}", disk.display())).env("RINGVM_SECCOMP_SELFTEST", role);
+        let o = Proc::spawn(&mut c).wait(T);
+        assert!(killed_by_sigsys(&o), "{role}: {:?}\n{}", o.status, o.stderr);
+    }
+    // Off: the same self-test call is harmless.
+    let mut p = boot(&["--seccomp", "off"], Some("control"));
+    p.wait_for_output("fill done", T);
+    let mut q = Qmp::negotiated(&sock);
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}

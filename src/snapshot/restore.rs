@@ -91,6 +91,7 @@ pub fn spawn_loader(
     // only moves the cost of first touch off the I/O path.
     let prefault: Vec<(usize, usize)> = runs.iter().map(|r| (r.1, (r.2 * PAGE) as usize)).collect();
     let _ = std::thread::Builder::new().name("ringvm-prefault".into()).spawn(move || {
+        crate::seccomp::apply_or_exit(crate::seccomp::Role::Helper);
         background_priority();
         for (addr, len) in prefault {
             // SAFETY: advice on guest RAM we own; MADV_POPULATE_WRITE only
@@ -104,6 +105,7 @@ pub fn spawn_loader(
     std::thread::Builder::new()
         .name("ringvm-loader".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Role::Loader);
             background_priority();
             done(loader(&path, runs, crcs, gpas, &progress))
         })
