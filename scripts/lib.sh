@@ -28,6 +28,8 @@ ensure_build_deps() {
     apt_install xfsprogs
     # gdb: a failed test prints the still-running VMM's thread stacks.
     apt_install gdb
+    # fusermount3: ringvm-faultfs (fault-injecting FUSE) in the reliability tests.
+    apt_install fuse3
     command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 }
 

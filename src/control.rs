@@ -680,7 +680,12 @@ impl Controller {
                 }
                 self.vm.storage().dirty.set_enabled(false);
                 if let Some(mut io) = self.save.iothread.take() {
-                    io.stop();
+                    // Stopped off the control thread: a failed or cancelled
+                    // snapshot may leave writes stuck in a stalled target,
+                    // and QMP must keep answering meanwhile.
+                    let _ = std::thread::Builder::new().name("savevm-reaper".into()).spawn(move || {
+                        io.stop();
+                    });
                 }
                 let s = self.save.shared.get();
                 let mut data = json!({"status": s.state.as_str()});

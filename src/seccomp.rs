@@ -121,6 +121,8 @@ const FILES_AND_NET: &[i64] = &[
     libc::SYS_preadv,
     libc::SYS_pwritev,
     libc::SYS_ftruncate,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
     libc::SYS_fallocate,
     libc::SYS_fsync,
     libc::SYS_fdatasync,

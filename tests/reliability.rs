@@ -218,3 +218,87 @@ fn seccomp_filters_every_thread_role() {
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }
+
+/// The state file's filesystem fails writes (EIO) partway: the snapshot
+/// fails naming the file and the error, no completion record, the VM runs
+/// on, and the next snapshot (elsewhere) completes.
+#[test]
+fn state_file_eio_fails_the_snapshot_cleanly() {
+    if !require_kvm("state_file_eio_fails_the_snapshot_cleanly") {
+        return;
+    }
+    let dir = Scratch::new("rel-eio");
+    let fs = FaultFs::mount(&dir, "eio", &["--fail-writes-after", "40"]);
+    let (p, mut q) = vm(&dir, "256M", "work=mem mib=128 secs=inf rate=50", "fill done");
+    let bad = fs.path("vm.state");
+    q.ok("savevm-start", json!({"statefile": bad.to_str().unwrap()}));
+    let s = q.wait_savevm(T);
+    assert_eq!(s["status"], "failed", "{s}");
+    let err = s["error"].as_str().unwrap();
+    assert!(err.contains(bad.to_str().unwrap()) && err.contains("Input/output error"), "{err}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    q.ok("savevm-end", json!({}));
+    let o = ringvm(&["state", "inspect", bad.to_str().unwrap()], T);
+    assert_eq!(o.code(), 1, "{}", o.stdout);
+    let good = dir.path("good.state");
+    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
+
+/// The state file's filesystem stops answering writes: the guest keeps
+/// running, QMP keeps answering, savevm-end ends the snapshot at once, and
+/// a snapshot to another file completes while the stuck writes wait.
+#[test]
+fn stalled_target_does_not_hold_the_vm_or_the_cancel() {
+    if !require_kvm("stalled_target_does_not_hold_the_vm_or_the_cancel") {
+        return;
+    }
+    let dir = Scratch::new("rel-stall");
+    let mut fs = FaultFs::mount(&dir, "stall", &["--stall-writes-after", "40"]);
+    let (p, mut q) = vm(&dir, "256M", "work=mem mib=128 secs=inf rate=50 beat=100", "fill done");
+    let stuck = fs.path("vm.state");
+    q.ok("savevm-start", json!({"statefile": stuck.to_str().unwrap()}));
+    // Writes stop landing.
+    let mut last = u64::MAX;
+    let t0 = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let s = q.ok("query-savevm", json!({}));
+        assert_eq!(s["status"], "active", "{s}");
+        let b = s["bytes"].as_u64().unwrap();
+        if b == last {
+            break;
+        }
+        last = b;
+        assert!(t0.elapsed() < T, "the target never stalled");
+    }
+    // The guest runs and QMP answers promptly while the target is stuck.
+    let beats = p.stdout().matches("ringvm-guest: beat").count();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+        assert!(t.elapsed() < Duration::from_secs(1), "query-status took {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(p.stdout().matches("ringvm-guest: beat").count() > beats, "the guest stopped while the target stalled");
+    // Cancel: over within a bounded time.
+    let t = Instant::now();
+    q.ok("savevm-end", json!({}));
+    let s = q.wait_savevm(Duration::from_secs(5));
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
+    assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
+    q.ok("savevm-end", json!({}));
+    let good = dir.path("good.state");
+    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    // Let the stuck requests go (they fail) before ringvm exits.
+    fs.kill();
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    let o = ringvm(&["state", "inspect", dir.path("stall-back/vm.state").to_str().unwrap()], T);
+    assert_eq!(o.code(), 1, "the stalled file passed inspection:\n{}", o.stdout);
+}

@@ -155,6 +155,8 @@ struct Slot {
     relink_wait: usize,
     /// Set on a successor whose predecessor was short: (index, generation).
     relink_to: Option<(usize, u32)>,
+    /// Issued with IOSQE_ASYNC (continuations too).
+    force_async: bool,
 }
 
 #[derive(Default)]
@@ -287,7 +289,7 @@ impl Ring {
             let mut res: Vec<Restriction> = ops.iter().map(|&c| Restriction::sqe_op(c)).collect();
             res.push(Restriction::register_op(REGISTER_FILES_UPDATE));
             res.push(Restriction::register_op(REGISTER_BUFFERS_UPDATE));
-            res.push(Restriction::sqe_flags_allowed((squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE).bits()));
+            res.push(Restriction::sqe_flags_allowed((squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE | squeue::Flags::ASYNC).bits()));
             uring.submitter().register_restrictions(&mut res).map_err(Error::Restrict)?;
             uring.submitter().register_enable_rings().map_err(Error::Restrict)?;
         }
@@ -396,6 +398,20 @@ impl Ring {
         id
     }
 
+    /// Like [`Ring::submit`], but the kernel never issues `op` inline in
+    /// the submitting `io_uring_enter` (IOSQE_ASYNC: straight to its
+    /// workers). For files whose filesystem may block on submission even
+    /// when asked not to (FUSE, network filesystems): a stuck server then
+    /// holds a kernel worker, never this thread.
+    pub fn submit_async(&mut self, source: SourceId, op: Op, handler: impl FnMut(&mut Ring, Completion) + 'static) -> OpId {
+        let (id, sqe) = self.prepare(source, op, Box::new(handler));
+        if let Some(t) = Token::decode(id.0) {
+            self.slots[t.index as usize].force_async = true;
+        }
+        self.queue(vec![sqe.flags(squeue::Flags::ASYNC)]);
+        id
+    }
+
     /// Submits operations that run in order, each only if the previous one
     /// succeeded (IOSQE_IO_LINK): e.g. a write then an fdatasync. If an
     /// earlier one fails or is short, the later ones complete with ECANCELED.
@@ -445,6 +461,7 @@ impl Ring {
             link_rest: Vec::new(),
             relink_wait: 0,
             relink_to: None,
+            force_async: false,
         });
         if !persistent {
             self.sources.entry(source).or_default().inflight += 1;
@@ -456,6 +473,15 @@ impl Ring {
 
     /// Builds the SQE for slot `idx` from its current progress.
     fn build_sqe(&mut self, idx: usize) -> squeue::Entry {
+        let sqe = self.build_sqe_for(idx);
+        if self.slots[idx].force_async {
+            sqe.flags(squeue::Flags::ASYNC)
+        } else {
+            sqe
+        }
+    }
+
+    fn build_sqe_for(&mut self, idx: usize) -> squeue::Entry {
         let slot = &mut self.slots[idx];
         let done = slot.done;
         macro_rules! with_fd {

@@ -78,7 +78,8 @@ type J = Rc<RefCell<Job>>;
 enum Target {
     /// A local file (or a kernel NFS mount): O_DIRECT RAM writes from the
     /// ring, buffered metadata.
-    File { direct: File, buffered: File },
+    /// `punt`: the filesystem may block on submission (see [`blocks_inline`]).
+    File { direct: File, buffered: File, punt: bool },
     /// `nfs://`: libnfs's socket driven by this ring, many WRITEs in flight.
     Nfs { conn: Rc<RefCell<nfs::Conn>>, handler: Option<nfs::Handler> },
 }
@@ -99,7 +100,29 @@ fn open_target(path: &str, header: &[u8], file_size: u64) -> Result<(Target, boo
     }
     let (direct, buffered, is_direct) = open(path).map_err(|e| format!("statefile {path}: open: {e}"))?;
     buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)).map_err(|e| format!("statefile {path}: {e}"))?;
-    Ok((Target::File { direct, buffered }, is_direct))
+    let punt = blocks_inline(&direct);
+    Ok((Target::File { direct, buffered, punt }, is_direct))
+}
+
+/// Filesystems that may block inside io_uring_enter even for a
+/// non-blocking issue attempt (FUSE's direct I/O waits for its daemon;
+/// network filesystems wait for their server): their writes go straight to
+/// the kernel's io_uring workers, so a stalled target never blocks the
+/// iothread (which must stay free to fail or cancel the snapshot).
+fn blocks_inline(f: &File) -> bool {
+    const FUSE: i64 = 0x6573_5546;
+    const NFS: i64 = 0x6969;
+    const SMB2: i64 = 0xFE53_4D42;
+    const CIFS: i64 = 0xFF53_4D42;
+    const CEPH: i64 = 0x00C3_6400;
+    const V9FS: i64 = 0x0102_1997;
+    // SAFETY: fstatfs fills a local struct for an open fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+        return true;
+    }
+    [FUSE, NFS, SMB2, CIFS, CEPH, V9FS].contains(&(st.f_type as i64))
 }
 
 fn open(path: &str) -> std::io::Result<(File, File, bool)> {
@@ -369,16 +392,17 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
             if !j.failed {
                 j.fail("cancelled by savevm-end".into());
             }
-            if let Target::Nfs { conn, .. } = &j.target {
-                // Nothing to wait for: the requests die with the connection
-                // (a stalled server cannot hold a cancel up).
-                nfs::Conn::close(conn, ring);
-                j.inflight = 0;
+            // No waiting for what is in flight: a stalled target (a hung
+            // NFS server, a stuck FUSE filesystem) must not hold the
+            // failure or a cancel up. No completion record gets written, so
+            // whatever still lands later leaves an unloadable file.
+            match &j.target {
+                Target::Nfs { conn, .. } => nfs::Conn::close(conn, ring),
+                Target::File { .. } => ring.cancel_source(SNAPSHOT_SOURCE),
             }
+            j.inflight = 0;
             drop(j);
-            if job.borrow().inflight == 0 {
-                end(job);
-            }
+            end(job);
             return;
         }
         if !matches!(j.phase, Phase::Live | Phase::Final) {
@@ -432,7 +456,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
             let host = unsafe { base.add((start * PAGE) as usize) };
             let (len, at) = ((n * PAGE) as usize, region.offset + start * PAGE);
             let direct = match &j.target {
-                Target::File { direct, .. } => direct.as_raw_fd(),
+                Target::File { direct, punt, .. } => (direct.as_raw_fd(), *punt),
                 Target::Nfs { conn, .. } => {
                     // WRITEs of up to the server's wsize; each is one
                     // request in flight. The library copies the bytes into
@@ -455,6 +479,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
                     continue;
                 }
             };
+            let (direct, punt) = direct;
             let iov = vec![libc::iovec { iov_base: host.cast(), iov_len: len }];
             let fd = Fd::Raw(direct);
             // SAFETY: guest RAM stays mapped while the job (holding the
@@ -462,10 +487,10 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
             let op = unsafe { Op::writev(fd, iov, at) };
             j.inflight += 1;
             let job2 = job.clone();
-            ring.submit(SNAPSHOT_SOURCE, op, move |ring, c| {
+            let done = move |ring: &mut Ring, c: ring::Completion| {
                 {
                     let mut j = job2.borrow_mut();
-                    j.inflight -= 1;
+                    j.inflight = j.inflight.saturating_sub(1);
                     match c.result {
                         Ok(b) => {
                             j.ram_bytes += b as u64;
@@ -475,7 +500,12 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
                     }
                 }
                 pump(&job2, ring);
-            });
+            };
+            if punt {
+                ring.submit_async(SNAPSHOT_SOURCE, op, done);
+            } else {
+                ring.submit(SNAPSHOT_SOURCE, op, done);
+            }
         }
     }
 }

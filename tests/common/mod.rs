@@ -182,3 +182,48 @@ impl Drop for Proc {
 pub fn ringvm(args: &[&str], timeout: Duration) -> Output {
     Proc::spawn(Command::new(ringvm_bin()).args(args)).wait(timeout)
 }
+
+/// ringvm-faultfs mounted over a scratch directory; unmounted (lazily, so
+/// a stuck request cannot hold the test up) and killed by PID on drop.
+pub struct FaultFs {
+    proc: Option<Proc>,
+    pub mnt: PathBuf,
+}
+
+impl FaultFs {
+    pub fn mount(dir: &Scratch, name: &str, args: &[&str]) -> FaultFs {
+        let back = dir.path(&format!("{name}-back"));
+        let mnt = dir.path(name);
+        std::fs::create_dir_all(&back).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let p = Proc::spawn(Command::new(env!("CARGO_BIN_EXE_ringvm-faultfs")).arg(&back).arg(&mnt).args(args));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+            if mounts.lines().any(|l| l.starts_with("ringvm-faultfs ") && l.contains(mnt.to_str().unwrap())) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ringvm-faultfs did not mount (fusermount3 missing?)\n{}", p.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        FaultFs { proc: Some(p), mnt }
+    }
+
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.mnt.join(f)
+    }
+
+    /// Ends the filesystem: requests still waiting fail (ENOTCONN).
+    pub fn kill(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        if let Some(p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
