@@ -302,3 +302,31 @@ fn stalled_target_does_not_hold_the_vm_or_the_cancel() {
     let o = ringvm(&["state", "inspect", dir.path("stall-back/vm.state").to_str().unwrap()], T);
     assert_eq!(o.code(), 1, "the stalled file passed inspection:\n{}", o.stdout);
 }
+
+/// The disk's file fails every read and write on the host (EIO): the guest
+/// gets MEDIUM ERROR sense for each, the LUN keeps serving the commands that
+/// do not touch the file, and ringvm runs on.
+#[test]
+fn disk_eio_is_a_medium_error_for_the_guest() {
+    if !require_kvm("disk_eio_is_a_medium_error_for_the_guest") {
+        return;
+    }
+    let dir = Scratch::new("rel-disk-eio");
+    std::fs::create_dir_all(dir.path("disk-back")).unwrap();
+    std::fs::write(dir.path("disk-back/disk.img"), vec![7u8; 8 << 20]).unwrap();
+    let fs = FaultFs::mount(&dir, "disk", &["--fail-reads-after", "0", "--fail-writes-after", "0"]);
+    let g = guest_elf(&dir);
+    let o = ringvm(
+        &["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-eio", "--disk", &format!("path={}", fs.path("disk.img").display())],
+        T,
+    );
+    assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    // The guest prints hex words: CHECK CONDITION, MEDIUM ERROR, and
+    // UNRECOVERED READ ERROR / WRITE ERROR, three times over.
+    let x = |v: u64| format!("{v:#018x}");
+    let read = format!("scsi-eio read: status {} key {} asc {}", x(2), x(3), x(0x11));
+    let write = format!("scsi-eio write: status {} key {} asc {}", x(2), x(3), x(0x0c));
+    assert_eq!(o.stdout.matches(&read).count(), 3, "{}", o.stdout);
+    assert_eq!(o.stdout.matches(&write).count(), 3, "{}", o.stdout);
+    assert!(o.stdout.contains("scsi-eio PASS"), "{}", o.stdout);
+}

@@ -4,7 +4,7 @@
  * Command line (key=value, space separated; see README.md):
  *   work=mem|verify|spin|hello|reboot  count=N  mib=N  rate=MiBps  secs=N|inf  seed=N
  *   beat=MS (mem: cpu0 prints a heartbeat line every MS ms while dirtying)
- *   work=scsi-verify|scsi-errors|scsi-bench: see scsi.c
+ *   work=scsi-verify|scsi-errors|scsi-eio|scsi-bench: see scsi.c
  * Reports on COM1 (0x3f8) and ends through the isa-debug-exit port (0x501):
  *   0 = pass, 1 = verification failed, 2 = bad command line, 3 = internal error.
  */
@@ -330,6 +330,7 @@ void guest_main(u32 cpu) {
     else if (word_is(w, "reboot")) work_kind = 5;
     else if (word_is(w, "scsi-verify")) work_kind = 6;
     else if (word_is(w, "scsi-errors")) work_kind = 7;
+    else if (word_is(w, "scsi-eio")) work_kind = 9;
     else if (word_is(w, "scsi-bench")) work_kind = 8;
     else { printk("ringvm-guest: unknown work\n"); bad = 1; }
     u64 mib = param_u64("mib", 64, &bad);
@@ -412,6 +413,11 @@ void guest_main(u32 cpu) {
         if (work_kind == 7) {
             int ok = scsi_errors();
             printk("ringvm-guest: scsi-errors %s\n", ok ? "PASS" : "FAIL");
+            guest_exit(ok ? 0 : 1);
+        }
+        if (work_kind == 9) {
+            int ok = scsi_eio();
+            printk("ringvm-guest: scsi-eio %s\n", ok ? "PASS" : "FAIL");
             guest_exit(ok ? 0 : 1);
         }
         go_flag = 1;

@@ -304,6 +304,31 @@ static void scsi_bench_cpu(u32 cpu) {
     bench_ops[cpu] = ops;
 }
 
+/* The disk's file fails every read and write on the host (EIO): each
+ * gets MEDIUM ERROR (unrecovered read error / write error), and the LUN
+ * keeps answering the commands that do not touch the file. */
+static int scsi_eio(void) {
+    struct vq *v = &queues[0];
+    u32 id = lun_ids[0];
+    u8 c[16], key, asc;
+    int ok = 1;
+    for (int round = 0; round < 3; round++) {
+        cdb_rw16(c, 0, 8, 8);
+        int st = scsi_sync(v, id, c, 16, 4096, 0, &key, &asc);
+        printk("ringvm-guest: scsi-eio read: status %x key %x asc %x\n", (u64)st, (u64)key, (u64)asc);
+        if (st != 2 || key != 3 || asc != 0x11) ok = 0;
+        cdb_rw16(c, 1, 8, 8);
+        st = scsi_sync(v, id, c, 16, 4096, 1, &key, &asc);
+        printk("ringvm-guest: scsi-eio write: status %x key %x asc %x\n", (u64)st, (u64)key, (u64)asc);
+        if (st != 2 || key != 3 || asc != 0x0c) ok = 0;
+        u8 tur[6] = {0};
+        st = scsi_sync(v, id, tur, 6, 0, 0, &key, &asc);
+        if (st != 0) { printk("ringvm-guest: scsi-eio TEST UNIT READY: status %x key %x\n", (u64)st, (u64)key); ok = 0; }
+        if (capacity_blocks(v, id) == 0) { printk("ringvm-guest: scsi-eio READ CAPACITY failed\n"); ok = 0; }
+    }
+    return ok;
+}
+
 static int scsi_errors(void) {
     struct vq *v = &queues[0];
     int ok = 1;
