@@ -330,3 +330,59 @@ fn disk_eio_is_a_medium_error_for_the_guest() {
     assert_eq!(o.stdout.matches(&write).count(), 3, "{}", o.stdout);
     assert!(o.stdout.contains("scsi-eio PASS"), "{}", o.stdout);
 }
+
+/// 500 `system_reset`s while the guest's virtio-scsi driver has requests in
+/// flight (each reset reboots it into the same write-then-verify run):
+/// ringvm never hangs or dies, and the run after the last reset writes and
+/// verifies the whole disk.
+#[test]
+fn resets_during_disk_io() {
+    if !require_kvm("resets_during_disk_io") {
+        return;
+    }
+    let dir = Scratch::new("rel-reset-io");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let g = guest_elf(&dir);
+    let sock = dir.path("qmp.sock");
+    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=16 passes=1000000"]).arg("--disk").arg(format!("path={},cache=none", disk.display())).arg("--qmp").arg(&sock));
+    p.wait_for_output("virtio-scsi queues", T);
+    let mut q = Qmp::negotiated(&sock);
+    let t0 = Instant::now();
+    let mut seen = 0;
+    for i in 0..500u64 {
+        // Each reset lands once the rebooted guest is on the disk again,
+        // 0-18 ms into its I/O (writes, reads; some right at discovery).
+        loop {
+            assert!(t0.elapsed() < T, "deadline after {i} resets");
+            let n = p.stdout().matches("virtio-scsi queues").count();
+            if n > seen {
+                seen = n;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis((i % 10) * 2));
+        assert!(q.cmd(json!({"execute": "system_reset"})).get("return").is_some());
+    }
+    let before = p.stdout().matches("scsi-verify pass").count();
+    let deadline = Instant::now() + T;
+    while p.stdout().matches("scsi-verify pass").count() < before + 2 {
+        assert!(Instant::now() < deadline, "no full verify pass after the resets:\n{}", p.stdout().lines().rev().take(20).collect::<Vec<_>>().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = p.stdout();
+    // The resets really landed at every stage, I/O included.
+    let boots = out.matches("ringvm-guest: start").count();
+    let in_io = out.matches("virtio-scsi queues").count();
+    eprintln!("{boots} boots, {in_io} reached the disk, {} verify passes", out.matches("scsi-verify pass").count());
+    assert!(boots >= 500 && in_io >= 500, "{boots} boots, {in_io} reached the disk");
+    let tail: Vec<&str> = out.lines().filter(|l| l.contains("scsi-verify pass")).rev().take(2).collect();
+    for l in &tail {
+        assert!(l.ends_with("bad=0"), "{l}");
+    }
+    assert!(!out.contains("timed out") && !out.contains("bogus"), "{out}");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
