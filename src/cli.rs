@@ -106,6 +106,11 @@ pub struct RunArgs {
     /// Start with the vCPUs paused; QMP `cont` starts them (QEMU's -S).
     #[arg(short = 'S', long)]
     pub paused: bool,
+    /// Confine state files named over QMP (savevm-start, migrate,
+    /// migrate-incoming) to files directly inside DIR: no symlinks (also
+    /// refused at open, O_NOFOLLOW), no other directories, no nfs://.
+    #[arg(long, value_name = "DIR")]
+    pub statefile_dir: Option<PathBuf>,
     /// VM name (reported by query-name).
     #[arg(long)]
     pub name: Option<String>,

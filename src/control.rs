@@ -66,6 +66,9 @@ pub struct ControlOptions {
     pub incoming: bool,
     /// Figures for the caller (the demo).
     pub stats: Option<Arc<ControlStats>>,
+    /// When set, state files named over QMP must be regular files (or new
+    /// names) directly inside this directory, never symlinks, never nfs://.
+    pub statefile_dir: Option<PathBuf>,
 }
 
 /// Figures the control loop records for whoever started it.
@@ -113,6 +116,7 @@ pub struct Controller {
     qmp: Option<Shared>,
     state: RunState,
     name: Option<String>,
+    statefile_dir: Option<PathBuf>,
     vm_event: Rc<Cell<bool>>,
     signal: Rc<Cell<Option<i32>>>,
     /// Set when the VM is finishing; the loop flushes clients, then ends.
@@ -245,6 +249,7 @@ impl Controller {
             qmp,
             state: if incoming { RunState::InMigrate } else if opts.paused { RunState::Prelaunch } else { RunState::Running },
             name: opts.name,
+            statefile_dir: opts.statefile_dir.clone(),
             vm_event,
             signal,
             finishing: None,
@@ -322,6 +327,7 @@ impl Controller {
         let Some(path) = uri.strip_prefix("file:").or(crate::nfs::is_uri(uri).then_some(uri)) else {
             return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH or nfs://SERVER/EXPORT/FILE")));
         };
+        self.check_statefile(path)?;
         let path = std::path::PathBuf::from(path);
         let fail = |e: String| QmpError::generic(format!("state file {}: {e}", path.display()));
         let checked = format::open_checked(&path).map_err(fail)?;
@@ -439,6 +445,28 @@ impl Controller {
         }
     }
 
+    /// The `--statefile-dir` policy for a state file named over QMP.
+    fn check_statefile(&self, path: &str) -> std::result::Result<(), QmpError> {
+        let Some(dir) = &self.statefile_dir else { return Ok(()) };
+        let refuse = |why: &str| Err(QmpError::generic(format!("statefile {path}: {why} (--statefile-dir {})", dir.display())));
+        if crate::nfs::is_uri(path) {
+            return refuse("only files inside the state-file directory are allowed");
+        }
+        let p = std::path::Path::new(path);
+        let (Some(parent), Some(_)) = (p.parent(), p.file_name()) else { return refuse("not a file name") };
+        let inside = match (std::fs::canonicalize(parent), std::fs::canonicalize(dir)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !inside {
+            return refuse("not directly inside the state-file directory");
+        }
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if !m.file_type().is_file() => refuse("exists and is not a regular file (symlinks are refused)"),
+            _ => Ok(()),
+        }
+    }
+
     fn savevm_start(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
         if self.save.shared.get().state == SaveState::Active || self.save.iothread.is_some() {
             return Err(QmpError::generic("a snapshot is already running; wait for it to finish or call savevm-end"));
@@ -450,6 +478,7 @@ impl Controller {
         if path.is_empty() {
             return Err(QmpError::generic("Parameter 'statefile' must not be empty"));
         }
+        self.check_statefile(&path)?;
         let downtime = req.arguments.get("downtime-ms").and_then(Value::as_f64).unwrap_or(DEFAULT_DOWNTIME_MS);
         if !(0.0..=60_000.0).contains(&downtime) {
             return Err(QmpError::generic("Parameter 'downtime-ms' must be between 0 and 60000"));
@@ -514,7 +543,7 @@ impl Controller {
         if let Some(d) = &dma {
             d.set_enabled(true);
         }
-        let params = save::Params { path, header, slots, downtime_ms: downtime, dma };
+        let params = save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some() };
         let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
         if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
             let _ = machine.set_dirty_log(false);

@@ -386,3 +386,43 @@ fn resets_during_disk_io() {
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }
+
+/// `--statefile-dir`: QMP may name state files only directly inside it; a
+/// symlink planted there (pointing anywhere) is refused, as are other
+/// directories, `..` and nfs://.
+#[test]
+fn statefile_dir_confines_qmp_paths() {
+    if !require_kvm("statefile_dir_confines_qmp_paths") {
+        return;
+    }
+    let dir = Scratch::new("rel-sfdir");
+    let states = dir.path("states");
+    std::fs::create_dir_all(&states).unwrap();
+    let victim = dir.path("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, states.join("link.state")).unwrap();
+    let g = guest_elf(&dir);
+    let sock = dir.path("qmp.sock");
+    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=mem mib=8 secs=inf rate=10", "--statefile-dir", states.to_str().unwrap(), "--qmp", sock.to_str().unwrap()]));
+    p.wait_for_output("fill done", T);
+    let mut q = Qmp::negotiated(&sock);
+    for bad in [
+        states.join("link.state").to_str().unwrap().to_string(),
+        dir.path("elsewhere.state").to_str().unwrap().to_string(),
+        format!("{}/../escape.state", states.display()),
+        "nfs://127.0.0.1/export/vm.state".to_string(),
+    ] {
+        let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": bad}}));
+        let desc = r["error"]["desc"].as_str().unwrap_or_else(|| panic!("{bad} was accepted: {r}"));
+        assert!(desc.contains("--statefile-dir"), "{desc}");
+        let r = q.cmd(json!({"execute": "migrate", "arguments": {"uri": format!("file:{bad}")}}));
+        assert!(r.get("error").is_some(), "migrate to {bad} was accepted: {r}");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let good = states.join("vm.state");
+    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
+}

@@ -47,6 +47,8 @@ pub struct Params {
     pub downtime_ms: f64,
     /// Pages devices wrote into guest RAM (KVM's log misses them).
     pub dma: Option<Arc<devices::dirty::DmaDirtyLog>>,
+    /// Refuse a symlink as the file (O_NOFOLLOW), for `--statefile-dir`.
+    pub nofollow: bool,
 }
 
 struct Job {
@@ -89,7 +91,7 @@ thread_local! {
 }
 
 /// Opens the target, sized and with its header written.
-fn open_target(path: &str, header: &[u8], file_size: u64) -> Result<(Target, bool), String> {
+fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Result<(Target, bool), String> {
     if nfs::is_uri(path) {
         // Synchronous (bounded by the RPC timeout): this iothread serves
         // only the snapshot, and nobody waits on it.
@@ -98,7 +100,7 @@ fn open_target(path: &str, header: &[u8], file_size: u64) -> Result<(Target, boo
         n.write_all_at(header, 0)?;
         return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None }, false));
     }
-    let (direct, buffered, is_direct) = open(path).map_err(|e| format!("statefile {path}: open: {e}"))?;
+    let (direct, buffered, is_direct) = open(path, nofollow).map_err(|e| format!("statefile {path}: open: {e}"))?;
     buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)).map_err(|e| format!("statefile {path}: {e}"))?;
     let punt = blocks_inline(&direct);
     Ok((Target::File { direct, buffered, punt }, is_direct))
@@ -125,9 +127,10 @@ fn blocks_inline(f: &File) -> bool {
     [FUSE, NFS, SMB2, CIFS, CEPH, V9FS].contains(&(st.f_type as i64))
 }
 
-fn open(path: &str) -> std::io::Result<(File, File, bool)> {
-    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+fn open(path: &str, nofollow: bool) -> std::io::Result<(File, File, bool)> {
+    let nf = if nofollow { libc::O_NOFOLLOW } else { 0 };
+    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).custom_flags(nf).open(path)?;
+    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | nf).open(path) {
         Ok(d) => Ok((d, buffered, true)),
         // No O_DIRECT here (some FUSE, older tmpfs): buffered writes.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((buffered.try_clone()?, buffered, false)),
@@ -168,7 +171,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
             v
         })
         .collect();
-    let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size) {
+    let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size, p.nofollow) {
         Ok(t) => t,
         Err(e) if e.contains(&p.path) => return fail(&shared, &events, e),
         Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
