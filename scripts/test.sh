@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Passes the tests on a fresh machine: installs what they need (idempotent),
-# builds the Linux guest for the smoke test, the Python QMP client, runs the whole workspace's tests.
+# builds the Linux guest for the smoke test, the Python QMP client, runs the
+# whole workspace's tests, then every fuzz target for a short bounded time
+# (RINGVM_FUZZ_SECS per target, default 15; 0 skips).
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
 ensure_nfs_deps
@@ -9,3 +11,6 @@ RINGVM_PYTHON="$(ensure_python_clients)"
 export RINGVM_LINUX_DIR RINGVM_PYTHON
 cd "$ROOT"
 cargo test --workspace --release "$@"
+if [ "${RINGVM_FUZZ_SECS:-15}" != 0 ]; then
+    "$ROOT/scripts/fuzz.sh" "${RINGVM_FUZZ_SECS:-15}"
+fi
