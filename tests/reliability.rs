@@ -426,3 +426,45 @@ fn statefile_dir_confines_qmp_paths() {
     assert_eq!(p.wait(T).code(), 0);
     assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
 }
+
+/// The state file is truncated, or deleted, while RAM is being written:
+/// the snapshot fails saying so (never "completed"), the VM runs on, and
+/// the next snapshot completes.
+#[test]
+fn state_file_truncated_or_deleted_under_the_snapshot() {
+    if !require_kvm("state_file_truncated_or_deleted_under_the_snapshot") {
+        return;
+    }
+    let dir = Scratch::new("rel-trunc");
+    let (p, mut q) = vm(&dir, "768M", "work=mem mib=640 secs=inf rate=300", "fill done");
+    for (what, expect) in [("truncate", "truncated"), ("delete", "deleted")] {
+        let file = dir.path(&format!("{what}.state"));
+        q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
+        let t0 = Instant::now();
+        loop {
+            let s = q.ok("query-savevm", json!({}));
+            assert_eq!(s["status"], "active", "the snapshot ended first: {s}");
+            if s["bytes"].as_u64().unwrap_or(0) >= 64 << 20 {
+                break;
+            }
+            assert!(t0.elapsed() < T, "no progress: {s}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        match what {
+            "truncate" => std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap(),
+            _ => std::fs::remove_file(&file).unwrap(),
+        }
+        let s = q.wait_savevm(T);
+        assert_eq!(s["status"], "failed", "{what}: {s}");
+        let err = s["error"].as_str().unwrap();
+        assert!(err.contains(expect) && err.contains(file.to_str().unwrap()), "{err}");
+        assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+        q.ok("savevm-end", json!({}));
+    }
+    let good = dir.path("good.state");
+    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
+}

@@ -297,6 +297,26 @@ impl Job {
         }
     }
 
+    /// The local state file is still ours and whole: not deleted or
+    /// replaced under the snapshot, not truncated (RAM precedes the
+    /// metadata, which is written only at the end, so a truncation shows as
+    /// a short file until then).
+    fn check_file(&self) -> Result<(), String> {
+        let Target::File { direct, .. } = &self.target else { return Ok(()) };
+        let m = direct.metadata().map_err(|e| format!("fstat: {e}"))?;
+        if std::os::unix::fs::MetadataExt::nlink(&m) == 0 {
+            return Err("the file was deleted during the snapshot".into());
+        }
+        match std::fs::metadata(&self.p.path) {
+            Ok(p) if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m) && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
+            _ => return Err("the file was replaced or moved during the snapshot".into()),
+        }
+        if m.len() < self.p.header.file_size {
+            return Err(format!("the file was truncated during the snapshot ({} bytes, {} laid out)", m.len(), self.p.header.file_size));
+        }
+        Ok(())
+    }
+
     /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy).
     fn harvest(&mut self) -> Result<(), String> {
         for (i, &(slot, gpa, size)) in self.p.slots.iter().enumerate() {
@@ -515,6 +535,11 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
 
 fn end_of_pass(job: &J, ring: &mut Ring) {
     let mut j = job.borrow_mut();
+    if let Err(e) = j.check_file() {
+        j.fail(e);
+        drop(j);
+        return pump(job, ring);
+    }
     match j.phase {
         Phase::Live => {
             let secs = j.pass_started.elapsed().as_secs_f64().max(1e-6);
@@ -612,6 +637,8 @@ fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
             return Ok(());
         }
     };
+    // Deleted or replaced while closing: no completion record.
+    j.check_file()?;
     drop(j);
     // Durable data first, then the record, then the record durable: a file
     // without a durable record is never loadable.
