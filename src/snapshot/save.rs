@@ -256,8 +256,10 @@ pub fn mark_dirty(ring: &mut Ring, ranges: &[(u64, u64)]) {
                 }
             }
         }
-        // Rescan from the start so none of them is skipped in this pass.
-        j.cursor = (0, 0);
+        // No rescan of this pass: a page already written in it may still be
+        // in flight, and a second write of it could land first and leave
+        // the older bytes under the newer checksum. The next pass (or the
+        // final one, which starts from the top) writes them.
     }
     pump(&job, ring);
 }
