@@ -556,3 +556,27 @@ fn guest_resets_during_snapshots() {
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }
+
+/// Restoring from a filesystem that fails reads partway: a one-line error
+/// naming the file and the errno, exit 1, and the guest never runs.
+#[test]
+fn restore_read_eio_is_refused_cleanly() {
+    if !require_kvm("restore_read_eio_is_refused_cleanly") {
+        return;
+    }
+    let dir = Scratch::new("rel-restore-eio");
+    std::fs::create_dir_all(dir.path("ro-back")).unwrap();
+    let (p, mut q) = vm(&dir, "128M", "work=mem mib=64 secs=inf rate=10", "fill done");
+    let file = dir.path("ro-back/vm.state");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    // Header, record, state and metadata read fine; RAM reads fail.
+    let fs = FaultFs::mount(&dir, "ro", &["--fail-reads-after", "40"]);
+    let bad = fs.path("vm.state");
+    let r = ringvm(&["run", "--loadstate", bad.to_str().unwrap()], T);
+    assert_eq!(r.code(), 1, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(bad.to_str().unwrap()) && r.stderr.contains("Input/output error"), "{}", r.stderr);
+    assert!(!r.stdout.contains("ringvm-guest"), "the guest ran:\n{}", r.stdout);
+}
