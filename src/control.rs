@@ -96,7 +96,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "system_powerdown", args: &[] },
     CommandSpec { name: "quit", args: &[] },
     CommandSpec { name: "query-block", args: &[] },
-    CommandSpec { name: "savevm-start", args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number), opt("disks", ArgType::Str)] },
+    CommandSpec { name: "savevm-start", args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number), opt("final-timeout-ms", ArgType::Number), opt("disks", ArgType::Str)] },
     CommandSpec { name: "query-savevm", args: &[] },
     CommandSpec { name: "savevm-end", args: &[] },
     CommandSpec { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)] },
@@ -162,6 +162,9 @@ struct SaveCtl {
 
 /// Default downtime target (ms) for the final pause.
 pub const DEFAULT_DOWNTIME_MS: f64 = 5.0;
+/// How long the final pause may take before the snapshot gives up and the
+/// guest resumes (`final-timeout-ms`).
+pub const DEFAULT_FINAL_TIMEOUT_MS: f64 = 10_000.0;
 
 /// Signals that end the VM gracefully (QEMU: SHUTDOWN, reason host-signal).
 const TERM_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -483,6 +486,10 @@ impl Controller {
         if !(0.0..=60_000.0).contains(&downtime) {
             return Err(QmpError::generic("Parameter 'downtime-ms' must be between 0 and 60000"));
         }
+        let final_timeout = req.arguments.get("final-timeout-ms").and_then(Value::as_f64).unwrap_or(DEFAULT_FINAL_TIMEOUT_MS);
+        if !(1.0..=600_000.0).contains(&final_timeout) {
+            return Err(QmpError::generic("Parameter 'final-timeout-ms' must be between 1 and 600000"));
+        }
         let machine = self.vm.machine();
         let slots = machine.slots();
         let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
@@ -543,7 +550,7 @@ impl Controller {
         if let Some(d) = &dma {
             d.set_enabled(true);
         }
-        let params = save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some() };
+        let params = save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some(), final_timeout_ms: final_timeout };
         let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
         if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
             let _ = machine.set_dirty_log(false);

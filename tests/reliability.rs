@@ -580,3 +580,37 @@ fn restore_read_eio_is_refused_cleanly() {
     assert!(r.stderr.contains(bad.to_str().unwrap()) && r.stderr.contains("Input/output error"), "{}", r.stderr);
     assert!(!r.stdout.contains("ringvm-guest"), "the guest ran:\n{}", r.stdout);
 }
+
+/// A target too slow for the final pause (every write answered 50 ms
+/// late): past `final-timeout-ms` the snapshot fails saying why and the
+/// guest runs again; nothing loadable is left.
+#[test]
+fn final_pause_watchdog_resumes_the_guest() {
+    if !require_kvm("final_pause_watchdog_resumes_the_guest") {
+        return;
+    }
+    let dir = Scratch::new("rel-final-wd");
+    let fs = FaultFs::mount(&dir, "slow", &["--delay-us", "50000"]);
+    let (p, mut q) = vm(&dir, "64M", "work=mem mib=8 secs=inf rate=20 beat=100", "fill done");
+    let file = fs.path("vm.state");
+    // A downtime target that converges after one pass, so the final pause
+    // comes with dirty pages to write at 50 ms or more each.
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 60000, "final-timeout-ms": 100}));
+    let s = q.wait_savevm(T);
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap().contains("final pause exceeded 100 ms"), "{s}");
+    // The pause ended at the watchdog, not at the target's pace.
+    assert!(s["downtime"].as_f64().unwrap() < 1000.0, "{s}");
+    let beats = p.stdout().matches("ringvm-guest: beat").count();
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let t0 = Instant::now();
+    while p.stdout().matches("ringvm-guest: beat").count() <= beats {
+        assert!(t0.elapsed() < T, "the guest did not run again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    q.ok("savevm-end", json!({}));
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    drop(fs);
+    assert_eq!(ringvm(&["state", "inspect", dir.path("slow-back/vm.state").to_str().unwrap()], T).code(), 1);
+}

@@ -27,6 +27,10 @@ use anyhow::{bail, Context};
 use fuser::{FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow};
 
 const TTL: Duration = Duration::ZERO;
+/// FOPEN_PARALLEL_DIRECT_WRITES: the kernel may send direct writes to one
+/// file concurrently (otherwise it holds the inode lock across each one,
+/// and injected latency would serialise every writer).
+const PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
 
 #[derive(Clone, Default)]
 struct Faults {
@@ -193,7 +197,7 @@ impl Filesystem for Fs {
         match r {
             Ok(f) => {
                 let fh = self.open_fh(f);
-                reply.opened(fh, 0)
+                reply.opened(fh, PARALLEL_DIRECT_WRITES)
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -209,7 +213,7 @@ impl Filesystem for Fs {
                 Ok(m) => {
                     let ino = self.ino(name);
                     let fh = self.open_fh(f);
-                    reply.created(&TTL, &attr(ino, &m), 0, fh, 0)
+                    reply.created(&TTL, &attr(ino, &m), 0, fh, PARALLEL_DIRECT_WRITES)
                 }
                 Err(e) => reply.error(errno(&e)),
             },

@@ -49,6 +49,9 @@ pub struct Params {
     pub dma: Option<Arc<devices::dirty::DmaDirtyLog>>,
     /// Refuse a symlink as the file (O_NOFOLLOW), for `--statefile-dir`.
     pub nofollow: bool,
+    /// The final pause may last this long; past it the snapshot fails and
+    /// the guest resumes (a target that stalls must not hold the vCPUs).
+    pub final_timeout_ms: f64,
 }
 
 struct Job {
@@ -72,6 +75,7 @@ struct Job {
     throughput: f64,
     failed: bool,
     header_crc: u32,
+    final_timer: Option<ring::OpId>,
 }
 
 type J = Rc<RefCell<Job>>;
@@ -198,6 +202,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
         throughput: 0.0,
         failed: false,
         header_crc,
+        final_timer: None,
     }));
     if let Target::Nfs { handler, .. } = &mut job.borrow_mut().target {
         // Results of the NFS requests come back through the ring's poll.
@@ -224,6 +229,24 @@ pub fn final_phase(ring: &mut Ring) {
         if let Err(e) = j.harvest() {
             j.fail(e);
         }
+        // The watchdog of the pause: the guest waits on this pass.
+        let limit = j.p.final_timeout_ms;
+        let job2 = job.clone();
+        let id = ring.submit(SNAPSHOT_SOURCE, Op::Timeout { after: std::time::Duration::from_secs_f64(limit / 1e3) }, move |ring, c| {
+            let fire = {
+                let mut j = job2.borrow_mut();
+                j.final_timer = None;
+                let fire = j.phase == Phase::Final && c.result.as_ref().err().and_then(|e| e.raw_os_error()) != Some(libc::ECANCELED);
+                if fire {
+                    j.fail(format!("the final pause exceeded {limit} ms (final-timeout-ms; the target is too slow): the guest was resumed"));
+                }
+                fire
+            };
+            if fire {
+                pump(&job2, ring);
+            }
+        });
+        j.final_timer = Some(id);
     }
     pump(&job, ring);
 }
@@ -582,6 +605,9 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
         }
         Phase::Final => {
             // The last dirty pages are in the file: the guest may run.
+            if let Some(id) = j.final_timer.take() {
+                ring.cancel(id);
+            }
             let ram = j.ram_bytes;
             j.shared.update(|s| {
                 s.bytes = ram;
