@@ -614,3 +614,50 @@ fn final_pause_watchdog_resumes_the_guest() {
     drop(fs);
     assert_eq!(ringvm(&["state", "inspect", dir.path("slow-back/vm.state").to_str().unwrap()], T).code(), 1);
 }
+
+/// The target stalls once RAM is written, in the closing writes (state
+/// section and page metadata lie past RAM in the file): the guest runs,
+/// QMP answers, and savevm-end ends the snapshot at once.
+#[test]
+fn stall_in_the_closing_writes_is_cancellable() {
+    if !require_kvm("stall_in_the_closing_writes_is_cancellable") {
+        return;
+    }
+    let dir = Scratch::new("rel-close-stall");
+    // A 64 MiB guest's RAM ends at file offset 65 MiB.
+    let mut fs = FaultFs::mount(&dir, "cl", &["--stall-writes-from", &(65u64 << 20).to_string()]);
+    let (p, mut q) = vm(&dir, "64M", "work=mem mib=16 secs=inf rate=20 beat=100", "fill done");
+    let file = fs.path("vm.state");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+    // The pause is over (downtime reported) but the snapshot cannot finish.
+    let t0 = Instant::now();
+    loop {
+        let s = q.ok("query-savevm", json!({}));
+        assert_eq!(s["status"], "active", "{s}");
+        if s.get("downtime").is_some_and(|d| !d.is_null()) {
+            break;
+        }
+        assert!(t0.elapsed() < T, "{s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(q.ok("query-savevm", json!({}))["status"], "active");
+    let beats = p.stdout().matches("ringvm-guest: beat").count();
+    let t = Instant::now();
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    q.ok("savevm-end", json!({}));
+    let s = q.wait_savevm(Duration::from_secs(5));
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
+    let t0 = Instant::now();
+    while p.stdout().matches("ringvm-guest: beat").count() <= beats {
+        assert!(t0.elapsed() < T, "the guest stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs.kill();
+    q.ok("savevm-end", json!({}));
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    assert_eq!(ringvm(&["state", "inspect", dir.path("cl-back/vm.state").to_str().unwrap()], T).code(), 1);
+}

@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! ringvm-faultfs BACKING MOUNTPOINT [--delay-us N] [--fail-writes-after N]
-//!     [--fail-reads-after N] [--errno N] [--stall-writes-after N] [--stall-secs S]
+//!     [--fail-reads-after N] [--errno N] [--stall-writes-after N]
+//!     [--stall-writes-from OFFSET] [--stall-secs S]
 //! ```
 //! - `--delay-us`: every read and write is answered N us late (requests are
 //!   delayed in parallel, as a network would: latency, not serialisation);
 //! - `--fail-writes-after N` / `--fail-reads-after N`: the (N+1)th and later
 //!   write / read requests fail with `--errno` (default EIO);
 //! - `--stall-writes-after N`: write requests after the Nth are held for
-//!   `--stall-secs` (default 3600) before being served.
+//!   `--stall-secs` (default 3600) before being served;
+//! - `--stall-writes-from OFFSET`: so are writes at or past that offset.
 //!
 //! Runs in the foreground until unmounted or killed.
 
@@ -39,6 +41,8 @@ struct Faults {
     fail_reads_after: Option<u64>,
     errno: i32,
     stall_writes_after: Option<u64>,
+    /// Writes at or past this file offset stall.
+    stall_writes_from: Option<u64>,
     stall: Duration,
 }
 
@@ -252,7 +256,8 @@ impl Filesystem for Fs {
             let e = self.faults.errno;
             return self.later(Duration::ZERO, Box::new(move || reply.error(e)));
         }
-        let stall = if self.faults.stall_writes_after.is_some_and(|k| n >= k) { self.faults.stall } else { Duration::ZERO };
+        let stalls = self.faults.stall_writes_after.is_some_and(|k| n >= k) || self.faults.stall_writes_from.is_some_and(|o| offset as u64 >= o);
+        let stall = if stalls { self.faults.stall } else { Duration::ZERO };
         let data = data.to_vec();
         self.later(
             stall,
@@ -342,7 +347,7 @@ fn delay_thread(rx: mpsc::Receiver<(Instant, Job)>) {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        bail!("usage: ringvm-faultfs BACKING MOUNTPOINT [--delay-us N] [--fail-writes-after N] [--fail-reads-after N] [--errno N] [--stall-writes-after N] [--stall-secs S]");
+        bail!("usage: ringvm-faultfs BACKING MOUNTPOINT [--delay-us N] [--fail-writes-after N] [--fail-reads-after N] [--errno N] [--stall-writes-after N] [--stall-writes-from OFFSET] [--stall-secs S]");
     }
     let (dir, mnt) = (PathBuf::from(&args[0]), PathBuf::from(&args[1]));
     let mut f = Faults { errno: libc::EIO, stall: Duration::from_secs(3600), ..Default::default() };
@@ -355,6 +360,7 @@ fn main() -> anyhow::Result<()> {
             "--fail-reads-after" => f.fail_reads_after = Some(v),
             "--errno" => f.errno = v as i32,
             "--stall-writes-after" => f.stall_writes_after = Some(v),
+            "--stall-writes-from" => f.stall_writes_from = Some(v),
             "--stall-secs" => f.stall = Duration::from_secs(v),
             _ => bail!("unknown option {k}"),
         }

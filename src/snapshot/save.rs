@@ -621,7 +621,7 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
 
 /// State section, metadata, fdatasync, completion record, fdatasync.
 fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
-    let mut j = job.borrow_mut();
+    let j = job.borrow_mut();
     let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
     let mut writes = vec![(state, j.p.header.state_offset, "state")];
     let mut metas = Vec::new();
@@ -638,36 +638,68 @@ fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
     }
     let record = comp.encode();
     let at = j.p.header.completion_offset;
-    let fd = match &mut j.target {
-        Target::File { buffered, .. } => {
-            for (b, off, what) in &writes {
-                buffered.write_all_at(b, *off).map_err(|e| format!("write {what}: {e}"))?;
-            }
-            Fd::Raw(buffered.as_raw_fd())
+    if let Target::Nfs { conn, .. } = &j.target {
+        // Every RAM WRITE has been answered. The closing records go
+        // synchronously (a few MiB); the ring stops watching the socket
+        // first so it never services a reply these calls take.
+        nfs::Conn::close(conn, ring);
+        let conn = conn.clone();
+        let mut c = conn.borrow_mut();
+        for (b, off, _) in &writes {
+            c.nfs.write_all_at(b, *off)?;
         }
-        Target::Nfs { conn, .. } => {
-            // Every RAM WRITE has been answered. The closing records go
-            // synchronously (a few MiB); the ring stops watching the
-            // socket first so it never services a reply these calls take.
-            nfs::Conn::close(conn, ring);
-            let mut c = conn.borrow_mut();
-            for (b, off, _) in &writes {
-                c.nfs.write_all_at(b, *off)?;
-            }
-            // COMMIT the UNSTABLE writes, then the record, then COMMIT it:
-            // a file without a durable record is never loadable.
-            c.nfs.commit()?;
-            c.nfs.write_all_at(&record, at)?;
-            c.nfs.commit()?;
-            drop(c);
-            drop(j);
-            end(job);
-            return Ok(());
-        }
-    };
-    // Deleted or replaced while closing: no completion record.
-    j.check_file()?;
+        // COMMIT the UNSTABLE writes, then the record, then COMMIT it: a
+        // file without a durable record is never loadable.
+        c.nfs.commit()?;
+        c.nfs.write_all_at(&record, at)?;
+        c.nfs.commit()?;
+        drop(c);
+        drop(j);
+        end(job);
+        return Ok(());
+    }
+    let Target::File { buffered, punt, .. } = &j.target else { return Err("no state file".into()) };
+    let (fd, punt) = (Fd::Raw(buffered.as_raw_fd()), *punt);
     drop(j);
+    // State and metadata through the ring too (punted where the filesystem
+    // would block the submitter): the iothread stays free to take a cancel
+    // while a slow target works through them.
+    let pending = Rc::new(std::cell::Cell::new(writes.len()));
+    for (b, off, what) in writes {
+        let (job2, pending2, mut record) = (job.clone(), pending.clone(), record.clone());
+        let done = move |ring: &mut Ring, c: ring::Completion| {
+            if let Err(e) = c.result {
+                job2.borrow_mut().fail(format!("write {what}: {e}"));
+            }
+            pending2.set(pending2.get() - 1);
+            if pending2.get() == 0 {
+                commit(&job2, ring, fd, std::mem::take(&mut record), at);
+            }
+        };
+        if punt {
+            ring.submit_async(SNAPSHOT_SOURCE, Op::write(fd, b, off), done);
+        } else {
+            ring.submit(SNAPSHOT_SOURCE, Op::write(fd, b, off), done);
+        }
+    }
+    Ok(())
+}
+
+/// The metadata is written: fdatasync, completion record, fdatasync.
+fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
+    {
+        let j = job.borrow();
+        if j.failed || j.phase == Phase::Done {
+            drop(j);
+            return end(job);
+        }
+    }
+    // Deleted or replaced while closing: no completion record.
+    let checked = job.borrow().check_file();
+    if let Err(e) = checked {
+        job.borrow_mut().fail(e);
+        return end(job);
+    }
     // Durable data first, then the record, then the record durable: a file
     // without a durable record is never loadable.
     let (j1, j2, j3) = (job.clone(), job.clone(), job.clone());
@@ -696,7 +728,6 @@ fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
             })),
         ],
     );
-    Ok(())
 }
 
 /// Final status and the Done event; the job is dropped.
