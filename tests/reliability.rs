@@ -728,3 +728,22 @@ fn qmp_dispatcher_random_commands() {
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }
+
+/// 500 guest-initiated resets (i8042) with the guest's own virtio-scsi
+/// requests in flight (2-20 ms into its I/O each time); the run after the
+/// last one writes and verifies the whole disk.
+#[test]
+fn guest_resets_during_disk_io() {
+    if !require_kvm("guest_resets_during_disk_io") {
+        return;
+    }
+    let dir = Scratch::new("rel-guest-reset-io");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let g = guest_elf(&dir);
+    let o = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=16 reboots=500"]).arg("--disk").arg(format!("path={},cache=none", disk.display()))).wait(T * 2);
+    assert_eq!(o.code(), 0, "stderr:\n{}\nstdout tail:\n{}", o.stderr, o.stdout.lines().rev().take(20).collect::<Vec<_>>().join("\n"));
+    assert_eq!(o.stdout.matches("scsi reboot ").count(), 500, "{}", o.stdout.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
+    assert!(o.stdout.contains("scsi reboots done 500"));
+    assert!(o.stdout.contains("RESULT PASS"), "{}", o.stdout.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
+}

@@ -358,6 +358,7 @@ void guest_main(u32 cpu) {
         scsi_qd = param_u64("qd", 8, &bad);
         scsi_seed = region_seed;
         scsi_passes = param_u64("passes", 1, &bad);
+        scsi_reboots = param_u64("reboots", 0, &bad);
         const char *pat = param("pattern");
         bench_pattern = !pat || word_is(pat, "randread") ? 0 : word_is(pat, "read") ? 1 : word_is(pat, "write") ? 2 : 3;
         if (bad || !scsi_passes || bench_pattern == 3 || scsi_bs < 512 || scsi_bs % 512 || scsi_bs > 4 * MIB || !scsi_qd || scsi_qd > SLOTS) {
@@ -419,6 +420,18 @@ void guest_main(u32 cpu) {
             int ok = scsi_eio();
             printk("ringvm-guest: scsi-eio %s\n", ok ? "PASS" : "FAIL");
             guest_exit(ok ? 0 : 1);
+        }
+        if (scsi_reboots) {
+            volatile u64 *ctr = (volatile u64 *)REBOOT_COUNTER_ADDR;
+            if (ctr[0] != REBOOT_MAGIC) { ctr[0] = REBOOT_MAGIC; ctr[1] = 0; }
+            if (ctr[1] < scsi_reboots) {
+                ctr[1]++;
+                scsi_reboot_at = rdtsc() + (1 + ctr[1] % 10) * 2 * tsc_khz;
+                printk("ringvm-guest: scsi reboot %u of %u armed\n", ctr[1], scsi_reboots);
+            } else {
+                ctr[0] = 0;
+                printk("ringvm-guest: scsi reboots done %u\n", scsi_reboots);
+            }
         }
         go_flag = 1;
         u64 t0 = rdtsc();

@@ -232,6 +232,9 @@ static u64 pattern(u64 seed, u32 lun, u64 off) {
 }
 
 static u64 scsi_seed, scsi_bytes_per_lun, scsi_passes = 1;
+/* reboots=N: CPU 0 resets the machine (i8042) this TSC value into the I/O,
+ * with requests in flight, N times over (counted across resets). */
+static u64 scsi_reboots, scsi_reboot_at;
 static volatile u64 scsi_bad, scsi_done_cpus, scsi_phase;
 
 /* Writes (phase 0) or verifies (phase 1) this CPU's chunks on every LUN. */
@@ -257,6 +260,7 @@ static void scsi_verify_cpu(u32 cpu) {
                 }
                 int s = wait_slot(v);
                 inflight--;
+                if (cpu == 0 && scsi_reboot_at && rdtsc() > scsi_reboot_at) { outb(0x64, 0xfe); for (;;) cpu_relax(); }
                 u8 key, asc;
                 int st = resp_status(&v->slots[s], &key, &asc);
                 if (st) { printk("ringvm-guest: lun %u chunk %u: status %x key %x asc %x\n", (u64)lun, chunk_of[s], (u64)st, (u64)key, (u64)asc); __atomic_add_fetch(&scsi_bad, 1, __ATOMIC_SEQ_CST); continue; }
