@@ -40,16 +40,7 @@ fn kill_9_mid_snapshot_leaves_a_file_that_is_refused() {
     let (p, mut q) = vm(&dir, "768M", "work=mem mib=640 secs=inf rate=300", "fill done");
     let file = dir.path("vm.state");
     q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
-    let t0 = Instant::now();
-    loop {
-        let s = q.ok("query-savevm", json!({}));
-        assert_eq!(s["status"], "active", "the snapshot ended before the kill: {s}");
-        if s["bytes"].as_u64().unwrap_or(0) >= 64 << 20 {
-            break;
-        }
-        assert!(t0.elapsed() < T, "no progress: {s}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    q.wait_savevm_bytes(64 << 20, T);
     p.kill();
     assert!(file.exists());
     let o = ringvm(&["state", "inspect", file.to_str().unwrap()], T);
@@ -378,7 +369,7 @@ fn resets_during_disk_io() {
     eprintln!("{boots} boots, {in_io} reached the disk, {} verify passes", out.matches("scsi-verify pass").count());
     assert!(boots >= 500 && in_io >= 500, "{boots} boots, {in_io} reached the disk");
     // Complete lines only (the guest may be mid-line).
-    let whole = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+    let whole = complete_lines(&out);
     let tail: Vec<&str> = whole.lines().filter(|l| l.contains("scsi-verify pass")).rev().take(2).collect();
     assert_eq!(tail.len(), 2, "{whole}");
     for l in &tail {
@@ -443,16 +434,7 @@ fn state_file_truncated_or_deleted_under_the_snapshot() {
     for (what, expect) in [("truncate", "truncated"), ("delete", "deleted")] {
         let file = dir.path(&format!("{what}.state"));
         q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
-        let t0 = Instant::now();
-        loop {
-            let s = q.ok("query-savevm", json!({}));
-            assert_eq!(s["status"], "active", "the snapshot ended first: {s}");
-            if s["bytes"].as_u64().unwrap_or(0) >= 64 << 20 {
-                break;
-            }
-            assert!(t0.elapsed() < T, "no progress: {s}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        q.wait_savevm_bytes(64 << 20, T);
         match what {
             "truncate" => std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap(),
             _ => std::fs::remove_file(&file).unwrap(),
@@ -491,7 +473,7 @@ fn disk_file_shrinking_under_the_guest() {
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(4 << 20).unwrap();
     // Complete lines only (the guest may be mid-line).
     let errors = |out: &str| {
-        let whole = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+        let whole = complete_lines(&out);
         whole.lines().filter(|l| l.contains(": status ")).map(str::to_string).collect::<Vec<_>>()
     };
     let deadline = Instant::now() + T;
@@ -548,7 +530,7 @@ fn guest_resets_during_snapshots() {
     }
     assert!(completed + 1 >= started, "{completed} of {started} snapshots completed");
     let out = p.stdout();
-    let whole = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+    let whole = complete_lines(&out);
     let last = whole.lines().filter(|l| l.contains("ringvm-guest: boot ")).last().unwrap();
     let n: u64 = last.split("boot ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(n > 500, "the guest's counter says {last}");
@@ -603,11 +585,7 @@ fn final_pause_watchdog_resumes_the_guest() {
     assert!(s["downtime"].as_f64().unwrap() < 1000.0, "{s}");
     let beats = p.stdout().matches("ringvm-guest: beat").count();
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");
-    let t0 = Instant::now();
-    while p.stdout().matches("ringvm-guest: beat").count() <= beats {
-        assert!(t0.elapsed() < T, "the guest did not run again");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    p.wait_for_more("ringvm-guest: beat", beats, T);
     q.ok("savevm-end", json!({}));
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
@@ -650,11 +628,7 @@ fn stall_in_the_closing_writes_is_cancellable() {
     let s = q.wait_savevm(Duration::from_secs(5));
     assert_eq!(s["status"], "failed", "{s}");
     assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
-    let t0 = Instant::now();
-    while p.stdout().matches("ringvm-guest: beat").count() <= beats {
-        assert!(t0.elapsed() < T, "the guest stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    p.wait_for_more("ringvm-guest: beat", beats, T);
     fs.kill();
     q.ok("savevm-end", json!({}));
     q.ok("quit", json!({}));

@@ -359,7 +359,7 @@ fn snapshot(quick: bool) -> Result<()> {
                     for side in order {
                         match side {
                             None => {
-                                let r = snapbench::ringvm(&bin, &guest, &dir, &file, mib, rate, 90)?;
+                                let r = snapbench::ringvm(None, &bin, &guest, &dir, &file, mib, rate, 90)?;
                                 if have_fio {
                                     match snapbench::fio(tdir, r.bytes as u64) {
                                         Ok(v) => fios.push(v),
@@ -370,7 +370,7 @@ fn snapshot(quick: bool) -> Result<()> {
                                 if rate > 1 && rate < 500 {
                                     // Restore the file just written, against fio reading as many bytes.
                                     let mut restore_row = |label: String, file_mib: f64| -> Result<()> {
-                                        let (ms, p99) = snapbench::restore(&bin, &dir, &file)?;
+                                        let (ms, p99) = snapbench::restore(None, &bin, &dir, &file)?;
                                         let present = (file_mib * (1 << 20) as f64) as u64;
                                         let fio_ms = if have_fio { snapbench::fio_read_ms(&file, present).ok() } else { None };
                                         restores.push((label, mib, ms, p99, fio_ms, file_mib));
@@ -379,7 +379,7 @@ fn snapshot(quick: bool) -> Result<()> {
                                     // One dirty rate is enough: this snapshot, then a sparse one (10% of RAM in use).
                                     restore_row(tname.to_string(), r.file_mib)?;
                                     let _ = std::fs::remove_file(&file);
-                                    let sparse = snapbench::ringvm(&bin, &guest, &dir, &file, mib, 1, 10)?;
+                                    let sparse = snapbench::ringvm(None, &bin, &guest, &dir, &file, mib, 1, 10)?;
                                     restore_row(format!("{tname} (sparse)"), sparse.file_mib)?;
                                 }
                                 let _ = std::fs::remove_file(&file);
@@ -520,11 +520,11 @@ fn nfs(quick: bool) -> Result<()> {
                     None => (local.join(format!("ringvm-perf-nfs-{}.state", std::process::id())), None),
                     Some(p) => (PathBuf::from(server.uri(&name, p)), Some(server.ns.as_str())),
                 };
-                let r = snapbench::ringvm_in(ns, &bin, &guest, &dir, &file, mib, 1, 90)?;
+                let r = snapbench::ringvm(ns, &bin, &guest, &dir, &file, mib, 1, 90)?;
                 let on_disk = if port.is_some() { server.export.join(&name) } else { file.clone() };
                 let present = std::fs::metadata(&on_disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64;
                 saves.push(mbs(r.bytes, r.total_ms));
-                let (ms, _) = snapbench::restore_in(ns, &bin, &dir, &file)?;
+                let (ms, _) = snapbench::restore(ns, &bin, &dir, &file)?;
                 restores.push((mbs(present, ms), ms));
                 if port.is_none() {
                     let _ = std::fs::remove_file(&on_disk);

@@ -90,20 +90,6 @@ fn watch_fill(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<()> 
     rx
 }
 
-/// Boots a `mem_mib` guest filling `fill_pct`% of it, dirtying at `rate`
-/// MiB/s, snapshots it to `file`.
-pub fn ringvm(
-    bin: &Path,
-    guest: &Path,
-    dir: &Path,
-    file: &Path,
-    mem_mib: u64,
-    rate: u64,
-    fill_pct: u64,
-) -> Result<Result1> {
-    ringvm_in(None, bin, guest, dir, file, mem_mib, rate, fill_pct)
-}
-
 /// `bin`, run inside network namespace `netns` if given.
 pub fn command(netns: Option<&str>, bin: &Path) -> Command {
     match netns {
@@ -116,9 +102,11 @@ pub fn command(netns: Option<&str>, bin: &Path) -> Command {
     }
 }
 
-/// [`ringvm`] inside a network namespace (`file` may be an nfs:// URI).
+/// Boots a `mem_mib` guest filling `fill_pct`% of it, dirtying at `rate`
+/// MiB/s, snapshots it to `file` (which may be an nfs:// URI), inside
+/// network namespace `netns` if given.
 #[allow(clippy::too_many_arguments)]
-pub fn ringvm_in(
+pub fn ringvm(
     netns: Option<&str>,
     bin: &Path,
     guest: &Path,
@@ -194,12 +182,7 @@ pub fn ringvm_in(
 /// Restores `file` with -S and measures the time until the VM is paused
 /// with all state applied (QMP query-status leaves inmigrate); also the
 /// p99 of back-to-back query-status latencies during the load.
-pub fn restore(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
-    restore_in(None, bin, dir, file)
-}
-
-/// [`restore`] inside a network namespace.
-pub fn restore_in(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
+pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
     let sock = dir.join("restore.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();

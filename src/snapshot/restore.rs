@@ -115,6 +115,48 @@ pub fn spawn_loader(
 
 type Run = (u64, usize, u64, usize, u64);
 
+/// A loader's progress over its list of reads (files and NFS alike).
+#[derive(Default)]
+struct Loads {
+    next: usize,
+    inflight: usize,
+    bytes: u64,
+    /// The first error; no new reads once set.
+    err: Option<String>,
+}
+
+impl Loads {
+    /// Index of the next read to issue, if there is room and no error.
+    fn take_next(&mut self, total: usize) -> Option<usize> {
+        if self.err.is_some() || self.next >= total || self.inflight >= MAX_INFLIGHT {
+            return None;
+        }
+        self.next += 1;
+        self.inflight += 1;
+        Some(self.next - 1)
+    }
+
+    /// A read came back: checked by [`landed`] into `bytes` or `err`.
+    fn finish(&mut self, run: &Run, r: Result<usize, String>, crcs: &[Vec<u32>], gpas: &[u64]) {
+        self.inflight = self.inflight.saturating_sub(1);
+        match landed(run, r, crcs, gpas) {
+            Ok(()) => self.bytes += run.2 * PAGE,
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: String) {
+        self.err.get_or_insert(e);
+    }
+
+    fn stats(&self, t0: Instant, direct: bool) -> Result<LoadStats, String> {
+        match &self.err {
+            Some(e) => Err(e.clone()),
+            None => Ok(LoadStats { bytes: self.bytes, elapsed: t0.elapsed(), direct }),
+        }
+    }
+}
+
 /// Checks a run that was read: whole, and every page's checksum.
 fn landed(run: &Run, r: Result<usize, String>, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {
     let &(off, host, pages, ri, first) = run;
@@ -153,31 +195,20 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
     log::info!("{uri}: {} READs of up to {} KiB", reads.len(), max_pages * PAGE / 1024);
     let conn = crate::nfs::Conn::new(n);
     let mut ring = Ring::new(64, None).map_err(|e| e.to_string())?;
-    struct St {
-        next: usize,
-        inflight: usize,
-        bytes: u64,
-        err: Option<String>,
-    }
-    let st = Rc::new(RefCell::new(St { next: 0, inflight: 0, bytes: 0, err: None }));
+    let st = Rc::new(RefCell::new(Loads::default()));
     let reads = Rc::new(reads);
     let issue = {
         let (st, reads, conn) = (st.clone(), reads.clone(), conn.clone());
         move || loop {
             let mut s = st.borrow_mut();
-            if s.err.is_some() || s.next >= reads.len() || s.inflight >= MAX_INFLIGHT {
-                return;
-            }
-            let (off, host, pages, _, _) = reads[s.next];
+            let Some(i) = s.take_next(reads.len()) else { return };
+            let (off, host, pages, _, _) = reads[i];
             // SAFETY: guest RAM of a VM whose vCPUs are parked; nothing
             // else touches the run until its reply is copied in.
-            let r = unsafe { conn.borrow_mut().nfs.pread_async(s.next as u64, host as *mut u8, (pages * PAGE) as usize, off) };
-            match r {
-                Ok(()) => {
-                    s.next += 1;
-                    s.inflight += 1;
-                }
-                Err(e) => s.err = Some(e),
+            let r = unsafe { conn.borrow_mut().nfs.pread_async(i as u64, host as *mut u8, (pages * PAGE) as usize, off) };
+            if let Err(e) = r {
+                s.inflight -= 1;
+                s.fail(e);
             }
         }
     };
@@ -188,15 +219,10 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
             match r {
                 Ok(done) => {
                     for (i, res) in done {
-                        s.inflight = s.inflight.saturating_sub(1);
-                        let run = &reads[i as usize];
-                        match landed(run, res, &crcs, &gpas) {
-                            Ok(()) => s.bytes += run.2 * PAGE,
-                            Err(e) => s.err = s.err.take().or(Some(e)),
-                        }
+                        s.finish(&reads[i as usize], res, &crcs, &gpas);
                     }
                 }
-                Err(e) => s.err = s.err.take().or(Some(e)),
+                Err(e) => s.fail(e),
             }
         })
     };
@@ -214,11 +240,8 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
     }
     crate::nfs::Conn::close(&conn, &mut ring);
     ring.run_until(Duration::from_secs(1), |r| r.in_flight() == 0).ok();
-    let s = st.borrow();
-    if let Some(e) = &s.err {
-        return Err(e.clone());
-    }
-    Ok(LoadStats { bytes: s.bytes, elapsed: t0.elapsed(), direct: false })
+    let stats = st.borrow().stats(t0, false);
+    stats
 }
 
 fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {
@@ -232,27 +255,13 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
     };
     let mut ring = Ring::new(64, None).map_err(|e| e.to_string())?;
     let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
-    struct St {
-        next: usize,
-        inflight: usize,
-        bytes: u64,
-        err: Option<String>,
-    }
-    let st = Rc::new(RefCell::new(St { next: 0, inflight: 0, bytes: 0, err: None }));
+    let st = Rc::new(RefCell::new(Loads::default()));
     let runs = Rc::new(runs);
     let crcs = Rc::new(crcs);
     let gpas = Rc::new(gpas);
-    fn issue(ring: &mut Ring, st: &Rc<RefCell<St>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd) {
+    fn issue(ring: &mut Ring, st: &Rc<RefCell<Loads>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd) {
         loop {
-            let i = {
-                let mut s = st.borrow_mut();
-                if s.err.is_some() || s.next >= runs.len() || s.inflight >= MAX_INFLIGHT {
-                    return;
-                }
-                s.next += 1;
-                s.inflight += 1;
-                s.next - 1
-            };
+            let Some(i) = st.borrow_mut().take_next(runs.len()) else { return };
             let (off, host, pages, _, _) = runs[i];
             let len = (pages * PAGE) as usize;
             let iov = vec![libc::iovec { iov_base: host as *mut libc::c_void, iov_len: len }];
@@ -261,16 +270,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
             let op = unsafe { Op::readv(fd, iov, off) };
             let (st2, runs2, crcs2, gpas2) = (st.clone(), runs.clone(), crcs.clone(), gpas.clone());
             ring.submit(1, op, move |ring, c| {
-                {
-                    let mut s = st2.borrow_mut();
-                    s.inflight -= 1;
-                    let r = c.result.map_err(|e| e.to_string());
-                    if let Err(e) = landed(&runs2[i], r, &crcs2, &gpas2) {
-                        s.err = s.err.take().or(Some(e));
-                    } else {
-                        s.bytes += len as u64;
-                    }
-                }
+                st2.borrow_mut().finish(&runs2[i], c.result.map_err(|e| e.to_string()), &crcs2, &gpas2);
                 issue(ring, &st2, &runs2, &crcs2, &gpas2, fd);
             });
         }
@@ -280,9 +280,6 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
         ring.run_once(true).map_err(|e| e.to_string())?;
         progress.store(st.borrow().bytes, std::sync::atomic::Ordering::Relaxed);
     }
-    let s = st.borrow();
-    if let Some(e) = &s.err {
-        return Err(e.clone());
-    }
-    Ok(LoadStats { bytes: s.bytes, elapsed: t0.elapsed(), direct })
+    let stats = st.borrow().stats(t0, direct);
+    stats
 }

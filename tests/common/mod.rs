@@ -111,6 +111,15 @@ impl Proc {
         String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
     }
 
+    /// Waits until stdout holds more than `seen` matches of `needle`.
+    pub fn wait_for_more(&self, needle: &str, seen: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.stdout().matches(needle).count() <= seen {
+            assert!(Instant::now() < deadline, "deadline: no new {needle:?} within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until stdout contains `needle`; panics at the deadline.
     pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -179,6 +188,11 @@ impl Drop for Proc {
 }
 
 /// Runs ringvm with `args` to completion within `timeout`.
+/// `out` up to its last newline (a guest may be mid-line).
+pub fn complete_lines(out: &str) -> &str {
+    &out[..out.rfind('\n').map_or(0, |i| i + 1)]
+}
+
 pub fn ringvm(args: &[&str], timeout: Duration) -> Output {
     Proc::spawn(Command::new(ringvm_bin()).args(args)).wait(timeout)
 }

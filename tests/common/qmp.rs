@@ -102,6 +102,21 @@ impl Qmp {
         r.get("return").cloned().unwrap_or_else(|| panic!("{name}: {r}"))
     }
 
+    /// Polls query-savevm until at least `min` bytes are written; the
+    /// snapshot must still be active then. Returns the last status.
+    pub fn wait_savevm_bytes(&mut self, min: u64, deadline: Duration) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.ok("query-savevm", json!({}));
+            assert_eq!(s["status"], "active", "the snapshot ended first: {s}");
+            if s["bytes"].as_u64().unwrap_or(0) >= min {
+                return s;
+            }
+            assert!(t0.elapsed() < deadline, "no progress: {s}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Polls query-savevm until the status is not active.
     pub fn wait_savevm(&mut self, deadline: Duration) -> Value {
         let t0 = Instant::now();
