@@ -223,7 +223,6 @@ pub struct Nfs {
     lib: &'static Lib,
     ctx: Ctx,
     fh: Fh,
-    uri: String,
     done: Box<RefCell<Vec<Done>>>,
 }
 
@@ -254,7 +253,7 @@ impl Nfs {
         if ctx.is_null() {
             return Err(format!("{uri}: cannot create an NFS context"));
         }
-        let mut n = Nfs { lib, ctx, fh: std::ptr::null_mut(), uri: uri.to_string(), done: Box::new(RefCell::new(Vec::new())) };
+        let mut n = Nfs { lib, ctx, fh: std::ptr::null_mut(), done: Box::new(RefCell::new(Vec::new())) };
         // SAFETY: live context and NUL-terminated URL.
         let url = unsafe { (lib.parse_url_full)(ctx, c_uri.as_ptr()) };
         if url.is_null() {
@@ -285,10 +284,6 @@ impl Nfs {
             return Err(e);
         }
         Ok(n)
-    }
-
-    pub fn uri(&self) -> &str {
-        &self.uri
     }
 
     /// Largest READ and WRITE the server takes.

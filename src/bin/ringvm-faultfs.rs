@@ -22,7 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -307,16 +307,12 @@ impl Filesystem for Fs {
     }
 }
 
-/// Serves delayed requests when they are due (a heap ordered by due time;
-/// each is run on a short-lived thread so slow backing I/O never holds
-/// the others up).
+/// Serves delayed requests when they are due (each on a short-lived
+/// thread, so slow backing I/O never holds the others up).
 fn delay_thread(rx: mpsc::Receiver<(Instant, Job)>) {
-    let pending: Arc<Mutex<Vec<(Instant, Job)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut p: Vec<(Instant, Job)> = Vec::new();
     loop {
-        let next = {
-            let p = pending.lock().unwrap();
-            p.iter().map(|(t, _)| *t).min()
-        };
+        let next = p.iter().map(|(t, _)| *t).min();
         let msg = match next {
             None => rx.recv().ok(),
             Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
@@ -325,7 +321,6 @@ fn delay_thread(rx: mpsc::Receiver<(Instant, Job)>) {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             },
         };
-        let mut p = pending.lock().unwrap();
         if let Some(m) = msg {
             p.push(m);
         } else if next.is_none() {
