@@ -2,7 +2,9 @@
 # Passes the tests on a fresh machine: installs what they need (idempotent),
 # builds the Linux guest for the smoke test, the Python QMP client, runs the
 # whole workspace's tests, then every fuzz target for a short bounded time
-# (RINGVM_FUZZ_SECS per target, default 15; 0 skips).
+# (RINGVM_FUZZ_SECS per target, default 15; 0 skips), then the benchmark
+# harness once with --quick as a smoke check of it (RINGVM_PERF_SMOKE=0
+# skips; it asserts nothing about speed, only that every suite runs).
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
 ensure_nfs_deps
@@ -13,4 +15,7 @@ cd "$ROOT"
 cargo test --workspace --release "$@"
 if [ "${RINGVM_FUZZ_SECS:-15}" != 0 ]; then
     "$ROOT/scripts/fuzz.sh" "${RINGVM_FUZZ_SECS:-15}"
+fi
+if [ "${RINGVM_PERF_SMOKE:-1}" != 0 ]; then
+    cargo run --release -p ringvm-perf -- all --quick
 fi

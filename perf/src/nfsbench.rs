@@ -204,3 +204,100 @@ pub fn make_source(path: &Path, bytes: u64) -> Result<()> {
     f.sync_all()?;
     Ok(())
 }
+
+/// The suite: local disk, nfs:// on loopback and nfs:// through the
+/// delaying proxy, in rotating order; nfs-cp moves the same bytes.
+pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
+    use crate::report::{cell, ratio};
+    use crate::snapbench;
+    let on_path = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).exists());
+    if !on_path("ganesha.nfsd") || !on_path("nfs-cp") || !on_path("ip") {
+        r.skip("nfs", "needs nfs-ganesha, libnfs-utils and iproute2 (scripts/peers.sh installs them)");
+        return Ok(());
+    }
+    let local = c.scratch()?;
+    let sizes = if c.quick { vec![256u64] } else { vec![1024] };
+    // RINGVM_PERF_NFS_DELAY_US: the injected one-way delay (default 500 us).
+    let delay_us: u64 = std::env::var("RINGVM_PERF_NFS_DELAY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let targets: [(&str, Option<u16>); 3] = [("local disk", None), ("nfs:// loopback", Some(NFS_PORT)), ("nfs:// + delay", Some(PROXY_PORT))];
+    r.begin("nfs", (sizes.len() * c.reps * targets.len()) as u64 + 1);
+    r.step("starting nfs-ganesha in a network namespace");
+    let sdir = c.dir.join("nfs");
+    std::fs::create_dir_all(&sdir)?;
+    let server = Server::start(&sdir).context("NFS server")?;
+    start_proxy(&server.ns, Duration::from_micros(delay_us))?;
+    let mbs = |bytes: f64, ms: f64| bytes / 1e6 / (ms / 1e3);
+    for &mib in &sizes {
+        for rep in 0..c.reps {
+            let mut order = targets.to_vec();
+            order.rotate_left(rep % targets.len());
+            for (tname, port) in order {
+                r.step(format!("{tname} {mib} MiB, repetition {}/{}", rep + 1, c.reps));
+                let k = format!("{tname} {mib}MiB");
+                // Fresh names each time: ganesha caches what it served and
+                // answers STALE for a name deleted behind its back.
+                let (name, seq) = (format!("vm-{mib}-{}-{rep}.state", port.unwrap_or(0)), format!("seq-{mib}-{}-{rep}.dat", port.unwrap_or(0)));
+                let (file, ns) = match port {
+                    None => (local.join(format!("ringvm-perf-nfs-{}.state", std::process::id())), None),
+                    Some(p) => (PathBuf::from(server.uri(&name, p)), Some(server.ns.as_str())),
+                };
+                let res = snapbench::ringvm(ns, &c.bin, &c.guest, &c.dir, &file, mib, 1, 90)?;
+                let on_disk = if port.is_some() { server.export.join(&name) } else { file.clone() };
+                let present = std::fs::metadata(&on_disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64;
+                r.sample(&k, "ringvm", "save_ms", "ms", res.total_ms);
+                r.sample(&k, "ringvm", "save_mbs", "MB/s", mbs(res.bytes, res.total_ms));
+                let (ms, _) = snapbench::restore(ns, &c.bin, &c.dir, &file)?;
+                r.sample(&k, "ringvm", "restore_ms", "ms", ms);
+                r.sample(&k, "ringvm", "restore_mbs", "MB/s", mbs(present, ms));
+                let _ = std::fs::remove_file(&on_disk);
+                if let Some(p) = port {
+                    let src = local.join(format!("ringvm-perf-nfs-src-{}", std::process::id()));
+                    make_source(&src, res.bytes as u64)?;
+                    let dst = server.uri(&seq, p);
+                    let w = nfs_cp(&server.ns, src.to_str().unwrap_or_default(), &dst)?;
+                    r.sample(&k, "nfs-cp", "write_mbs", "MB/s", mbs(res.bytes, w));
+                    let back = PathBuf::from("/dev/shm").join(format!("ringvm-perf-nfs-back-{}", std::process::id()));
+                    let _ = std::fs::remove_file(&back);
+                    let rms = nfs_cp(&server.ns, &dst, back.to_str().unwrap_or_default())?;
+                    r.sample(&k, "nfs-cp", "read_mbs", "MB/s", mbs(res.bytes, rms));
+                    let _ = std::fs::remove_file(&back);
+                    let _ = std::fs::remove_file(&src);
+                    let _ = std::fs::remove_file(server.export.join(&seq));
+                }
+            }
+        }
+    }
+    drop(server);
+    let mut rows = vec![];
+    for &mib in &sizes {
+        for (tname, port) in targets {
+            let k = format!("{tname} {mib}MiB");
+            let s = |sys: &str, m: &str| r.stat(&k, sys, m);
+            rows.push(vec![
+                tname.into(),
+                format!("{} GiB", mib as f64 / 1024.0),
+                cell(s("ringvm", "save_ms"), 0),
+                cell(s("ringvm", "save_mbs"), 0),
+                cell(s("nfs-cp", "write_mbs"), 0),
+                ratio(s("ringvm", "save_mbs"), s("nfs-cp", "write_mbs")),
+                cell(s("ringvm", "restore_ms"), 0),
+                cell(s("ringvm", "restore_mbs"), 0),
+                cell(s("nfs-cp", "read_mbs"), 0),
+                ratio(s("ringvm", "restore_mbs"), s("nfs-cp", "read_mbs")),
+            ]);
+            if port.is_some() {
+                let (a, b, cc, d) = (s("ringvm", "save_mbs"), s("nfs-cp", "write_mbs"), s("ringvm", "restore_mbs"), s("nfs-cp", "read_mbs"));
+                r.headline(&format!("nfs: save to {tname}, {mib} MiB guest, vs a sequential client"), ("MB/s", a), ("nfs-cp MB/s", b), false);
+                r.headline(&format!("nfs: restore from {tname}, {mib} MiB guest, vs a sequential client"), ("MB/s", cc), ("nfs-cp MB/s", d), false);
+            }
+        }
+    }
+    r.table(
+        "nfs: snapshot to and from a real NFS server",
+        &format!("nfs-ganesha (VFS backend, state on the local disk) and rpcbind in a network namespace; ringvm in the same namespace saves an idle test guest (90% of RAM filled, 1 vCPU) to `nfs://127.0.0.1/...`, then a fresh ringvm restores it (`--loadstate`, to a paused VM, process start included). The sequential client is libnfs's `nfs-cp` moving the same number of bytes one request at a time. '+ delay' goes through a TCP proxy holding every chunk {delay_us} us each way. Everything shares this machine's CPUs: the figures show the shape (latency hidden by depth), not a LAN's absolute numbers."),
+        &["target", "guest", "save ms", "save MB/s", "seq. client write MB/s", "save / seq.", "restore ms", "restore MB/s", "seq. client read MB/s", "restore / seq."],
+        &rows,
+    );
+    r.end();
+    Ok(())
+}

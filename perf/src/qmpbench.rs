@@ -165,3 +165,62 @@ pub fn reap(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The suite: `n` query-status round trips per run, per guest load, ringvm
+/// and QEMU alternating; the median over runs of each run's percentiles.
+pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
+    use crate::report::{cell, ratio};
+    let n = if c.quick { 200 } else { 2000 };
+    let disk = c.scratch()?.join("qmp-disk.dat");
+    {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&disk)?;
+        f.set_len(256 << 20)?;
+    }
+    let mut systems = vec!["ringvm"];
+    if c.have_qemu {
+        systems.push("QEMU");
+    }
+    r.begin("qmp", (2 * c.reps * systems.len()) as u64);
+    for load in ["cpu", "disk"] {
+        let d = (load == "disk").then_some(disk.as_path());
+        for rep in 0..c.reps {
+            let mut order = systems.clone();
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for sys in order {
+                r.step(format!("{sys}, {load} load, repetition {}/{}", rep + 1, c.reps));
+                let sock = c.dir.join(format!("qmp-{sys}-{load}-{rep}.sock"));
+                let child = if sys == "ringvm" { spawn_ringvm(&c.bin, &c.guest, &sock, "2", d)? } else { spawn_qemu(&c.guest, &sock, "2", d)? };
+                if d.is_some() {
+                    std::thread::sleep(Duration::from_millis(1500)); // let the I/O start
+                }
+                let l = measure(&sock, n);
+                reap(child);
+                let l = l?;
+                r.sample(load, sys, "p50", "us", l.p50_us);
+                r.sample(load, sys, "p99", "us", l.p99_us);
+                r.sample(load, sys, "max", "us", l.max_us);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&disk);
+    let mut rows = vec![];
+    for load in ["cpu", "disk"] {
+        for sys in ["ringvm", "QEMU"] {
+            rows.push(vec![sys.into(), load.into(), cell(r.stat(load, sys, "p50"), 1), cell(r.stat(load, sys, "p99"), 1), cell(r.stat(load, sys, "max"), 0)]);
+        }
+        let s = |m: &str| (r.stat(load, "ringvm", m), r.stat(load, "QEMU", m));
+        let (p50, p99) = (s("p50"), s("p99"));
+        rows.push(vec!["ratio ringvm/QEMU".into(), load.into(), ratio(p50.0, p50.1), ratio(p99.0, p99.1), String::new()]);
+        r.headline(&format!("qmp: query-status p99, guest {load} load"), ("us", p99.0), ("QEMU us", p99.1), true);
+    }
+    r.table(
+        "qmp: query-status round trips",
+        &format!("{n} round trips per run on one connection while the test guest spins on 2 vCPUs (`work=spin`) or reads its disk (`scsi-bench randread QD32`, cache=none); each run's p50/p99/max, then median (min..max) over the runs."),
+        &["system", "guest load", "p50 us", "p99 us", "max us"],
+        &rows,
+    );
+    r.end();
+    Ok(())
+}

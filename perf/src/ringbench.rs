@@ -260,3 +260,43 @@ pub fn prepare_file(path: &Path, size: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The suite: every job, ring and fio alternating (A B / B A).
+pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
+    use crate::report::{cell, ratio};
+    if !c.have_fio {
+        r.skip("ring", "fio unavailable (scripts/peers.sh installs it)");
+        return Ok(());
+    }
+    let (size, secs) = if c.quick { (256u64 << 20, 1.0) } else { (2u64 << 30, 5.0) };
+    let path = c.scratch()?.join("ring-bench.dat");
+    r.begin("ring", (JOBS.len() * c.reps * 2) as u64 + 1);
+    r.step(format!("preparing {} MiB file", size >> 20));
+    prepare_file(&path, size)?;
+    for job in JOBS {
+        for rep in 0..c.reps {
+            let order: [&str; 2] = if rep % 2 == 0 { ["ringvm-ring", "fio"] } else { ["fio", "ringvm-ring"] };
+            for side in order {
+                r.step(format!("{}: {side}, repetition {}/{}", job.name, rep + 1, c.reps));
+                let bps = if side == "fio" { run_fio(&path, size, *job, secs)? } else { run_ring(&path, size, *job, secs)? };
+                r.sample(job.name, side, "throughput", "MB/s", bps / 1e6);
+                r.sample(job.name, side, "iops", "IO/s", bps / job.bs as f64);
+            }
+        }
+    }
+    let mut rows = vec![];
+    for job in JOBS {
+        let (a, b) = (r.stat(job.name, "ringvm-ring", "throughput"), r.stat(job.name, "fio", "throughput"));
+        let iops = |s: Option<crate::report::Stat>| s.map_or(String::new(), |s| format!("; {:.0} IOPS", s.median * 1e6 / job.bs as f64));
+        rows.push(vec![job.name.to_string(), format!("{}{}", cell(a, 1), iops(a)), format!("{}{}", cell(b, 1), iops(b)), ratio(a, b)]);
+        r.headline(&format!("ring: {}", job.name), ("MB/s", a), ("fio MB/s", b), false);
+    }
+    r.table(
+        "ring: the ring crate vs fio (io_uring engine)",
+        &format!("{} MiB file in {} (O_DIRECT, registered file and one fixed buffer per in-flight slot on both sides, small-page buffers), {secs} s runs after a ramp.", size >> 20, path.display()),
+        &["job", "ringvm-ring MB/s", "fio MB/s", "ratio ring/fio"],
+        &rows,
+    );
+    r.end();
+    Ok(())
+}

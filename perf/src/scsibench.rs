@@ -9,38 +9,32 @@ use anyhow::{bail, Context, Result};
 
 #[derive(Clone, Copy)]
 pub struct Job {
-    pub name: &'static str,
     pub pattern: &'static str,
     pub bs: u64,
     pub qd: u32,
 }
 
-pub const JOBS: &[Job] = &[
-    Job {
-        name: "4k randread QD1",
-        pattern: "randread",
-        bs: 4096,
-        qd: 1,
-    },
-    Job {
-        name: "4k randread QD32",
-        pattern: "randread",
-        bs: 4096,
-        qd: 32,
-    },
-    Job {
-        name: "1M seq read QD8",
-        pattern: "read",
-        bs: 1 << 20,
-        qd: 8,
-    },
-    Job {
-        name: "1M seq write QD8",
-        pattern: "write",
-        bs: 1 << 20,
-        qd: 8,
-    },
-];
+impl Job {
+    pub fn name(&self) -> String {
+        let bs = if self.bs >= 1 << 20 { format!("{}M", self.bs >> 20) } else { format!("{}k", self.bs >> 10) };
+        let what = match self.pattern {
+            "randread" => "randread",
+            "read" => "seq read",
+            _ => "seq write",
+        };
+        format!("{bs} {what} QD{}", self.qd)
+    }
+}
+
+/// 4 KiB random reads over a range of queue depths (the IOPS vs QD curve),
+/// then 1 MiB sequential reads and writes.
+pub fn jobs(quick: bool) -> Vec<Job> {
+    let qds: &[u32] = if quick { &[1, 32] } else { &[1, 4, 16, 32] };
+    let mut v: Vec<Job> = qds.iter().map(|&qd| Job { pattern: "randread", bs: 4096, qd }).collect();
+    v.push(Job { pattern: "read", bs: 1 << 20, qd: 8 });
+    v.push(Job { pattern: "write", bs: 1 << 20, qd: 8 });
+    v
+}
 
 fn cmdline(job: Job, secs: u64) -> String {
     format!(
@@ -190,4 +184,78 @@ pub fn fio(file: &Path, job: Job, jobs: u32, secs: u64) -> Result<f64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let side = if rw == "write" { "write" } else { "read" };
     v["jobs"][0][side]["bw_bytes"].as_f64().context("bw_bytes")
+}
+
+/// The suite: one queue (QEMU brings up one vCPU of this guest, so only
+/// the 1-queue case compares), every job, the three systems in rotating
+/// order.
+pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
+    use crate::plot::{Panel, Series};
+    use crate::report::{cell, ratio};
+    let (size, secs) = if c.quick { (256u64 << 20, 1) } else { (2u64 << 30, 3) };
+    let file = c.scratch()?.join("ring-bench.dat");
+    let jobs = jobs(c.quick);
+    let mut systems = vec!["ringvm"];
+    if c.have_qemu {
+        systems.push("QEMU");
+    }
+    if c.have_fio {
+        systems.push("host fio");
+    }
+    r.begin("scsi", (jobs.len() * c.reps * systems.len()) as u64 + 1);
+    r.step(format!("preparing {} MiB file", size >> 20));
+    if c.have_fio {
+        crate::ringbench::prepare_file(&file, size)?;
+    } else {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&file)?;
+        f.set_len(size)?;
+    }
+    for job in &jobs {
+        for rep in 0..c.reps {
+            let mut order = systems.clone();
+            order.rotate_left(rep % systems.len());
+            for sys in order {
+                r.step(format!("{}: {sys}, repetition {}/{}", job.name(), rep + 1, c.reps));
+                let bps = match sys {
+                    "ringvm" => ringvm(&c.bin, &c.guest, &file, *job, 1, secs)?,
+                    "QEMU" => match qemu(&c.guest, &file, *job, 1, secs) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            r.note(format!("QEMU {}: {e:#}", job.name()));
+                            continue;
+                        }
+                    },
+                    _ => fio(&file, *job, 1, secs)?,
+                };
+                r.sample(&job.name(), sys, "throughput", "MB/s", bps / 1e6);
+                r.sample(&job.name(), sys, "iops", "IO/s", bps / job.bs as f64);
+            }
+        }
+    }
+    let mut rows = vec![];
+    for job in &jobs {
+        let n = job.name();
+        let s = |sys: &str| r.stat(&n, sys, "throughput");
+        let (a, b, f) = (s("ringvm"), s("QEMU"), s("host fio"));
+        let iops = r.stat(&n, "ringvm", "iops").map_or(String::new(), |s| format!("{:.0}", s.median));
+        rows.push(vec![n.clone(), cell(a, 1), iops, cell(b, 1), cell(f, 1), ratio(a, f), ratio(a, b)]);
+        if job.qd == 1 || job.qd == 32 || job.bs > 4096 {
+            r.headline(&format!("scsi: {n} vs host fio"), ("MB/s", a), ("fio MB/s", f), false);
+            r.headline(&format!("scsi: {n} vs QEMU"), ("MB/s", a), ("QEMU MB/s", b), false);
+        }
+    }
+    r.table(
+        "scsi: virtio-scsi, the test guest's scsi-bench",
+        &format!("The guest's own polling virtio-scsi driver, 1 request queue, in ringvm (iothread, io_uring) and QEMU 10 (`virtio-scsi-pci,iothread=io0`, `aio=io_uring`, `cache=none`), and fio (io_uring, O_DIRECT) on the host, all on the same {} MiB file in {}; {secs} s runs.", size >> 20, file.display()),
+        &["job", "ringvm MB/s", "ringvm IOPS", "QEMU MB/s", "host fio MB/s", "ringvm/fio", "ringvm/QEMU"],
+        &rows,
+    );
+    let series = |sys: &str| Series {
+        name: sys.to_string(),
+        points: jobs.iter().filter(|j| j.bs == 4096).filter_map(|j| r.stat(&j.name(), sys, "iops").map(|s| (j.qd as f64, s.median, s.min, s.max))).collect(),
+    };
+    let panel = Panel { title: "4 KiB random reads, 1 queue".into(), series: vec![series("ringvm"), series("QEMU"), series("host fio")] };
+    r.plot("iops-vs-queue-depth.png", "virtio-scsi IOPS vs queue depth", "queue depth", "IOPS", true, vec![panel]);
+    r.end();
+    Ok(())
 }

@@ -254,23 +254,22 @@ pub fn fio_read_ms(file: &Path, bytes: u64) -> Result<f64> {
     Ok(bytes as f64 / bw * 1e3)
 }
 
-/// fio writing `bytes` sequentially (1 MiB, QD 32, O_DIRECT where the
-/// filesystem takes it) to a file in `dir`; returns MB/s.
-pub fn fio(dir: &Path, bytes: u64) -> Result<f64> {
+/// fio writing `bytes` sequentially in 1 MiB blocks to a file in `dir`
+/// (O_DIRECT where the filesystem takes it, fsync at the end); returns
+/// MB/s. `qd` 1 is a synchronous writer (psync: one write at a time, as a
+/// plain `write()` loop); more uses io_uring at that depth.
+pub fn fio_write(dir: &Path, bytes: u64, qd: u32) -> Result<f64> {
     let file = dir.join("fio-snap.dat");
     let mib = (bytes >> 20).max(1);
     let run = |direct: u32| {
-        Command::new("fio")
-            .args([
-                "--name=w",
-                "--ioengine=io_uring",
-                "--rw=write",
-                "--bs=1M",
-                "--iodepth=32",
-                "--output-format=json",
-                "--end_fsync=1",
-            ])
-            .arg(format!("--direct={direct}"))
+        let mut c = Command::new("fio");
+        c.args(["--name=w", "--rw=write", "--bs=1M", "--output-format=json", "--end_fsync=1"]);
+        if qd <= 1 {
+            c.arg("--ioengine=psync");
+        } else {
+            c.arg("--ioengine=io_uring").arg(format!("--iodepth={qd}"));
+        }
+        c.arg(format!("--direct={direct}"))
             .arg(format!("--filename={}", file.display()))
             .arg(format!("--size={mib}M"))
             .output()
@@ -465,4 +464,334 @@ pub fn qemu_restore(
     })();
     reap(child)?;
     res
+}
+
+/// ringvm-faultfs mounted as an NFS stand-in: a FUSE passthrough to a
+/// directory on the local disk that answers every read and write late.
+struct Fuse {
+    child: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl Fuse {
+    fn mount(faultfs: &Path, back: &Path, mnt: &Path, delay_us: u64) -> Result<Fuse> {
+        let _ = Command::new("umount").arg("-l").arg(mnt).output();
+        std::fs::create_dir_all(back)?;
+        std::fs::create_dir_all(mnt)?;
+        let child = Command::new(faultfs)
+            .arg(back)
+            .arg(mnt)
+            .args(["--delay-us", &delay_us.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("{}", faultfs.display()))?;
+        let f = Fuse { child, mnt: mnt.to_path_buf() };
+        let t0 = Instant::now();
+        loop {
+            let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+            if mounts.lines().any(|l| l.starts_with("ringvm-faultfs ") && l.contains(mnt.to_str().unwrap_or("?"))) {
+                return Ok(f);
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("ringvm-faultfs did not mount {} within 30 s (is fusermount3 installed?)", mnt.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Fuse {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const LOCAL: &str = "local disk";
+const SHM: &str = "/dev/shm";
+const FUSE: &str = "NFS stand-in (FUSE +delay)";
+
+struct Case {
+    target: &'static str,
+    dir: std::path::PathBuf,
+    mib: u64,
+    /// MiB/s; 1 is idle.
+    rate: u64,
+    /// Restore what was saved, and run the fio peers for the same bytes.
+    restore: bool,
+}
+
+fn key(target: &str, mib: u64, rate: u64) -> String {
+    format!("{target} {mib}MiB rate={rate}")
+}
+
+fn rate_name(rate: u64) -> String {
+    if rate <= 1 {
+        "idle".into()
+    } else {
+        rate.to_string()
+    }
+}
+
+const MAPPED: &str = "QEMU mapped-ram";
+const PLAIN: &str = "QEMU migrate file:";
+
+/// One system's turn at one case: saves (and restores) and records samples.
+fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -> Result<()> {
+    let k = key(case.target, case.mib, case.rate);
+    let fill_bytes = (case.mib * 9 / 10) as f64 * (1 << 20) as f64;
+    if sys == "ringvm" {
+        let file = case.dir.join("ringvm-perf.state");
+        let res = ringvm(None, &c.bin, &c.guest, &c.dir, &file, case.mib, case.rate, 90)?;
+        r.sample(&k, sys, "save_ms", "ms", res.total_ms);
+        r.sample(&k, sys, "save_mbs", "MB/s", res.bytes / 1e6 / (res.total_ms / 1e3));
+        r.sample(&k, sys, "downtime_ms", "ms", res.downtime_ms);
+        r.sample(&k, sys, "passes", "count", res.iterations as f64);
+        r.sample(&k, sys, "written_mb", "MB", res.bytes / 1e6);
+        r.sample(&k, sys, "file_mib", "MiB", res.file_mib);
+        if case.restore {
+            let (ms, p99) = restore(None, &c.bin, &c.dir, &file)?;
+            r.sample(&k, sys, "restore_ms", "ms", ms);
+            r.sample(&k, sys, "restore_mbs", "MB/s", fill_bytes / 1e6 / (ms / 1e3));
+            r.sample(&k, sys, "restore_qmp_p99_ms", "ms", p99);
+            if c.have_fio {
+                let present = std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+                match fio_read_ms(&file, present) {
+                    Ok(fms) => {
+                        r.sample(&k, "fio", "read_ms", "ms", fms);
+                        r.sample(&k, "fio", "read_mbs", "MB/s", present as f64 / 1e6 / (fms / 1e3));
+                    }
+                    Err(e) => r.note(format!("fio read on {}: {e:#}", case.target)),
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&file);
+        if c.have_fio {
+            match fio_write(&case.dir, res.bytes as u64, 32) {
+                Ok(v) => r.sample(&k, "fio", "write_mbs", "MB/s", v),
+                Err(e) => r.note(format!("fio write on {}: {e:#}", case.target)),
+            }
+            if case.restore {
+                match fio_write(&case.dir, res.bytes as u64, 1) {
+                    Ok(v) => r.sample(&k, "sync writer", "write_mbs", "MB/s", v),
+                    Err(e) => r.note(format!("fio psync write on {}: {e:#}", case.target)),
+                }
+            }
+        }
+        return Ok(());
+    }
+    let mode = if sys == MAPPED { QemuMode::MappedRam } else { QemuMode::Plain };
+    let file = case.dir.join("qemu-perf.state");
+    match qemu(&c.guest, &c.dir, &file, case.mib, case.rate, mode) {
+        Ok(q) => {
+            r.sample(&k, sys, "save_ms", "ms", q.total_ms);
+            r.sample(&k, sys, "save_mbs", "MB/s", q.bytes / 1e6 / (q.total_ms / 1e3));
+            r.sample(&k, sys, "downtime_ms", "ms", q.downtime_ms);
+            r.sample(&k, sys, "passes", "count", q.iterations as f64);
+            r.sample(&k, sys, "written_mb", "MB", q.bytes / 1e6);
+            r.sample(&k, sys, "file_mib", "MiB", q.file_mib);
+            if case.restore {
+                match qemu_restore(&c.guest, &c.dir, &file, case.mib, mode) {
+                    Ok(ms) => {
+                        r.sample(&k, sys, "restore_ms", "ms", ms);
+                        r.sample(&k, sys, "restore_mbs", "MB/s", fill_bytes / 1e6 / (ms / 1e3));
+                    }
+                    Err(e) => r.note(format!("{} restore, {k}: {e:#}", mode.name())),
+                }
+            }
+        }
+        Err(e) => r.note(format!("{}, {k}: {e:#}", mode.name())),
+    }
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// The suite: save (and restore) vs guest size on the local disk, /dev/shm
+/// and the NFS stand-in; downtime vs dirty rate on the local disk. Per
+/// case the systems run in rotating order, `reps` times.
+pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
+    use crate::plot::{Panel, Series};
+    use crate::report::{cell, ratio};
+    let small = if c.quick { 256 } else { 1024 };
+    // QEMU's plain stream through the stand-in runs at ~5 MB/s (see turn()):
+    // a smaller guest there keeps the run within reason.
+    let fuse_mib = if c.quick { 256 } else { 512 };
+    let sizes = c.sizes.clone().unwrap_or(if c.quick { vec![256] } else { vec![1024, 2048, 4096] });
+    let rates = c.rates.clone().unwrap_or(if c.quick { vec![100] } else { vec![100, 250, 500] });
+    let delay_us: u64 = std::env::var("RINGVM_PERF_FUSE_DELAY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let scratch = c.scratch()?;
+    let local = scratch.join("snap");
+    std::fs::create_dir_all(&local)?;
+    let shm = std::path::PathBuf::from(format!("/dev/shm/ringvm-perf-{}", std::process::id()));
+    std::fs::create_dir_all(&shm)?;
+    r.begin("snapshot", 1);
+    let fuse = match Fuse::mount(&c.faultfs, &scratch.join("fuse-back"), &scratch.join("fuse-mnt"), delay_us) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            r.note(format!("NFS stand-in target skipped: {e:#}"));
+            None
+        }
+    };
+    let mut cases = vec![];
+    for (t, d) in [(LOCAL, &local), (SHM, &shm)] {
+        for &mib in &sizes {
+            cases.push(Case { target: t, dir: d.clone(), mib, rate: 1, restore: true });
+        }
+    }
+    if let Some(f) = &fuse {
+        cases.push(Case { target: FUSE, dir: f.mnt.clone(), mib: fuse_mib, rate: 1, restore: true });
+    }
+    for &rate in &rates {
+        cases.push(Case { target: LOCAL, dir: local.clone(), mib: small, rate, restore: false });
+    }
+    let mut systems = vec!["ringvm"];
+    if c.have_qemu {
+        systems.extend([MAPPED, PLAIN]);
+    }
+    r.begin("snapshot", (cases.len() * c.reps * systems.len()) as u64);
+    let mut result = Ok(());
+    'outer: for case in &cases {
+        for rep in 0..c.reps {
+            let mut order = systems.clone();
+            order.rotate_left(rep % systems.len());
+            for sys in order {
+                if case.target == FUSE && sys == PLAIN && rep > 0 {
+                    continue;
+                }
+                r.step(format!("{} {} MiB {}: {sys}, repetition {}/{}", case.target, case.mib, rate_name(case.rate), rep + 1, c.reps));
+                if let Err(e) = turn(c, r, case, sys) {
+                    result = Err(e.context(format!("ringvm, {}", key(case.target, case.mib, case.rate))));
+                    break 'outer;
+                }
+            }
+        }
+    }
+    drop(fuse);
+    let _ = std::fs::remove_dir_all(&shm);
+    result?;
+
+    let gib = |mib: u64| format!("{} GiB", mib as f64 / 1024.0);
+    let mut save_rows = vec![];
+    let mut down_rows = vec![];
+    let mut restore_rows = vec![];
+    for case in &cases {
+        let k = key(case.target, case.mib, case.rate);
+        let s = |sys: &str, m: &str| r.stat(&k, sys, m);
+        let (ours, mapped, plain) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"));
+        save_rows.push(vec![
+            case.target.into(),
+            gib(case.mib),
+            rate_name(case.rate),
+            cell(ours, 0),
+            cell(s("ringvm", "save_mbs"), 0),
+            cell(s("fio", "write_mbs"), 0),
+            ratio(s("ringvm", "save_mbs"), s("fio", "write_mbs")),
+            if case.restore { cell(s("sync writer", "write_mbs"), 0) } else { "-".into() },
+            cell(mapped, 0),
+            cell(plain, 0),
+            ratio(ours, mapped),
+            ratio(ours, plain),
+        ]);
+        down_rows.push(vec![
+            case.target.into(),
+            gib(case.mib),
+            rate_name(case.rate),
+            cell(s("ringvm", "downtime_ms"), 2),
+            cell(s("ringvm", "passes"), 0),
+            cell(s(MAPPED, "downtime_ms"), 1),
+            cell(s(MAPPED, "passes"), 0),
+            cell(s(PLAIN, "downtime_ms"), 1),
+            cell(s(PLAIN, "passes"), 0),
+            ratio(s("ringvm", "downtime_ms"), s(MAPPED, "downtime_ms")),
+        ]);
+        if case.restore {
+            let (ours, mapped, plain) = (s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
+            restore_rows.push(vec![
+                case.target.into(),
+                gib(case.mib),
+                cell(ours, 0),
+                cell(s("ringvm", "restore_mbs"), 0),
+                cell(s("ringvm", "restore_qmp_p99_ms"), 2),
+                cell(s("fio", "read_ms"), 0),
+                ratio(ours, s("fio", "read_ms")),
+                cell(mapped, 0),
+                cell(plain, 0),
+                ratio(ours, mapped),
+                ratio(ours, plain),
+            ]);
+        }
+    }
+    let fuse_note = format!("The NFS stand-in is ringvm-faultfs, a FUSE passthrough to the local disk that answers every read and write {delay_us} us late (requests overlap, as on a network); it is not NFS: it shows what latency does to a deep queue and to a synchronous writer. It has no write-back cache, so a buffered writer's small writes each pay the delay where an NFS client would gather them: QEMU's plain `migrate file:` stream crawls there (about 5 MB/s) and is measured once, not per repetition.");
+    r.table(
+        "snapshot: live save",
+        &format!("The test guest, 1 vCPU (QEMU brings up one of this guest's vCPUs), 90% of RAM filled, then rewritten at the given rate. ringvm: `savevm-start` until `query-savevm` says completed. QEMU 10: `migrate file:` with no bandwidth cap and a 5 ms downtime target, plain and with mapped-ram + multifd (4 channels) + direct-io. fio writes the same number of bytes (1 MiB, io_uring QD32, O_DIRECT where taken, fsync) right after ringvm; the sync writer is fio psync (one 1 MiB write at a time). 'ringvm/QEMU' is a ratio of total times (below 1: ringvm faster). {fuse_note}"),
+        &["target", "guest", "dirty MiB/s", "ringvm ms", "ringvm MB/s", "fio QD32 MB/s", "ringvm/fio", "sync writer MB/s", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
+        &save_rows,
+    );
+    r.table(
+        "snapshot: downtime",
+        "The final pause (vCPUs stopped to resumed), as each VMM reports it; passes = ringvm's iterations, QEMU's dirty-sync-count.",
+        &["target", "guest", "dirty MiB/s", "ringvm downtime ms", "ringvm passes", "QEMU mapped-ram downtime ms", "passes", "QEMU plain downtime ms", "passes", "ringvm/QEMU mapped-ram"],
+        &down_rows,
+    );
+    r.table(
+        "snapshot: restore",
+        "ringvm: `ringvm run -S --loadstate FILE`, process start until QMP says `paused` (RAM loaded and checked, all state applied); p99 of back-to-back `query-status` during the load. QEMU: `-S -incoming defer` + `migrate-incoming file:` of its own file, process start until `completed`. MB/s = guest RAM in use / time. fio reads the state file's allocated bytes (1 MiB, QD32, O_DIRECT where taken).",
+        &["target", "guest", "ringvm ms", "ringvm MB/s", "p99 query-status ms", "fio read ms", "ringvm/fio", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
+        &restore_rows,
+    );
+
+    // Plots: throughput vs guest size, downtime vs dirty rate.
+    let vs_size = |r: &crate::report::Report, target: &str, sys: &str, m: &str| Series {
+        name: sys.to_string(),
+        points: sizes.iter().filter_map(|&mib| r.stat(&key(target, mib, 1), sys, m).map(|s| (mib as f64 / 1024.0, s.median, s.min, s.max))).collect(),
+    };
+    let panels = |r: &crate::report::Report, peer: &str, ours: &str, fio_m: &str| {
+        [LOCAL, SHM].iter().map(|t| Panel { title: t.to_string(), series: vec![vs_size(r, t, "ringvm", ours), vs_size(r, t, MAPPED, ours), vs_size(r, t, PLAIN, ours), Series { name: peer.into(), ..vs_size(r, t, "fio", fio_m) }] }).collect::<Vec<_>>()
+    };
+    let p = panels(r, "fio write QD32 (same bytes)", "save_mbs", "write_mbs");
+    r.plot("save-throughput-vs-guest-size.png", "live snapshot save: throughput vs guest size (idle guest)", "guest GiB", "MB/s", false, p);
+    let p = panels(r, "fio read (same bytes)", "restore_mbs", "read_mbs");
+    r.plot("restore-throughput-vs-guest-size.png", "restore: guest RAM in use / time to a paused VM", "guest GiB", "MB/s", false, p);
+    let all_rates: Vec<u64> = std::iter::once(1).chain(rates.iter().copied()).collect();
+    let vs_rate = |r: &crate::report::Report, sys: &str, m: &str| Series {
+        name: sys.to_string(),
+        points: all_rates.iter().filter_map(|&rate| r.stat(&key(LOCAL, small, rate), sys, m).map(|s| (if rate <= 1 { 0.0 } else { rate as f64 }, s.median, s.min, s.max))).collect(),
+    };
+    let p = ["downtime_ms", "save_ms"].iter().map(|m| Panel { title: format!("{} ({} MiB guest, local disk)", if *m == "downtime_ms" { "downtime" } else { "total time" }, small), series: vec![vs_rate(r, "ringvm", m), vs_rate(r, MAPPED, m), vs_rate(r, PLAIN, m)] }).collect();
+    r.plot("downtime-vs-dirty-rate.png", "live snapshot: downtime and total time vs guest dirty rate", "dirty MiB/s (0 = idle)", "ms", false, p);
+
+    // Headlines.
+    let big = *sizes.iter().max().unwrap_or(&small);
+    let mut at_cases = vec![(LOCAL, small)];
+    if big != small {
+        at_cases.push((LOCAL, big));
+    }
+    at_cases.extend([(SHM, small), (FUSE, fuse_mib)]);
+    for (target, mib) in at_cases {
+        let k = key(target, mib, 1);
+        let s = |sys: &str, m: &str| r.stat(&k, sys, m);
+        let (save, fio_w, sync_w, fio_r) = (s("ringvm", "save_mbs"), s("fio", "write_mbs"), s("sync writer", "write_mbs"), s("fio", "read_ms"));
+        let (t, tm, tp, rs, rm, rp) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"), s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
+        let at = format!("{target}, {}", gib(mib));
+        r.headline(&format!("save MB/s vs fio QD32, {at}"), ("MB/s", save), ("fio MB/s", fio_w), false);
+        if target == FUSE {
+            r.headline(&format!("save MB/s vs a sync writer, {at}"), ("MB/s", save), ("psync MB/s", sync_w), false);
+        }
+        r.headline(&format!("save time vs QEMU mapped-ram, {at}"), ("ms", t), ("QEMU ms", tm), true);
+        r.headline(&format!("save time vs QEMU migrate file:, {at}"), ("ms", t), ("QEMU ms", tp), true);
+        r.headline(&format!("restore time vs fio read, {at}"), ("ms", rs), ("fio ms", fio_r), true);
+        r.headline(&format!("restore time vs QEMU mapped-ram, {at}"), ("ms", rs), ("QEMU ms", rm), true);
+        r.headline(&format!("restore time vs QEMU migrate file:, {at}"), ("ms", rs), ("QEMU ms", rp), true);
+    }
+    if let Some(&top) = rates.iter().max() {
+        let k = key(LOCAL, small, top);
+        let (a, b) = (r.stat(&k, "ringvm", "downtime_ms"), r.stat(&k, MAPPED, "downtime_ms"));
+        r.headline(&format!("downtime at {top} MiB/s dirty vs QEMU mapped-ram, local disk, {}", gib(small)), ("ms", a), ("QEMU ms", b), true);
+    }
+    r.end();
+    Ok(())
 }
