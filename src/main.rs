@@ -137,15 +137,45 @@ impl Write for Recorder {
 
 /// Drives the demo's live snapshot over the VM's own QMP socket, as any
 /// client would: after the fill, savevm-start, then poll query-savevm.
-fn demo_snapshot(sock: std::path::PathBuf, statefile: std::path::PathBuf, rec: Recorder) -> anyhow::Result<serde_json::Value> {
+/// The guest rewrites pages until it is told to verify (a 'v' on its
+/// serial port), which happens once the snapshot is over and `secs` have
+/// passed since the fill -- whatever the outcome, so the guest always ends.
+fn demo_snapshot(sock: std::path::PathBuf, statefile: std::path::PathBuf, rec: Recorder, input: ringvm::vmm::SerialInput, secs: u64) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut filled = None;
+    let r = (|| {
+        while !String::from_utf8_lossy(&rec.0.lock().unwrap_or_else(|e| e.into_inner()).text).contains("fill done") {
+            anyhow::ensure!(Instant::now() < deadline, "the guest never finished its fill");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        filled = Some(Instant::now());
+        demo_savevm(&sock, &statefile, deadline)
+    })();
+    if let Some(t) = filled {
+        let left = Duration::from_secs(secs).saturating_sub(t.elapsed());
+        std::thread::sleep(left);
+    }
+    demo_type(&input, b"v");
+    r
+}
+
+/// Types `bytes` into the guest's serial port, waiting (up to 10 s) for
+/// room in its receive FIFO.
+fn demo_type(input: &ringvm::vmm::SerialInput, mut bytes: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bytes.is_empty() && Instant::now() < deadline {
+        let n = input.send(bytes);
+        bytes = &bytes[n..];
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn demo_savevm(sock: &std::path::Path, statefile: &std::path::Path, deadline: Instant) -> anyhow::Result<serde_json::Value> {
     use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !String::from_utf8_lossy(&rec.0.lock().unwrap_or_else(|e| e.into_inner()).text).contains("fill done") {
-        anyhow::ensure!(Instant::now() < deadline, "the guest never finished its fill");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let s = UnixStream::connect(&sock).with_context(|| format!("connect {}", sock.display()))?;
+    let s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
@@ -192,7 +222,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         boot: BootSpec {
             kernel: guest.clone(),
             initrd: None,
-            cmdline: format!("work=mem mib={} secs={} rate={}", args.mib, args.secs, args.rate),
+            // Until told to verify: see demo_snapshot.
+            cmdline: format!("work=mem mib={} secs=inf rate={}", args.mib, args.rate),
         },
         serial: SerialConfig::Writer(Box::new(rec.clone())),
         no_reboot: true,
@@ -203,12 +234,12 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         restore: None,
         incoming_defer: false,
     };
+    let vm = Vm::build(config)?;
     let snap = {
-        let (s, f, r) = (sock.clone(), statefile.clone(), rec.clone());
-        std::thread::Builder::new().name("demo-client".into()).spawn(move || demo_snapshot(s, f, r))?
+        let (s, f, r, input, secs) = (sock.clone(), statefile.clone(), rec.clone(), vm.serial_input(), args.secs);
+        std::thread::Builder::new().name("demo-client".into()).spawn(move || demo_snapshot(s, f, r, input, secs))?
     };
-    let result = Vm::build(config).and_then(|vm| Controller::new(vm, ControlOptions { qmp: Some(sock.clone()), ..Default::default() })?.run());
-    let outcome = result?;
+    let outcome = Controller::new(vm, ControlOptions { qmp: Some(sock.clone()), ..Default::default() })?.run()?;
     let snap = snap.join().map_err(|_| anyhow::anyhow!("demo client panicked"))?;
     let st = rec.0.lock().unwrap_or_else(|e| e.into_inner());
     let text = String::from_utf8_lossy(&st.text);
@@ -279,6 +310,20 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         let stats = Arc::new(ringvm::control::ControlStats::default());
         let restored = Vm::build(rconfig).and_then(|vm| {
             let built = t1.elapsed();
+            // The restored guest carries on rewriting pages; once its RAM is
+            // loaded, let it run a moment, then tell it to verify.
+            let (input, st, secs) = (vm.serial_input(), stats.clone(), args.secs);
+            std::thread::Builder::new()
+                .name("demo-verify".into())
+                .spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    while st.restore_us.load(std::sync::atomic::Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    std::thread::sleep(Duration::from_secs(secs).min(Duration::from_millis(500)));
+                    demo_type(&input, b"v");
+                })
+                .map_err(|source| ringvm::Error::Thread { name: "demo-verify".into(), source })?;
             Controller::new(vm, ControlOptions { stats: Some(stats.clone()), ..Default::default() })?.run().map(|o| (built, o))
         });
         match restored {

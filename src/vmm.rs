@@ -217,6 +217,11 @@ impl Vm {
         Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, scsi_queues: queues, resets: 0, started, pending })
     }
 
+    /// Typing into the guest's serial port from another thread.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput(self.machine.serial.clone())
+    }
+
     fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
         let msr_list: Vec<u32> =
             machine.kvm.get_msr_index_list().map_err(crate::error::kvm("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec();
@@ -331,6 +336,17 @@ impl Vm {
 
 /// Feeds a terminal's input to the guest's UART (line by line: the
 /// terminal stays in canonical mode, so ringvm never leaves it raw).
+/// A handle that types bytes into the guest's COM1 (as a terminal would).
+#[derive(Clone)]
+pub struct SerialInput(Arc<std::sync::Mutex<devices::legacy::Serial>>);
+
+impl SerialInput {
+    /// Queues what fits in the UART's receive FIFO; returns how much did.
+    pub fn send(&self, bytes: &[u8]) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(bytes)
+    }
+}
+
 fn spawn_stdin_reader(serial: Arc<std::sync::Mutex<devices::legacy::Serial>>) -> Result<()> {
     std::thread::Builder::new()
         .name("serial-stdin".into())

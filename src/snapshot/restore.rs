@@ -259,7 +259,10 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
     let runs = Rc::new(runs);
     let crcs = Rc::new(crcs);
     let gpas = Rc::new(gpas);
-    fn issue(ring: &mut Ring, st: &Rc<RefCell<Loads>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd) {
+    // FUSE and network filesystems: each read on its own io-wq worker (see
+    // save::blocks_inline), or they run one at a time.
+    let punt = super::save::blocks_inline(&file);
+    fn issue(ring: &mut Ring, st: &Rc<RefCell<Loads>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd, punt: bool) {
         loop {
             let Some(i) = st.borrow_mut().take_next(runs.len()) else { return };
             let (off, host, pages, _, _) = runs[i];
@@ -269,13 +272,18 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
             // parked; nothing else touches it until the load is done.
             let op = unsafe { Op::readv(fd, iov, off) };
             let (st2, runs2, crcs2, gpas2) = (st.clone(), runs.clone(), crcs.clone(), gpas.clone());
-            ring.submit(1, op, move |ring, c| {
+            let done = move |ring: &mut Ring, c: ring::Completion| {
                 st2.borrow_mut().finish(&runs2[i], c.result.map_err(|e| e.to_string()), &crcs2, &gpas2);
-                issue(ring, &st2, &runs2, &crcs2, &gpas2, fd);
-            });
+                issue(ring, &st2, &runs2, &crcs2, &gpas2, fd, punt);
+            };
+            if punt {
+                ring.submit_async(1, op, done);
+            } else {
+                ring.submit(1, op, done);
+            }
         }
     }
-    issue(&mut ring, &st, &runs, &crcs, &gpas, fd);
+    issue(&mut ring, &st, &runs, &crcs, &gpas, fd, punt);
     while ring.in_flight() > 0 {
         ring.run_once(true).map_err(|e| e.to_string())?;
         progress.store(st.borrow().bytes, std::sync::atomic::Ordering::Relaxed);

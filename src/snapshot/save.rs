@@ -115,7 +115,14 @@ fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Res
 /// network filesystems wait for their server): their writes go straight to
 /// the kernel's io_uring workers, so a stalled target never blocks the
 /// iothread (which must stay free to fail or cancel the snapshot).
-fn blocks_inline(f: &File) -> bool {
+/// The restore loader punts its reads there too: io_uring then gives each
+/// its own io-wq worker, so many are in flight at once (issued the normal
+/// way, reads on such a file run one at a time). Writes stay serialised
+/// whatever the flag: io-wq orders writes to one inode unless the
+/// filesystem declares parallel direct writes (ext4 and XFS do; FUSE and
+/// the kernel's NFS client do not), which is why `nfs://` is the fast way
+/// to an NFS server.
+pub(crate) fn blocks_inline(f: &File) -> bool {
     const FUSE: i64 = 0x6573_5546;
     const NFS: i64 = 0x6969;
     const SMB2: i64 = 0xFE53_4D42;
