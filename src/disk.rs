@@ -196,12 +196,14 @@ pub fn reflink(src: &str, dst: &str) -> std::result::Result<(), String> {
 /// of disks (disks without `iothread=` share one whose `queues` request
 /// queues are spread over all iothreads; `iothread=N` pins a disk's own
 /// controller to iothread N).
-pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u32) -> Result<Storage> {
+/// `poll`: each iothread's poll window (see ring::RingOptions::poll).
+pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u32, poll: std::time::Duration) -> Result<Storage> {
     let iothreads = iothreads.max(1);
     let mut threads = Vec::new();
     if !disks.is_empty() {
         for i in 0..iothreads {
-            let t = IoThread::spawn(&format!("iothread{i}"), 256).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
+            let opts = ring::RingOptions::new(256).restricted().polling(poll);
+            let t = IoThread::spawn_with(&format!("iothread{i}"), opts).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
             t.remote().send(|_| crate::seccomp::apply_or_exit(crate::seccomp::Role::IoThread)).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
             threads.push(t);
         }

@@ -26,6 +26,9 @@ pub enum SerialConfig {
     Writer(Box<dyn Write + Send>),
 }
 
+/// The disk iothreads' poll window when the host has CPUs to spare.
+pub const DEFAULT_IOTHREAD_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 pub struct VmConfig {
     pub cpus: u8,
     pub mem_size: u64,
@@ -36,6 +39,11 @@ pub struct VmConfig {
     pub thp: bool,
     pub disks: Vec<crate::disk::DiskSpec>,
     pub iothreads: usize,
+    /// How long a disk iothread polls for new requests and completions
+    /// before sleeping (QEMU's iothread poll-max-ns); zero: never; `None`:
+    /// [`DEFAULT_IOTHREAD_POLL`] if the host has a CPU for every vCPU and
+    /// iothread, else zero.
+    pub iothread_poll: Option<std::time::Duration>,
     /// Request queues per virtio-scsi controller (None: one per vCPU).
     pub scsi_queues: Option<u32>,
     /// Restore from this state file instead of booting.
@@ -190,7 +198,18 @@ impl Vm {
             None => None,
         };
         let queues = config.scsi_queues.unwrap_or(u32::from(config.cpus));
-        let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues)?;
+        let poll = config.iothread_poll.unwrap_or_else(|| {
+            let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if usize::from(config.cpus) + config.iothreads.max(1) <= host {
+                DEFAULT_IOTHREAD_POLL
+            } else {
+                std::time::Duration::ZERO
+            }
+        });
+        if !config.disks.is_empty() {
+            log::info!("iothread poll window: {} us", poll.as_micros());
+        }
+        let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues, poll)?;
         let entry = match &checked {
             None if !config.incoming_defer => boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?,
             // Placeholder: the vCPUs get their saved state before they run.

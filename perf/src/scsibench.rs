@@ -186,23 +186,30 @@ pub fn fio(file: &Path, job: Job, jobs: u32, secs: u64) -> Result<f64> {
     v["jobs"][0][side]["bw_bytes"].as_f64().context("bw_bytes")
 }
 
-/// The suite: one queue (QEMU brings up one vCPU of this guest, so only
-/// the 1-queue case compares), every job, the three systems in rotating
-/// order.
+/// The suite: every job with one request queue (ringvm, QEMU, host fio in
+/// rotating order), and the main ones again with two queues and two
+/// iothreads (ringvm vs fio with two jobs; QEMU brings up one vCPU of this
+/// guest -- it reads no MP table from SeaBIOS -- so it has no 2-queue row).
 pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     use crate::plot::{Panel, Series};
     use crate::report::{cell, ratio};
     let (size, secs) = if c.quick { (256u64 << 20, 1) } else { (2u64 << 30, 3) };
     let file = c.scratch()?.join("ring-bench.dat");
     let jobs = jobs(c.quick);
-    let mut systems = vec!["ringvm"];
-    if c.have_qemu {
-        systems.push("QEMU");
-    }
-    if c.have_fio {
-        systems.push("host fio");
-    }
-    r.begin("scsi", (jobs.len() * c.reps * systems.len()) as u64 + 1);
+    let mut runs: Vec<(u32, Job)> = jobs.iter().map(|j| (1, *j)).collect();
+    runs.extend(jobs.iter().filter(|j| j.qd == 1 || j.qd == 32 || j.bs > 4096).map(|j| (2, *j)));
+    let case = |q: u32, j: &Job| if q == 1 { j.name() } else { format!("{}, 2 queues", j.name()) };
+    let systems = |q: u32| {
+        let mut v = vec!["ringvm"];
+        if c.have_qemu && q == 1 {
+            v.push("QEMU");
+        }
+        if c.have_fio {
+            v.push("host fio");
+        }
+        v
+    };
+    r.begin("scsi", runs.iter().map(|(q, _)| c.reps * systems(*q).len()).sum::<usize>() as u64 + 1);
     r.step(format!("preparing {} MiB file", size >> 20));
     if c.have_fio {
         crate::ringbench::prepare_file(&file, size)?;
@@ -210,43 +217,46 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&file)?;
         f.set_len(size)?;
     }
-    for job in &jobs {
+    for (q, job) in &runs {
+        let name = case(*q, job);
+        let sys_list = systems(*q);
         for rep in 0..c.reps {
-            let mut order = systems.clone();
-            order.rotate_left(rep % systems.len());
+            let mut order = sys_list.clone();
+            order.rotate_left(rep % sys_list.len());
             for sys in order {
-                r.step(format!("{}: {sys}, repetition {}/{}", job.name(), rep + 1, c.reps));
+                r.step(format!("{name}: {sys}, repetition {}/{}", rep + 1, c.reps));
                 let bps = match sys {
-                    "ringvm" => ringvm(&c.bin, &c.guest, &file, *job, 1, secs)?,
-                    "QEMU" => match qemu(&c.guest, &file, *job, 1, secs) {
+                    "ringvm" => ringvm(&c.bin, &c.guest, &file, *job, *q, secs)?,
+                    "QEMU" => match qemu(&c.guest, &file, *job, *q, secs) {
                         Ok(v) => v,
                         Err(e) => {
-                            r.note(format!("QEMU {}: {e:#}", job.name()));
+                            r.note(format!("QEMU {name}: {e:#}"));
                             continue;
                         }
                     },
-                    _ => fio(&file, *job, 1, secs)?,
+                    _ => fio(&file, *job, *q, secs)?,
                 };
-                r.sample(&job.name(), sys, "throughput", "MB/s", bps / 1e6);
-                r.sample(&job.name(), sys, "iops", "IO/s", bps / job.bs as f64);
+                r.sample(&name, sys, "throughput", "MB/s", bps / 1e6);
+                r.sample(&name, sys, "iops", "IO/s", bps / job.bs as f64);
             }
         }
     }
     let mut rows = vec![];
-    for job in &jobs {
-        let n = job.name();
+    for (q, job) in &runs {
+        let n = case(*q, job);
         let s = |sys: &str| r.stat(&n, sys, "throughput");
         let (a, b, f) = (s("ringvm"), s("QEMU"), s("host fio"));
         let iops = r.stat(&n, "ringvm", "iops").map_or(String::new(), |s| format!("{:.0}", s.median));
-        rows.push(vec![n.clone(), cell(a, 1), iops, cell(b, 1), cell(f, 1), ratio(a, f), ratio(a, b)]);
-        if job.qd == 1 || job.qd == 32 || job.bs > 4096 {
+        let qemu = if *q == 1 { cell(b, 1) } else { "n/a (1 vCPU)".to_string() };
+        rows.push(vec![n.clone(), cell(a, 1), iops, qemu, cell(f, 1), ratio(a, f), ratio(a, b)]);
+        if *q == 1 && (job.qd == 1 || job.qd == 32 || job.bs > 4096) {
             r.headline(&format!("scsi: {n} vs host fio"), ("MB/s", a), ("fio MB/s", f), false);
             r.headline(&format!("scsi: {n} vs QEMU"), ("MB/s", a), ("QEMU MB/s", b), false);
         }
     }
     r.table(
         "scsi: virtio-scsi, the test guest's scsi-bench",
-        &format!("The guest's own polling virtio-scsi driver, 1 request queue, in ringvm (iothread, io_uring) and QEMU 10 (`virtio-scsi-pci,iothread=io0`, `aio=io_uring`, `cache=none`), and fio (io_uring, O_DIRECT) on the host, all on the same {} MiB file in {}; {secs} s runs.", size >> 20, file.display()),
+        &format!("The guest's own polling virtio-scsi driver in ringvm (one iothread per queue, io_uring) and QEMU 10 (`virtio-scsi-pci,iothread=io0`, `aio=io_uring`, `cache=none`), and fio (io_uring, O_DIRECT; one job per queue) on the host, all on the same {} MiB file in {}; {secs} s runs. The 2-queue rows run 2 vCPUs and 2 iothreads on this machine's 2 cores; QEMU gives this guest one vCPU (it reads no MP table from SeaBIOS), so it has no 2-queue rows.", size >> 20, file.display()),
         &["job", "ringvm MB/s", "ringvm IOPS", "QEMU MB/s", "host fio MB/s", "ringvm/fio", "ringvm/QEMU"],
         &rows,
     );

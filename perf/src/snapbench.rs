@@ -229,7 +229,6 @@ pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path) -> Resu
 pub fn fio_read_ms(file: &Path, bytes: u64, force_async: bool) -> Result<f64> {
     let run = |direct: u32| {
         Command::new("fio")
-            .arg(format!("--force_async={}", u32::from(force_async)))
             .args([
                 "--name=r",
                 "--ioengine=io_uring",
@@ -238,6 +237,8 @@ pub fn fio_read_ms(file: &Path, bytes: u64, force_async: bool) -> Result<f64> {
                 "--iodepth=32",
                 "--output-format=json",
             ])
+            // An io_uring engine option: after --ioengine.
+            .arg(format!("--force_async={}", u32::from(force_async)))
             .arg(format!("--direct={direct}"))
             .arg(format!("--filename={}", file.display()))
             .arg(format!("--size={}M", (bytes >> 20).max(1)))

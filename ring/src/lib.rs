@@ -38,7 +38,7 @@ mod token;
 
 use std::io;
 
-pub use ring::{Buf, Completion, Fd, Op, OpId, Ring, RingOptions, RingStats, SourceId, OPCODES, STREAM};
+pub use ring::{Buf, Completion, Fd, Op, OpId, Poller, Ring, RingOptions, RingStats, SourceId, OPCODES, STREAM};
 pub use thread::{IoThread, QuiesceWaiter, Remote};
 pub use token::{Kind, Token};
 

@@ -176,6 +176,33 @@ pub struct RingStats {
     pub max_backlog: usize,
     /// Linked groups resubmitted after a short transfer broke the link.
     pub relinked: u64,
+    /// Poll windows that found work (a completion or a poller's) before
+    /// the thread would have slept, and those that ran out.
+    pub poll_hits: u64,
+    pub poll_misses: u64,
+    /// Times polling paused because the thread kept being preempted (see
+    /// [`POLL_BACKOFF`]).
+    pub poll_backoffs: u64,
+}
+
+/// How long polling pauses once the thread was preempted in 4 of its last
+/// 16 poll windows: the CPUs are oversubscribed, and spinning would only
+/// take time from the threads (vCPUs) that produce the work.
+pub const POLL_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Polling only happens with at most this many operations in flight
+/// besides the standing multishot polls.
+pub const POLL_MAX_IN_FLIGHT: usize = 4;
+
+/// This thread's involuntary context switches so far.
+fn preemptions() -> i64 {
+    // SAFETY: rusage is plain data, zeroed is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return 0;
+    }
+    ru.ru_nivcsw
 }
 
 const FIXED_FILES: u32 = 64;
@@ -214,11 +241,21 @@ pub struct RingOptions {
     /// to these opcodes, the IO_LINK and FIXED_FILE flags and updates of
     /// registered files and buffers. `None`: unrestricted.
     pub allowed_opcodes: Option<Vec<u8>>,
+    /// Before sleeping, keep looking for completions and run the pollers
+    /// (see [`Ring::add_poller`]) for up to this long: work that arrives
+    /// within the window costs no sleep and wake-up. Zero: never.
+    pub poll: Duration,
 }
 
 impl RingOptions {
     pub fn new(entries: u32) -> RingOptions {
-        RingOptions { entries, wake_fd: None, allowed_opcodes: None }
+        RingOptions { entries, wake_fd: None, allowed_opcodes: None, poll: Duration::ZERO }
+    }
+
+    /// Sets the poll window (see [`RingOptions::poll`]).
+    pub fn polling(mut self, window: Duration) -> RingOptions {
+        self.poll = window;
+        self
     }
 
     /// Restricted to exactly the opcodes in [`OPCODES`].
@@ -243,7 +280,22 @@ pub struct Ring {
     wake_fd: Option<RawFd>,
     woken: bool,
     stats: RingStats,
+    poll: Duration,
+    /// Checks run while polling (a virtqueue's avail index, say).
+    pollers: Vec<(SourceId, Poller)>,
+    /// Set while the pollers run (they are taken out of `pollers`).
+    polling: bool,
+    /// Sources whose pollers were removed while the pollers ran.
+    unpolled: Vec<SourceId>,
+    /// Polling paused until then (see [`POLL_BACKOFF`]).
+    poll_paused_until: Option<Instant>,
+    /// One bit per recent poll window: was the thread preempted in it.
+    poll_preempted: u16,
 }
+
+/// A check an iothread runs while it polls instead of sleeping: it looks
+/// for new work (without blocking), does it, and says whether it found any.
+pub type Poller = Box<dyn FnMut(&mut Ring) -> bool>;
 
 fn check_opcodes(uring: &IoUring) -> Result<()> {
     let mut probe = Probe::new();
@@ -308,6 +360,12 @@ impl Ring {
             wake_fd,
             woken: false,
             stats: RingStats::default(),
+            poll: opts.poll,
+            pollers: Vec::new(),
+            polling: false,
+            unpolled: Vec::new(),
+            poll_paused_until: None,
+            poll_preempted: 0,
         };
         ring.arm_wake();
         Ok(ring)
@@ -622,11 +680,93 @@ impl Ring {
         }
     }
 
+    /// Adds a poller for `source`, run while this ring polls (only rings
+    /// with a poll window poll; see [`RingOptions::poll`]).
+    pub fn add_poller(&mut self, source: SourceId, p: impl FnMut(&mut Ring) -> bool + 'static) {
+        self.pollers.push((source, Box::new(p)));
+    }
+
+    /// Removes `source`'s pollers (also from inside a poller).
+    pub fn remove_pollers(&mut self, source: SourceId) {
+        self.pollers.retain(|(s, _)| *s != source);
+        if self.polling {
+            self.unpolled.push(source);
+        }
+    }
+
+    /// Runs every poller once; whether any found work.
+    fn run_pollers(&mut self) -> bool {
+        let mut ps = std::mem::take(&mut self.pollers);
+        self.polling = true;
+        let mut found = false;
+        for (source, p) in ps.iter_mut() {
+            if !self.unpolled.contains(source) {
+                found |= p(self);
+            }
+        }
+        self.polling = false;
+        let gone = std::mem::take(&mut self.unpolled);
+        ps.retain(|(s, _)| !gone.contains(s));
+        // Pollers added while these ran.
+        ps.append(&mut self.pollers);
+        self.pollers = ps;
+        found
+    }
+
+    /// Spins for up to the poll window, submitting what is queued and
+    /// letting the kernel post completions (with DEFER_TASKRUN it does so
+    /// only when asked), and running the pollers. True as soon as a
+    /// completion is ready or a poller did work.
+    fn poll_window(&mut self) -> bool {
+        let start = Instant::now();
+        if self.poll_paused_until.is_some_and(|t| start < t) {
+            return false;
+        }
+        self.poll_paused_until = None;
+        let deadline = start + self.poll;
+        let before = preemptions();
+        let found = loop {
+            let _ = self.uring.submit();
+            // SAFETY: io_uring_enter on our own ring with no submissions,
+            // no wait and no signal mask: it only runs deferred completion
+            // work (IORING_ENTER_GETEVENTS = 1).
+            let _ = unsafe { self.uring.submitter().enter::<libc::sigset_t>(0, 0, 1, None) };
+            if !self.uring.completion().is_empty() || self.run_pollers() {
+                self.stats.poll_hits += 1;
+                break true;
+            }
+            if Instant::now() >= deadline {
+                self.stats.poll_misses += 1;
+                break false;
+            }
+            std::hint::spin_loop();
+        };
+        // One preemption can be anyone's; several in the last 16 windows
+        // mean the CPUs are oversubscribed.
+        self.poll_preempted = (self.poll_preempted << 1) | u16::from(preemptions() > before);
+        if self.poll_preempted.count_ones() >= 4 {
+            self.stats.poll_backoffs += 1;
+            self.poll_preempted = 0;
+            self.poll_paused_until = Some(Instant::now() + POLL_BACKOFF);
+        }
+        found
+    }
+
     /// Submits what is queued, waits for at least one completion if `wait`
     /// and anything is in flight, and runs the handlers of what completed.
+    /// With a poll window and pollers, it polls for that long first.
     pub fn run_once(&mut self, wait: bool) -> Result<usize> {
         self.flush_backlog();
-        let want = usize::from(wait && self.in_kernel > 0);
+        let mut want = usize::from(wait && self.in_kernel > 0);
+        // Polling is for latency: with more than a few operations in flight
+        // beyond the standing ones (one multishot poll per poller, the
+        // wake-up poll), completions keep coming anyway and spinning would
+        // only take CPU from the vCPUs that produce the work.
+        let few = self.in_kernel <= self.pollers.len() + 1 + POLL_MAX_IN_FLIGHT;
+        if want > 0 && few && !self.poll.is_zero() && !self.pollers.is_empty() && self.poll_window() {
+            want = 0;
+            self.flush_backlog();
+        }
         match self.uring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}

@@ -518,3 +518,33 @@ fn restricted_ring_refuses_opcodes_outside_the_allowlist() {
     ring.submit(1, Op::write(fd, vec![1; 16], 0), |_, c| assert_eq!(c.result.unwrap(), 16));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
 }
+
+/// With a poll window, work a poller finds ends the wait at once (no sleep
+/// until the 5 s timeout in flight); a poller may remove itself; without
+/// pollers the ring sleeps as before.
+#[test]
+fn pollers_end_the_wait_and_can_remove_themselves() {
+    use ringvm_ring::RingOptions;
+    let mut ring = Ring::with_options(RingOptions::new(8).polling(Duration::from_millis(2))).unwrap();
+    let id = ring.submit(1, Op::Timeout { after: Duration::from_secs(5) }, |_, _| {});
+    let calls = Rc::new(RefCell::new(0u32));
+    let c = calls.clone();
+    ring.add_poller(7, move |ring| {
+        *c.borrow_mut() += 1;
+        if *c.borrow() == 3 {
+            ring.remove_pollers(7);
+            return true;
+        }
+        false
+    });
+    let t0 = Instant::now();
+    ring.run_once(true).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "the found work did not end the wait");
+    assert_eq!(*calls.borrow(), 3);
+    assert_eq!(ring.stats().poll_hits, 1);
+    // The poller is gone: the next wait runs it no more, and with no
+    // pollers left the ring sleeps until a completion (the cancel's).
+    ring.cancel(id);
+    ring.run_until(T, |r| r.in_flight() == 0).unwrap();
+    assert_eq!(*calls.borrow(), 3);
+}

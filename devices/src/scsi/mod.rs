@@ -441,7 +441,6 @@ fn write_same(lun: &Lun, cdb: &[u8], params: &[u8]) -> Action {
     }
     let sixteen = cdb[0] == op::WRITE_SAME_16;
     let (lba, n) = if sixteen { (be64(&cdb[2..10]), u64::from(be32(&cdb[10..14]))) } else { (u64::from(be32(&cdb[2..6])), u64::from(be16(&cdb[7..9]))) };
-    let unmap_bit = cdb[1] & 0x08 != 0;
     let ndob = sixteen && cdb[1] & 0x01 != 0;
     if cdb[1] & 0xe0 != 0 || n == 0 || n > MAX_WRITE_SAME_BLOCKS {
         return Action::check(Sense::INVALID_FIELD);
@@ -455,7 +454,9 @@ fn write_same(lun: &Lun, cdb: &[u8], params: &[u8]) -> Action {
     if !ndob && params.len() < bs {
         return Action::check(Sense::INVALID_FIELD);
     }
-    if zero && (unmap_bit || lun.discard) && lun.discard {
+    // Zeroes on a LUN that discards (reads back as zeroes, LBPRZ) become a
+    // discard whether or not the UNMAP bit (cdb[1] & 0x08) asked for one.
+    if zero && lun.discard {
         return Action::Discard { ranges: vec![(offset, len)] };
     }
     let block = if ndob { vec![0u8; bs] } else { params[..bs].to_vec() };

@@ -425,6 +425,20 @@ impl Worker {
             }
         });
         w.borrow_mut().poll = Some(poll);
+        // While the iothread polls (if it does: its poll window), new
+        // requests are picked up from the avail ring without waiting for
+        // the doorbell's wake-up.
+        let w3 = w.clone();
+        ring.add_poller(source, move |ring| {
+            let ready = {
+                let wk = w3.borrow();
+                !wk.stopped && !wk.broken && wk.s.queue.avail_idx(&wk.s.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.s.queue.next_avail())
+            };
+            if ready {
+                Worker::process(&w3, ring);
+            }
+            ready
+        });
         WORKERS.with(|m| m.borrow_mut().insert(source, w.clone()));
         // Requests queued before DRIVER_OK reached us.
         Worker::process(&w, ring);
@@ -440,6 +454,7 @@ impl Worker {
         if let Some(p) = poll {
             ring.cancel(p);
         }
+        ring.remove_pollers(source);
     }
 
     fn forget(source: SourceId) {
@@ -480,7 +495,7 @@ impl Worker {
                 }
                 let mut chains = Vec::new();
                 match wk.s.queue.iter(&mem) {
-                    Ok(it) => chains.extend(it.map(|c| c.clone())),
+                    Ok(it) => chains.extend(it),
                     Err(e) => {
                         wk.mark_broken(&format!("bad avail index: {e}"));
                         return;
