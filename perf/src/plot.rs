@@ -75,12 +75,22 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, log2_x: bool,
             .y_label_area_size(64)
             .build_cartesian_2d((x0 - pad)..(x1 + pad), 0f64..(y1 * 1.12).max(1e-9))
             .map_err(|e| anyhow!("{e}"))?;
-        let fmt_x = move |x: &f64| if log2_x { format!("{:.0}", 2f64.powf(*x)) } else { format!("{x:.3}").trim_end_matches('0').trim_end_matches('.').to_string() };
+        // On a log2 axis only whole powers of two get a label.
+        let fmt_x = move |x: &f64| {
+            if !log2_x {
+                format!("{x:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+            } else if (x - x.round()).abs() < 0.02 {
+                format!("{:.0}", 2f64.powf(x.round()))
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
             .x_desc(x_desc)
             .y_desc(y_desc)
             .x_label_formatter(&fmt_x)
+            .x_labels(if log2_x { 4 * ((x1 - x0).ceil() as usize + 1) } else { 10 })
             .y_label_formatter(&|y: &f64| if y.abs() >= 100.0 { format!("{y:.0}") } else { format!("{y:.1}") })
             .label_style(("sans-serif", 13))
             .draw()
