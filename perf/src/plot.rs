@@ -59,11 +59,14 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, log2_x: bool,
     for (area, panel) in root.split_evenly((1, panels.len())).iter().zip(panels) {
         let pts = panel.series.iter().flat_map(|s| s.points.iter());
         let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0f64);
-        for &(x, m, _, hi) in pts {
+        // The y range follows the medians (one wild repetition must not
+        // flatten the rest); error bars are cut at the top.
+        for &(x, m, _, _) in pts {
             x0 = x0.min(tx(x));
             x1 = x1.max(tx(x));
-            y1 = y1.max(m).max(hi);
+            y1 = y1.max(m);
         }
+        let top = (y1 * 1.5).max(1e-9);
         if x0 > x1 {
             continue;
         }
@@ -73,7 +76,7 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, log2_x: bool,
             .margin(12)
             .x_label_area_size(42)
             .y_label_area_size(64)
-            .build_cartesian_2d((x0 - pad)..(x1 + pad), 0f64..(y1 * 1.12).max(1e-9))
+            .build_cartesian_2d((x0 - pad)..(x1 + pad), 0f64..top)
             .map_err(|e| anyhow!("{e}"))?;
         // On a log2 axis only whole powers of two get a label.
         let fmt_x = move |x: &f64| {
@@ -108,7 +111,7 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, log2_x: bool,
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
             chart.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow!("{e}"))?;
             chart
-                .draw_series(s.points.iter().filter(|p| p.3 > p.2).map(|p| ErrorBar::new_vertical(tx(p.0), p.2, p.1, p.3, color.stroke_width(1), 8)))
+                .draw_series(s.points.iter().filter(|p| p.3 > p.2).map(|p| ErrorBar::new_vertical(tx(p.0), p.2.min(top), p.1, p.3.min(top), color.stroke_width(1), 8)))
                 .map_err(|e| anyhow!("{e}"))?;
         }
         chart
