@@ -62,8 +62,7 @@ fn completed_snapshot_survives_a_dropped_page_cache() {
     let dir = Scratch::new("rel-dropcache");
     let (p, mut q) = vm(&dir, "192M", "work=mem mib=96 secs=3 rate=50 beat=200", "ringvm-guest: beat 2");
     let file = dir.path("vm.state");
-    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&file, T);
     q.ok("savevm-end", json!({}));
     drop(q);
     assert_eq!(p.wait(T).code(), 0);
@@ -164,8 +163,7 @@ fn seccomp_filters_every_thread_role() {
     p.wait_for_output("fill done", T);
     let mut q = Qmp::negotiated(&sock);
     let file = dir.path("vm.state");
-    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&file, T);
     let mut seen = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
         let t = t.unwrap().path();
@@ -232,8 +230,7 @@ fn state_file_eio_fails_the_snapshot_cleanly() {
     let o = ringvm(&["state", "inspect", bad.to_str().unwrap()], T);
     assert_eq!(o.code(), 1, "{}", o.stdout);
     let good = dir.path("good.state");
-    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&good, T);
     assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
@@ -284,8 +281,7 @@ fn stalled_target_does_not_hold_the_vm_or_the_cancel() {
     assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
     q.ok("savevm-end", json!({}));
     let good = dir.path("good.state");
-    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&good, T);
     // Let the stuck requests go (they fail) before ringvm exits.
     fs.kill();
     q.ok("quit", json!({}));
@@ -414,8 +410,7 @@ fn statefile_dir_confines_qmp_paths() {
     }
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     let good = states.join("vm.state");
-    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&good, T);
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
     assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
@@ -447,8 +442,7 @@ fn state_file_truncated_or_deleted_under_the_snapshot() {
         q.ok("savevm-end", json!({}));
     }
     let good = dir.path("good.state");
-    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&good, T);
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
     assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
@@ -550,8 +544,7 @@ fn restore_read_eio_is_refused_cleanly() {
     std::fs::create_dir_all(dir.path("ro-back")).unwrap();
     let (p, mut q) = vm(&dir, "128M", "work=mem mib=64 secs=inf rate=10", "fill done");
     let file = dir.path("ro-back/vm.state");
-    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&file, T);
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
     // Header, record, state and metadata read fine; RAM reads fail.

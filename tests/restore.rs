@@ -78,8 +78,7 @@ fn chain_of_three_restores() {
         let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", work, "--qmp"]).arg(&sock));
         p.wait_for_output("ringvm-guest: beat 2", T);
         let mut q = Qmp::negotiated(&sock);
-        q.ok("savevm-start", json!({"statefile": prev.to_str().unwrap()}));
-        assert_eq!(q.wait_savevm(T)["status"], "completed");
+        q.savevm_completes(&prev, T);
         q.ok("quit", json!({}));
         assert_eq!(p.wait(T).code(), 0);
     }

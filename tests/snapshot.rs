@@ -109,8 +109,7 @@ fn second_start_refused_cancel_and_restart() {
     // A new snapshot can start and complete.
     let c = dir.path("c.state");
     q.ok("savevm-end", json!({}));
-    q.ok("savevm-start", json!({"statefile": c.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&c, T);
     assert_eq!(inspect(&c).code(), 0);
     // Bad arguments.
     assert!(q.cmd(json!({"execute": "savevm-start"}))["error"]["desc"].as_str().unwrap().contains("statefile"));
@@ -156,8 +155,7 @@ fn enospc_fails_cleanly_and_the_vm_keeps_running() {
     // The next snapshot, somewhere with room, succeeds.
     let good = dir.path("good.state");
     q.ok("savevm-end", json!({}));
-    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&good, T);
     assert_eq!(inspect(&good).code(), 0);
     let b = beats(&p);
     let t0 = Instant::now();
@@ -230,8 +228,7 @@ fn inspect_refuses_truncated_and_corrupt_files() {
     let dir = Scratch::new("snap-bad");
     let (p, mut q) = vm(&dir, "1", "64M", "work=mem mib=16 secs=inf rate=0");
     let file = dir.path("vm.state");
-    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.savevm_completes(&file, T);
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
     assert_eq!(inspect(&file).code(), 0);

@@ -80,11 +80,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.begin("boot", (c.reps * systems.len()) as u64);
     for rep in 0..c.reps {
-        let mut order = systems.clone();
-        if rep % 2 == 1 {
-            order.reverse();
-        }
-        for sys in order {
+        for sys in crate::interleaved(&systems, rep) {
             r.step(format!("{sys}, repetition {}/{}", rep + 1, c.reps));
             let (mem_cmd, hello_cmd) = if sys == "ringvm" {
                 (ringvm_cmd(&c.bin, &c.guest, mem, &work), ringvm_cmd(&c.bin, &c.guest, "256M", "work=hello"))

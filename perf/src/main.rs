@@ -112,6 +112,17 @@ fn scratch_dir(root: &Path) -> Result<PathBuf> {
     Ok(d)
 }
 
+/// The order in which `systems` take repetition `rep`: rotated by one
+/// each time (A B C, B C A, C A B, ...), so drift hits all of them alike.
+pub fn interleaved<T: Clone>(systems: &[T], rep: usize) -> Vec<T> {
+    let mut order = systems.to_vec();
+    if !order.is_empty() {
+        let n = order.len();
+        order.rotate_left(rep % n);
+    }
+    order
+}
+
 /// Whether `cmd --version` runs.
 pub fn have(cmd: &str) -> bool {
     Command::new(cmd).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
@@ -204,4 +215,17 @@ fn main() -> Result<()> {
         bail!("suite(s) failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn interleaving_rotates_the_systems() {
+        let s = ["a", "b", "c"];
+        assert_eq!(super::interleaved(&s, 0), ["a", "b", "c"]);
+        assert_eq!(super::interleaved(&s, 1), ["b", "c", "a"]);
+        assert_eq!(super::interleaved(&s, 4), ["b", "c", "a"]);
+        assert_eq!(super::interleaved(&["x", "y"], 1), ["y", "x"]);
+        assert!(super::interleaved::<&str>(&[], 3).is_empty());
+    }
 }

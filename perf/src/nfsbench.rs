@@ -229,9 +229,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let mbs = |bytes: f64, ms: f64| bytes / 1e6 / (ms / 1e3);
     for &mib in &sizes {
         for rep in 0..c.reps {
-            let mut order = targets.to_vec();
-            order.rotate_left(rep % targets.len());
-            for (tname, port) in order {
+            for (tname, port) in crate::interleaved(&targets, rep) {
                 r.step(format!("{tname} {mib} MiB, repetition {}/{}", rep + 1, c.reps));
                 let k = format!("{tname} {mib}MiB");
                 // Fresh names each time: ganesha caches what it served and

@@ -184,11 +184,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     for load in ["cpu", "disk"] {
         let d = (load == "disk").then_some(disk.as_path());
         for rep in 0..c.reps {
-            let mut order = systems.clone();
-            if rep % 2 == 1 {
-                order.reverse();
-            }
-            for sys in order {
+            for sys in crate::interleaved(&systems, rep) {
                 r.step(format!("{sys}, {load} load, repetition {}/{}", rep + 1, c.reps));
                 let sock = c.dir.join(format!("qmp-{sys}-{load}-{rep}.sock"));
                 let child = if sys == "ringvm" { spawn_ringvm(&c.bin, &c.guest, &sock, "2", d)? } else { spawn_qemu(&c.guest, &sock, "2", d)? };

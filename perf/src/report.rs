@@ -189,14 +189,20 @@ impl Report {
         if let Some(old) = self.pb.take() {
             old.finish_and_clear();
         }
-        if self.suite.as_ref().is_none_or(|s| s.0 != suite) {
-            self.suite = Some((suite.to_string(), Instant::now()));
-        }
+        self.enter(suite);
         let pb = ProgressBar::new(steps.max(1));
         pb.set_style(ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {elapsed_precise} {wide_msg}").unwrap().progress_chars("=> "));
         pb.set_prefix(suite.to_string());
         pb.enable_steady_tick(Duration::from_millis(250));
         self.pb = Some(pb);
+    }
+
+    /// Makes `suite` the current one (its clock starts unless it already
+    /// is current).
+    fn enter(&mut self, suite: &str) {
+        if self.suite.as_ref().is_none_or(|s| s.0 != suite) {
+            self.suite = Some((suite.to_string(), Instant::now()));
+        }
     }
 
     /// One measurement begins; the previous one is done.
@@ -230,9 +236,7 @@ impl Report {
     /// Ends (or replaces) the current suite as skipped, with the reason on
     /// the terminal and in the results.
     pub fn skip(&mut self, suite: &str, why: &str) {
-        if self.suite.as_ref().is_none_or(|s| s.0 != suite) {
-            self.suite = Some((suite.to_string(), Instant::now()));
-        }
+        self.enter(suite);
         self.print(&format!("\n## {suite}: SKIPPED -- {why}\n"));
         self.finish_suite("skipped", Some(why));
     }
@@ -249,9 +253,7 @@ impl Report {
     /// A suite that failed: recorded, and the run goes on with the next.
     pub fn fail(&mut self, suite: &str, err: &anyhow::Error) {
         self.print(&format!("\n## {suite}: FAILED -- {err:#}\n"));
-        if self.suite.as_ref().is_none_or(|s| s.0 != suite) {
-            self.suite = Some((suite.to_string(), Instant::now()));
-        }
+        self.enter(suite);
         self.finish_suite("failed", Some(&format!("{err:#}")));
     }
 

@@ -275,8 +275,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     prepare_file(&path, size)?;
     for job in JOBS {
         for rep in 0..c.reps {
-            let order: [&str; 2] = if rep % 2 == 0 { ["ringvm-ring", "fio"] } else { ["fio", "ringvm-ring"] };
-            for side in order {
+            for side in crate::interleaved(&["ringvm-ring", "fio"], rep) {
                 r.step(format!("{}: {side}, repetition {}/{}", job.name, rep + 1, c.reps));
                 let bps = if side == "fio" { run_fio(&path, size, *job, secs)? } else { run_ring(&path, size, *job, secs)? };
                 r.sample(job.name, side, "throughput", "MB/s", bps / 1e6);

@@ -221,9 +221,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         let name = case(*q, job);
         let sys_list = systems(*q);
         for rep in 0..c.reps {
-            let mut order = sys_list.clone();
-            order.rotate_left(rep % sys_list.len());
-            for sys in order {
+            for sys in crate::interleaved(&sys_list, rep) {
                 r.step(format!("{name}: {sys}, repetition {}/{}", rep + 1, c.reps));
                 let bps = match sys {
                     "ringvm" => ringvm(&c.bin, &c.guest, &file, *job, *q, secs)?,

@@ -543,6 +543,22 @@ fn rate_name(rate: u64) -> String {
 const MAPPED: &str = "QEMU mapped-ram";
 const PLAIN: &str = "QEMU migrate file:";
 
+/// The samples of one save, by ringvm or QEMU.
+fn record_save(r: &mut crate::report::Report, k: &str, sys: &str, res: &Result1) {
+    r.sample(k, sys, "save_ms", "ms", res.total_ms);
+    r.sample(k, sys, "save_mbs", "MB/s", res.bytes / 1e6 / (res.total_ms / 1e3));
+    r.sample(k, sys, "downtime_ms", "ms", res.downtime_ms);
+    r.sample(k, sys, "passes", "count", res.iterations as f64);
+    r.sample(k, sys, "written_mb", "MB", res.bytes / 1e6);
+    r.sample(k, sys, "file_mib", "MiB", res.file_mib);
+}
+
+/// The samples of one restore taking `ms` of a guest with `fill_bytes` in use.
+fn record_restore(r: &mut crate::report::Report, k: &str, sys: &str, ms: f64, fill_bytes: f64) {
+    r.sample(k, sys, "restore_ms", "ms", ms);
+    r.sample(k, sys, "restore_mbs", "MB/s", fill_bytes / 1e6 / (ms / 1e3));
+}
+
 /// One system's turn at one case: saves (and restores) and records samples.
 fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -> Result<()> {
     let k = key(case.target, case.mib, case.rate);
@@ -550,16 +566,10 @@ fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -
     if sys == "ringvm" {
         let file = case.dir.join("ringvm-perf.state");
         let res = ringvm(None, &c.bin, &c.guest, &c.dir, &file, case.mib, case.rate, 90)?;
-        r.sample(&k, sys, "save_ms", "ms", res.total_ms);
-        r.sample(&k, sys, "save_mbs", "MB/s", res.bytes / 1e6 / (res.total_ms / 1e3));
-        r.sample(&k, sys, "downtime_ms", "ms", res.downtime_ms);
-        r.sample(&k, sys, "passes", "count", res.iterations as f64);
-        r.sample(&k, sys, "written_mb", "MB", res.bytes / 1e6);
-        r.sample(&k, sys, "file_mib", "MiB", res.file_mib);
+        record_save(r, &k, sys, &res);
         if case.restore {
             let (ms, p99) = restore(None, &c.bin, &c.dir, &file)?;
-            r.sample(&k, sys, "restore_ms", "ms", ms);
-            r.sample(&k, sys, "restore_mbs", "MB/s", fill_bytes / 1e6 / (ms / 1e3));
+            record_restore(r, &k, sys, ms, fill_bytes);
             r.sample(&k, sys, "restore_qmp_p99_ms", "ms", p99);
             if c.have_fio {
                 let present = std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
@@ -591,18 +601,10 @@ fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -
     let file = case.dir.join("qemu-perf.state");
     match qemu(&c.guest, &c.dir, &file, case.mib, case.rate, mode) {
         Ok(q) => {
-            r.sample(&k, sys, "save_ms", "ms", q.total_ms);
-            r.sample(&k, sys, "save_mbs", "MB/s", q.bytes / 1e6 / (q.total_ms / 1e3));
-            r.sample(&k, sys, "downtime_ms", "ms", q.downtime_ms);
-            r.sample(&k, sys, "passes", "count", q.iterations as f64);
-            r.sample(&k, sys, "written_mb", "MB", q.bytes / 1e6);
-            r.sample(&k, sys, "file_mib", "MiB", q.file_mib);
+            record_save(r, &k, sys, &q);
             if case.restore {
                 match qemu_restore(&c.guest, &c.dir, &file, case.mib, mode) {
-                    Ok(ms) => {
-                        r.sample(&k, sys, "restore_ms", "ms", ms);
-                        r.sample(&k, sys, "restore_mbs", "MB/s", fill_bytes / 1e6 / (ms / 1e3));
-                    }
+                    Ok(ms) => record_restore(r, &k, sys, ms, fill_bytes),
                     Err(e) => r.note(format!("{} restore, {k}: {e:#}", mode.name())),
                 }
             }
@@ -659,9 +661,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let mut result = Ok(());
     'outer: for case in &cases {
         for rep in 0..c.reps {
-            let mut order = systems.clone();
-            order.rotate_left(rep % systems.len());
-            for sys in order {
+            for sys in crate::interleaved(&systems, rep) {
                 if case.target == FUSE && sys == PLAIN && rep > 0 {
                     continue;
                 }

@@ -713,7 +713,7 @@ impl Ring {
         found
     }
 
-    /// Spins for up to the poll window, submitting what is queued and
+    /// Spins for up to the poll window, having submitted what is queued,
     /// letting the kernel post completions (with DEFER_TASKRUN it does so
     /// only when asked), and running the pollers. True as soon as a
     /// completion is ready or a poller did work.
@@ -725,8 +725,10 @@ impl Ring {
         self.poll_paused_until = None;
         let deadline = start + self.poll;
         let before = preemptions();
+        // What is queued goes in once: nothing else is queued while
+        // spinning (a poller that queues work ends the window).
+        let _ = self.uring.submit();
         let found = loop {
-            let _ = self.uring.submit();
             // SAFETY: io_uring_enter on our own ring with no submissions,
             // no wait and no signal mask: it only runs deferred completion
             // work (IORING_ENTER_GETEVENTS = 1).

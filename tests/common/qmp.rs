@@ -129,4 +129,12 @@ impl Qmp {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+
+    /// Takes a snapshot to `file` and asserts it completes; its status.
+    pub fn savevm_completes(&mut self, file: &Path, deadline: Duration) -> Value {
+        self.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
+        let s = self.wait_savevm(deadline);
+        assert_eq!(s["status"], "completed", "snapshot to {}: {s}", file.display());
+        s
+    }
 }
