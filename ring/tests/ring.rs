@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ringvm_ring::{Completion, Fd, IoThread, Op, Ring};
+use ringvm_ring::{Completion, Fd, IoThread, Op, Ring, RingOptions};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -129,6 +129,60 @@ fn thousands_in_flight_with_backlog_and_verification() {
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(*bad.borrow(), 0);
     assert_eq!(ring.stats().stale, 0);
+}
+
+/// Streams of reads where each completion queues the stream's next read
+/// (the shape of a benchmark or a restore): with eager submission every
+/// follow-up goes to the kernel from inside its handler, and the data is
+/// the same as without.
+#[test]
+fn eager_submission_hands_follow_ups_to_the_kernel_at_once() {
+    const BLOCKS: usize = 512;
+    const STREAMS: usize = 8;
+    let file = tmpfile((BLOCKS * 4096) as u64);
+    for b in 0..BLOCKS {
+        file.write_all_at(&[(b % 253) as u8; 4096], (b * 4096) as u64).unwrap();
+    }
+    for eager in [false, true] {
+        let mut ring = Ring::with_options(RingOptions::new(16).eager(eager)).unwrap();
+        let fd = Fd::Raw(file.as_raw_fd());
+        let next = Rc::new(RefCell::new(0usize));
+        let bad = Rc::new(RefCell::new(0usize));
+        fn issue(ring: &mut Ring, fd: Fd, next: &Rc<RefCell<usize>>, bad: &Rc<RefCell<usize>>) {
+            let b = {
+                let mut n = next.borrow_mut();
+                if *n >= BLOCKS {
+                    return;
+                }
+                *n += 1;
+                *n - 1
+            };
+            let (next2, bad2) = (next.clone(), bad.clone());
+            ring.submit(1, Op::read(fd, vec![0; 4096], (b * 4096) as u64), move |ring, c| {
+                let buf = c.op.and_then(|o| match o {
+                    Op::Read { buf, .. } => buf.into_vec(),
+                    _ => None,
+                });
+                if c.result.ok() != Some(4096) || buf.unwrap().iter().any(|&x| x != (b % 253) as u8) {
+                    *bad2.borrow_mut() += 1;
+                }
+                issue(ring, fd, &next2, &bad2);
+            });
+        }
+        for _ in 0..STREAMS {
+            issue(&mut ring, fd, &next, &bad);
+        }
+        ring.run_until(T, |r| r.in_flight() == 0).unwrap();
+        assert_eq!(*next.borrow(), BLOCKS);
+        assert_eq!(*bad.borrow(), 0, "eager={eager}");
+        let st = ring.stats();
+        assert_eq!(st.completed, BLOCKS as u64);
+        if eager {
+            assert_eq!(st.eager_submits, BLOCKS as u64, "one io_uring_enter per queued read");
+        } else {
+            assert_eq!(st.eager_submits, 0);
+        }
+    }
 }
 
 #[test]
