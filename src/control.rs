@@ -640,6 +640,10 @@ impl Controller {
                 if self.save.iothread.is_none() {
                     return;
                 }
+                // The downtime starts as the vCPUs are asked to stop (as
+                // QEMU counts it from vm_stop): their way out of KVM_RUN
+                // and the disks' quiesce are part of the pause.
+                let pause_started = Instant::now();
                 if self.state == RunState::Running {
                     if let Err(e) = self.vm.vcpus().pause() {
                         self.cancel_snapshot(Some(format!("cannot pause the vCPUs: {e}")));
@@ -666,7 +670,7 @@ impl Controller {
                 }
                 self.save.resume_to = Some(self.state);
                 self.state = RunState::FinishMigrate;
-                self.save.pause_started = Some(Instant::now());
+                self.save.pause_started = Some(pause_started);
                 if let Some(io) = &self.save.iothread {
                     let _ = io.remote().send(save::final_phase);
                 }
