@@ -31,6 +31,17 @@
 //! `user_data` is `index | generation << 32 | kind << 56`: a stale or
 //! duplicate completion is detected and dropped, never misrouted. A slot is
 //! freed only when its final CQE is reaped, cancellation included.
+//!
+//! # Submission
+//!
+//! By default queued operations reach the kernel together, when the loop
+//! next enters it to wait (one `io_uring_enter` per batch). A ring built
+//! with [`RingOptions::eager`] hands each operation over as it is queued:
+//! a completion handler's follow-up (the next read of a stream) is in flight
+//! before the next completion is handled, which keeps a device's queue full
+//! at the price of a system call per operation. On this project's virtio
+//! test disk that is the difference between 0.88 and 1.04-1.12 of fio for
+//! 4 KiB random reads at depth 32 (`ringvm-perf ring`).
 
 mod ring;
 mod thread;
