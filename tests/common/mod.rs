@@ -187,12 +187,12 @@ impl Drop for Proc {
     }
 }
 
-/// Runs ringvm with `args` to completion within `timeout`.
 /// `out` up to its last newline (a guest may be mid-line).
 pub fn complete_lines(out: &str) -> &str {
     &out[..out.rfind('\n').map_or(0, |i| i + 1)]
 }
 
+/// Runs ringvm with `args` to completion within `timeout`.
 pub fn ringvm(args: &[&str], timeout: Duration) -> Output {
     Proc::spawn(Command::new(ringvm_bin()).args(args)).wait(timeout)
 }
