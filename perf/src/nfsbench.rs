@@ -239,7 +239,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
                     None => (local.join(format!("ringvm-perf-nfs-{}.state", std::process::id())), None),
                     Some(p) => (PathBuf::from(server.uri(&name, p)), Some(server.ns.as_str())),
                 };
-                let res = snapbench::ringvm(ns, &c.bin, &c.guest, &c.dir, &file, mib, 1, 90)?;
+                let res = snapbench::ringvm(ns, &c.bin, &c.guest, &c.dir, &file, mib, 1, snapbench::DENSE_PCT)?;
                 let on_disk = if port.is_some() { server.export.join(&name) } else { file.clone() };
                 let present = std::fs::metadata(&on_disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64;
                 r.sample(&k, "ringvm", "save_ms", "ms", res.total_ms);

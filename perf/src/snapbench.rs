@@ -537,18 +537,26 @@ struct Case {
     mib: u64,
     /// MiB/s; 1 is idle.
     rate: u64,
-    /// Percent of the guest's RAM its workload fills: 90 (dense) or
+    /// Percent of the guest's RAM its workload fills: [`DENSE_PCT`] or
     /// [`SPARSE_PCT`] (sparse: most pages zero, left out of the file).
     fill_pct: u64,
     /// Restore what was saved, and run the fio peers for the same bytes.
     restore: bool,
 }
 
+impl Case {
+    fn key(&self) -> String {
+        key(self.target, self.mib, self.rate, self.fill_pct)
+    }
+}
+
+/// The dense rows' fill: 90% of RAM in use.
+pub const DENSE_PCT: u64 = 90;
 /// The sparse rows' fill: a quarter of RAM in use.
 const SPARSE_PCT: u64 = 25;
 
 fn key(target: &str, mib: u64, rate: u64, fill_pct: u64) -> String {
-    if fill_pct == 90 {
+    if fill_pct == DENSE_PCT {
         format!("{target} {mib}MiB rate={rate}")
     } else {
         format!("{target} {mib}MiB rate={rate} fill={fill_pct}%")
@@ -584,7 +592,7 @@ fn record_restore(r: &mut crate::report::Report, k: &str, sys: &str, ms: f64, fi
 
 /// One system's turn at one case: saves (and restores) and records samples.
 fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -> Result<()> {
-    let k = key(case.target, case.mib, case.rate, case.fill_pct);
+    let k = case.key();
     let fill_bytes = (case.mib * case.fill_pct / 100) as f64 * (1 << 20) as f64;
     if sys == "ringvm" {
         let file = case.dir.join("ringvm-perf.state");
@@ -672,17 +680,17 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let mid = sizes.iter().copied().filter(|&m| m <= 4096).max().unwrap_or(sizes[0]);
     for (t, d) in [(LOCAL, &local), (SHM, &shm)] {
         for &mib in &sizes {
-            cases.push(Case { target: t, dir: d.clone(), mib, rate: 1, fill_pct: 90, restore: true });
+            cases.push(Case { target: t, dir: d.clone(), mib, rate: 1, fill_pct: DENSE_PCT, restore: true });
         }
         // Sparse: a quarter of a mid-sized guest in use; the rest is zero
         // pages, which no system writes or reads back.
         cases.push(Case { target: t, dir: d.clone(), mib: mid, rate: 1, fill_pct: SPARSE_PCT, restore: true });
     }
     if let Some(f) = &fuse {
-        cases.push(Case { target: FUSE, dir: f.mnt.clone(), mib: fuse_mib, rate: 1, fill_pct: 90, restore: true });
+        cases.push(Case { target: FUSE, dir: f.mnt.clone(), mib: fuse_mib, rate: 1, fill_pct: DENSE_PCT, restore: true });
     }
     for &rate in &rates {
-        cases.push(Case { target: LOCAL, dir: local.clone(), mib: small, rate, fill_pct: 90, restore: false });
+        cases.push(Case { target: LOCAL, dir: local.clone(), mib: small, rate, fill_pct: DENSE_PCT, restore: false });
     }
     let mut systems = vec!["ringvm"];
     if c.have_qemu {
@@ -698,7 +706,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
                 }
                 r.step(format!("{} {} MiB {}: {sys}, repetition {}/{}", case.target, case.mib, rate_name(case.rate), rep + 1, c.reps));
                 if let Err(e) = turn(c, r, case, sys) {
-                    result = Err(e.context(format!("ringvm, {}", key(case.target, case.mib, case.rate, case.fill_pct))));
+                    result = Err(e.context(format!("ringvm, {}", case.key())));
                     break 'outer;
                 }
             }
@@ -709,12 +717,12 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     result?;
 
     let gib = |mib: u64| format!("{} GiB", mib as f64 / 1024.0);
-    let guest = |c: &Case| if c.fill_pct == 90 { gib(c.mib) } else { format!("{}, {}% used", gib(c.mib), c.fill_pct) };
+    let guest = |c: &Case| if c.fill_pct == DENSE_PCT { gib(c.mib) } else { format!("{}, {}% used", gib(c.mib), c.fill_pct) };
     let mut save_rows = vec![];
     let mut down_rows = vec![];
     let mut restore_rows = vec![];
     for case in &cases {
-        let k = key(case.target, case.mib, case.rate, case.fill_pct);
+        let k = case.key();
         let s = |sys: &str, m: &str| r.stat(&k, sys, m);
         let (ours, mapped, plain) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"));
         save_rows.push(vec![
@@ -784,7 +792,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     // Plots: throughput vs guest size, downtime vs dirty rate.
     let vs_size = |r: &crate::report::Report, target: &str, sys: &str, m: &str| Series {
         name: sys.to_string(),
-        points: sizes.iter().filter_map(|&mib| r.stat(&key(target, mib, 1, 90), sys, m).map(|s| (mib as f64 / 1024.0, s.median, s.min, s.max))).collect(),
+        points: sizes.iter().filter_map(|&mib| r.stat(&key(target, mib, 1, DENSE_PCT), sys, m).map(|s| (mib as f64 / 1024.0, s.median, s.min, s.max))).collect(),
     };
     let panels = |r: &crate::report::Report, peer: &str, ours: &str, fio_m: &str| {
         [LOCAL, SHM].iter().map(|t| Panel { title: t.to_string(), series: vec![vs_size(r, t, "ringvm", ours), vs_size(r, t, MAPPED, ours), vs_size(r, t, PLAIN, ours), Series { name: peer.into(), ..vs_size(r, t, "fio", fio_m) }] }).collect::<Vec<_>>()
@@ -796,25 +804,25 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let all_rates: Vec<u64> = std::iter::once(1).chain(rates.iter().copied()).collect();
     let vs_rate = |r: &crate::report::Report, sys: &str, m: &str| Series {
         name: sys.to_string(),
-        points: all_rates.iter().filter_map(|&rate| r.stat(&key(LOCAL, small, rate, 90), sys, m).map(|s| (if rate <= 1 { 0.0 } else { rate as f64 }, s.median, s.min, s.max))).collect(),
+        points: all_rates.iter().filter_map(|&rate| r.stat(&key(LOCAL, small, rate, DENSE_PCT), sys, m).map(|s| (if rate <= 1 { 0.0 } else { rate as f64 }, s.median, s.min, s.max))).collect(),
     };
     let p = ["downtime_ms", "save_ms"].iter().map(|m| Panel { title: format!("{} ({} MiB guest, local disk)", if *m == "downtime_ms" { "downtime" } else { "total time" }, small), series: vec![vs_rate(r, "ringvm", m), vs_rate(r, MAPPED, m), vs_rate(r, PLAIN, m)] }).collect();
     r.plot("downtime-vs-dirty-rate.png", "live snapshot: downtime and total time vs guest dirty rate", "dirty MiB/s (0 = idle)", "ms", false, p);
 
     // Headlines.
     let big = *sizes.iter().max().unwrap_or(&small);
-    let mut at_cases = vec![(LOCAL, small, 90)];
+    let mut at_cases = vec![(LOCAL, small, DENSE_PCT)];
     if big != small {
-        at_cases.push((LOCAL, big, 90));
+        at_cases.push((LOCAL, big, DENSE_PCT));
     }
-    at_cases.extend([(LOCAL, mid, SPARSE_PCT), (SHM, small, 90), (FUSE, fuse_mib, 90)]);
+    at_cases.extend([(LOCAL, mid, SPARSE_PCT), (SHM, small, DENSE_PCT), (FUSE, fuse_mib, DENSE_PCT)]);
     for (target, mib, fill) in at_cases {
         let k = key(target, mib, 1, fill);
         let s = |sys: &str, m: &str| r.stat(&k, sys, m);
         let (save, fio_w, sync_w, fio_r) = (s("ringvm", "save_mbs"), s("fio", "write_mbs"), s("sync writer", "write_mbs"), s("fio", "read_ms"));
         let fio_pre = s("fio preallocated", "write_mbs");
         let (t, tm, tp, rs, rm, rp) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"), s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
-        let at = if fill == 90 { format!("{target}, {}", gib(mib)) } else { format!("{target}, {}, {fill}% used", gib(mib)) };
+        let at = if fill == DENSE_PCT { format!("{target}, {}", gib(mib)) } else { format!("{target}, {}, {fill}% used", gib(mib)) };
         r.headline(&format!("save MB/s vs fio QD32 (new file), {at}"), ("MB/s", save), ("fio MB/s", fio_w), false);
         r.headline(&format!("save MB/s vs fio QD32 into a preallocated file, {at}"), ("MB/s", save), ("fio MB/s", fio_pre), false);
         if target == FUSE {
@@ -827,7 +835,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         r.headline(&format!("restore time vs QEMU migrate file:, {at}"), ("ms", rs), ("QEMU ms", rp), true);
     }
     if let Some(&top) = rates.iter().max() {
-        let k = key(LOCAL, small, top, 90);
+        let k = key(LOCAL, small, top, DENSE_PCT);
         let (a, b) = (r.stat(&k, "ringvm", "downtime_ms"), r.stat(&k, MAPPED, "downtime_ms"));
         r.headline(&format!("downtime at {top} MiB/s dirty vs QEMU mapped-ram, local disk, {}", gib(small)), ("ms", a), ("QEMU ms", b), true);
     }
