@@ -142,7 +142,10 @@ fn enospc_fails_cleanly_and_the_vm_keeps_running() {
         }
     }
     let _u = Unmount(path);
-    let (p, mut q) = vm(&dir, "1", "256M", "work=mem mib=64 secs=inf rate=50 beat=100");
+    let (mut p, mut q) = vm(&dir, "1", "256M", "work=mem mib=64 secs=inf rate=50 beat=100");
+    // 64 MiB of non-zero pages must exist before the snapshot starts, or it fits in
+    // 16 MiB (a slow machine ran the snapshot while the fill was at 19 MB).
+    p.wait_for_output("fill done", T);
     let file = small.join("vm.state");
     q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
     let s = q.wait_savevm(T);
