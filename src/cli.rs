@@ -121,6 +121,13 @@ pub struct RunArgs {
     /// VM name (reported by query-name).
     #[arg(long)]
     pub name: Option<String>,
+    /// How a restore (--loadstate, migrate-incoming) brings guest RAM in:
+    /// `read` (io_uring reads into guest RAM), `map` (guest RAM becomes a
+    /// private copy-on-write mapping of the file, which must then stay
+    /// unchanged while the VM runs), `auto` (map from tmpfs/ramfs, read
+    /// otherwise).
+    #[arg(long, value_enum, default_value_t)]
+    pub restore_ram: crate::snapshot::restore::RamMode,
     #[command(flatten)]
     pub machine: MachineArgs,
 }

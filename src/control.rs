@@ -69,6 +69,8 @@ pub struct ControlOptions {
     /// When set, state files named over QMP must be regular files (or new
     /// names) directly inside this directory, never symlinks, never nfs://.
     pub statefile_dir: Option<PathBuf>,
+    /// How a restore brings guest RAM in (`--restore-ram`).
+    pub restore_ram: crate::snapshot::restore::RamMode,
 }
 
 /// Figures the control loop records for whoever started it.
@@ -117,6 +119,7 @@ pub struct Controller {
     state: RunState,
     name: Option<String>,
     statefile_dir: Option<PathBuf>,
+    restore_ram: crate::snapshot::restore::RamMode,
     vm_event: Rc<Cell<bool>>,
     signal: Rc<Cell<Option<i32>>>,
     /// Set when the VM is finishing; the loop flushes clients, then ends.
@@ -253,6 +256,7 @@ impl Controller {
             state: if incoming { RunState::InMigrate } else if opts.paused { RunState::Prelaunch } else { RunState::Running },
             name: opts.name,
             statefile_dir: opts.statefile_dir.clone(),
+            restore_ram: opts.restore_ram,
             vm_event,
             signal,
             finishing: None,
@@ -273,7 +277,7 @@ impl Controller {
         let total = crate::snapshot::restore::present_bytes(&checked);
         let events = self.vm.events().clone();
         let shown = path.display().to_string();
-        crate::snapshot::restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.incoming.progress.clone(), move |r| {
+        crate::snapshot::restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.restore_ram, self.incoming.progress.clone(), move |r| {
             events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
         })
         .map_err(|e| format!("state file {}: {e}", path.display()))?;

@@ -102,7 +102,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     ringvm::control::block_term_signals()?;
     ringvm::seccomp::set_mode(args.machine.seccomp);
     let vm = Vm::build(config)?;
-    let opts = ControlOptions { qmp: args.qmp, paused: args.paused, name: args.name, incoming: args.incoming.is_some(), stats: None, statefile_dir: args.statefile_dir };
+    let opts = ControlOptions { qmp: args.qmp, paused: args.paused, name: args.name, incoming: args.incoming.is_some(), stats: None, statefile_dir: args.statefile_dir, restore_ram: args.restore_ram };
     let outcome = Controller::new(vm, opts)?.run()?;
     Ok(outcome.exit_code())
 }

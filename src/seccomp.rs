@@ -200,6 +200,9 @@ fn syscalls(role: Role) -> (Vec<i64>, &'static [u64]) {
         Role::Snapshot => {
             v.extend(RING);
             v.extend(FILES_AND_NET);
+            // A state file that backs guest RAM (a mapped restore) is
+            // replaced, not truncated.
+            v.extend([libc::SYS_unlink, libc::SYS_unlinkat]);
             &[KVM_IOCTL, TTY_SOCK_IOCTL]
         }
         Role::Loader => {

@@ -62,6 +62,20 @@ fn restore_two_vcpus_verifies() {
     }
 }
 
+/// Starts `ringvm ARGS --qmp SOCK` and waits (with a deadline) until the
+/// restore is done and the guest runs.
+fn restored_running(sock: &Path, args: &[&str]) -> (Proc, Qmp) {
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(args).arg("--qmp").arg(sock));
+    let mut q = Qmp::negotiated(sock);
+    let t0 = std::time::Instant::now();
+    while q.ok("query-status", json!({}))["status"] == "inmigrate" {
+        assert!(t0.elapsed() < T, "restore never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    (p, q)
+}
+
 /// Restore, run, snapshot again, three times over.
 #[test]
 fn chain_of_three_restores() {
@@ -86,14 +100,7 @@ fn chain_of_three_restores() {
         let next = dir.path(&format!("s{gen}.state"));
         let sock = dir.path("qmp.sock");
         let _ = std::fs::remove_file(&sock);
-        let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", prev.to_str().unwrap(), "--qmp"]).arg(&sock));
-        let mut q = Qmp::negotiated(&sock);
-        let t0 = std::time::Instant::now();
-        while q.ok("query-status", json!({}))["status"] == "inmigrate" {
-            assert!(t0.elapsed() < T, "restore never finished");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+        let (mut p, mut q) = restored_running(&sock, &["run", "--loadstate", prev.to_str().unwrap()]);
         // It makes progress after the restore: two more heartbeats.
         p.wait_for_output("ringvm-guest: beat", T);
         let n = p.stdout().matches("ringvm-guest: beat").count();
@@ -111,6 +118,43 @@ fn chain_of_three_restores() {
     // a guest that reads serial: instead, check the file is whole.
     let o = ringvm(&["state", "inspect", prev.to_str().unwrap()], T);
     assert_eq!(o.code(), 0, "{}", o.stdout);
+}
+
+/// `--restore-ram map` (the default for tmpfs): guest RAM becomes a
+/// private mapping of the file. The guest carries on and verifies every
+/// page; a snapshot to that same file while the VM runs writes a new file
+/// in its place (a new inode: truncating the old one would take the
+/// guest's pages away) and the guest is not disturbed; the new file
+/// restores too.
+#[test]
+fn mapped_restore_verifies_and_saves_over_its_own_file() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_kvm("mapped_restore_verifies_and_saves_over_its_own_file") {
+        return;
+    }
+    let dir = Scratch::new("restore-map");
+    let g = guest_elf(&dir);
+    let file = dir.path("vm.state");
+    let work = "work=mem mib=96 secs=6 rate=50 beat=200";
+    let o = run_and_snapshot(&dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "192M", "--cmdline", work], &file, "ringvm-guest: beat 2");
+    assert_eq!(o.code(), 0, "{}", o.stdout);
+    let ino = std::fs::metadata(&file).unwrap().ino();
+    let sock = dir.path("qmp.sock");
+    let _ = std::fs::remove_file(&sock);
+    let (p, mut q) = restored_running(&sock, &["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", "map"]);
+    q.savevm_completes(&file, T);
+    q.ok("savevm-end", json!({}));
+    drop(q);
+    let r = p.wait(T);
+    assert_eq!(r.code(), 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("ringvm-guest: start"), "the restored guest rebooted:\n{}", r.stdout);
+    assert!(r.stdout.contains("verify pages=24576 bad=0"), "{}", r.stdout);
+    assert_ne!(std::fs::metadata(&file).unwrap().ino(), ino, "the mapped file was rewritten in place");
+    for mode in ["map", "read"] {
+        let r = ringvm(&["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", mode], T);
+        assert_eq!(r.code(), 0, "{mode}: stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("verify pages=24576 bad=0"), "{mode}: {}", r.stdout);
+    }
 }
 
 #[test]
@@ -151,6 +195,7 @@ fn bad_state_files_are_one_line_errors() {
     let mut v = good.clone();
     v[(1 << 20) + (16 << 20) + 12345] ^= 1;
     check(&v, &[], "fails its checksum");
+    check(&v, &["--restore-ram", "map"], "fails its checksum");
     // The state section corrupted.
     let mut v = good.clone();
     let hlen = u32::from_le_bytes(v[12..16].try_into().unwrap()) as usize;

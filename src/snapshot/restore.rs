@@ -3,17 +3,28 @@
 //! reads in flight), checking each page's checksum as it lands. It holds no
 //! lock anyone else needs; vCPU and machine state are applied afterwards,
 //! with the vCPUs parked.
+//!
+//! A state file on a memory filesystem (tmpfs, ramfs: `/dev/shm`) is
+//! already in RAM. There the default ([`RamMode::Auto`]) maps each region
+//! of the file over guest RAM, private and copy-on-write (Firecracker's way
+//! of restoring from a memory file): no page is copied or allocated until
+//! the guest writes it, and the checksums are checked through the mapping
+//! by two threads. The file must then stay as it is while the VM runs
+//! (truncating it would take the guest's memory away); ringvm's own saves
+//! to that path replace the file instead of truncating it.
 
 use std::cell::RefCell;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ring::{Fd, Op, Ring};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::format::{Checked, PAGE};
 
@@ -24,6 +35,46 @@ pub struct LoadStats {
     pub bytes: u64,
     pub elapsed: Duration,
     pub direct: bool,
+    /// Guest RAM is a private mapping of the file ([`RamMode::Map`]).
+    pub mapped: bool,
+}
+
+/// How the loader brings guest RAM in (`--restore-ram`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RamMode {
+    /// `map` for a file on a memory filesystem (tmpfs, ramfs), `read`
+    /// otherwise.
+    #[default]
+    Auto,
+    /// io_uring reads into guest RAM, O_DIRECT where the filesystem takes
+    /// it: the file is not needed once the VM runs.
+    Read,
+    /// Guest RAM becomes a private, copy-on-write mapping of the file: no
+    /// copy, pages are allocated only as the guest writes them. The file
+    /// must not be truncated or rewritten while the VM runs. Not for
+    /// `nfs://`.
+    Map,
+}
+
+/// Files whose pages back guest RAM after a mapped restore, as (device,
+/// inode). One VM per process, so this is the VM's list.
+static BACKING: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+/// Whether `meta` is a file that backs guest RAM: a snapshot to it must
+/// replace it (a new inode), never truncate it.
+pub fn backs_ram(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    BACKING.lock().map(|b| b.contains(&(meta.dev(), meta.ino()))).unwrap_or(false)
+}
+
+/// tmpfs and ramfs: the file's pages are memory already.
+fn on_memory_fs(f: &File) -> bool {
+    const TMPFS: i64 = 0x0102_1994;
+    const RAMFS: i64 = 0x8584_58f6;
+    // SAFETY: fstatfs fills a local struct for an open fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) == 0 && [TMPFS, RAMFS].contains(&(st.f_type as i64)) }
 }
 
 /// Plans the reads: runs of present pages.
@@ -82,10 +133,21 @@ pub fn spawn_loader(
     path: &Path,
     checked: &Checked,
     mem: &GuestMemoryMmap,
-    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    mode: RamMode,
+    progress: Arc<AtomicU64>,
     done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
 ) -> Result<(), String> {
     let (runs, crcs, gpas) = plan(checked, mem)?;
+    let nfs = path.to_str().is_some_and(crate::nfs::is_uri);
+    if mode == RamMode::Map && nfs {
+        return Err("--restore-ram map needs a local file, not nfs://".into());
+    }
+    if !nfs && mode != RamMode::Read {
+        let file = File::open(path).map_err(|e| format!("open: {e}"))?;
+        if mode == RamMode::Map || on_memory_fs(&file) {
+            return spawn_mapped(file, checked, mem, runs, crcs, gpas, progress, done);
+        }
+    }
     // Fault the destination pages in on a second thread, ahead of the
     // reads: a page the loader already filled is left as it is, so this
     // only moves the cost of first touch off the I/O path.
@@ -114,6 +176,203 @@ pub fn spawn_loader(
 }
 
 type Run = (u64, usize, u64, usize, u64);
+
+/// Checks every page of a run that is in guest RAM against its checksum.
+fn verify(run: &Run, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {
+    let &(_, host, pages, ri, first) = run;
+    for k in 0..pages {
+        // SAFETY: guest RAM inside the run, which nothing writes while the
+        // load is in progress (vCPUs parked).
+        let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
+        if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
+            return Err(format!("page at gpa {:#x} fails its checksum", gpas[ri] + (first + k) * PAGE));
+        }
+    }
+    Ok(())
+}
+
+/// Threads that check a mapped file's checksums.
+const MAP_VERIFIERS: usize = 2;
+/// Runs a verifier takes at a time (16 MiB of dense RAM).
+const MAP_CHUNK: usize = 16;
+
+/// Maps every region of `file` over guest RAM (private, copy-on-write),
+/// then checks every present page's checksum on [`MAP_VERIFIERS`] threads;
+/// the last one to finish calls `done`. Absent pages must read as zero:
+/// a page the file still holds data for (written by an earlier pass,
+/// then zero) is cleared in guest RAM.
+#[allow(clippy::too_many_arguments)]
+fn spawn_mapped(
+    file: File,
+    checked: &Checked,
+    mem: &GuestMemoryMmap,
+    runs: Vec<Run>,
+    crcs: Vec<Vec<u32>>,
+    gpas: Vec<u64>,
+    progress: Arc<AtomicU64>,
+    done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let spans: Vec<(u64, u64, u64)> = checked.header.regions.iter().map(|r| (r.gpa, r.pages() * PAGE, r.offset)).collect();
+    map_regions(&file, &spans, mem)?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata().map_err(|e| e.to_string())?;
+        if let Ok(mut b) = BACKING.lock() {
+            b.push((m.dev(), m.ino()));
+        }
+    }
+    let regions: Vec<(u64, u64, u64, Vec<bool>)> = checked
+        .header
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(ri, r)| (r.gpa, r.offset, r.pages(), (0..r.pages()).map(|p| checked.present(ri, p)).collect()))
+        .collect();
+    type Done = Box<dyn FnOnce(Result<LoadStats, String>) + Send>;
+    struct Shared {
+        runs: Vec<Run>,
+        crcs: Vec<Vec<u32>>,
+        gpas: Vec<u64>,
+        next: AtomicUsize,
+        stop: AtomicBool,
+        err: Mutex<Option<String>>,
+        left: AtomicUsize,
+        done: Mutex<Option<Done>>,
+    }
+    let sh = Arc::new(Shared {
+        runs,
+        crcs,
+        gpas,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        err: Mutex::new(None),
+        left: AtomicUsize::new(MAP_VERIFIERS),
+        done: Mutex::new(Some(Box::new(done))),
+    });
+    let fail = |sh: &Shared, e: String| {
+        sh.stop.store(true, Ordering::Relaxed);
+        if let Ok(mut g) = sh.err.lock() {
+            g.get_or_insert(e);
+        }
+    };
+    let mem = mem.clone();
+    for k in 0..MAP_VERIFIERS {
+        let (sh, progress, mem, file) = (sh.clone(), progress.clone(), mem.clone(), file.try_clone().map_err(|e| e.to_string())?);
+        let regions = if k == 0 { regions.clone() } else { Vec::new() };
+        let name = if k == 0 { "ringvm-loader".to_string() } else { format!("ringvm-verify{k}") };
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Role::Loader);
+                background_priority();
+                if let Err(e) = clear_stale(&file, &mem, &regions) {
+                    fail(&sh, e);
+                }
+                while !sh.stop.load(Ordering::Relaxed) {
+                    let i = sh.next.fetch_add(MAP_CHUNK, Ordering::Relaxed);
+                    if i >= sh.runs.len() {
+                        break;
+                    }
+                    for run in &sh.runs[i..(i + MAP_CHUNK).min(sh.runs.len())] {
+                        if let Err(e) = verify(run, &sh.crcs, &sh.gpas) {
+                            fail(&sh, e);
+                            break;
+                        }
+                        progress.fetch_add(run.2 * PAGE, Ordering::Relaxed);
+                    }
+                }
+                if sh.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let r = match sh.err.lock().ok().and_then(|mut g| g.take()) {
+                        Some(e) => Err(e),
+                        None => Ok(LoadStats { bytes: progress.load(Ordering::Relaxed), elapsed: t0.elapsed(), direct: false, mapped: true }),
+                    };
+                    if let Some(done) = sh.done.lock().ok().and_then(|mut g| g.take()) {
+                        done(r);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Maps each region of the file at its place in guest RAM. On failure the
+/// regions get fresh anonymous memory back (the load has failed; the VM
+/// will not run).
+/// `regions`: (gpa, bytes, file offset) each.
+fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) -> Result<(), String> {
+    let len = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
+    let mut spans = Vec::new();
+    for &(gpa, size, offset) in regions {
+        let end = offset.checked_add(size).unwrap_or(u64::MAX);
+        if offset % PAGE != 0 || size % PAGE != 0 || end > len {
+            return Err(format!("the RAM region at gpa {gpa:#x} (file bytes {offset:#x}..{end:#x}) lies outside the file ({len} bytes): truncated"));
+        }
+        // One host mapping must hold the whole region.
+        let slice = mem.get_slice(GuestAddress(gpa), size as usize).map_err(|e| format!("guest memory at {gpa:#x}: {e}"))?;
+        spans.push((slice.ptr_guard_mut().as_ptr() as usize, size as usize, offset));
+    }
+    for (i, &(host, size, off)) in spans.iter().enumerate() {
+        // SAFETY: `host..host+size` is guest RAM owned by `mem` (within one
+        // of its regions, checked above) of a VM whose vCPUs are parked and
+        // whose devices have nothing in flight (the guest has not run).
+        // MAP_FIXED swaps the pages under the same addresses, so every
+        // pointer and KVM memory slot into them stays valid.
+        let p = unsafe {
+            libc::mmap(host as *mut libc::c_void, size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE, file.as_raw_fd(), off as libc::off_t)
+        };
+        if p == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            for &(h, s, _) in &spans[..=i] {
+                // SAFETY: as above; anonymous zero memory again.
+                unsafe {
+                    libc::mmap(h as *mut libc::c_void, s, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE, -1, 0)
+                };
+            }
+            return Err(format!("mmap of the RAM region at gpa {:#x}: {e}", regions[i].0));
+        }
+    }
+    Ok(())
+}
+
+/// Absent pages read as zero. The file has holes there, except where a
+/// page was written by one pass and found zero by a later one: those are
+/// cleared in guest RAM (a private copy). Only the file's data extents
+/// (SEEK_DATA) are looked at, so holes are never faulted in.
+fn clear_stale(file: &File, mem: &GuestMemoryMmap, regions: &[(u64, u64, u64, Vec<bool>)]) -> Result<(), String> {
+    let fd = file.as_raw_fd();
+    let zero = [0u8; PAGE as usize];
+    for (gpa, offset, pages, present) in regions {
+        let end = offset + pages * PAGE;
+        let mut at = *offset;
+        while at < end {
+            // SAFETY: lseek on an fd we own.
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 || data as u64 >= end {
+                break; // ENXIO: no data past `at`
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let (first, last) = ((data as u64 - offset) / PAGE, (hole - offset).div_ceil(PAGE));
+            for p in first..last {
+                if present[p as usize] {
+                    continue;
+                }
+                let addr = GuestAddress(gpa + p * PAGE);
+                let slice = mem.get_slice(addr, PAGE as usize).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
+                // SAFETY: one page of guest RAM (vCPUs parked), only read.
+                let page = unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr() as *const u8, PAGE as usize) };
+                if !super::save::is_zero(page) {
+                    mem.write_slice(&zero, addr).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
+                }
+            }
+            at = hole.max(at + PAGE);
+        }
+    }
+    Ok(())
+}
 
 /// A loader's progress over its list of reads (files and NFS alike).
 #[derive(Default)]
@@ -152,33 +411,26 @@ impl Loads {
     fn stats(&self, t0: Instant, direct: bool) -> Result<LoadStats, String> {
         match &self.err {
             Some(e) => Err(e.clone()),
-            None => Ok(LoadStats { bytes: self.bytes, elapsed: t0.elapsed(), direct }),
+            None => Ok(LoadStats { bytes: self.bytes, elapsed: t0.elapsed(), direct, mapped: false }),
         }
     }
 }
 
 /// Checks a run that was read: whole, and every page's checksum.
 fn landed(run: &Run, r: Result<usize, String>, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {
-    let &(off, host, pages, ri, first) = run;
+    let &(off, _, pages, _, _) = run;
     let len = (pages * PAGE) as usize;
     match r {
         Ok(n) if n == len => {}
         Ok(n) => return Err(format!("short read at file offset {off:#x} ({n} of {len} bytes): the file is truncated")),
         Err(e) => return Err(format!("read at file offset {off:#x}: {e}")),
     }
-    for k in 0..pages {
-        // SAFETY: inside the run just read, which nothing else touches.
-        let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
-        if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
-            return Err(format!("page at gpa {:#x} fails its checksum", gpas[ri] + (first + k) * PAGE));
-        }
-    }
-    Ok(())
+    verify(run, crcs, gpas)
 }
 
 /// Loads from `nfs://`: many READs in flight on one connection, driven by
 /// this thread's ring; each reply is copied into guest memory as it lands.
-fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {
+fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, String> {
     let t0 = Instant::now();
     let n = crate::nfs::Nfs::open(uri, false)?;
     // One READ per run, no larger than the server's rsize.
@@ -236,7 +488,7 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
         }
         crate::nfs::Conn::kick(&conn, &mut ring, 1, &handler);
         ring.run_once(true).map_err(|e| e.to_string())?;
-        progress.store(st.borrow().bytes, std::sync::atomic::Ordering::Relaxed);
+        progress.store(st.borrow().bytes, Ordering::Relaxed);
     }
     crate::nfs::Conn::close(&conn, &mut ring);
     ring.run_until(Duration::from_secs(1), |r| r.in_flight() == 0).ok();
@@ -244,7 +496,7 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
     stats
 }
 
-fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &std::sync::atomic::AtomicU64) -> Result<LoadStats, String> {
+fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, String> {
     if let Some(uri) = path.to_str().filter(|p| crate::nfs::is_uri(p)) {
         return nfs_loader(uri, runs, crcs, gpas, progress);
     }
@@ -286,8 +538,66 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
     issue(&mut ring, &st, &runs, &crcs, &gpas, fd, punt);
     while ring.in_flight() > 0 {
         ring.run_once(true).map_err(|e| e.to_string())?;
-        progress.store(st.borrow().bytes, std::sync::atomic::Ordering::Relaxed);
+        progress.store(st.borrow().bytes, Ordering::Relaxed);
     }
     let stats = st.borrow().stats(t0, direct);
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::{clear_stale, map_regions, PAGE};
+
+    /// A file mapped over guest RAM: present pages show the file's bytes,
+    /// holes and stale absent pages read as zero, and guest writes stay
+    /// private (the file is unchanged).
+    #[test]
+    fn mapped_regions_read_the_file_and_clear_stale_pages() {
+        let dir = std::env::temp_dir().join(format!("ringvm-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram.state");
+        let pages = 64u64;
+        let off = 2 * PAGE; // a header page ahead of the region, as in the format
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(off + pages * PAGE).unwrap();
+        // Pages 3 and 10 carry data and are present; page 20 carries stale
+        // data but is absent; the rest are holes.
+        for (p, b) in [(3u64, 0xa5u8), (10, 0x5a), (20, 0x77)] {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![b; PAGE as usize], off + p * PAGE).unwrap();
+        }
+        f.flush().unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let gpa = 0x10_0000u64;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(gpa), (pages * PAGE) as usize)]).unwrap();
+        mem.write_slice(&[0xee; 16], GuestAddress(gpa + 5 * PAGE)).unwrap(); // replaced by the mapping
+        map_regions(&f, &[(gpa, pages * PAGE, off)], &mem).unwrap();
+        let present: Vec<bool> = (0..pages).map(|p| p == 3 || p == 10).collect();
+        clear_stale(&f, &mem, &[(gpa, off, pages, present)]).unwrap();
+        let page = |p: u64| {
+            let mut v = vec![0u8; PAGE as usize];
+            mem.read_slice(&mut v, GuestAddress(gpa + p * PAGE)).unwrap();
+            v
+        };
+        assert!(page(3).iter().all(|&b| b == 0xa5));
+        assert!(page(10).iter().all(|&b| b == 0x5a));
+        for p in [0, 5, 20, 63] {
+            assert!(page(p).iter().all(|&b| b == 0), "page {p}");
+        }
+        // Copy-on-write: the guest's writes never reach the file.
+        mem.write_slice(&[1, 2, 3], GuestAddress(gpa + 3 * PAGE)).unwrap();
+        assert_eq!(&page(3)[..4], &[1, 2, 3, 0xa5]);
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, off + 3 * PAGE).unwrap();
+        assert_eq!(b, [0xa5; 4]);
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, off + 20 * PAGE).unwrap();
+        assert_eq!(b, [0x77; 4]);
+        // A region reaching past the end of the file is refused.
+        let e = map_regions(&f, &[(gpa, pages * PAGE, off + PAGE)], &mem).unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -140,6 +140,14 @@ pub(crate) fn blocks_inline(f: &File) -> bool {
 
 fn open(path: &str, nofollow: bool) -> std::io::Result<(File, File, bool)> {
     let nf = if nofollow { libc::O_NOFOLLOW } else { 0 };
+    // The file this VM's RAM was restored from by mapping it: truncating
+    // it would take the guest's pages away. A new file takes its name;
+    // the mapping keeps the old one.
+    let existing = if nofollow { std::fs::symlink_metadata(path) } else { std::fs::metadata(path) };
+    if existing.is_ok_and(|m| super::restore::backs_ram(&m)) {
+        log::info!("{path}: guest RAM is mapped from this file; writing a new file in its place");
+        std::fs::remove_file(path)?;
+    }
     let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).custom_flags(nf).open(path)?;
     match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | nf).open(path) {
         Ok(d) => Ok((d, buffered, true)),
@@ -570,7 +578,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
 /// here, against 2 GB/s for a byte-at-a-time `all()`; a sparse guest's
 /// zero pages would otherwise cost the snapshot half a second of CPU per
 /// GiB.
-fn is_zero(page: &[u8]) -> bool {
+pub(super) fn is_zero(page: &[u8]) -> bool {
     page.chunks(128).all(|block| {
         let words = block.chunks_exact(8);
         let rest = words.remainder();
