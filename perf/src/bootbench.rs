@@ -80,6 +80,9 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.begin("boot", (c.reps * systems.len()) as u64);
     for rep in 0..c.reps {
+        if crate::stopping() {
+            break;
+        }
         for sys in crate::interleaved(&systems, rep) {
             r.step(format!("{sys}, repetition {}/{}", rep + 1, c.reps));
             let (mem_cmd, hello_cmd) = if sys == "ringvm" {

@@ -35,13 +35,18 @@ struct Cli {
     #[arg(long)]
     reps: Option<usize>,
     /// Guest sizes in MiB for the snapshot suite's size sweep
-    /// (default 1024,2048,4096; 256 with --quick), e.g. `--sizes 1024,4096`.
+    /// (default 1024,4096,8192; 256 with --quick), e.g. `--sizes 1024,4096`.
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<u64>>,
     /// Dirty rates in MiB/s for the downtime sweep (default 100,250,500;
     /// 100 with --quick).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<u64>>,
+    /// The snapshot suite's targets (default all): `local` (the local disk,
+    /// with the dirty-rate sweep), `shm` (/dev/shm), `fuse` (the NFS
+    /// stand-in), e.g. `--targets shm`.
+    #[arg(long, value_delimiter = ',', value_parser = ["local", "shm", "fuse"])]
+    targets: Option<Vec<String>>,
     /// Do not install the peers (fio, QEMU 10, fonts, nfs-ganesha) or build
     /// ringvm first; suites whose peer is missing are reported as skipped.
     #[arg(long)]
@@ -94,6 +99,8 @@ pub struct Ctx {
     pub reps: usize,
     pub sizes: Option<Vec<u64>>,
     pub rates: Option<Vec<u64>>,
+    /// The snapshot suite's targets; `None` is all of them.
+    pub targets: Option<Vec<String>>,
     pub have_qemu: bool,
     pub have_fio: bool,
 }
@@ -114,6 +121,32 @@ fn scratch_dir(root: &Path) -> Result<PathBuf> {
 
 /// The order in which `systems` take repetition `rep`: rotated by one
 /// each time (A B C, B C A, C A B, ...), so drift hits all of them alike.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT or SIGTERM arrived: the step under way finishes, the others are
+/// skipped, and what was measured is written out (tables, JSON, plots).
+/// A second signal ends the harness at once.
+pub fn stopping() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn catch_stop_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe);
+        // SA_RESETHAND makes a second signal take the default action.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 pub fn interleaved<T: Clone>(systems: &[T], rep: usize) -> Vec<T> {
     let mut order = systems.to_vec();
     if !order.is_empty() {
@@ -165,6 +198,7 @@ fn run_suite(w: Which, c: &Ctx, r: &mut Report) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    catch_stop_signals();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
     if !cli.no_install {
         prepare(&root)?;
@@ -192,6 +226,7 @@ fn main() -> Result<()> {
         reps,
         sizes: cli.sizes,
         rates: cli.rates,
+        targets: cli.targets,
         have_qemu: have_qemu10(),
         have_fio: have("fio"),
     };
@@ -204,6 +239,10 @@ fn main() -> Result<()> {
     }
     let suites = if cli.suite == Which::All { vec![Which::Boot, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs] } else { vec![cli.suite] };
     for w in suites {
+        if stopping() {
+            r.log(&format!("stopped by a signal: suite {} not run", w.name()));
+            continue;
+        }
         if let Err(e) = run_suite(w, &c, &mut r) {
             r.fail(w.name(), &e);
         }

@@ -229,6 +229,9 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let mbs = |bytes: f64, ms: f64| bytes / 1e6 / (ms / 1e3);
     for &mib in &sizes {
         for rep in 0..c.reps {
+            if crate::stopping() {
+                break;
+            }
             for (tname, port) in crate::interleaved(&targets, rep) {
                 r.step(format!("{tname} {mib} MiB, repetition {}/{}", rep + 1, c.reps));
                 let k = format!("{tname} {mib}MiB");
@@ -244,7 +247,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
                 let present = std::fs::metadata(&on_disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64;
                 r.sample(&k, "ringvm", "save_ms", "ms", res.total_ms);
                 r.sample(&k, "ringvm", "save_mbs", "MB/s", mbs(res.bytes, res.total_ms));
-                let (ms, _) = snapbench::restore(ns, &c.bin, &c.dir, &file)?;
+                let (ms, _) = snapbench::restore(ns, &c.bin, &c.dir, &file, &[])?;
                 r.sample(&k, "ringvm", "restore_ms", "ms", ms);
                 r.sample(&k, "ringvm", "restore_mbs", "MB/s", mbs(present, ms));
                 let _ = std::fs::remove_file(&on_disk);

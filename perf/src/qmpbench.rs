@@ -184,6 +184,9 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     for load in ["cpu", "disk"] {
         let d = (load == "disk").then_some(disk.as_path());
         for rep in 0..c.reps {
+            if crate::stopping() {
+                break;
+            }
             for sys in crate::interleaved(&systems, rep) {
                 r.step(format!("{sys}, {load} load, repetition {}/{}", rep + 1, c.reps));
                 let sock = c.dir.join(format!("qmp-{sys}-{load}-{rep}.sock"));

@@ -284,6 +284,9 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     prepare_file(&path, size)?;
     for job in JOBS {
         for rep in 0..c.reps {
+            if crate::stopping() {
+                break;
+            }
             for side in crate::interleaved(&["ringvm-ring", "fio"], rep) {
                 r.step(format!("{}: {side}, repetition {}/{}", job.name, rep + 1, c.reps));
                 let bps = if side == "fio" { run_fio(&path, size, *job, secs)? } else { run_ring(&path, size, *job, secs)? };

@@ -221,6 +221,9 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         let name = case(*q, job);
         let sys_list = systems(*q);
         for rep in 0..c.reps {
+            if crate::stopping() {
+                break;
+            }
             for sys in crate::interleaved(&sys_list, rep) {
                 r.step(format!("{name}: {sys}, repetition {}/{}", rep + 1, c.reps));
                 let bps = match sys {

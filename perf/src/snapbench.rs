@@ -182,13 +182,15 @@ pub fn ringvm(
 /// Restores `file` with -S and measures the time until the VM is paused
 /// with all state applied (QMP query-status leaves inmigrate); also the
 /// p99 of back-to-back query-status latencies during the load.
-pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
+/// `extra`: more `ringvm run` arguments (e.g. `--restore-ram read`).
+pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: &[&str]) -> Result<(f64, f64)> {
     let sock = dir.join("restore.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
     let child = command(netns, bin)
         .args(["run", "-S", "--serial", "off", "--loadstate"])
         .arg(file)
+        .args(extra)
         .arg("--qmp")
         .arg(&sock)
         .stdin(Stdio::null())
@@ -590,6 +592,63 @@ fn record_restore(r: &mut crate::report::Report, k: &str, sys: &str, ms: f64, fi
     r.sample(k, sys, "restore_mbs", "MB/s", fill_bytes / 1e6 / (ms / 1e3));
 }
 
+/// Every restore starts from the disk: the state file is flushed and its
+/// pages dropped from the page cache first (a buffered writer's file, such
+/// as QEMU's plain stream, would otherwise be read back from memory while
+/// an O_DIRECT writer's is read from the disk). Memory filesystems keep
+/// their pages (that is where they live).
+fn uncache(file: &Path) {
+    if let Ok(f) = std::fs::File::open(file) {
+        let _ = f.sync_all();
+        // SAFETY: advice on an fd we own, over the whole file.
+        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
+/// ringvm restoring with `--restore-ram read` (the /dev/shm rows).
+const READ: &str = "ringvm read";
+
+/// On a memory target, guest-sized memory held while fio writes, as a
+/// VMM's guest RAM is held while it writes its state file.
+///
+/// This host returns free memory to its hypervisor (virtio-balloon free
+/// page reporting, a fraction of the free lists every 2 s), so what a
+/// tmpfs write costs depends on what the machine did just before: fio
+/// writing 3.6 GiB to /dev/shm ran at 1380 MB/s right after a 4 GiB VM
+/// exited and at 388 MB/s 15 s later; waiting a fixed time before fio did
+/// not make it repeatable. A VMM's state file always comes after its
+/// guest has taken its RAM, the recently freed (fast) memory first; the
+/// hog does the same before fio's timed writes.
+struct Hog(*mut libc::c_void, usize);
+
+impl Hog {
+    fn take(case: &Case) -> Option<Hog> {
+        if case.target != SHM {
+            return None;
+        }
+        let len = (case.mib as usize) << 20;
+        // SAFETY: a new private anonymous mapping, ours alone.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just made (huge pages, as guest
+        // RAM has; then every page allocated, as a filled guest's is).
+        unsafe {
+            libc::madvise(p, len, libc::MADV_HUGEPAGE);
+            libc::madvise(p, len, libc::MADV_POPULATE_WRITE);
+        }
+        Some(Hog(p, len))
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what take() mapped.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
 /// One system's turn at one case: saves (and restores) and records samples.
 fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -> Result<()> {
     let k = case.key();
@@ -599,9 +658,15 @@ fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -
         let res = ringvm(None, &c.bin, &c.guest, &c.dir, &file, case.mib, case.rate, case.fill_pct)?;
         record_save(r, &k, sys, &res);
         if case.restore {
-            let (ms, p99) = restore(None, &c.bin, &c.dir, &file)?;
+            uncache(&file);
+            let (ms, p99) = restore(None, &c.bin, &c.dir, &file, &[])?;
             record_restore(r, &k, sys, ms, fill_bytes);
             r.sample(&k, sys, "restore_qmp_p99_ms", "ms", p99);
+            if case.target == SHM {
+                // The default there maps the file; the copy, for comparison.
+                let (ms, _) = restore(None, &c.bin, &c.dir, &file, &["--restore-ram", "read"])?;
+                record_restore(r, &k, READ, ms, fill_bytes);
+            }
             if c.have_fio {
                 let present = std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
                 match fio_read_ms(&file, present, case.target == FUSE) {
@@ -615,6 +680,7 @@ fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -
         }
         let _ = std::fs::remove_file(&file);
         if c.have_fio {
+            let _hog = Hog::take(case);
             match fio_write(&case.dir, res.bytes as u64, 32, case.target == FUSE, false) {
                 Ok(v) => r.sample(&k, "fio", "write_mbs", "MB/s", v),
                 Err(e) => r.note(format!("fio write on {}: {e:#}", case.target)),
@@ -638,6 +704,7 @@ fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -
         Ok(q) => {
             record_save(r, &k, sys, &q);
             if case.restore {
+                uncache(&file);
                 match qemu_restore(&c.guest, &c.dir, &file, case.mib, mode) {
                     Ok(ms) => record_restore(r, &k, sys, ms, fill_bytes),
                     Err(e) => r.note(format!("{} restore, {k}: {e:#}", mode.name())),
@@ -669,16 +736,24 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let shm = std::path::PathBuf::from(format!("/dev/shm/ringvm-perf-{}", std::process::id()));
     std::fs::create_dir_all(&shm)?;
     r.begin("snapshot", 1);
-    let fuse = match Fuse::mount(&c.faultfs, &scratch.join("fuse-back"), &scratch.join("fuse-mnt"), delay_us) {
+    let want = |t: &str| c.targets.as_ref().is_none_or(|v| v.iter().any(|x| x == t));
+    let fuse = if !want("fuse") {
+        None
+    } else {
+        match Fuse::mount(&c.faultfs, &scratch.join("fuse-back"), &scratch.join("fuse-mnt"), delay_us) {
         Ok(f) => Some(f),
         Err(e) => {
             r.note(format!("NFS stand-in target skipped: {e:#}"));
             None
         }
+    }
     };
     let mut cases = vec![];
     let mid = sizes.iter().copied().filter(|&m| m <= 4096).max().unwrap_or(sizes[0]);
     for (t, d) in [(LOCAL, &local), (SHM, &shm)] {
+        if !want(if t == LOCAL { "local" } else { "shm" }) {
+            continue;
+        }
         for &mib in &sizes {
             cases.push(Case { target: t, dir: d.clone(), mib, rate: 1, fill_pct: DENSE_PCT, restore: true });
         }
@@ -689,7 +764,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     if let Some(f) = &fuse {
         cases.push(Case { target: FUSE, dir: f.mnt.clone(), mib: fuse_mib, rate: 1, fill_pct: DENSE_PCT, restore: true });
     }
-    for &rate in &rates {
+    for &rate in rates.iter().filter(|_| want("local")) {
         cases.push(Case { target: LOCAL, dir: local.clone(), mib: small, rate, fill_pct: DENSE_PCT, restore: false });
     }
     let mut systems = vec!["ringvm"];
@@ -700,6 +775,10 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let mut result = Ok(());
     'outer: for case in &cases {
         for rep in 0..c.reps {
+            if crate::stopping() {
+                r.note(format!("stopped by a signal at {} (repetition {}): the rest was not run", case.key(), rep + 1));
+                break 'outer;
+            }
             for sys in crate::interleaved(&systems, rep) {
                 if case.target == FUSE && sys == PLAIN && rep > 0 {
                     continue;
@@ -758,6 +837,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
                 case.target.into(),
                 guest(case),
                 cell(ours, 0),
+                if case.target == SHM { cell(s(READ, "restore_ms"), 0) } else { "-".into() },
                 cell(s("ringvm", "restore_mbs"), 0),
                 cell(s("ringvm", "restore_qmp_p99_ms"), 2),
                 cell(s("fio", "read_ms"), 0),
@@ -772,7 +852,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let fuse_note = format!("The NFS stand-in is ringvm-faultfs, a FUSE passthrough to the local disk that answers every read and write {delay_us} us late (requests overlap, as on a network); it is not NFS: it shows what latency does to a deep queue and to a synchronous writer. It has no write-back cache, so a buffered writer's small writes each pay the delay where an NFS client would gather them: QEMU's plain `migrate file:` stream crawls there (about 5 MB/s) and is measured once, not per repetition. On FUSE (as on the kernel's NFS client) io_uring runs writes to one file one at a time (io-wq orders writes per inode unless the filesystem declares parallel direct writes), so ringvm's deep queue cannot hide write latency there; reads overlap when each is punted to its own worker (IOSQE_ASYNC), which ringvm's loader and fio (`--force_async=1` on this target) do.");
     r.table(
         "snapshot: live save",
-        &format!("The test guest, 1 vCPU (QEMU brings up one of this guest's vCPUs), 90% of RAM filled (sparse rows: 25%), then rewritten at the given rate. ringvm: `savevm-start` until `query-savevm` says completed. QEMU 10: `migrate file:` with no bandwidth cap and a 5 ms downtime target, plain and with mapped-ram + multifd (4 channels) + direct-io. fio writes the same number of bytes (1 MiB, io_uring QD32, O_DIRECT where taken, fsync) to a new file right after ringvm (`--fallocate=none`: blocks, or tmpfs pages, are allocated as the writes land, as for a state file); 'fio preallocated' is fio's default, which allocates the whole file before its clock starts and so times an overwrite (the idle rows only); the sync writer is fio psync (one 1 MiB write at a time, new file). 'ringvm/QEMU' is a ratio of total times (below 1: ringvm faster). {fuse_note}"),
+        &format!("The test guest, 1 vCPU (QEMU brings up one of this guest's vCPUs), 90% of RAM filled (sparse rows: 25%), then rewritten at the given rate. ringvm: `savevm-start` until `query-savevm` says completed. QEMU 10: `migrate file:` with no bandwidth cap and a 5 ms downtime target, plain and with mapped-ram + multifd (4 channels) + direct-io. fio writes the same number of bytes (1 MiB, io_uring QD32, O_DIRECT where taken, fsync) to a new file after ringvm (`--fallocate=none`: blocks, or tmpfs pages, are allocated as the writes land, as for a state file); on /dev/shm the harness first takes and holds guest-sized memory, as a VMM's guest holds its RAM while the state file is written (this host hands free memory back to its hypervisor a little at a time, and memory freed moments ago is up to 3.5x faster to take again: without this, fio wrote into what the VM had just freed); 'fio preallocated' is fio's default, which allocates the whole file before its clock starts and so times an overwrite (the idle rows only); the sync writer is fio psync (one 1 MiB write at a time, new file). 'ringvm/QEMU' is a ratio of total times (below 1: ringvm faster). {fuse_note}"),
         &["target", "guest", "dirty MiB/s", "ringvm ms", "ringvm MB/s", "fio QD32 MB/s", "ringvm/fio", "fio preallocated MB/s", "sync writer MB/s", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
         &save_rows,
     );
@@ -784,8 +864,8 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     );
     r.table(
         "snapshot: restore",
-        "ringvm: `ringvm run -S --loadstate FILE`, process start until QMP says `paused` (RAM loaded and checked, all state applied); `query-status` every millisecond during the load (p99 of their round trips). QEMU: `-S -incoming defer` + `migrate-incoming file:` of its own file, process start until `completed` (`query-migrate` every millisecond). MB/s = guest RAM in use / time. fio reads the state file's allocated bytes (1 MiB, QD32, O_DIRECT where taken).",
-        &["target", "guest", "ringvm ms", "ringvm MB/s", "p99 query-status ms", "fio read ms", "ringvm/fio", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
+        "ringvm: `ringvm run -S --loadstate FILE`, process start until QMP says `paused` (RAM loaded and checked, all state applied). On /dev/shm its default maps the file over guest RAM (private, copy-on-write; every page's checksum checked through the mapping); 'ringvm read' is `--restore-ram read` there, the io_uring copy into fresh guest RAM that is the default elsewhere. `query-status` every millisecond during the load (p99 of their round trips). QEMU: `-S -incoming defer` + `migrate-incoming file:` of its own file, process start until `completed` (`query-migrate` every millisecond). Before every restore the state file is flushed and dropped from the page cache (posix_fadvise DONTNEED), so each system reads it from the disk: without that, QEMU's plain stream (written through the page cache) was read back from memory while ringvm's (written O_DIRECT) came from the disk. MB/s = guest RAM in use / time. fio reads the state file's allocated bytes (1 MiB, QD32, O_DIRECT where taken).",
+        &["target", "guest", "ringvm ms", "ringvm read ms", "ringvm MB/s", "p99 query-status ms", "fio read ms", "ringvm/fio", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
         &restore_rows,
     );
 
@@ -821,6 +901,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         let s = |sys: &str, m: &str| r.stat(&k, sys, m);
         let (save, fio_w, sync_w, fio_r) = (s("ringvm", "save_mbs"), s("fio", "write_mbs"), s("sync writer", "write_mbs"), s("fio", "read_ms"));
         let fio_pre = s("fio preallocated", "write_mbs");
+        let rread = s(READ, "restore_ms");
         let (t, tm, tp, rs, rm, rp) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"), s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
         let at = if fill == DENSE_PCT { format!("{target}, {}", gib(mib)) } else { format!("{target}, {}, {fill}% used", gib(mib)) };
         r.headline(&format!("save MB/s vs fio QD32 (new file), {at}"), ("MB/s", save), ("fio MB/s", fio_w), false);
@@ -831,6 +912,9 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         r.headline(&format!("save time vs QEMU mapped-ram, {at}"), ("ms", t), ("QEMU ms", tm), true);
         r.headline(&format!("save time vs QEMU migrate file:, {at}"), ("ms", t), ("QEMU ms", tp), true);
         r.headline(&format!("restore time vs fio read, {at}"), ("ms", rs), ("fio ms", fio_r), true);
+        if target == SHM {
+            r.headline(&format!("restore time with --restore-ram read vs fio read, {at}"), ("ms", rread), ("fio ms", fio_r), true);
+        }
         r.headline(&format!("restore time vs QEMU mapped-ram, {at}"), ("ms", rs), ("QEMU ms", rm), true);
         r.headline(&format!("restore time vs QEMU migrate file:, {at}"), ("ms", rs), ("QEMU ms", rp), true);
     }
