@@ -98,6 +98,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "system_powerdown", args: &[] },
     CommandSpec { name: "quit", args: &[] },
     CommandSpec { name: "query-block", args: &[] },
+    CommandSpec { name: "device_del", args: &[req("id", ArgType::Str)] },
     CommandSpec { name: "savevm-start", args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number), opt("final-timeout-ms", ArgType::Number), opt("disks", ArgType::Str)] },
     CommandSpec { name: "query-savevm", args: &[] },
     CommandSpec { name: "savevm-end", args: &[] },
@@ -355,6 +356,27 @@ impl Controller {
         Ok(json!({}))
     }
 
+    /// `device_del id=scsiC-lunL`: the disk's requests in flight finish,
+    /// new ones find no LUN, the file is closed, the guest is told (a
+    /// virtio-scsi hotplug event) and clients get DEVICE_DELETED.
+    fn device_del(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
+        let id = req.arguments.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+        if !self.vm.blocks().iter().any(|b| b.device == id && !b.removed) {
+            return Err(QmpError { class: crate::qmp::ErrorClass::DeviceNotFound, desc: format!("Device '{id}' not found") });
+        }
+        // A snapshot lists the disks when it starts and pauses them at its
+        // end; a restore rebuilds the LUNs from the file.
+        if self.save.shared.get().state == SaveState::Active || self.save.iothread.is_some() {
+            return Err(QmpError::generic(format!("device_del {id}: a snapshot is running; retry when it has ended (savevm-end)")));
+        }
+        if matches!(self.state, RunState::InMigrate | RunState::FinishMigrate) {
+            return Err(QmpError::generic(format!("device_del {id}: not while the VM is in state '{}'", self.state.as_str())));
+        }
+        self.vm.unplug_disk(&id).map_err(QmpError::generic)?;
+        self.broadcast("DEVICE_DELETED", Some(json!({"device": id, "path": format!("/machine/peripheral/{id}")})));
+        Ok(json!({}))
+    }
+
     pub fn state(&self) -> RunState {
         self.state
     }
@@ -508,7 +530,7 @@ impl Controller {
                 return Err(QmpError::generic("disks=clone reflinks the disks next to the state file: it needs a local statefile, not nfs://"));
             }
             Some("clone") => {
-                let c: Vec<(String, String)> = blocks.iter().map(|b| (b.path.clone(), format!("{path}.disk{}", b.index))).collect();
+                let c: Vec<(String, String)> = blocks.iter().filter(|b| !b.removed).map(|b| (b.path.clone(), format!("{path}.disk{}", b.index))).collect();
                 for (src, dst) in &c {
                     crate::disk::reflink(src, dst).map_err(|e| QmpError::generic(format!("disks=clone: {e}")))?;
                 }
@@ -523,8 +545,9 @@ impl Controller {
                 readonly: b.readonly,
                 direct: b.direct,
                 iothread: b.pin,
-                clone: clones.iter().find(|c| c.0 == b.path).map(|c| c.1.clone()),
+                clone: clones.iter().find(|c| c.0 == b.path && !b.removed).map(|c| c.1.clone()),
                 queues: b.queues,
+                removed: b.removed,
             })
             .collect();
         let desc = format::MachineDesc {
@@ -873,6 +896,7 @@ impl Controller {
                 self.vm
                     .blocks()
                     .iter()
+                    .filter(|b| !b.removed)
                     .map(|b| {
                         json!({
                             "device": b.device,
@@ -893,6 +917,7 @@ impl Controller {
                     })
                     .collect(),
             )),
+            "device_del" => self.device_del(req),
             "savevm-start" => self.savevm_start(req),
             // QEMU's spelling, same engine: file: and nfs:// URIs.
             "migrate" => {

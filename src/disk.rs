@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::scsi::Lun;
 use devices::dirty::DmaDirtyLog;
 use devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE};
-use devices::virtio::scsi::{disk_size, Disk, VirtioScsi};
+use devices::virtio::scsi::{disk_size, Disk, Hotplug, VirtioScsi};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use ring::{IoThread, Remote};
 
@@ -29,7 +29,13 @@ pub struct DiskSpec {
     /// Request queues of this disk's controller (disks sharing a
     /// controller must agree).
     pub queues: Option<u32>,
+    /// The slot of a disk unplugged before the snapshot this VM comes
+    /// from: not opened, its LUN answers as absent (never from `--disk`).
+    pub removed: bool,
 }
+
+/// How long an unplug waits for the disk's requests in flight.
+const UNPLUG_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Request queues per controller at most.
 pub const MAX_QUEUES: u32 = 64;
@@ -45,7 +51,7 @@ fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
 /// `path=FILE[,readonly=on|off][,cache=none|writeback][,iothread=N][,queues=N]`
 /// (a bare FILE is taken as path=FILE).
 pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
-    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None, queues: None };
+    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None, queues: None, removed: false };
     for (i, part) in s.split(',').enumerate() {
         let (k, v) = match part.split_once('=') {
             Some(kv) => kv,
@@ -80,6 +86,10 @@ pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
 }
 
 fn open(spec: &DiskSpec, index: usize) -> Result<Disk> {
+    let serial = format!("ringvm{index:04}");
+    if spec.removed {
+        return Ok(Disk::removed_slot(spec.path.display().to_string(), Lun::new(512, 512, spec.readonly, &serial)));
+    }
     let mut o = OpenOptions::new();
     o.read(true).write(!spec.readonly);
     if spec.direct {
@@ -90,8 +100,7 @@ fn open(spec: &DiskSpec, index: usize) -> Result<Disk> {
     if size < 512 {
         return Err(Error::Config(format!("disk {}: {size} bytes is smaller than one 512-byte block", spec.path.display())));
     }
-    let serial = format!("ringvm{index:04}");
-    Ok(Disk { path: spec.path.display().to_string(), file, lun: Lun::new(size, 512, spec.readonly, &serial), direct: spec.direct })
+    Ok(Disk::new(spec.path.display().to_string(), file, Lun::new(size, 512, spec.readonly, &serial), spec.direct))
 }
 
 /// What `query-block` reports for one disk.
@@ -109,12 +118,17 @@ pub struct BlockInfo {
     pub index: usize,
     pub pin: Option<usize>,
     pub queues: Option<u32>,
+    /// Unplugged (`device_del`): its LUN slot stays, so the LUNs after
+    /// it keep their numbers, here and in a snapshot.
+    pub removed: bool,
 }
 
 pub struct Storage {
     pub iothreads: Vec<IoThread>,
     pub controllers: Vec<Arc<Mutex<VirtioPci>>>,
     pub blocks: Vec<BlockInfo>,
+    /// Each controller's hot-unplug handle.
+    pub hotplug: Vec<Hotplug>,
     /// What the controllers' queues wrote into guest RAM (live snapshots).
     pub dirty: Arc<DmaDirtyLog>,
 }
@@ -159,6 +173,16 @@ impl Storage {
             c.lock().unwrap_or_else(|e| e.into_inner()).restore_state(st).map_err(|e| format!("virtio-scsi controller {i}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Unplugs the disk `device` (its query-block name): see
+    /// [`Hotplug::unplug`]. Called with no lock held.
+    pub fn unplug(&mut self, device: &str) -> std::result::Result<BlockInfo, String> {
+        let i = self.blocks.iter().position(|b| b.device == device && !b.removed).ok_or_else(|| format!("Device '{device}' not found"))?;
+        let b = &self.blocks[i];
+        self.hotplug[b.controller].unplug(b.lun, UNPLUG_DEADLINE).map_err(|e| format!("device_del {device}: {e}"))?;
+        self.blocks[i].removed = true;
+        Ok(self.blocks[i].clone())
     }
 
     /// Stops the iothreads (after the vCPUs stopped).
@@ -224,6 +248,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
     let ram: Vec<(u64, u64)> = machine.slots().iter().map(|&(_, g, s)| (g, s)).collect();
     let dirty = Arc::new(DmaDirtyLog::new(&ram));
     let mut controllers = Vec::new();
+    let mut hotplug = Vec::new();
     let mut blocks = Vec::new();
     for (ci, (pin, members)) in groups.into_iter().enumerate() {
         let remotes: Vec<Remote> = match pin {
@@ -252,11 +277,13 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
                 index: *i,
                 pin,
                 queues: spec.queues,
+                removed: spec.removed,
             });
             opened.push(d);
         }
         let bar = layout::PCI_MMIO_START + ci as u64 * BAR_SIZE;
         let dev = VirtioScsi::new(opened, remotes, nq).with_dirty_log(dirty.clone());
+        hotplug.push(dev.hotplug());
         let pci = VirtioPci::new(Box::new(dev), machine.mem.clone(), router.clone(), bar)?;
         for (addr, evt) in pci.notify_events() {
             machine.vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(error::kvm("KVM_IOEVENTFD"))?;
@@ -266,7 +293,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
         machine.pci.lock().unwrap_or_else(|e| e.into_inner()).add(pci.clone())?;
         controllers.push(pci);
     }
-    Ok(Storage { iothreads: threads, controllers, blocks, dirty })
+    Ok(Storage { iothreads: threads, controllers, blocks, hotplug, dirty })
 }
 
 #[cfg(test)]
@@ -276,7 +303,7 @@ mod tests {
     #[test]
     fn disk_specs() {
         let d = parse_disk("path=/x.img,readonly=on,cache=none,iothread=1").unwrap();
-        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1), queues: None });
+        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1), queues: None, removed: false });
         assert_eq!(parse_disk("path=/x,queues=3").unwrap().queues, Some(3));
         assert!(parse_disk("path=/x,queues=0").is_err());
         assert!(parse_disk("path=/x,queues=65").is_err());

@@ -184,8 +184,23 @@ impl Vm {
                 }
                 // The saved disks (their clones, if taken) come back as
                 // saved unless given again (then they must be those files).
+                // An unplugged disk's slot comes back empty either way.
+                let slot = |d: &crate::snapshot::format::DiskDesc| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread, queues: d.queues, removed: d.removed };
+                if !config.disks.is_empty() && h.disks.iter().any(|d| d.removed) {
+                    // The disks given again are the ones still plugged, in
+                    // order; the unplugged ones' slots go back between them.
+                    let mut given = std::mem::take(&mut config.disks).into_iter();
+                    for d in &h.disks {
+                        if d.removed {
+                            config.disks.push(slot(d));
+                        } else if let Some(g) = given.next() {
+                            config.disks.push(g);
+                        }
+                    }
+                    config.disks.extend(given);
+                }
                 if config.disks.is_empty() {
-                    config.disks = h.disks.iter().map(|d| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread, queues: d.queues }).collect();
+                    config.disks = h.disks.iter().map(slot).collect();
                     if h.scsi_queues > 0 && config.scsi_queues.is_none() {
                         config.scsi_queues = Some(h.scsi_queues);
                     }
@@ -286,6 +301,12 @@ impl Vm {
             self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(v).map_err(Error::Config)?;
         }
         self.storage.restore_state(&section.devices).map_err(Error::Config)
+    }
+
+    /// Unplugs a disk by its query-block name (no lock held while its
+    /// iothreads finish its requests).
+    pub fn unplug_disk(&mut self, device: &str) -> std::result::Result<crate::disk::BlockInfo, String> {
+        self.storage.unplug(device)
     }
 
     pub fn storage(&self) -> &crate::disk::Storage {

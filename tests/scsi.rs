@@ -183,3 +183,126 @@ fn per_disk_queue_count() {
     assert_eq!(o.code(), 1);
     assert!(o.stderr.contains("different queue counts"), "{}", o.stderr);
 }
+
+/// The ringvm process's open files, as paths.
+fn open_files(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).map(|p| p.display().to_string()).collect()
+}
+
+fn wait_for_socket(sock: &std::path::Path) {
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < T, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// QMP `device_del` of a LUN while the guest reads it (QD1, one request
+/// always in flight): the guest's driver, which negotiated HOTPLUG, gets
+/// TRANSPORT_RESET / REMOVED for that LUN, then finds it gone (reads
+/// refused with LOGICAL UNIT NOT SUPPORTED, INQUIRY without a unit, not in
+/// REPORT LUNS) and LUN 0 still served. The host side: DEVICE_DELETED,
+/// query-block without it, its file closed, bad ids get DeviceNotFound.
+#[test]
+fn device_del_unplugs_a_lun_under_io_and_the_guest_sees_it_go() {
+    if !require_kvm("device_del_unplugs_a_lun_under_io_and_the_guest_sees_it_go") {
+        return;
+    }
+    let dir = Scratch::new("scsi-unplug");
+    let g = guest_elf(&dir);
+    let d0 = disk(&dir, "d0.img", 4);
+    let d1 = disk(&dir, "d1.img", 4);
+    let sock = dir.path("qmp.sock");
+    let mut vm = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-unplug mib=1 secs=60",
+        "--disk", &format!("path={d0}"), "--disk", &format!("path={d1},cache=none"), "--qmp", sock.to_str().unwrap(),
+    ]));
+    vm.wait_for_output("scsi-unplug ready luns=2 watching lun 1", T);
+    wait_for_socket(&sock);
+    let mut q = Qmp::negotiated(&sock);
+    assert!(open_files(vm.pid()).contains(&d1), "d1 is open before the unplug");
+    let r = q.cmd(serde_json::json!({"execute": "device_del", "arguments": {"id": "scsi0-lun7"}}));
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    let r = q.cmd(serde_json::json!({"execute": "device_del"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    std::thread::sleep(Duration::from_millis(200));
+    q.ok("device_del", serde_json::json!({"id": "scsi0-lun1"}));
+    let ev = q.wait_event("DEVICE_DELETED");
+    assert_eq!(ev["data"]["device"], "scsi0-lun1", "{ev}");
+    let list = q.exec("query-block");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["inserted"]["file"], d0.as_str());
+    let files = open_files(vm.pid());
+    assert!(!files.contains(&d1), "d1 is closed after the unplug: {files:?}");
+    assert!(files.contains(&d0));
+    let r = q.cmd(serde_json::json!({"execute": "device_del", "arguments": {"id": "scsi0-lun1"}}));
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "a second device_del: {r}");
+    let o = vm.wait(T);
+    assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains(" lun=1 reason=2 reads="), "{}", o.stdout);
+    assert!(o.stdout.contains("scsi-unplug PASS"), "{}", o.stdout);
+    let reads: u64 = o.stdout.split("reads=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(reads > 0, "the guest read the LUN before it went: {}", o.stdout);
+}
+
+/// A snapshot taken after LUN 0 was unplugged keeps LUN 1 at LUN 1: the
+/// restore (with the disks from the file, or with the remaining disk given
+/// again) rebuilds the empty slot; `--incoming defer` with one disk is
+/// refused with the reason.
+#[test]
+fn snapshot_after_unplug_restores_the_remaining_lun_at_its_number() {
+    if !require_kvm("snapshot_after_unplug_restores_the_remaining_lun_at_its_number") {
+        return;
+    }
+    let dir = Scratch::new("scsi-unplug-snap");
+    let g = guest_elf(&dir);
+    let d0 = disk(&dir, "d0.img", 4);
+    let d1 = disk(&dir, "d1.img", 4);
+    let sock = dir.path("qmp.sock");
+    let vm = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=spin mib=8 secs=inf",
+        "--disk", &format!("path={d0}"), "--disk", &format!("path={d1}"), "--qmp", sock.to_str().unwrap(),
+    ]));
+    wait_for_socket(&sock);
+    let mut q = Qmp::negotiated(&sock);
+    q.ok("device_del", serde_json::json!({"id": "scsi0-lun0"}));
+    q.wait_event("DEVICE_DELETED");
+    let state = dir.path("vm.state");
+    q.savevm_completes(&state, T);
+    q.ok("quit", serde_json::json!({}));
+    assert_eq!(vm.wait(T).code(), 0);
+    let check = |extra: &[&str]| {
+        let sock2 = dir.path("qmp2.sock");
+        let _ = std::fs::remove_file(&sock2);
+        let mut args = vec!["run", "--loadstate", state.to_str().unwrap(), "--qmp", sock2.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let vm = Proc::spawn(Command::new(ringvm_bin()).args(&args));
+        wait_for_socket(&sock2);
+        let mut q = Qmp::negotiated(&sock2);
+        let t0 = Instant::now();
+        while q.exec("query-status")["status"] != "running" {
+            assert!(t0.elapsed() < T, "the restored VM never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let list = q.exec("query-block");
+        let list = list.as_array().unwrap().clone();
+        q.ok("quit", serde_json::json!({}));
+        let o = vm.wait(T);
+        assert_eq!(o.code(), 0, "{}", o.stderr);
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0]["inserted"]["file"], d1.as_str());
+        assert_eq!(list[0]["ringvm"]["lun"], 1, "{list:?}");
+        assert_eq!(list[0]["device"], "scsi0-lun1");
+    };
+    check(&[]);
+    check(&["--disk", &d1]);
+    let sock3 = dir.path("qmp3.sock");
+    let vm = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--incoming", "defer", "--memory", "64M", "--disk", &d1, "--qmp", sock3.to_str().unwrap()]));
+    wait_for_socket(&sock3);
+    let mut q = Qmp::negotiated(&sock3);
+    let r = q.cmd(serde_json::json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", state.display())}}));
+    assert!(r["error"]["desc"].as_str().unwrap_or_default().contains("unplugged"), "{r}");
+    q.ok("quit", serde_json::json!({}));
+    assert_eq!(vm.wait(T).code(), 0);
+}

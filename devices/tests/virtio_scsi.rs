@@ -39,7 +39,7 @@ fn rig() -> Rig {
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     file.write_all(&data).unwrap();
     let io = IoThread::spawn("iothread-test", 64).unwrap();
-    let disk = Disk { path: "test".into(), file: file.reopen().unwrap(), lun: Lun::new(1 << 20, 512, false, "T"), direct: false };
+    let disk = Disk::new("test", file.reopen().unwrap(), Lun::new(1 << 20, 512, false, "T"), false);
     let mut dev = VirtioScsi::new(vec![disk], vec![io.remote()], 1);
     let rq = Q { base: DESC, avail_idx: 0, used_seen: 0 };
     let q = rq.queue(&mem);
@@ -292,7 +292,7 @@ fn task_management_cancels_in_flight_requests_and_answers_after_them() {
     // SAFETY: fds[0] is ours; the File owns it from here.
     let read_end = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
     let io = IoThread::spawn("iothread-tmf", 64).unwrap();
-    let disk = Disk { path: "pipe".into(), file: read_end, lun: Lun::new(1 << 20, 512, false, "P"), direct: false };
+    let disk = Disk::new("pipe", read_end, Lun::new(1 << 20, 512, false, "P"), false);
     let mut dev = VirtioScsi::new(vec![disk], vec![io.remote()], 1);
     let (mut ctl, mut rq) = (Q { base: 0x100000, avail_idx: 0, used_seen: 0 }, Q { base: 0x200000, avail_idx: 0, used_seen: 0 });
     let (cn, rn) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
@@ -369,4 +369,122 @@ fn task_management_cancels_in_flight_requests_and_answers_after_them() {
     dev.reset().unwrap();
     // SAFETY: closing our write end.
     unsafe { libc::close(fds[1]) };
+}
+
+/// Hot-unplug of LUN 1 while a read of it cannot finish (its disk is an
+/// empty pipe): new requests to LUN 1 are answered as for an absent LUN at
+/// once; unplug returns only after the in-flight read completed; then the
+/// file is closed and the driver gets TRANSPORT_RESET / REMOVED on the
+/// event queue, or, with no event buffer posted, as soon as it posts one.
+/// With no LUN left the target is gone (BAD_TARGET).
+#[test]
+fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver() {
+    use ringvm_devices::virtio::scsi::{EVT_RESET_REMOVED, T_TRANSPORT_RESET, VIRTIO_SCSI_F_HOTPLUG};
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds are ours; each File owns one from here.
+    let (read_end, mut write_end) = unsafe { (<std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]), <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1])) };
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(1 << 20).unwrap();
+    let io = IoThread::spawn("iothread-unplug", 64).unwrap();
+    let disks = vec![Disk::new("file", file, Lun::new(1 << 20, 512, false, "F"), false), Disk::new("pipe", read_end, Lun::new(1 << 20, 512, false, "P"), false)];
+    let mut dev = VirtioScsi::new(disks, vec![io.remote()], 1);
+    let hp = dev.hotplug();
+    let (mut evq, mut rq) = (Q { base: 0x100000, avail_idx: 0, used_seen: 0 }, Q { base: 0x200000, avail_idx: 0, used_seen: 0 });
+    let (en, rn) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let queues = vec![
+        ActiveQueue { index: 1, queue: evq.queue(&mem), notify: en.try_clone().unwrap(), irq: None },
+        ActiveQueue { index: 2, queue: rq.queue(&mem), notify: rn.try_clone().unwrap(), irq: None },
+    ];
+    dev.activate(mem.clone(), VIRTIO_F_VERSION_1 | VIRTIO_SCSI_F_HOTPLUG, queues).unwrap();
+    let wait = |q: &Q, n: u16| {
+        let t0 = Instant::now();
+        while q.used_idx(&mem).wrapping_sub(q.used_seen) < n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "deadline waiting for {n} completions");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // One event buffer.
+    evq.desc(&mem, 0, 0x50000, 16, F_WRITE, 0);
+    evq.push(&mem, 0);
+    en.write(1).unwrap();
+    // Request k (descriptors 3k..3k+2) to `lun` with `cdb`, 512 bytes in.
+    let req = |rq: &mut Q, k: u16, lun: u16, cdb: &[u8]| {
+        let at = 0x10000 + u64::from(k) * 0x1000;
+        let mut r = vec![0u8; 51];
+        r[0] = 1;
+        r[2] = 0x40 | (lun >> 8) as u8;
+        r[3] = lun as u8;
+        r[19..19 + cdb.len()].copy_from_slice(cdb);
+        mem.write_slice(&r, GuestAddress(at)).unwrap();
+        let h = 3 * k;
+        rq.desc(&mem, h, at, 51, F_NEXT, h + 1);
+        rq.desc(&mem, h + 1, at + 0x100, 108, F_WRITE | F_NEXT, h + 2);
+        rq.desc(&mem, h + 2, 0x40000 + u64::from(k) * 0x1000, 512, F_WRITE, 0);
+        rq.push(&mem, h);
+        rn.write(1).unwrap();
+    };
+    let resp = |k: u16| {
+        let mut r = [0u8; 108];
+        mem.read_slice(&mut r, GuestAddress(0x10000 + u64::from(k) * 0x1000 + 0x100)).unwrap();
+        (r[11], r[10], r[12 + 2] & 0xf, r[12 + 12])
+    };
+    req(&mut rq, 0, 1, &read10(0, 1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rq.used_idx(&mem), 0, "the read from an empty pipe stays in flight");
+    let h2 = hp.clone();
+    let unplug = std::thread::spawn(move || h2.unplug(1, Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!unplug.is_finished(), "unplug waits for the LUN's request in flight");
+    assert!(!hp.present(1));
+    // Meanwhile LUN 1 answers as absent, LUN 0 works.
+    req(&mut rq, 1, 1, &read10(0, 1));
+    wait(&rq, 1);
+    assert_eq!(resp(1), (S_OK, 2, 5, 0x25), "READ of the unplugged LUN: LOGICAL UNIT NOT SUPPORTED");
+    rq.used_seen += 1;
+    req(&mut rq, 2, 0, &read10(0, 1));
+    wait(&rq, 1);
+    assert_eq!(resp(2), (S_OK, 0, 0, 0));
+    rq.used_seen += 1;
+    assert_eq!(evq.used_idx(&mem), 0, "no event before the LUN's requests are done");
+    write_end.write_all(&[0x5a; 512]).unwrap();
+    unplug.join().unwrap().unwrap();
+    wait(&rq, 1);
+    assert_eq!(resp(0), (S_OK, 0, 0, 0), "the request in flight completed normally");
+    rq.used_seen += 1;
+    wait(&evq, 1);
+    evq.used_seen += 1;
+    let mut ev = [0u8; 16];
+    mem.read_slice(&mut ev, GuestAddress(0x50000)).unwrap();
+    assert_eq!(u32::from_le_bytes(ev[0..4].try_into().unwrap()), T_TRANSPORT_RESET);
+    assert_eq!(&ev[4..8], &[1, 0, 0x40, 1]);
+    assert_eq!(u32::from_le_bytes(ev[12..16].try_into().unwrap()), EVT_RESET_REMOVED);
+    let e = write_end.write(&[0; 1]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "the pipe's read end (LUN 1's file) is closed");
+    // REPORT LUNS lists LUN 0 only.
+    req(&mut rq, 3, 0, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]);
+    wait(&rq, 1);
+    rq.used_seen += 1;
+    let mut rl = [0u8; 24];
+    mem.read_slice(&mut rl, GuestAddress(0x40000 + 3 * 0x1000)).unwrap();
+    assert_eq!(u32::from_be_bytes(rl[0..4].try_into().unwrap()), 8, "one LUN left");
+    assert!(hp.unplug(1, Duration::from_secs(1)).unwrap_err().to_string().contains("already unplugged"));
+    assert!(hp.unplug(7, Duration::from_secs(1)).is_err());
+    // No event buffer now: the event for LUN 0 waits for one.
+    hp.unplug(0, Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(evq.used_idx(&mem), 1);
+    evq.desc(&mem, 1, 0x51000, 16, F_WRITE, 0);
+    evq.push(&mem, 1);
+    en.write(1).unwrap();
+    wait(&evq, 1);
+    mem.read_slice(&mut ev, GuestAddress(0x51000)).unwrap();
+    assert_eq!(&ev[4..8], &[1, 0, 0x40, 0]);
+    // No LUN left: the target is gone.
+    req(&mut rq, 4, 0, &[0, 0, 0, 0, 0, 0]);
+    wait(&rq, 1);
+    assert_eq!(resp(4).0, S_BAD_TARGET);
+    dev.reset().unwrap();
 }

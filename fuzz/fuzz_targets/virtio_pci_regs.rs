@@ -47,7 +47,7 @@ fn rig() -> Rig {
     file.set_len(1 << 20).unwrap();
     let _ = std::fs::remove_file(&path);
     let io = IoThread::spawn("iothread-fuzz", 64).unwrap();
-    let disks = vec![Disk { path: "rw".into(), file, lun: Lun::new(1 << 20, 512, false, "RW"), direct: false }];
+    let disks = vec![Disk::new("rw", file, Lun::new(1 << 20, 512, false, "RW"), false)];
     let dev = VirtioScsi::new(disks, vec![io.remote()], 2);
     let pci = VirtioPci::new(Box::new(dev), mem, Arc::new(NoRouter), 0xe000_0000).unwrap();
     Rig { pci, _io: io }

@@ -43,8 +43,8 @@ fn rig() -> Rig {
     let _ = std::fs::remove_file(&path);
     let io = IoThread::spawn("iothread-fuzz", 64).unwrap();
     let disks = vec![
-        Disk { path: "rw".into(), file: file.try_clone().unwrap(), lun: Lun::new(1 << 20, 512, false, "RW"), direct: false },
-        Disk { path: "ro".into(), file, lun: Lun::new(1 << 20, 4096, true, "RO"), direct: false },
+        Disk::new("rw", file.try_clone().unwrap(), Lun::new(1 << 20, 512, false, "RW"), false),
+        Disk::new("ro", file, Lun::new(1 << 20, 4096, true, "RO"), false),
     ];
     let dev = VirtioScsi::new(disks, vec![io.remote()], 1);
     Rig { mem, dev, _io: io }

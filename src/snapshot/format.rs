@@ -35,6 +35,10 @@ pub struct DiskDesc {
     /// Its `queues=` option, if given.
     #[serde(default)]
     pub queues: Option<u32>,
+    /// Unplugged before the snapshot: a restore keeps its LUN slot empty
+    /// (so the LUNs after it keep their numbers) and never opens it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

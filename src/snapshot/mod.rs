@@ -95,9 +95,14 @@ pub struct StateSection {
 /// order): a VM must come back on the very files it was saved with.
 pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), String> {
     if saved.len() != have.len() {
-        return Err(format!("the file holds a VM with {} disk(s), this one has {}", saved.len(), have.len()));
+        let gone = saved.iter().filter(|d| d.removed).count();
+        let how = if gone > 0 { format!(" ({gone} of them unplugged: restore it with --loadstate, which keeps their LUN slots)") } else { String::new() };
+        return Err(format!("the file holds a VM with {} disk(s){how}, this one has {}", saved.len(), have.len()));
     }
     for (i, (s, h)) in saved.iter().zip(have).enumerate() {
+        if s.removed {
+            continue;
+        }
         let want = s.clone.as_ref().unwrap_or(&s.path);
         let same = want == h || matches!((std::fs::canonicalize(want), std::fs::canonicalize(h)), (Ok(a), Ok(b)) if a == b);
         if !same {

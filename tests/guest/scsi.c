@@ -7,6 +7,9 @@
  *                     [passes=N: verify N times after writing (default 1)]
  *   work=scsi-errors  (out-of-range LBA and write-protect sense checks)
  *   work=scsi-bench   pattern=randread|read|write bs=BYTES qd=N secs=N
+ *   work=scsi-unplug  [secs=N] (needs 2+ LUNs: negotiates HOTPLUG, reads the
+ *                     last LUN until the device reports it removed, then
+ *                     checks it is gone and the others are not)
  */
 static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(p)); }
 static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
@@ -51,6 +54,10 @@ struct vq {
 static struct vq queues[MAX_CPUS];
 static u32 num_req_queues, max_lun, lun_ids[64];
 static u64 scsi_bs, scsi_qd;
+/* The event queue (queue 1), set up only when hotplug is wanted and offered. */
+#define EVQ_SIZE 8
+static int want_hotplug, hotplug_on;
+static struct { u16 size, avail_idx, last_used; volatile struct vdesc *desc; volatile u16 *avail; volatile u8 *used; volatile u16 *notify; u8 *buf; } evq;
 
 static int virtio_scsi_init(u32 nq_want, u64 bs) {
     u32 dev = 0;
@@ -86,7 +93,8 @@ static int virtio_scsi_init(u32 nq_want, u64 bs) {
     C32(0x00) = 1; u32 fhi = C32(0x04);
     if (!(fhi & 1)) { printk("ringvm-guest: device lacks VERSION_1\n"); return -1; }
     C32(0x00) = 0; u32 flo = C32(0x04);
-    C32(0x08) = 0; C32(0x0c) = flo & (1u << 29); /* EVENT_IDX if offered */
+    hotplug_on = want_hotplug && (flo & 2);
+    C32(0x08) = 0; C32(0x0c) = (flo & (1u << 29)) | (hotplug_on ? 2u : 0); /* EVENT_IDX if offered; HOTPLUG if wanted */
     C32(0x08) = 1; C32(0x0c) = 1;                /* VERSION_1 */
     C8(0x14) = 1 | 2 | 8;
     if (!(C8(0x14) & 8)) { printk("ringvm-guest: FEATURES_OK refused\n"); return -1; }
@@ -115,7 +123,31 @@ static int virtio_scsi_init(u32 nq_want, u64 bs) {
             v->slots[s].data = alloc(bs, 4096);
         }
     }
+    if (hotplug_on) {
+        C16(0x16) = 1;
+        u16 max = C16(0x18);
+        evq.size = max < EVQ_SIZE ? max : EVQ_SIZE;
+        C16(0x18) = evq.size;
+        evq.desc = alloc(16ULL * evq.size, 4096);
+        evq.avail = alloc(6 + 2ULL * evq.size, 4096);
+        evq.used = alloc(6 + 8ULL * evq.size, 4096);
+        evq.buf = alloc(16ULL * evq.size, 64);
+        *(volatile u64 *)(vcommon + 0x20) = (u64)evq.desc;
+        *(volatile u64 *)(vcommon + 0x28) = (u64)evq.avail;
+        *(volatile u64 *)(vcommon + 0x30) = (u64)evq.used;
+        C16(0x1a) = 0xffff;
+        evq.notify = (volatile u16 *)(vnotify + (u64)C16(0x1e) * notify_mult);
+        C16(0x1c) = 1;
+        for (u16 i = 0; i < evq.size; i++) {
+            evq.desc[i].addr = (u64)(evq.buf + 16 * i); evq.desc[i].len = 16; evq.desc[i].flags = VRING_DESC_F_WRITE; evq.desc[i].next = 0;
+            evq.avail[2 + i] = i;
+        }
+        evq.avail_idx = evq.size;
+        mb();
+        evq.avail[1] = evq.avail_idx;
+    }
     C8(0x14) = 1 | 2 | 8 | 4;
+    if (hotplug_on) { mb(); *evq.notify = 1; }
     if (C8(0x14) & 0x40) { printk("ringvm-guest: device needs reset after DRIVER_OK\n"); return -1; }
     return 0;
 }
@@ -273,7 +305,11 @@ static void scsi_verify_cpu(u32 cpu) {
         }
         /* Both phases on every CPU before verifying. */
         __atomic_add_fetch(&scsi_done_cpus, 1, __ATOMIC_SEQ_CST);
-        while (scsi_done_cpus < (phase + 1) * (ncpus < num_req_queues ? ncpus : num_req_queues)) cpu_relax();
+        while (scsi_done_cpus < (phase + 1) * (ncpus < num_req_queues ? ncpus : num_req_queues)) {
+            /* CPU 0 may be done before its reset time while another still has I/O in flight. */
+            if (cpu == 0 && scsi_reboot_at && rdtsc() > scsi_reboot_at) { outb(0x64, 0xfe); for (;;) cpu_relax(); }
+            cpu_relax();
+        }
         if (cpu == 0 && phase >= 1 && scsi_passes > 1) printk("ringvm-guest: scsi-verify pass %u bad=%u\n", phase, (u64)scsi_bad);
     }
 }
@@ -360,5 +396,66 @@ static int scsi_errors(void) {
     u8 inq[6] = {0x12, 0, 0, 0, 36, 0}, key, asc;
     int st = scsi_sync(v, lun_ids[max_lun] + 1, inq, 6, 36, 0, &key, &asc);
     if (st != 0 || v->slots[0].data[0] != 0x7f) { printk("ringvm-guest: missing lun inquiry: status %x pq %x\n", (u64)st, (u64)v->slots[0].data[0]); ok = 0; }
+    return ok;
+}
+
+/* One event from the event queue, if the device has reported one; its
+ * buffer goes straight back to the device. */
+static int evq_poll(u32 *event, u32 *lun, u32 *reason) {
+    mb();
+    if (*(volatile u16 *)(evq.used + 2) == evq.last_used) return 0;
+    volatile u32 *e = (volatile u32 *)(evq.used + 4 + 8 * (evq.last_used % evq.size));
+    u32 id = e[0], len = e[1];
+    evq.last_used++;
+    if (id >= evq.size || len < 16) { printk("ringvm-guest: bad event entry id %u len %u\n", (u64)id, (u64)len); guest_exit(3); }
+    u8 *b = evq.buf + 16 * id;
+    *event = (u32)b[0] | (u32)b[1] << 8 | (u32)b[2] << 16 | (u32)b[3] << 24;
+    *lun = b[4] == 1 ? ((u32)(b[6] & 0x3f) << 8 | b[7]) : 0xffffffffu;
+    *reason = (u32)b[12] | (u32)b[13] << 8 | (u32)b[14] << 16 | (u32)b[15] << 24;
+    evq.avail[2 + evq.avail_idx % evq.size] = (u16)id;
+    mb();
+    evq.avail[1] = ++evq.avail_idx;
+    mb();
+    *evq.notify = 1;
+    return 1;
+}
+
+/* Reads the last LUN (QD1) until the device says it was removed; then the
+ * LUN must be gone (reads refused with LOGICAL UNIT NOT SUPPORTED, INQUIRY
+ * without a unit, not in REPORT LUNS) and the first LUN still served. */
+static int scsi_unplug(void) {
+    if (!hotplug_on) { printk("ringvm-guest: scsi-unplug: the device does not offer HOTPLUG\n"); return 0; }
+    if (max_lun < 1) { printk("ringvm-guest: scsi-unplug needs 2 LUNs\n"); return 0; }
+    struct vq *v = &queues[0];
+    u32 victim = lun_ids[max_lun], before = max_lun + 1, ev = 0, evlun = 0, reason = 0;
+    u64 reads = 0, refused = 0, t0 = rdtsc(), limit = (secs ? secs : 60) * tsc_khz * 1000ULL;
+    u8 c[16], key, asc;
+    printk("ringvm-guest: scsi-unplug ready luns=%u watching lun %u\n", (u64)before, (u64)victim);
+    for (;;) {
+        if (evq_poll(&ev, &evlun, &reason)) break;
+        if (rdtsc() - t0 > limit) { printk("ringvm-guest: scsi-unplug: no event after %u reads\n", reads); return 0; }
+        cdb_rw16(c, 0, (reads % 64) * 8, 8);
+        int st = scsi_sync(v, victim, c, 16, 4096, 0, &key, &asc);
+        if (st == 0) reads++;
+        else if (st == 2 && key == 5 && asc == 0x25) refused++;
+        else { printk("ringvm-guest: scsi-unplug: read status %x key %x asc %x\n", (u64)st, (u64)key, (u64)asc); return 0; }
+    }
+    printk("ringvm-guest: scsi-unplug event=%x lun=%u reason=%u reads=%u refused=%u\n", (u64)ev, (u64)evlun, (u64)reason, reads, refused);
+    int ok = (ev & 0x7fffffffu) == 1 && reason == 2 && evlun == victim;
+    cdb_rw16(c, 0, 0, 8);
+    int st = scsi_sync(v, victim, c, 16, 4096, 0, &key, &asc);
+    if (st != 2 || key != 5 || asc != 0x25) { printk("ringvm-guest: scsi-unplug: read after removal: status %x key %x asc %x\n", (u64)st, (u64)key, (u64)asc); ok = 0; }
+    u8 inq[6] = {0x12, 0, 0, 0, 36, 0};
+    st = scsi_sync(v, victim, inq, 6, 36, 0, &key, &asc);
+    if (st != 0 || v->slots[0].data[0] != 0x7f) { printk("ringvm-guest: scsi-unplug: inquiry: status %x pq %x\n", (u64)st, (u64)v->slots[0].data[0]); ok = 0; }
+    u8 rl[12] = {0xa0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0};
+    st = scsi_sync(v, lun_ids[0], rl, 12, 512, 0, &key, &asc);
+    u8 *d = v->slots[0].data;
+    u32 n = ((u32)d[0] << 24 | (u32)d[1] << 16 | (u32)d[2] << 8 | d[3]) / 8;
+    for (u32 i = 0; i < n && i < 64; i++) if ((((u32)(d[8 + 8 * i] & 0x3f) << 8) | d[9 + 8 * i]) == victim) ok = 0;
+    if (st || n != before - 1) { printk("ringvm-guest: scsi-unplug: report luns: status %x luns %u\n", (u64)st, (u64)n); ok = 0; }
+    cdb_rw16(c, 0, 0, 8);
+    st = scsi_sync(v, lun_ids[0], c, 16, 4096, 0, &key, &asc);
+    if (st) { printk("ringvm-guest: scsi-unplug: lun %u read: status %x\n", (u64)lun_ids[0], (u64)st); ok = 0; }
     return ok;
 }

@@ -6,13 +6,13 @@
 //! ring and (unless EVENT_IDX suppresses it) the queue's MSI-X irqfd.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ring::{Completion, Fd, Op, OpId, Remote, Ring, SourceId};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -42,12 +42,66 @@ pub const S_INCORRECT_LUN: u8 = 12;
 pub const S_BAD_TARGET: u8 = 3;
 pub const S_FAILURE: u8 = 9;
 
-/// One disk, exposed as LUN `index` of target 0.
+/// The driver may be told of LUNs coming and going (5.6.3).
+pub const VIRTIO_SCSI_F_HOTPLUG: u64 = 1 << 1;
+/// virtio_scsi_event.event values and the reason of a removal.
+pub const T_TRANSPORT_RESET: u32 = 1;
+pub const T_EVENTS_MISSED: u32 = 0x8000_0000;
+pub const EVT_RESET_REMOVED: u32 = 2;
+/// Events kept for a driver that has no event buffer posted; beyond
+/// this the next one delivered carries EVENTS_MISSED.
+const MAX_PENDING_EVENTS: usize = 64;
+
+/// One disk, exposed as LUN `index` of target 0. Its file can be closed
+/// while the device runs (hot-unplug): the LUN then answers as absent.
 pub struct Disk {
     pub path: String,
-    pub file: File,
     pub lun: Lun,
     pub direct: bool,
+    /// The open file, -1 once closed.
+    fd: AtomicI32,
+    removed: AtomicBool,
+}
+
+impl Disk {
+    pub fn new(path: impl Into<String>, file: File, lun: Lun, direct: bool) -> Disk {
+        Disk { path: path.into(), lun, direct, fd: AtomicI32::new(file.into_raw_fd()), removed: AtomicBool::new(false) }
+    }
+
+    /// The slot of a LUN that was unplugged before a snapshot: it keeps
+    /// the LUN numbers of the ones after it, and answers as absent.
+    pub fn removed_slot(path: impl Into<String>, lun: Lun) -> Disk {
+        Disk { path: path.into(), lun, direct: false, fd: AtomicI32::new(-1), removed: AtomicBool::new(true) }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// The file to do I/O on, None once the LUN was unplugged.
+    fn fd(&self) -> Option<RawFd> {
+        if self.is_removed() {
+            return None;
+        }
+        let fd = self.fd.load(Ordering::Acquire);
+        (fd >= 0).then_some(fd)
+    }
+
+    fn close(&self) {
+        let fd = self.fd.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            // SAFETY: the fd came from into_raw_fd and is closed only here
+            // (swapped out above, so once); no request can still pick it
+            // up (see Hotplug::unplug).
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0x5c51_0000);
@@ -62,6 +116,9 @@ pub struct VirtioScsi {
     running: Vec<(Remote, SourceId)>,
     needs_reset: Arc<AtomicBool>,
     dirty: Option<Arc<DmaDirtyLog>>,
+    /// The event queue of the current activation, if the driver took
+    /// hotplug events: (its iothread, its source).
+    events: Arc<Mutex<Option<(Remote, SourceId)>>>,
 }
 
 /// The request queues of one activation, for task management: (owning
@@ -81,7 +138,14 @@ impl VirtioScsi {
             running: Vec::new(),
             needs_reset: Arc::new(AtomicBool::new(false)),
             dirty: None,
+            events: Arc::default(),
         }
+    }
+
+    /// The handle that unplugs this controller's LUNs (used without the
+    /// transport's lock).
+    pub fn hotplug(&self) -> Hotplug {
+        Hotplug { disks: self.disks.clone(), iothreads: self.iothreads.clone(), events: self.events.clone() }
     }
 
     /// Every byte the queues write into guest memory is also marked in
@@ -122,7 +186,7 @@ impl VirtioDevice for VirtioScsi {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_SCSI_F_HOTPLUG
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -150,9 +214,17 @@ impl VirtioDevice for VirtioScsi {
         let peers: Peers = Arc::default();
         let mut request_queues = Vec::new();
         for q in queues {
-            // Queue 0 (control) and the request queues are served; the
-            // event queue only holds buffers for events we never send.
+            // The event queue is served only if the driver takes hotplug
+            // events (else nothing is ever sent on it).
             if q.index == 1 {
+                if acked & VIRTIO_SCSI_F_HOTPLUG != 0 {
+                    let remote = self.iothreads[0].clone();
+                    let source = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
+                    let ev = EventQ { queue: q.queue, mem: mem.clone(), notify: q.notify, irq: q.irq, event_idx, dirty: self.dirty.clone(), pending: VecDeque::new(), missed: false, stopped: false, poll: None };
+                    remote.send(move |ring| EventQ::start(ring, source, ev))?;
+                    *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some((remote.clone(), source));
+                    self.running.push((remote, source));
+                }
                 continue;
             }
             let remote = if q.index == 0 { self.iothreads[0].clone() } else { self.iothreads[(q.index as usize - 2) % self.iothreads.len()].clone() };
@@ -219,7 +291,7 @@ impl VirtioDevice for VirtioScsi {
         self.disks
             .iter()
             .enumerate()
-            .map(|(i, d)| format!("lun {i}: {} ({} blocks of {}, {}{})", d.path, d.lun.blocks, d.lun.block_size, if d.lun.readonly { "ro" } else { "rw" }, if d.direct { ", cache=none" } else { "" }))
+            .map(|(i, d)| format!("lun {i}: {}{} ({} blocks of {}, {}{})", d.path, if d.is_removed() { " (unplugged)" } else { "" }, d.lun.blocks, d.lun.block_size, if d.lun.readonly { "ro" } else { "rw" }, if d.direct { ", cache=none" } else { "" }))
             .collect()
     }
 }
@@ -229,6 +301,7 @@ impl VirtioScsi {
     /// each one's quiesce event: in-flight requests finish (their used
     /// entries are written), none is lost or replayed.
     fn quiesce(&mut self) -> crate::Result<()> {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut waiters = Vec::new();
         for (remote, source) in self.running.drain(..) {
             let s = source;
@@ -290,7 +363,7 @@ struct Track {
 struct TmfWait {
     heads: Vec<u16>,
     found: u64,
-    reply: Option<Box<dyn FnOnce(u64) + Send>>,
+    reply: Option<Box<dyn FnOnce(u64)>>,
 }
 
 /// A task management request on the control queue, waiting for the
@@ -445,7 +518,7 @@ impl Worker {
     }
 
     fn stop(ring: &mut Ring, source: SourceId) {
-        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return };
+        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return EventQ::stop(ring, source) };
         let poll = {
             let mut w = w.borrow_mut();
             w.stopped = true;
@@ -459,6 +532,7 @@ impl Worker {
 
     fn forget(source: SourceId) {
         WORKERS.with(|m| m.borrow_mut().remove(&source));
+        EVENTQS.with(|m| m.borrow_mut().remove(&source));
     }
 
     /// The used ring (flags, idx, entries, avail_event) was written.
@@ -580,8 +654,13 @@ impl Worker {
         w.borrow_mut().tracked.insert(head, Track { lun: lun_id as u16, tag, ops: Vec::new() });
         let cdb = &hdr[19..19 + cdb_size];
         let disks = w.borrow().s.disks.clone();
-        let disk = disks.get(lun_id);
-        let luns: Vec<u16> = (0..disks.len() as u16).collect();
+        // An unplugged LUN answers as absent; with none left, so does the
+        // target (as QEMU's bus does).
+        let disk = disks.get(lun_id).and_then(|d| d.fd().map(|fd| (d, fd)));
+        let luns: Vec<u16> = (0..disks.len() as u16).filter(|&i| !disks[usize::from(i)].is_removed()).collect();
+        if luns.is_empty() {
+            return fail(w, &r, S_BAD_TARGET);
+        }
         let out_len = total(&r.data_out);
         let in_len = total(&r.data_in);
         let params = if scsi::wants_data_out(cdb) {
@@ -593,12 +672,12 @@ impl Worker {
         } else {
             Vec::new()
         };
-        let action = scsi::execute(&Target { lun: disk.map(|d| &d.lun), luns: &luns }, cdb, out_len, in_len, &params);
+        let action = scsi::execute(&Target { lun: disk.map(|d| &d.0.lun), luns: &luns }, cdb, out_len, in_len, &params);
         let source = w.borrow().s.source;
-        let Some(disk) = disk else {
+        let Some((_, fd)) = disk else {
             return Worker::done(w, &r, action);
         };
-        let fd = Fd::Raw(disk.file.as_raw_fd());
+        let fd = Fd::Raw(fd);
         match action {
             a @ Action::Done { .. } => Worker::done(w, &r, a),
             Action::Read { offset, len } => {
@@ -851,7 +930,7 @@ impl Worker {
             return Worker::control_reply(w, head, wr, &[S_BAD_TARGET]);
         }
         let lun_id = u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff;
-        if usize::from(lun_id) >= w.borrow().s.disks.len() {
+        if w.borrow().s.disks.get(usize::from(lun_id)).is_none_or(Disk::is_removed) {
             return Worker::control_reply(w, head, wr, &[S_INCORRECT_LUN]);
         }
         // (lun filter, tag filter, cancel, query)
@@ -908,6 +987,209 @@ impl Worker {
             _ => vec![S_FAILURE],
         };
         Worker::control_reply(w, head, wr, &reply);
+    }
+}
+
+/// Unplugs LUNs of one controller while it runs. Cloneable; used from
+/// the control thread with no device lock held.
+#[derive(Clone)]
+pub struct Hotplug {
+    disks: Arc<Vec<Disk>>,
+    iothreads: Vec<Remote>,
+    events: Arc<Mutex<Option<(Remote, SourceId)>>>,
+}
+
+impl Hotplug {
+    /// Unplugs LUN `lun`. From the moment this is called, new requests to
+    /// it are answered as for an absent LUN. Then every iothread of the
+    /// controller is asked to report once it has seen that and the LUN's
+    /// requests in flight have completed; this thread waits for those
+    /// answers (an event each, with `deadline`), never on the loops.
+    /// Then the file is closed and, if the driver took hotplug events, it
+    /// is sent TRANSPORT_RESET / REMOVED for the LUN.
+    pub fn unplug(&self, lun: usize, deadline: Duration) -> crate::Result<()> {
+        let disk = self.disks.get(lun).ok_or_else(|| crate::Error::Disk { path: format!("lun {lun}"), what: "no such LUN".into() })?;
+        if disk.removed.swap(true, Ordering::AcqRel) {
+            return Err(crate::Error::Disk { path: disk.path.clone(), what: "already unplugged".into() });
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let mut asked = 0;
+        for remote in &self.iothreads {
+            let (tx, disks) = (tx.clone(), self.disks.clone());
+            // Each iothread runs this after whatever request it is in the
+            // middle of: from then on it sees the LUN removed.
+            if remote.send(move |_| Worker::drain_lun(&disks, lun as u16, Box::new(move || {
+                let _ = tx.send(());
+            }))).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let end = Instant::now() + deadline;
+        for _ in 0..asked {
+            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(()) => {}
+                // A reset dropped the waits: it had quiesced the queues.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(crate::Error::Disk { path: disk.path.clone(), what: format!("requests still in flight after {deadline:?}; the file stays open") });
+                }
+            }
+        }
+        disk.close();
+        let ev = self.events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((remote, source)) = ev {
+            let mut e = [0u8; 16];
+            e[0..4].copy_from_slice(&T_TRANSPORT_RESET.to_le_bytes());
+            e[4..8].copy_from_slice(&[1, 0, 0x40 | (lun >> 8) as u8, lun as u8]);
+            e[12..16].copy_from_slice(&EVT_RESET_REMOVED.to_le_bytes());
+            let _ = remote.send(move |ring| EventQ::post(ring, source, e));
+        }
+        log::info!("virtio-scsi: lun {lun} ({}) unplugged", disk.path);
+        Ok(())
+    }
+
+    /// Whether LUN `lun` exists and is still plugged.
+    pub fn present(&self, lun: usize) -> bool {
+        self.disks.get(lun).is_some_and(|d| !d.is_removed())
+    }
+}
+
+impl Worker {
+    /// On an iothread: `reply` runs once no request queue of the
+    /// controller owning `disks` on this thread has a request for `lun`
+    /// in flight (at once if none has).
+    fn drain_lun(disks: &Arc<Vec<Disk>>, lun: u16, reply: Box<dyn FnOnce() + Send>) {
+        let workers: Vec<W> = WORKERS.with(|m| m.borrow().values().filter(|w| Arc::ptr_eq(&w.borrow().s.disks, disks)).cloned().collect());
+        let left = Rc::new(RefCell::new((1usize, Some(reply))));
+        type Left = Rc<RefCell<(usize, Option<Box<dyn FnOnce() + Send>>)>>;
+        let one_done = |left: &Left| {
+            let r = {
+                let mut l = left.borrow_mut();
+                l.0 -= 1;
+                if l.0 == 0 { l.1.take() } else { None }
+            };
+            if let Some(r) = r {
+                r();
+            }
+        };
+        for w in workers {
+            let heads: Vec<u16> = w.borrow().tracked.iter().filter(|(_, t)| t.lun == lun).map(|(h, _)| *h).collect();
+            if heads.is_empty() {
+                continue;
+            }
+            left.borrow_mut().0 += 1;
+            let l = left.clone();
+            w.borrow_mut().tmf_waits.push(TmfWait { heads, found: 0, reply: Some(Box::new(move |_| one_done(&l))) });
+        }
+        one_done(&left);
+    }
+}
+
+/// The event queue (5.6.6.3), on the control queue's iothread: events
+/// wait in `pending` until the driver has posted a buffer.
+struct EventQ {
+    queue: Queue,
+    mem: GuestMemoryMmap,
+    notify: EventFd,
+    irq: Option<Arc<EventFd>>,
+    event_idx: bool,
+    dirty: Option<Arc<DmaDirtyLog>>,
+    pending: VecDeque<[u8; 16]>,
+    missed: bool,
+    stopped: bool,
+    poll: Option<OpId>,
+}
+
+thread_local! {
+    static EVENTQS: RefCell<HashMap<SourceId, Rc<RefCell<EventQ>>>> = RefCell::new(HashMap::new());
+}
+
+impl EventQ {
+    fn start(ring: &mut Ring, source: SourceId, ev: EventQ) {
+        let fd = ev.notify.as_raw_fd();
+        let e = Rc::new(RefCell::new(ev));
+        let e2 = e.clone();
+        let poll = ring.submit(source | 0x8000_0000, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |_, c| {
+            if c.result.is_ok() {
+                let _ = e2.borrow().notify.read();
+                e2.borrow_mut().deliver();
+            }
+        });
+        e.borrow_mut().poll = Some(poll);
+        EVENTQS.with(|m| m.borrow_mut().insert(source, e));
+    }
+
+    fn stop(ring: &mut Ring, source: SourceId) {
+        let Some(e) = EVENTQS.with(|m| m.borrow().get(&source).cloned()) else { return };
+        let poll = {
+            let mut e = e.borrow_mut();
+            e.stopped = true;
+            e.poll.take()
+        };
+        if let Some(p) = poll {
+            ring.cancel(p);
+        }
+    }
+
+    fn post(_ring: &mut Ring, source: SourceId, event: [u8; 16]) {
+        let Some(e) = EVENTQS.with(|m| m.borrow().get(&source).cloned()) else { return };
+        let mut e = e.borrow_mut();
+        if e.pending.len() >= MAX_PENDING_EVENTS {
+            e.missed = true;
+        } else {
+            e.pending.push_back(event);
+        }
+        e.deliver();
+    }
+
+    /// Hands pending events to the driver's buffers, as far as they go.
+    fn deliver(&mut self) {
+        let mem = self.mem.clone();
+        let mut signal = false;
+        while !self.stopped && !self.pending.is_empty() {
+            let Some(chain) = self.queue.pop_descriptor_chain(&mem) else { break };
+            let head = chain.head_index();
+            let wr: Vec<(GuestAddress, usize)> = chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
+            let mut used = 0u32;
+            if total(&wr) >= 16 {
+                let mut ev = self.pending.pop_front().unwrap_or_default();
+                if self.missed {
+                    let t = u32::from_le_bytes([ev[0], ev[1], ev[2], ev[3]]) | T_EVENTS_MISSED;
+                    ev[0..4].copy_from_slice(&t.to_le_bytes());
+                    self.missed = false;
+                }
+                if write_segs(&mem, &wr, &ev) {
+                    used = 16;
+                    if let Some(d) = &self.dirty {
+                        for &(a, l) in &wr {
+                            d.mark(a.0, l as u64);
+                        }
+                    }
+                } else {
+                    self.missed = true;
+                }
+            } else {
+                log::debug!("virtio-scsi: event buffer {head} shorter than an event");
+            }
+            if self.queue.add_used(&mem, head, used).is_err() {
+                log::warn!("virtio-scsi: event queue: add_used failed");
+                return;
+            }
+            if let Some(d) = &self.dirty {
+                d.mark(self.queue.used_ring(), 6 + 8 * u64::from(self.queue.size()));
+            }
+            signal |= self.queue.needs_notification(&mem).unwrap_or(true);
+        }
+        if self.event_idx {
+            // Kick us when the driver posts more buffers.
+            let _ = self.queue.enable_notification(&mem);
+        }
+        if signal {
+            if let Some(irq) = &self.irq {
+                let _ = irq.write(1);
+            }
+        }
     }
 }
 
