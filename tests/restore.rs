@@ -271,7 +271,8 @@ fn wait_passes(p: &Proc, n: usize, what: &str) {
 /// Every scsi-verify pass line says bad=0 (the last one may be cut short
 /// by quit) and no chunk reported bad words.
 fn assert_passes_clean(stdout: &str) {
-    for line in stdout.lines().filter(|l| l.contains("scsi-verify pass") && l.contains(" bad=")) {
+    // Whole lines only: quit may cut the last one mid-number ("bad=").
+    for line in complete_lines(stdout).lines().filter(|l| l.contains("scsi-verify pass") && l.contains(" bad=")) {
         assert!(line.ends_with(" bad=0"), "{line}\n{stdout}");
     }
     assert!(!stdout.contains("bad words"), "{stdout}");
