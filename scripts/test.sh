@@ -12,7 +12,8 @@ RINGVM_LINUX_DIR="$("$ROOT/scripts/linux-guest.sh")"
 RINGVM_PYTHON="$(ensure_python_clients)"
 export RINGVM_LINUX_DIR RINGVM_PYTHON
 cd "$ROOT"
-cargo test --workspace --release "$@"
+# Every test binary runs even after a failure, so one run reports them all.
+cargo test --workspace --release --no-fail-fast "$@"
 if [ "${RINGVM_FUZZ_SECS:-15}" != 0 ]; then
     "$ROOT/scripts/fuzz.sh" "${RINGVM_FUZZ_SECS:-15}"
 fi

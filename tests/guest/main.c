@@ -164,6 +164,26 @@ static u32 count_cpus_acpi(u64 rsdp) {
     return 0;
 }
 
+/* The RSDP where firmware leaves it when the boot protocol names none (ACPI
+ * 5.2.5.1: the first KiB of the EBDA, then 0xE0000-0xFFFFF, 16-byte aligned,
+ * checksummed). */
+static u64 find_rsdp(void) {
+    volatile u64 bda_ebda = 0x40e; /* through a variable: GCC rejects a constant address */
+    u64 ebda = (u64)(*(const volatile u16 *)bda_ebda) << 4;
+    u64 areas[2][2] = {{ebda, ebda + 1024}, {0xE0000, 0x100000}};
+    for (int k = 0; k < 2; k++) {
+        if (k == 0 && (ebda < 0x80000 || ebda >= 0xA0000)) continue;
+        for (u64 a = areas[k][0]; a + 20 <= areas[k][1]; a += 16) {
+            const u8 *p = (const u8 *)a;
+            if (!streq_n((const char *)p, "RSD PTR ", 8)) continue;
+            u8 sum = 0;
+            for (int i = 0; i < 20; i++) sum += p[i];
+            if (!sum) return a;
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------ timing */
 static u64 tsc_khz;
 static void calibrate_tsc(void) {
@@ -317,6 +337,7 @@ void guest_main(u32 cpu) {
     }
     u32 n = count_cpus_mptable();
     if (!n) n = count_cpus_acpi(si->rsdp_paddr);
+    if (!n) n = count_cpus_acpi(find_rsdp());
     if (!n) n = 1;
     if (n > MAX_CPUS) n = MAX_CPUS;
     printk("ringvm-guest: start cpus=%u ram=%uMiB cmdline=\"%s\"\n", (u64)n, ram_total / MIB, cmdline);
