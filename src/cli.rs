@@ -125,7 +125,9 @@ pub struct RunArgs {
     /// `read` (io_uring reads into guest RAM), `map` (guest RAM becomes a
     /// private copy-on-write mapping of the file, which must then stay
     /// unchanged while the VM runs), `auto` (map from tmpfs/ramfs, read
-    /// otherwise).
+    /// otherwise), `lazy` (the guest runs at once, RAM is faulted in and
+    /// streamed behind it through a userfaultfd; also `--loadstate
+    /// FILE,lazy=on`).
     #[arg(long, value_enum, default_value_t)]
     pub restore_ram: crate::snapshot::restore::RamMode,
     #[command(flatten)]

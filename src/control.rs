@@ -278,9 +278,21 @@ impl Controller {
         let total = crate::snapshot::restore::present_bytes(&checked);
         let events = self.vm.events().clone();
         let shown = path.display().to_string();
-        crate::snapshot::restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.restore_ram, self.incoming.progress.clone(), move |r| {
-            events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
-        })
+        if self.restore_ram == crate::snapshot::restore::RamMode::Lazy {
+            let ev2 = events.clone();
+            crate::snapshot::lazy::spawn(
+                &path,
+                &checked,
+                &self.vm.machine().mem,
+                self.incoming.progress.clone(),
+                move |r| events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}")))),
+                move |s| ev2.push(VmEvent::Streamed(s.bytes)),
+            )
+        } else {
+            crate::snapshot::restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.restore_ram, self.incoming.progress.clone(), move |r| {
+                events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
+            })
+        }
         .map_err(|e| format!("state file {}: {e}", path.display()))?;
         self.incoming.section = Some(section);
         self.incoming.path = Some(path);
@@ -300,11 +312,18 @@ impl Controller {
         match r {
             Ok(bytes) => {
                 let ms = self.incoming.started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-                log::info!("restored {} MiB of RAM in {ms:.1} ms", bytes >> 20);
                 self.stats.restore_us.store((ms * 1e3) as u64, std::sync::atomic::Ordering::Relaxed);
-                self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
-                self.incoming.status = Some("completed");
-                self.broadcast("MIGRATION", Some(json!({"status": "completed"})));
+                if self.restore_ram == crate::snapshot::restore::RamMode::Lazy {
+                    // QEMU's postcopy spelling: running, RAM still coming.
+                    log::info!("lazy restore: state applied in {ms:.1} ms, RAM follows");
+                    self.incoming.status = Some("postcopy-active");
+                    self.broadcast("MIGRATION", Some(json!({"status": "postcopy-active"})));
+                } else {
+                    log::info!("restored {} MiB of RAM in {ms:.1} ms", bytes >> 20);
+                    self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+                    self.incoming.status = Some("completed");
+                    self.broadcast("MIGRATION", Some(json!({"status": "completed"})));
+                }
                 if self.incoming.autostart {
                     self.vm.vcpus().resume();
                     self.state = RunState::Running;
@@ -471,6 +490,11 @@ impl Controller {
             VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
             VmEvent::Snapshot(step) => self.on_snapshot_step(step),
             VmEvent::Restored(r) => self.on_restored(r),
+            VmEvent::Streamed(bytes) => {
+                self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+                self.incoming.status = Some("completed");
+                self.broadcast("MIGRATION", Some(json!({"status": "completed"})));
+            }
         }
     }
 
@@ -502,6 +526,10 @@ impl Controller {
         }
         if !matches!(self.state, RunState::Running | RunState::Paused) {
             return Err(QmpError::generic(format!("cannot snapshot a VM in state '{}'", self.state.as_str())));
+        }
+        if self.incoming.status == Some("postcopy-active") {
+            let from = self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            return Err(QmpError::generic(format!("the lazy restore from {from} is still loading RAM; snapshot once query-migrate says completed")));
         }
         let path = req.arguments.get("statefile").and_then(Value::as_str).unwrap_or_default().to_string();
         if path.is_empty() {

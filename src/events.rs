@@ -22,8 +22,11 @@ pub enum VmEvent {
     Error(String),
     /// The saving iothread asks the control thread for the next step.
     Snapshot(SnapshotStep),
-    /// The loader thread finished reading RAM (bytes) or failed.
+    /// The loader thread finished reading RAM (bytes) or failed; for a
+    /// lazy restore, the fault thread is ready (0 bytes).
     Restored(Result<u64, String>),
+    /// A lazy restore has all of RAM in (bytes).
+    Streamed(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -67,7 +67,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<u8> {
+fn run(mut args: RunArgs) -> anyhow::Result<u8> {
+    // `--loadstate FILE,lazy=on|off` (the spelling of --restore-ram lazy).
+    if let Some(s) = args.loadstate.as_ref().and_then(|p| p.to_str()).map(str::to_string) {
+        if let Some(p) = s.strip_suffix(",lazy=on") {
+            args.loadstate = Some(p.into());
+            args.restore_ram = ringvm::snapshot::restore::RamMode::Lazy;
+        } else if let Some(p) = s.strip_suffix(",lazy=off") {
+            args.loadstate = Some(p.into());
+        }
+    }
     let (mut cpus, mut memory) = (args.machine.cpus, args.machine.memory);
     let mut boot = BootSpec { kernel: args.kernel.clone().unwrap_or_default(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
     if let Some(state) = &args.loadstate {

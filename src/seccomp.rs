@@ -59,6 +59,9 @@ pub enum Role {
     Snapshot,
     /// The restore loader: its own ring, the state file or an NFS socket.
     Loader,
+    /// The lazy restore's fault thread: its ring, the state file and the
+    /// userfaultfd over guest RAM.
+    Faults,
     /// Small helpers (page prefaulting, stdin reader).
     Helper,
 }
@@ -71,6 +74,7 @@ impl Role {
             Role::IoThread => "iothread",
             Role::Snapshot => "snapshot",
             Role::Loader => "loader",
+            Role::Faults => "faults",
             Role::Helper => "helper",
         }
     }
@@ -188,6 +192,7 @@ const CONTROL: &[i64] = &[
 const KVM_IOCTL: u64 = 0xAE;
 const TTY_SOCK_IOCTL: u64 = 0x54;
 const FS_IOCTL: u64 = 0x94;
+const USERFAULTFD_IOCTL: u64 = 0xAA;
 
 fn syscalls(role: Role) -> (Vec<i64>, &'static [u64]) {
     let mut v: Vec<i64> = COMMON.to_vec();
@@ -210,6 +215,10 @@ fn syscalls(role: Role) -> (Vec<i64>, &'static [u64]) {
             v.extend(FILES_AND_NET);
             v.extend([libc::SYS_io_uring_setup, libc::SYS_setpriority]);
             &[TTY_SOCK_IOCTL]
+        }
+        Role::Faults => {
+            v.extend(RING);
+            &[USERFAULTFD_IOCTL]
         }
         Role::Helper => {
             v.extend([libc::SYS_setpriority, libc::SYS_poll]);
@@ -310,7 +319,7 @@ mod tests {
 
     #[test]
     fn every_role_compiles_and_none_allows_process_creation() {
-        for r in [Role::Control, Role::Vcpu, Role::IoThread, Role::Snapshot, Role::Loader, Role::Helper] {
+        for r in [Role::Control, Role::Vcpu, Role::IoThread, Role::Snapshot, Role::Loader, Role::Faults, Role::Helper] {
             program(r, SeccompAction::KillProcess).unwrap();
             let (calls, _) = syscalls(r);
             for bad in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_fork, libc::SYS_vfork, libc::SYS_ptrace, libc::SYS_mount, libc::SYS_getppid] {

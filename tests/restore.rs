@@ -180,6 +180,62 @@ fn mapped_restore_verifies_and_saves_over_its_own_file() {
     }
 }
 
+/// Lazy restore (2 vCPUs dirtying memory when saved): the guest runs as
+/// soon as its state is applied (MIGRATION postcopy-active, then completed
+/// once all of RAM is in), finishes its dirty loop and verifies every page;
+/// a snapshot is refused until the load completes. A page corrupted in the
+/// file ends the process with status 1 and the page's address, and the
+/// `--loadstate FILE,lazy=on` spelling works.
+#[test]
+fn lazy_restore_runs_first_and_verifies() {
+    if !require_kvm("lazy_restore_runs_first_and_verifies") {
+        return;
+    }
+    let dir = Scratch::new("restore-lazy");
+    let g = guest_elf(&dir);
+    let file = dir.path("vm.state");
+    let work = "work=mem mib=160 secs=8 rate=50 beat=200";
+    snapshot_and_quit(&dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--cmdline", work], &file, "ringvm-guest: beat 2");
+    let sock = dir.path("lazy.sock");
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", "lazy", "--qmp"]).arg(&sock));
+    let mut q = Qmp::negotiated(&sock);
+    let t0 = std::time::Instant::now();
+    while q.ok("query-status", json!({}))["status"] == "inmigrate" {
+        assert!(t0.elapsed() < T, "the lazy restore never ran the guest");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let m = q.ok("query-migrate", json!({}));
+    if m["status"] == "postcopy-active" {
+        let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("during.state").to_str().unwrap()}}));
+        assert!(r["error"]["desc"].as_str().unwrap_or_default().contains("still loading RAM"), "{r}");
+    }
+    let ev = q.wait_event("MIGRATION");
+    let ev = if ev["data"]["status"] == "postcopy-active" { q.wait_event("MIGRATION") } else { ev };
+    assert_eq!(ev["data"]["status"], "completed", "{ev}");
+    let m = q.ok("query-migrate", json!({}));
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(m["ram"]["transferred"].as_u64().unwrap_or(0) >= 140 << 20, "{m}");
+    // Once in, a snapshot works (of the restored guest, still dirtying).
+    q.savevm_completes(&dir.path("after.state"), T);
+    q.ok("savevm-end", json!({}));
+    drop(q);
+    let o = p.wait(T);
+    assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(!o.stdout.contains("ringvm-guest: start"), "the restored guest rebooted:\n{}", o.stdout);
+    assert!(o.stdout.contains("verify pages=40960 bad=0"), "{}", o.stdout);
+    // A flipped bit 100 MiB into the guest's pages: found while the guest runs.
+    let mut v = std::fs::read(&file).unwrap();
+    v[(1 << 20) + (100 << 20) + 777] ^= 1;
+    let bad = dir.path("bad.state");
+    std::fs::write(&bad, &v).unwrap();
+    let arg = format!("{},lazy=on", bad.display());
+    let o = ringvm(&["run", "--loadstate", &arg], T);
+    assert_eq!(o.code(), 1, "stdout {}\nstderr {}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("bad.state") && o.stderr.contains("lazy restore failed") && o.stderr.contains("fails its checksum"), "{}", o.stderr);
+    assert!(!o.stdout.contains("RESULT PASS"), "the guest finished on a bad page: {}", o.stdout);
+}
+
 #[test]
 fn bad_state_files_are_one_line_errors() {
     if !require_kvm("bad_state_files_are_one_line_errors") {
@@ -344,17 +400,21 @@ fn restore_with_disk_under_verify_load() {
     assert!(info.stdout.contains("1 disk(s)"), "{}", info.stdout);
 
     // Restore with the disk the file names; the guest goes on verifying.
-    let _ = std::fs::remove_file(&sock);
-    let r = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--qmp"]).arg(&sock));
-    let mut q = Qmp::negotiated(&sock);
-    wait_passes(&r, 3, "the restored guest made no progress");
-    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
-    q.ok("quit", json!({}));
-    let o = r.wait(T);
-    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(!o.stdout.contains("ringvm-guest: start"), "the restored guest rebooted:\n{}", o.stdout);
-    assert_passes_clean(&o.stdout);
-    assert!(!o.stdout.contains("status "), "{}", o.stdout);
+    // Lazily too: then the disk's reads land in pages still missing, and
+    // the guest's buffers come in by fault.
+    for mode in ["read", "lazy"] {
+        let _ = std::fs::remove_file(&sock);
+        let r = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", mode, "--qmp"]).arg(&sock));
+        let mut q = Qmp::negotiated(&sock);
+        wait_passes(&r, 3, "the restored guest made no progress");
+        assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+        q.ok("quit", json!({}));
+        let o = r.wait(T);
+        assert_eq!(o.code(), 0, "{mode}: {}\n{}", o.stdout, o.stderr);
+        assert!(!o.stdout.contains("ringvm-guest: start"), "{mode}: the restored guest rebooted:\n{}", o.stdout);
+        assert_passes_clean(&o.stdout);
+        assert!(!o.stdout.contains("status "), "{mode}: {}", o.stdout);
+    }
 
     // The wrong disk is refused before anything runs.
     let other = dir.path("other.img");

@@ -29,7 +29,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::format::{Checked, PAGE};
 
 const MAX_INFLIGHT: usize = 32;
-const RUN_PAGES: u64 = 256;
+pub(super) const RUN_PAGES: u64 = 256;
 
 pub struct LoadStats {
     pub bytes: u64,
@@ -54,6 +54,10 @@ pub enum RamMode {
     /// must not be truncated or rewritten while the VM runs. Not for
     /// `nfs://`.
     Map,
+    /// The guest runs once its vCPU and device state are applied; RAM
+    /// comes in behind it through a userfaultfd (see `snapshot::lazy`). A
+    /// bad page found after that ends the process. Not for `nfs://`.
+    Lazy,
 }
 
 /// Files whose pages back guest RAM after a mapped restore, as (device,
@@ -78,7 +82,7 @@ fn on_memory_fs(f: &File) -> bool {
 }
 
 /// Plans the reads: runs of present pages.
-fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<(Vec<Run>, Vec<Vec<u32>>, Vec<u64>), String> {
+pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<(Vec<Run>, Vec<Vec<u32>>, Vec<u64>), String> {
     // Runs of present pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
@@ -137,6 +141,9 @@ pub fn spawn_loader(
     progress: Arc<AtomicU64>,
     done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
 ) -> Result<(), String> {
+    if mode == RamMode::Lazy {
+        return Err("a lazy restore starts with snapshot::lazy::spawn".into());
+    }
     let (runs, crcs, gpas) = plan(checked, mem)?;
     let nfs = path.to_str().is_some_and(crate::nfs::is_uri);
     if mode == RamMode::Map && nfs {
@@ -175,7 +182,8 @@ pub fn spawn_loader(
         .map_err(|e| format!("cannot start the loader thread: {e}"))
 }
 
-type Run = (u64, usize, u64, usize, u64);
+/// (file offset, host address, pages, region, first page).
+pub(super) type Run = (u64, usize, u64, usize, u64);
 
 /// Checks every page of a run that is in guest RAM against its checksum.
 fn verify(run: &Run, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {

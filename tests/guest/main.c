@@ -335,9 +335,11 @@ void guest_main(u32 cpu) {
         ranges[nr_ranges].first_page = nr_ranges ? ranges[nr_ranges - 1].first_page + ranges[nr_ranges - 1].pages : 0;
         nr_ranges++;
     }
-    u32 n = count_cpus_mptable();
-    if (!n) n = count_cpus_acpi(si->rsdp_paddr);
+    /* ACPI's MADT first: firmware that counts the CPUs it could wake (SeaBIOS
+     * under some hypervisors) writes an MP table with fewer than exist. */
+    u32 n = count_cpus_acpi(si->rsdp_paddr);
     if (!n) n = count_cpus_acpi(find_rsdp());
+    if (!n) n = count_cpus_mptable();
     if (!n) n = 1;
     if (n > MAX_CPUS) n = MAX_CPUS;
     printk("ringvm-guest: start cpus=%u ram=%uMiB cmdline=\"%s\"\n", (u64)n, ram_total / MIB, cmdline);
