@@ -79,7 +79,12 @@ fn run(mut cmd: Command, deadline: Duration) -> Result<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = waiter.join().unwrap()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        // Whatever the program said about it, for the notes.
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(text)
 }
 
 pub fn ringvm(
@@ -156,7 +161,8 @@ pub fn qemu(guest: &Path, file: &Path, job: Job, queues: u32, secs: u64) -> Resu
         "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
         file.display()
     ))
-    .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,lun=0"]);
+    // JSON too: a legacy -device cannot name the bus of a JSON one.
+    .args(["-device", r#"{"driver":"scsi-hd","drive":"d0","bus":"scsi0.0","lun":0}"#]);
     parse(&run(c, Duration::from_secs(secs + 120))?, queues)
 }
 
