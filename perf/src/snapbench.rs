@@ -228,6 +228,45 @@ pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: 
     res
 }
 
+/// `ringvm run -S --loadstate FILE --restore-ram lazy`: milliseconds from
+/// process start to a paused VM with its state applied (RAM still coming),
+/// and to `query-migrate` saying completed (all of RAM in).
+pub fn restore_lazy(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
+    let sock = dir.join("restore.sock");
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    let child = command(None, bin)
+        .args(["run", "-S", "--serial", "off", "--restore-ram", "lazy", "--loadstate"])
+        .arg(file)
+        .arg("--qmp")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let res = (|| -> Result<(f64, f64)> {
+        let mut q = qmp(&sock)?;
+        let mut ready = None;
+        loop {
+            if ready.is_none() && cmd(&mut q, json!({"execute": "query-status"}))?["return"]["status"] != "inmigrate" {
+                ready = Some(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            if ready.is_some() && cmd(&mut q, json!({"execute": "query-migrate"}))?["return"]["status"] == "completed" {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("lazy restore did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let all = t0.elapsed().as_secs_f64() * 1e3;
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        Ok((ready.unwrap_or(all), all))
+    })();
+    reap(child)?;
+    res
+}
+
 /// fio reading `bytes` sequentially from `file` (1 MiB, QD32, O_DIRECT):
 /// milliseconds.
 /// `force_async`: every read on its own io-wq worker (IOSQE_ASYNC), which
@@ -607,6 +646,8 @@ fn uncache(file: &Path) {
 
 /// ringvm restoring with `--restore-ram read` (the /dev/shm rows).
 const READ: &str = "ringvm read";
+/// ringvm restoring with `--restore-ram lazy` (local disk rows).
+const LAZY: &str = "ringvm lazy";
 
 /// On a memory target, guest-sized memory held while fio writes, as a
 /// VMM's guest RAM is held while it writes its state file.
@@ -666,6 +707,16 @@ fn turn(c: &crate::Ctx, r: &mut crate::report::Report, case: &Case, sys: &str) -
                 // The default there maps the file; the copy, for comparison.
                 let (ms, _) = restore(None, &c.bin, &c.dir, &file, &["--restore-ram", "read"])?;
                 record_restore(r, &k, READ, ms, fill_bytes);
+            }
+            if case.target == LOCAL {
+                uncache(&file);
+                match restore_lazy(&c.bin, &c.dir, &file) {
+                    Ok((ready, all)) => {
+                        r.sample(&k, LAZY, "restore_ms", "ms", ready);
+                        r.sample(&k, LAZY, "all_in_ms", "ms", all);
+                    }
+                    Err(e) => r.note(format!("ringvm lazy restore: {e:#}")),
+                }
             }
             if c.have_fio {
                 let present = std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
@@ -838,6 +889,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
                 guest(case),
                 cell(ours, 0),
                 if case.target == SHM { cell(s(READ, "restore_ms"), 0) } else { "-".into() },
+                if case.target == LOCAL { format!("{} / {}", cell(s(LAZY, "restore_ms"), 0), cell(s(LAZY, "all_in_ms"), 0)) } else { "-".into() },
                 cell(s("ringvm", "restore_mbs"), 0),
                 cell(s("ringvm", "restore_qmp_p99_ms"), 2),
                 cell(s("fio", "read_ms"), 0),
@@ -864,8 +916,8 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     );
     r.table(
         "snapshot: restore",
-        "ringvm: `ringvm run -S --loadstate FILE`, process start until QMP says `paused` (RAM loaded and checked, all state applied). On /dev/shm its default maps the file over guest RAM (private, copy-on-write; every page's checksum checked through the mapping); 'ringvm read' is `--restore-ram read` there, the io_uring copy into fresh guest RAM that is the default elsewhere. `query-status` every millisecond during the load (p99 of their round trips). QEMU: `-S -incoming defer` + `migrate-incoming file:` of its own file, process start until `completed` (`query-migrate` every millisecond). Before every restore the state file is flushed and dropped from the page cache (posix_fadvise DONTNEED), so each system reads it from the disk: without that, QEMU's plain stream (written through the page cache) was read back from memory while ringvm's (written O_DIRECT) came from the disk. MB/s = guest RAM in use / time. fio reads the state file's allocated bytes (1 MiB, QD32, O_DIRECT where taken).",
-        &["target", "guest", "ringvm ms", "ringvm read ms", "ringvm MB/s", "p99 query-status ms", "fio read ms", "ringvm/fio", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
+        "ringvm: `ringvm run -S --loadstate FILE`, process start until QMP says `paused` (RAM loaded and checked, all state applied). On /dev/shm its default maps the file over guest RAM (private, copy-on-write; every page's checksum checked through the mapping); 'ringvm read' is `--restore-ram read` there, the io_uring copy into fresh guest RAM that is the default elsewhere. 'ringvm lazy' (local disk) is `--restore-ram lazy`: process start until `paused` with the state applied and RAM still coming through the userfaultfd, then until `query-migrate` says completed. `query-status` every millisecond during the load (p99 of their round trips). QEMU: `-S -incoming defer` + `migrate-incoming file:` of its own file, process start until `completed` (`query-migrate` every millisecond). Before every restore the state file is flushed and dropped from the page cache (posix_fadvise DONTNEED), so each system reads it from the disk: without that, QEMU's plain stream (written through the page cache) was read back from memory while ringvm's (written O_DIRECT) came from the disk. MB/s = guest RAM in use / time. fio reads the state file's allocated bytes (1 MiB, QD32, O_DIRECT where taken).",
+        &["target", "guest", "ringvm ms", "ringvm read ms", "ringvm lazy ms (paused / all RAM in)", "ringvm MB/s", "p99 query-status ms", "fio read ms", "ringvm/fio", "QEMU mapped-ram ms", "QEMU plain ms", "ringvm/QEMU mapped-ram", "ringvm/QEMU plain"],
         &restore_rows,
     );
 
@@ -902,6 +954,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         let (save, fio_w, sync_w, fio_r) = (s("ringvm", "save_mbs"), s("fio", "write_mbs"), s("sync writer", "write_mbs"), s("fio", "read_ms"));
         let fio_pre = s("fio preallocated", "write_mbs");
         let rread = s(READ, "restore_ms");
+        let (lazy_ready, lazy_all) = (s(LAZY, "restore_ms"), s(LAZY, "all_in_ms"));
         let (t, tm, tp, rs, rm, rp) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"), s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
         let at = if fill == DENSE_PCT { format!("{target}, {}", gib(mib)) } else { format!("{target}, {}, {fill}% used", gib(mib)) };
         r.headline(&format!("save MB/s vs fio QD32 (new file), {at}"), ("MB/s", save), ("fio MB/s", fio_w), false);
@@ -914,6 +967,10 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         r.headline(&format!("restore time vs fio read, {at}"), ("ms", rs), ("fio ms", fio_r), true);
         if target == SHM {
             r.headline(&format!("restore time with --restore-ram read vs fio read, {at}"), ("ms", rread), ("fio ms", fio_r), true);
+        }
+        if target == LOCAL {
+            r.headline(&format!("lazy restore: time to a paused VM vs fio read, {at}"), ("ms", lazy_ready), ("fio ms", fio_r), true);
+            r.headline(&format!("lazy restore: time to all RAM in vs fio read, {at}"), ("ms", lazy_all), ("fio ms", fio_r), true);
         }
         r.headline(&format!("restore time vs QEMU mapped-ram, {at}"), ("ms", rs), ("QEMU ms", rm), true);
         r.headline(&format!("restore time vs QEMU migrate file:, {at}"), ("ms", rs), ("QEMU ms", rp), true);
