@@ -341,6 +341,23 @@ fn issue(ring: &mut Ring, st: &St) {
     }
 }
 
+/// Watches the userfaultfd for faults (a multishot poll, armed again if
+/// the kernel ends it while pages are still missing).
+fn arm(ring: &mut Ring, st: &St, poll: &Rc<std::cell::Cell<Option<ring::OpId>>>) {
+    let ufd = st.borrow().uffd.0.as_raw_fd();
+    let (st2, poll2) = (st.clone(), poll.clone());
+    let id = ring.submit(2, Op::Poll { fd: ufd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
+        if c.result.is_ok() {
+            st2.borrow_mut().faults();
+            issue(ring, &st2);
+        }
+        if !c.more && poll2.get().is_some() && st2.borrow().left > 0 {
+            arm(ring, &st2, &poll2);
+        }
+    });
+    poll.set(Some(id));
+}
+
 /// Starts a lazy restore of `path` into `mem` (the vCPUs parked, guest RAM
 /// untouched since it was mapped). `ready` runs on the fault thread once
 /// faults are served: the VM may apply its state and run. `streamed` runs
@@ -381,14 +398,8 @@ pub fn spawn(
                 eprintln!("ringvm: state file {}: lazy restore failed: {e}; the running guest cannot get this memory, stopping", path.display());
                 std::process::exit(1)
             };
-            let ufd = st.borrow().uffd.0.as_raw_fd();
-            let st2 = st.clone();
-            let poll = ring.submit(2, Op::Poll { fd: ufd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
-                if c.result.is_ok() {
-                    st2.borrow_mut().faults();
-                    issue(ring, &st2);
-                }
-            });
+            let poll = Rc::new(std::cell::Cell::new(None));
+            arm(&mut ring, &st, &poll);
             issue(&mut ring, &st);
             loop {
                 if let Some(e) = st.borrow().err.clone() {
@@ -409,7 +420,9 @@ pub fn spawn(
                     fatal(format!("UFFDIO_UNREGISTER: {e}"));
                 }
             }
-            ring.cancel(poll);
+            if let Some(p) = poll.take() {
+                ring.cancel(p);
+            }
             while ring.in_flight() > 0 && ring.run_once(true).is_ok() {}
             let (bytes, faults) = (st.borrow().bytes, st.borrow().faults);
             progress.store(bytes, Ordering::Relaxed);
