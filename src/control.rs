@@ -375,9 +375,10 @@ impl Controller {
         Ok(json!({}))
     }
 
-    /// `device_del id=scsiC-lunL`: the disk's requests in flight finish,
-    /// new ones find no LUN, the file is closed, the guest is told (a
-    /// virtio-scsi hotplug event) and clients get DEVICE_DELETED.
+    /// `device_del id=scsiC-lunL`: new requests find no LUN at once; when
+    /// the disk's requests in flight have finished, the file is closed,
+    /// the guest is told (a virtio-scsi hotplug event) and clients get
+    /// DEVICE_DELETED.
     fn device_del(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
         let id = req.arguments.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
         if !self.vm.blocks().iter().any(|b| b.device == id && !b.removed) {
@@ -391,8 +392,12 @@ impl Controller {
         if matches!(self.state, RunState::InMigrate | RunState::FinishMigrate) {
             return Err(QmpError::generic(format!("device_del {id}: not while the VM is in state '{}'", self.state.as_str())));
         }
-        self.vm.unplug_disk(&id).map_err(QmpError::generic)?;
-        self.broadcast("DEVICE_DELETED", Some(json!({"device": id, "path": format!("/machine/peripheral/{id}")})));
+        // As in QEMU, the command returns once the unplug is under way;
+        // DEVICE_DELETED says when it is done (the LUN's requests finished,
+        // its file closed). The control loop never waits for it.
+        let events = self.vm.events().clone();
+        let name = id.clone();
+        self.vm.unplug_disk(&id, move || events.push(VmEvent::DeviceDeleted(name))).map_err(QmpError::generic)?;
         Ok(json!({}))
     }
 
@@ -490,6 +495,10 @@ impl Controller {
             VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
             VmEvent::Snapshot(step) => self.on_snapshot_step(step),
             VmEvent::Restored(r) => self.on_restored(r),
+            VmEvent::DeviceDeleted(id) => {
+                let path = format!("/machine/peripheral/{id}");
+                self.broadcast("DEVICE_DELETED", Some(json!({"device": id, "path": path})));
+            }
             VmEvent::Streamed(bytes) => {
                 self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
                 self.incoming.status = Some("completed");

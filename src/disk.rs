@@ -34,9 +34,6 @@ pub struct DiskSpec {
     pub removed: bool,
 }
 
-/// How long an unplug waits for the disk's requests in flight.
-const UNPLUG_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Request queues per controller at most.
 pub const MAX_QUEUES: u32 = 64;
 
@@ -175,12 +172,14 @@ impl Storage {
         Ok(())
     }
 
-    /// Unplugs the disk `device` (its query-block name): see
-    /// [`Hotplug::unplug`]. Called with no lock held.
-    pub fn unplug(&mut self, device: &str) -> std::result::Result<BlockInfo, String> {
+    /// Starts unplugging the disk `device` (its query-block name): see
+    /// [`Hotplug::unplug_async`]; `done` runs when it is complete. The
+    /// disk is gone from `blocks` (and from snapshots' disk lists, as an
+    /// empty slot) from now on.
+    pub fn unplug(&mut self, device: &str, done: impl FnOnce() + Send + 'static) -> std::result::Result<BlockInfo, String> {
         let i = self.blocks.iter().position(|b| b.device == device && !b.removed).ok_or_else(|| format!("Device '{device}' not found"))?;
         let b = &self.blocks[i];
-        self.hotplug[b.controller].unplug(b.lun, UNPLUG_DEADLINE).map_err(|e| format!("device_del {device}: {e}"))?;
+        self.hotplug[b.controller].unplug_async(b.lun, done).map_err(|e| format!("device_del {device}: {e}"))?;
         self.blocks[i].removed = true;
         Ok(self.blocks[i].clone())
     }

@@ -27,6 +27,8 @@ pub enum VmEvent {
     Restored(Result<u64, String>),
     /// A lazy restore has all of RAM in (bytes).
     Streamed(u64),
+    /// A disk's unplug completed (its query-block name).
+    DeviceDeleted(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

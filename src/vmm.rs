@@ -303,10 +303,11 @@ impl Vm {
         self.storage.restore_state(&section.devices).map_err(Error::Config)
     }
 
-    /// Unplugs a disk by its query-block name (no lock held while its
-    /// iothreads finish its requests).
-    pub fn unplug_disk(&mut self, device: &str) -> std::result::Result<crate::disk::BlockInfo, String> {
-        self.storage.unplug(device)
+    /// Starts unplugging a disk by its query-block name; `done` runs
+    /// (on an iothread) once its requests in flight are done and its file
+    /// is closed.
+    pub fn unplug_disk(&mut self, device: &str, done: impl FnOnce() + Send + 'static) -> std::result::Result<crate::disk::BlockInfo, String> {
+        self.storage.unplug(device, done)
     }
 
     pub fn storage(&self) -> &crate::disk::Storage {

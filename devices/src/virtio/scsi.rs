@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ring::{Completion, Fd, Op, OpId, Remote, Ring, SourceId};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -1000,42 +1000,58 @@ pub struct Hotplug {
 }
 
 impl Hotplug {
-    /// Unplugs LUN `lun`. From the moment this is called, new requests to
-    /// it are answered as for an absent LUN. Then every iothread of the
-    /// controller is asked to report once it has seen that and the LUN's
-    /// requests in flight have completed; this thread waits for those
-    /// answers (an event each, with `deadline`), never on the loops.
-    /// Then the file is closed and, if the driver took hotplug events, it
-    /// is sent TRANSPORT_RESET / REMOVED for the LUN.
-    pub fn unplug(&self, lun: usize, deadline: Duration) -> crate::Result<()> {
+    /// Unplugs LUN `lun` and returns at once; `done` runs (on an iothread)
+    /// when it is complete. From the moment this is called, new requests to
+    /// the LUN are answered as for an absent LUN. Every iothread of the
+    /// controller is asked to answer once it has seen that and the LUN's
+    /// requests in flight have completed; the last answer closes the file,
+    /// sends the driver TRANSPORT_RESET / REMOVED if it took hotplug events,
+    /// and calls `done`. Nobody waits: like QEMU's device_del, completion
+    /// is an event. An answer dropped unrun (a reset forgot the queue after
+    /// quiescing it, or an iothread that stopped) counts as given.
+    pub fn unplug_async(&self, lun: usize, done: impl FnOnce() + Send + 'static) -> crate::Result<()> {
         let disk = self.disks.get(lun).ok_or_else(|| crate::Error::Disk { path: format!("lun {lun}"), what: "no such LUN".into() })?;
         if disk.removed.swap(true, Ordering::AcqRel) {
             return Err(crate::Error::Disk { path: disk.path.clone(), what: "already unplugged".into() });
         }
-        let (tx, rx) = mpsc::channel::<()>();
-        let mut asked = 0;
+        let last = Arc::new(Unplugging { disks: self.disks.clone(), lun, events: self.events.clone(), done: Mutex::new(Some(Box::new(done))) });
         for remote in &self.iothreads {
-            let (tx, disks) = (tx.clone(), self.disks.clone());
+            let (token, disks) = (last.clone(), self.disks.clone());
             // Each iothread runs this after whatever request it is in the
             // middle of: from then on it sees the LUN removed.
-            if remote.send(move |_| Worker::drain_lun(&disks, lun as u16, Box::new(move || {
-                let _ = tx.send(());
-            }))).is_ok() {
-                asked += 1;
-            }
+            let _ = remote.send(move |_| Worker::drain_lun(&disks, lun as u16, Box::new(move || drop(token))));
         }
-        drop(tx);
-        let end = Instant::now() + deadline;
-        for _ in 0..asked {
-            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(()) => {}
-                // A reset dropped the waits: it had quiesced the queues.
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(crate::Error::Disk { path: disk.path.clone(), what: format!("requests still in flight after {deadline:?}; the file stays open") });
-                }
-            }
-        }
+        Ok(())
+    }
+
+    /// [`Hotplug::unplug_async`], waiting up to `deadline` for it.
+    pub fn unplug(&self, lun: usize, deadline: Duration) -> crate::Result<()> {
+        let (tx, rx) = mpsc::channel::<()>();
+        self.unplug_async(lun, move || {
+            let _ = tx.send(());
+        })?;
+        rx.recv_timeout(deadline).map_err(|_| crate::Error::Disk { path: self.disks[lun].path.clone(), what: format!("requests still in flight after {deadline:?}") })
+    }
+
+    /// Whether LUN `lun` exists and is still plugged.
+    pub fn present(&self, lun: usize) -> bool {
+        self.disks.get(lun).is_some_and(|d| !d.is_removed())
+    }
+}
+
+/// An unplug in progress: held by each iothread's answer; the last one
+/// dropped finishes it.
+struct Unplugging {
+    disks: Arc<Vec<Disk>>,
+    lun: usize,
+    events: Arc<Mutex<Option<(Remote, SourceId)>>>,
+    done: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Drop for Unplugging {
+    fn drop(&mut self) {
+        let lun = self.lun;
+        let disk = &self.disks[lun];
         disk.close();
         let ev = self.events.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some((remote, source)) = ev {
@@ -1046,12 +1062,9 @@ impl Hotplug {
             let _ = remote.send(move |ring| EventQ::post(ring, source, e));
         }
         log::info!("virtio-scsi: lun {lun} ({}) unplugged", disk.path);
-        Ok(())
-    }
-
-    /// Whether LUN `lun` exists and is still plugged.
-    pub fn present(&self, lun: usize) -> bool {
-        self.disks.get(lun).is_some_and(|d| !d.is_removed())
+        if let Some(done) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            done();
+        }
     }
 }
 
