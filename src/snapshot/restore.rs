@@ -28,8 +28,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::format::{Checked, PAGE};
 
-const MAX_INFLIGHT: usize = 32;
-pub(super) const RUN_PAGES: u64 = 256;
+/// Reads in flight and pages per read. 64 x 2 MiB restored a 7.2 GiB
+/// state from this project's virtio disk in a median 2558 ms, against
+/// 2977 ms with 32 x 1 MiB and 2760 ms with 32 x 2 MiB (5-7 runs each,
+/// page cache dropped).
+const MAX_INFLIGHT: usize = 64;
+pub(super) const RUN_PAGES: u64 = 512;
 
 pub struct LoadStats {
     pub bytes: u64,
