@@ -14,25 +14,9 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(120);
 
-/// Boots (or restores) with QMP, snapshots to `file` once the guest is
-/// dirtying memory, then lets the guest finish; returns its output.
-fn run_and_snapshot(dir: &Scratch, args: &[&str], file: &Path, wait_for: &str) -> Output {
-    let sock = dir.path("qmp.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(args).arg("--qmp").arg(&sock));
-    p.wait_for_output(wait_for, T);
-    let mut q = Qmp::negotiated(&sock);
-    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap()}));
-    let s = q.wait_savevm(T);
-    assert_eq!(s["status"], "completed", "{s}");
-    q.ok("savevm-end", json!({}));
-    drop(q);
-    p.wait(T)
-}
-
-/// Like [`run_and_snapshot`], then quits the VM at once (its guest may
-/// have long to run: time the restored one needs).
-fn snapshot_and_quit(dir: &Scratch, args: &[&str], file: &Path, wait_for: &str) {
+/// Boots (or restores) with QMP and snapshots to `file` once the guest
+/// printed `wait_for`; the snapshot must complete. The VM keeps running.
+fn start_and_snapshot(dir: &Scratch, args: &[&str], file: &Path, wait_for: &str) -> (Proc, Qmp) {
     let sock = dir.path("qmp.sock");
     let _ = std::fs::remove_file(&sock);
     let mut p = Proc::spawn(Command::new(ringvm_bin()).args(args).arg("--qmp").arg(&sock));
@@ -40,6 +24,20 @@ fn snapshot_and_quit(dir: &Scratch, args: &[&str], file: &Path, wait_for: &str) 
     let mut q = Qmp::negotiated(&sock);
     q.savevm_completes(file, T);
     q.ok("savevm-end", json!({}));
+    (p, q)
+}
+
+/// [`start_and_snapshot`], then lets the guest finish; returns its output.
+fn run_and_snapshot(dir: &Scratch, args: &[&str], file: &Path, wait_for: &str) -> Output {
+    let (p, q) = start_and_snapshot(dir, args, file, wait_for);
+    drop(q);
+    p.wait(T)
+}
+
+/// [`start_and_snapshot`], then quits the VM at once (its guest may have
+/// long to run: time the restored one needs).
+fn snapshot_and_quit(dir: &Scratch, args: &[&str], file: &Path, wait_for: &str) {
+    let (p, mut q) = start_and_snapshot(dir, args, file, wait_for);
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }
@@ -197,14 +195,7 @@ fn lazy_restore_runs_first_and_verifies() {
     let work = "work=mem mib=160 secs=8 rate=50 beat=200";
     snapshot_and_quit(&dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--cmdline", work], &file, "ringvm-guest: beat 2");
     let sock = dir.path("lazy.sock");
-    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", "lazy", "--qmp"]).arg(&sock));
-    let mut q = Qmp::negotiated(&sock);
-    let t0 = std::time::Instant::now();
-    while q.ok("query-status", json!({}))["status"] == "inmigrate" {
-        assert!(t0.elapsed() < T, "the lazy restore never ran the guest");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    let (p, mut q) = restored_running(&sock, &["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", "lazy"]);
     let m = q.ok("query-migrate", json!({}));
     if m["status"] == "postcopy-active" {
         let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("during.state").to_str().unwrap()}}));

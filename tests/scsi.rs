@@ -142,11 +142,7 @@ fn query_block_lists_disks() {
         "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--iothreads", "2", "--cmdline", "work=spin secs=inf",
         "--disk", &format!("path={d0},cache=none"), "--disk", &format!("path={d1},readonly=on,iothread=1"), "--qmp", sock.to_str().unwrap(),
     ]));
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < T);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(&sock);
     let mut q = Qmp::negotiated(&sock);
     let v = q.exec("query-block");
     let list = v.as_array().unwrap();

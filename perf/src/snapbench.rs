@@ -182,11 +182,11 @@ pub fn ringvm(
 /// Restores `file` with -S and measures the time until the VM is paused
 /// with all state applied (QMP query-status leaves inmigrate); also the
 /// p99 of back-to-back query-status latencies during the load.
-/// `extra`: more `ringvm run` arguments (e.g. `--restore-ram read`).
-pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: &[&str]) -> Result<(f64, f64)> {
+/// Starts `ringvm run -S --loadstate FILE EXTRA` with QMP on a socket in
+/// `dir`; returns the child and the socket.
+fn spawn_restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: &[&str]) -> Result<(std::process::Child, std::path::PathBuf)> {
     let sock = dir.join("restore.sock");
     let _ = std::fs::remove_file(&sock);
-    let t0 = Instant::now();
     let child = command(netns, bin)
         .args(["run", "-S", "--serial", "off", "--loadstate"])
         .arg(file)
@@ -197,6 +197,13 @@ pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    Ok((child, sock))
+}
+
+/// `extra`: more `ringvm run` arguments (e.g. `--restore-ram read`).
+pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: &[&str]) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let (child, sock) = spawn_restore(netns, bin, dir, file, extra)?;
     let res = (|| -> Result<(f64, f64)> {
         let mut q = qmp(&sock)?;
         let mut lat: Vec<f64> = Vec::new();
@@ -232,18 +239,8 @@ pub fn restore(netns: Option<&str>, bin: &Path, dir: &Path, file: &Path, extra: 
 /// process start to a paused VM with its state applied (RAM still coming),
 /// and to `query-migrate` saying completed (all of RAM in).
 pub fn restore_lazy(bin: &Path, dir: &Path, file: &Path) -> Result<(f64, f64)> {
-    let sock = dir.join("restore.sock");
-    let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
-    let child = command(None, bin)
-        .args(["run", "-S", "--serial", "off", "--restore-ram", "lazy", "--loadstate"])
-        .arg(file)
-        .arg("--qmp")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let (child, sock) = spawn_restore(None, bin, dir, file, &["--restore-ram", "lazy"])?;
     let res = (|| -> Result<(f64, f64)> {
         let mut q = qmp(&sock)?;
         let mut ready = None;
