@@ -270,6 +270,23 @@ pub fn prepare_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Reads the whole file once, untimed, before anything is measured. The
+/// disk under this machine is itself virtual: after an idle spell the first
+/// tens of seconds of reads ran at a fifth of the later speed (session 9:
+/// 63-137 MB/s in the first two repetitions of 4k QD32, then 530-590 for
+/// both sides), and whichever side drew those runs lost the median.
+pub fn warm_file(path: &Path) -> Result<()> {
+    let st = Command::new("fio")
+        .args(["--name=warm", "--ioengine=io_uring", "--direct=1", "--rw=read", "--bs=1M", "--iodepth=8", "--output-format=terse"])
+        .arg(format!("--filename={}", path.display()))
+        .output()
+        .context("fio (warm-up read)")?;
+    if !st.status.success() {
+        bail!("fio warm-up read failed: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(())
+}
+
 /// The suite: every job, ring and fio alternating (A B / B A).
 pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     use crate::report::{cell, ratio};
@@ -279,9 +296,11 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     }
     let (size, secs) = if c.quick { (256u64 << 20, 1.0) } else { (2u64 << 30, 5.0) };
     let path = c.scratch()?.join("ring-bench.dat");
-    r.begin("ring", (JOBS.len() * c.reps * 2) as u64 + 1);
+    r.begin("ring", (JOBS.len() * c.reps * 2) as u64 + 2);
     r.step(format!("preparing {} MiB file", size >> 20));
     prepare_file(&path, size)?;
+    r.step("reading it once, untimed, so the layers below are warm".to_string());
+    warm_file(&path)?;
     for job in JOBS {
         for rep in 0..c.reps {
             if crate::stopping() {
