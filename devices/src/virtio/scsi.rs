@@ -15,6 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use ring::{Completion, Fd, Op, OpId, Remote, Ring, SourceId};
+use smallvec::SmallVec;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -210,6 +211,8 @@ impl VirtioDevice for VirtioScsi {
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, acked: u64, queues: Vec<ActiveQueue>) -> crate::Result<()> {
+        // Shared, not cloned per request: a GuestMemoryMmap clone allocates.
+        let mem = Arc::new(mem);
         let event_idx = acked & VIRTIO_RING_F_EVENT_IDX != 0;
         let peers: Peers = Arc::default();
         let mut request_queues = Vec::new();
@@ -324,7 +327,7 @@ struct WorkerSetup {
     control: bool,
     index: u16,
     queue: Queue,
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     notify: EventFd,
     irq: Option<Arc<EventFd>>,
     disks: Arc<Vec<Disk>>,
@@ -356,7 +359,7 @@ impl WorkerSetup {
 struct Track {
     lun: u16,
     tag: u64,
-    ops: Vec<OpId>,
+    ops: SmallVec<[OpId; 2]>,
 }
 
 /// A task management function waiting for these heads to complete.
@@ -384,7 +387,8 @@ struct Worker {
     broken: bool,
     in_flight: Vec<bool>,
     pub completed: u64,
-    tracked: HashMap<u16, Track>,
+    /// By head index: the requests in flight (their nexus and ring ops).
+    tracked: Vec<Option<Track>>,
     tmf_waits: Vec<TmfWait>,
     tmfs: HashMap<u64, PendingTmf>,
     next_tmf: u64,
@@ -397,12 +401,16 @@ thread_local! {
 
 type W = Rc<RefCell<Worker>>;
 
+/// Guest memory segments of a chain; a request rarely has more than four,
+/// so they stay off the heap.
+type Segs = SmallVec<[(GuestAddress, usize); 4]>;
+
 /// Where a request's pieces are in guest memory.
 struct Req {
     head: u16,
-    resp: Vec<(GuestAddress, usize)>,
-    data_out: Vec<(GuestAddress, usize)>,
-    data_in: Vec<(GuestAddress, usize)>,
+    resp: Segs,
+    data_out: Segs,
+    data_in: Segs,
 }
 
 fn total(segs: &[(GuestAddress, usize)]) -> u64 {
@@ -410,8 +418,8 @@ fn total(segs: &[(GuestAddress, usize)]) -> u64 {
 }
 
 /// Splits `segs` at byte `at`: (first part, rest).
-fn split(segs: &[(GuestAddress, usize)], mut at: usize) -> (Vec<(GuestAddress, usize)>, Vec<(GuestAddress, usize)>) {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+fn split(segs: &[(GuestAddress, usize)], mut at: usize) -> (Segs, Segs) {
+    let (mut a, mut b) = (Segs::new(), Segs::new());
     for &(addr, len) in segs {
         if at >= len {
             a.push((addr, len));
@@ -485,7 +493,7 @@ impl Worker {
             broken: false,
             in_flight: vec![false; size],
             completed: 0,
-            tracked: HashMap::new(),
+            tracked: (0..size).map(|_| None).collect(),
             tmf_waits: Vec::new(),
             tmfs: HashMap::new(),
             next_tmf: 0,
@@ -505,7 +513,7 @@ impl Worker {
         ring.add_poller(source, move |ring| {
             let ready = {
                 let wk = w3.borrow();
-                !wk.stopped && !wk.broken && wk.s.queue.avail_idx(&wk.s.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.s.queue.next_avail())
+                !wk.stopped && !wk.broken && wk.s.queue.avail_idx(&*wk.s.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.s.queue.next_avail())
             };
             if ready {
                 Worker::process(&w3, ring);
@@ -561,14 +569,14 @@ impl Worker {
                     return;
                 }
                 if wk.s.event_idx {
-                    if let Err(e) = wk.s.queue.disable_notification(&mem) {
+                    if let Err(e) = wk.s.queue.disable_notification(&*mem) {
                         wk.mark_broken(&format!("disable notification: {e}"));
                         return;
                     }
                     wk.mark_used_ring();
                 }
                 let mut chains = Vec::new();
-                match wk.s.queue.iter(&mem) {
+                match wk.s.queue.iter(&*mem) {
                     Ok(it) => chains.extend(it),
                     Err(e) => {
                         wk.mark_broken(&format!("bad avail index: {e}"));
@@ -584,7 +592,7 @@ impl Worker {
             if wk.broken || wk.stopped {
                 return;
             }
-            let re_enabled = wk.s.queue.enable_notification(&mem);
+            let re_enabled = wk.s.queue.enable_notification(&*mem);
             wk.mark_used_ring();
             match re_enabled {
                 Ok(true) => continue,
@@ -599,7 +607,7 @@ impl Worker {
 
     fn handle(w: &W, ring: &mut Ring, chain: DescriptorChain<&GuestMemoryMmap>) {
         let head = chain.head_index();
-        let (mut rd, mut wr) = (Vec::new(), Vec::new());
+        let (mut rd, mut wr) = (Segs::new(), Segs::new());
         let mut bad_order = false;
         let mut n = 0u32;
         for d in chain {
@@ -644,14 +652,16 @@ impl Worker {
         if bad_order || n > SEG_MAX + 2 {
             return fail(w, &r, S_FAILURE);
         }
-        let Some(hdr) = read_segs(&mem, &hdr_segs, req_len) else { return fail(w, &r, S_FAILURE) };
+        let Some(hdr) = read_segs(&*mem, &hdr_segs, req_len) else { return fail(w, &r, S_FAILURE) };
         let lun = &hdr[0..8];
         if lun[0] != 1 || lun[1] != 0 {
             return fail(w, &r, S_BAD_TARGET);
         }
         let lun_id = usize::from(u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff);
         let tag = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
-        w.borrow_mut().tracked.insert(head, Track { lun: lun_id as u16, tag, ops: Vec::new() });
+        if let Some(t) = w.borrow_mut().tracked.get_mut(usize::from(head)) {
+            *t = Some(Track { lun: lun_id as u16, tag, ops: SmallVec::new() });
+        }
         let cdb = &hdr[19..19 + cdb_size];
         let disks = w.borrow().s.disks.clone();
         // An unplugged LUN answers as absent; with none left, so does the
@@ -665,7 +675,7 @@ impl Worker {
         let in_len = total(&r.data_in);
         let params = if scsi::wants_data_out(cdb) {
             let n = (out_len as usize).min(scsi::MAX_PARAM_LEN);
-            match read_segs(&mem, &r.data_out, n) {
+            match read_segs(&*mem, &r.data_out, n) {
                 Some(p) => p,
                 None => return fail(w, &r, S_FAILURE),
             }
@@ -681,7 +691,7 @@ impl Worker {
         match action {
             a @ Action::Done { .. } => Worker::done(w, &r, a),
             Action::Read { offset, len } => {
-                let Some(iov) = iovecs(&mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
+                let Some(iov) = iovecs(&*mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
                 let w2 = w.clone();
                 // SAFETY: the iovecs point into guest RAM, which stays mapped
                 // while this worker (holding the memory) lives; the guest
@@ -692,7 +702,7 @@ impl Worker {
                 Worker::track(w, head, &[id]);
             }
             Action::Write { offset, len, sync } => {
-                let Some(iov) = iovecs(&mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
+                let Some(iov) = iovecs(&*mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
                 // SAFETY: as for reads; the kernel only reads this memory.
                 let op = unsafe { Op::writev(fd, iov, offset) };
                 Worker::write_then_sync(w, ring, r, op, fd, sync, in_len);
@@ -794,7 +804,7 @@ impl Worker {
         match a {
             Action::Done { status, sense, data } => {
                 let n = (data.len() as u64).min(in_len) as usize;
-                if !write_segs(&mem, &r.data_in, &data[..n]) {
+                if !write_segs(&*mem, &r.data_in, &data[..n]) {
                     return Worker::respond(w, r, S_FAILURE, scsi::GOOD, None, 0, in_len);
                 }
                 Worker::respond(w, r, S_OK, status, sense, n as u64, in_len)
@@ -809,7 +819,8 @@ impl Worker {
             let wk = w.borrow();
             (wk.s.mem.clone(), wk.s.sense_size as usize)
         };
-        let mut resp = vec![0u8; 12 + sense_size];
+        let mut buf = [0u8; 12 + MAX_SENSE_SIZE as usize];
+        let resp = &mut buf[..12 + sense_size];
         let sb = sense.map(|s| s.fixed());
         let sense_len = sb.map_or(0, |s| s.len().min(sense_size));
         resp[0..4].copy_from_slice(&(sense_len as u32).to_le_bytes());
@@ -820,7 +831,7 @@ impl Worker {
         if let Some(s) = sb {
             resp[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
         }
-        let used = if write_segs(&mem, &r.resp, &resp) { resp.len() as u64 + data_in } else { 0 };
+        let used = if write_segs(&*mem, &r.resp, resp) { resp.len() as u64 + data_in } else { 0 };
         {
             let wk = w.borrow();
             wk.s.mark(&r.data_in);
@@ -836,7 +847,7 @@ impl Worker {
         if let Some(f) = wk.in_flight.get_mut(head as usize) {
             *f = false;
         }
-        if wk.tracked.remove(&head).is_some() && !wk.tmf_waits.is_empty() {
+        if wk.tracked.get_mut(usize::from(head)).and_then(Option::take).is_some() && !wk.tmf_waits.is_empty() {
             for t in &mut wk.tmf_waits {
                 t.heads.retain(|&h| h != head);
             }
@@ -849,12 +860,12 @@ impl Worker {
             }
         }
         wk.completed += 1;
-        if let Err(e) = wk.s.queue.add_used(&mem, head, used) {
+        if let Err(e) = wk.s.queue.add_used(&*mem, head, used) {
             wk.mark_broken(&format!("add_used: {e}"));
             return;
         }
         wk.mark_used_ring();
-        match wk.s.queue.needs_notification(&mem) {
+        match wk.s.queue.needs_notification(&*mem) {
             Ok(true) => {
                 if let Some(irq) = &wk.s.irq {
                     let _ = irq.write(1);
@@ -865,8 +876,13 @@ impl Worker {
         }
     }
 
+    /// The tracked requests, with their heads.
+    fn in_flight_tracks(wk: &Worker) -> impl Iterator<Item = (u16, &Track)> {
+        wk.tracked.iter().enumerate().filter_map(|(h, t)| t.as_ref().map(|t| (h as u16, t)))
+    }
+
     fn track(w: &W, head: u16, ids: &[OpId]) {
-        if let Some(t) = w.borrow_mut().tracked.get_mut(&head) {
+        if let Some(Some(t)) = w.borrow_mut().tracked.get_mut(usize::from(head)) {
             t.ops.extend_from_slice(ids);
         }
     }
@@ -880,8 +896,8 @@ impl Worker {
         let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return reply(0) };
         let (heads, ops): (Vec<u16>, Vec<OpId>) = {
             let wk = w.borrow();
-            let hit: Vec<(&u16, &Track)> = wk.tracked.iter().filter(|(_, t)| lun.is_none_or(|l| l == t.lun) && tag.is_none_or(|g| g == t.tag)).collect();
-            (hit.iter().map(|(h, _)| **h).collect(), hit.iter().flat_map(|(_, t)| t.ops.iter().copied()).collect())
+            let hit: Vec<(u16, &Track)> = Worker::in_flight_tracks(&wk).filter(|(_, t)| lun.is_none_or(|l| l == t.lun) && tag.is_none_or(|g| g == t.tag)).collect();
+            (hit.iter().map(|(h, _)| *h).collect(), hit.iter().flat_map(|(_, t)| t.ops.iter().copied()).collect())
         };
         let found = heads.len() as u64;
         if !cancel || heads.is_empty() {
@@ -914,7 +930,7 @@ impl Worker {
 
     fn control_reply(w: &W, head: u16, wr: &[(GuestAddress, usize)], reply: &[u8]) {
         let mem = w.borrow().s.mem.clone();
-        let used = if write_segs(&mem, wr, reply) { reply.len() as u32 } else { 0 };
+        let used = if write_segs(&*mem, wr, reply) { reply.len() as u32 } else { 0 };
         w.borrow().s.mark(wr);
         Worker::finish(w, head, used);
     }
@@ -970,10 +986,10 @@ impl Worker {
     /// Control queue: task management and asynchronous notification.
     fn control(w: &W, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
         let mem = w.borrow().s.mem.clone();
-        let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, 0) };
+        let Some(t) = read_segs(&*mem, rd, 4) else { return Worker::finish(w, head, 0) };
         let kind = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         if kind == 0 {
-            return match read_segs(&mem, rd, 24) {
+            return match read_segs(&*mem, rd, 24) {
                 Some(req) => Worker::tmf(w, head, &req, wr),
                 None => Worker::control_reply(w, head, wr, &[S_FAILURE]),
             };
@@ -1087,7 +1103,7 @@ impl Worker {
             }
         };
         for w in workers {
-            let heads: Vec<u16> = w.borrow().tracked.iter().filter(|(_, t)| t.lun == lun).map(|(h, _)| *h).collect();
+            let heads: Vec<u16> = Worker::in_flight_tracks(&w.borrow()).filter(|(_, t)| t.lun == lun).map(|(h, _)| h).collect();
             if heads.is_empty() {
                 continue;
             }
@@ -1103,7 +1119,7 @@ impl Worker {
 /// wait in `pending` until the driver has posted a buffer.
 struct EventQ {
     queue: Queue,
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     notify: EventFd,
     irq: Option<Arc<EventFd>>,
     event_idx: bool,
@@ -1161,7 +1177,7 @@ impl EventQ {
         let mem = self.mem.clone();
         let mut signal = false;
         while !self.stopped && !self.pending.is_empty() {
-            let Some(chain) = self.queue.pop_descriptor_chain(&mem) else { break };
+            let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else { break };
             let head = chain.head_index();
             let wr: Vec<(GuestAddress, usize)> = chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
             let mut used = 0u32;
@@ -1172,7 +1188,7 @@ impl EventQ {
                     ev[0..4].copy_from_slice(&t.to_le_bytes());
                     self.missed = false;
                 }
-                if write_segs(&mem, &wr, &ev) {
+                if write_segs(&*mem, &wr, &ev) {
                     used = 16;
                     if let Some(d) = &self.dirty {
                         for &(a, l) in &wr {
@@ -1185,18 +1201,18 @@ impl EventQ {
             } else {
                 log::debug!("virtio-scsi: event buffer {head} shorter than an event");
             }
-            if self.queue.add_used(&mem, head, used).is_err() {
+            if self.queue.add_used(&*mem, head, used).is_err() {
                 log::warn!("virtio-scsi: event queue: add_used failed");
                 return;
             }
             if let Some(d) = &self.dirty {
                 d.mark(self.queue.used_ring(), 6 + 8 * u64::from(self.queue.size()));
             }
-            signal |= self.queue.needs_notification(&mem).unwrap_or(true);
+            signal |= self.queue.needs_notification(&*mem).unwrap_or(true);
         }
         if self.event_idx {
             // Kick us when the driver posts more buffers.
-            let _ = self.queue.enable_notification(&mem);
+            let _ = self.queue.enable_notification(&*mem);
         }
         if signal {
             if let Some(irq) = &self.irq {
