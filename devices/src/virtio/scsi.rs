@@ -652,7 +652,7 @@ impl Worker {
         if bad_order || n > SEG_MAX + 2 {
             return fail(w, &r, S_FAILURE);
         }
-        let Some(hdr) = read_segs(&*mem, &hdr_segs, req_len) else { return fail(w, &r, S_FAILURE) };
+        let Some(hdr) = read_segs(&mem, &hdr_segs, req_len) else { return fail(w, &r, S_FAILURE) };
         let lun = &hdr[0..8];
         if lun[0] != 1 || lun[1] != 0 {
             return fail(w, &r, S_BAD_TARGET);
@@ -675,7 +675,7 @@ impl Worker {
         let in_len = total(&r.data_in);
         let params = if scsi::wants_data_out(cdb) {
             let n = (out_len as usize).min(scsi::MAX_PARAM_LEN);
-            match read_segs(&*mem, &r.data_out, n) {
+            match read_segs(&mem, &r.data_out, n) {
                 Some(p) => p,
                 None => return fail(w, &r, S_FAILURE),
             }
@@ -691,7 +691,7 @@ impl Worker {
         match action {
             a @ Action::Done { .. } => Worker::done(w, &r, a),
             Action::Read { offset, len } => {
-                let Some(iov) = iovecs(&*mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
+                let Some(iov) = iovecs(&mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
                 let w2 = w.clone();
                 // SAFETY: the iovecs point into guest RAM, which stays mapped
                 // while this worker (holding the memory) lives; the guest
@@ -702,7 +702,7 @@ impl Worker {
                 Worker::track(w, head, &[id]);
             }
             Action::Write { offset, len, sync } => {
-                let Some(iov) = iovecs(&*mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
+                let Some(iov) = iovecs(&mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
                 // SAFETY: as for reads; the kernel only reads this memory.
                 let op = unsafe { Op::writev(fd, iov, offset) };
                 Worker::write_then_sync(w, ring, r, op, fd, sync, in_len);
@@ -804,7 +804,7 @@ impl Worker {
         match a {
             Action::Done { status, sense, data } => {
                 let n = (data.len() as u64).min(in_len) as usize;
-                if !write_segs(&*mem, &r.data_in, &data[..n]) {
+                if !write_segs(&mem, &r.data_in, &data[..n]) {
                     return Worker::respond(w, r, S_FAILURE, scsi::GOOD, None, 0, in_len);
                 }
                 Worker::respond(w, r, S_OK, status, sense, n as u64, in_len)
@@ -831,7 +831,7 @@ impl Worker {
         if let Some(s) = sb {
             resp[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
         }
-        let used = if write_segs(&*mem, &r.resp, resp) { resp.len() as u64 + data_in } else { 0 };
+        let used = if write_segs(&mem, &r.resp, resp) { resp.len() as u64 + data_in } else { 0 };
         {
             let wk = w.borrow();
             wk.s.mark(&r.data_in);
@@ -930,7 +930,7 @@ impl Worker {
 
     fn control_reply(w: &W, head: u16, wr: &[(GuestAddress, usize)], reply: &[u8]) {
         let mem = w.borrow().s.mem.clone();
-        let used = if write_segs(&*mem, wr, reply) { reply.len() as u32 } else { 0 };
+        let used = if write_segs(&mem, wr, reply) { reply.len() as u32 } else { 0 };
         w.borrow().s.mark(wr);
         Worker::finish(w, head, used);
     }
@@ -986,10 +986,10 @@ impl Worker {
     /// Control queue: task management and asynchronous notification.
     fn control(w: &W, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
         let mem = w.borrow().s.mem.clone();
-        let Some(t) = read_segs(&*mem, rd, 4) else { return Worker::finish(w, head, 0) };
+        let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, 0) };
         let kind = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         if kind == 0 {
-            return match read_segs(&*mem, rd, 24) {
+            return match read_segs(&mem, rd, 24) {
                 Some(req) => Worker::tmf(w, head, &req, wr),
                 None => Worker::control_reply(w, head, wr, &[S_FAILURE]),
             };
@@ -1188,7 +1188,7 @@ impl EventQ {
                     ev[0..4].copy_from_slice(&t.to_le_bytes());
                     self.missed = false;
                 }
-                if write_segs(&*mem, &wr, &ev) {
+                if write_segs(&mem, &wr, &ev) {
                     used = 16;
                     if let Some(d) = &self.dirty {
                         for &(a, l) in &wr {
