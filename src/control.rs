@@ -1056,7 +1056,15 @@ impl Controller {
 /// ignore the field; no privilege is needed. Best effort. Threads the
 /// control thread starts later (a snapshot's iothread, a deferred restore's
 /// loader) get the default slice back (SCHED_FLAG_RESET_ON_FORK).
+/// Once per thread: a second VM run on the same thread (the demo's
+/// restore) finds its seccomp filter in place, and this call is not in it.
 fn request_short_slice() {
+    thread_local! {
+        static ASKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if ASKED.with(|a| a.replace(true)) {
+        return;
+    }
     // struct sched_attr (include/uapi/linux/sched/types.h), SCHED_ATTR_SIZE_VER1.
     #[repr(C)]
     #[derive(Default)]
