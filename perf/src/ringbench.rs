@@ -242,49 +242,32 @@ pub fn run_fio(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
         .context("fio JSON: bw_bytes")
 }
 
-/// Creates (once) a fully written file of `size` bytes.
-pub fn prepare_file(path: &Path, size: u64) -> Result<()> {
-    if std::fs::metadata(path)
-        .map(|m| m.len() == size)
-        .unwrap_or(false)
-    {
-        return Ok(());
-    }
+/// One sequential 1 MiB O_DIRECT pass of fio over `path` (`rw` = write or
+/// read), untimed.
+fn fio_pass(path: &Path, rw: &str, size: u64) -> Result<()> {
     let st = Command::new("fio")
-        .args([
-            "--name=fill",
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=8",
-            "--output-format=terse",
-        ])
+        .args([&format!("--name={rw}-pass"), "--ioengine=io_uring", "--direct=1", &format!("--rw={rw}"), "--bs=1M", "--iodepth=8", "--output-format=terse"])
         .arg(format!("--filename={}", path.display()))
         .arg(format!("--size={size}"))
         .output()
-        .context("fio (fill)")?;
+        .with_context(|| format!("fio ({rw} pass)"))?;
     if !st.status.success() {
-        bail!("fio fill failed: {}", String::from_utf8_lossy(&st.stderr));
+        bail!("fio {rw} pass failed: {}", String::from_utf8_lossy(&st.stderr));
     }
     Ok(())
 }
 
-/// Reads the whole file once, untimed, before anything is measured. The
-/// disk under this machine is itself virtual: after an idle spell the first
-/// tens of seconds of reads ran at a fifth of the later speed (session 9:
-/// 63-137 MB/s in the first two repetitions of 4k QD32, then 530-590 for
-/// both sides), and whichever side drew those runs lost the median.
-pub fn warm_file(path: &Path) -> Result<()> {
-    let st = Command::new("fio")
-        .args(["--name=warm", "--ioengine=io_uring", "--direct=1", "--rw=read", "--bs=1M", "--iodepth=8", "--output-format=terse"])
-        .arg(format!("--filename={}", path.display()))
-        .output()
-        .context("fio (warm-up read)")?;
-    if !st.status.success() {
-        bail!("fio warm-up read failed: {}", String::from_utf8_lossy(&st.stderr));
+/// A fully written file of `size` bytes (written once, kept between runs),
+/// then read once, untimed, before anything is measured. The disk under
+/// this machine is itself virtual: after an idle spell the first tens of
+/// seconds of reads ran at a fifth of the later speed (session 9: 63-137
+/// MB/s in the first two repetitions of 4k QD32, then 530-590 for both
+/// sides), and whichever side drew those runs lost the median.
+pub fn prepare_file(path: &Path, size: u64) -> Result<()> {
+    if !std::fs::metadata(path).is_ok_and(|m| m.len() == size) {
+        fio_pass(path, "write", size)?;
     }
-    Ok(())
+    fio_pass(path, "read", size)
 }
 
 /// The suite: every job, ring and fio alternating (A B / B A).
@@ -296,11 +279,9 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     }
     let (size, secs) = if c.quick { (256u64 << 20, 1.0) } else { (2u64 << 30, 5.0) };
     let path = c.scratch()?.join("ring-bench.dat");
-    r.begin("ring", (JOBS.len() * c.reps * 2) as u64 + 2);
-    r.step(format!("preparing {} MiB file", size >> 20));
+    r.begin("ring", (JOBS.len() * c.reps * 2) as u64 + 1);
+    r.step(format!("preparing {} MiB file (and reading it once)", size >> 20));
     prepare_file(&path, size)?;
-    r.step("reading it once, untimed, so the layers below are warm".to_string());
-    warm_file(&path)?;
     for job in JOBS {
         for rep in 0..c.reps {
             if crate::stopping() {
@@ -323,7 +304,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     }
     r.table(
         "ring: the ring crate vs fio (io_uring engine)",
-        &format!("{} MiB file in {} (O_DIRECT, registered file and one fixed buffer per in-flight slot on both sides, small-page buffers; the ring submits eagerly, one io_uring_enter per queued operation, as fio does), {secs} s runs after a ramp.", size >> 20, path.display()),
+        &format!("{} MiB file in {} (O_DIRECT, registered file and one fixed buffer per in-flight slot on both sides, small-page buffers; the ring submits eagerly, one io_uring_enter per queued operation, as fio does), {secs} s runs after a ramp; the file is read once, untimed, before the first run.", size >> 20, path.display()),
         &["job", "ringvm-ring MB/s", "fio MB/s", "ratio ring/fio"],
         &rows,
     );

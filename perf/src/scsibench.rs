@@ -222,12 +222,10 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         }
         v
     };
-    r.begin("scsi", runs.iter().map(|(q, _)| c.reps * systems(*q).len()).sum::<usize>() as u64 + 2);
-    r.step(format!("preparing {} MiB file", size >> 20));
+    r.begin("scsi", runs.iter().map(|(q, _)| c.reps * systems(*q).len()).sum::<usize>() as u64 + 1);
+    r.step(format!("preparing {} MiB file (and reading it once)", size >> 20));
     if c.have_fio {
         crate::ringbench::prepare_file(&file, size)?;
-        r.step("reading it once, untimed, so the layers below are warm".to_string());
-        crate::ringbench::warm_file(&file)?;
     } else {
         let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&file)?;
         f.set_len(size)?;

@@ -877,8 +877,8 @@ impl Worker {
     }
 
     /// The tracked requests, with their heads.
-    fn in_flight_tracks(wk: &Worker) -> impl Iterator<Item = (u16, &Track)> {
-        wk.tracked.iter().enumerate().filter_map(|(h, t)| t.as_ref().map(|t| (h as u16, t)))
+    fn in_flight_tracks(&self) -> impl Iterator<Item = (u16, &Track)> {
+        self.tracked.iter().enumerate().filter_map(|(h, t)| t.as_ref().map(|t| (h as u16, t)))
     }
 
     fn track(w: &W, head: u16, ids: &[OpId]) {
@@ -896,7 +896,7 @@ impl Worker {
         let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return reply(0) };
         let (heads, ops): (Vec<u16>, Vec<OpId>) = {
             let wk = w.borrow();
-            let hit: Vec<(u16, &Track)> = Worker::in_flight_tracks(&wk).filter(|(_, t)| lun.is_none_or(|l| l == t.lun) && tag.is_none_or(|g| g == t.tag)).collect();
+            let hit: Vec<(u16, &Track)> = wk.in_flight_tracks().filter(|(_, t)| lun.is_none_or(|l| l == t.lun) && tag.is_none_or(|g| g == t.tag)).collect();
             (hit.iter().map(|(h, _)| *h).collect(), hit.iter().flat_map(|(_, t)| t.ops.iter().copied()).collect())
         };
         let found = heads.len() as u64;
@@ -1103,7 +1103,7 @@ impl Worker {
             }
         };
         for w in workers {
-            let heads: Vec<u16> = Worker::in_flight_tracks(&w.borrow()).filter(|(_, t)| t.lun == lun).map(|(h, _)| h).collect();
+            let heads: Vec<u16> = w.borrow().in_flight_tracks().filter(|(_, t)| t.lun == lun).map(|(h, _)| h).collect();
             if heads.is_empty() {
                 continue;
             }
