@@ -225,7 +225,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
     let mut threads = Vec::new();
     if !disks.is_empty() {
         for i in 0..iothreads {
-            let opts = ring::RingOptions::new(256).restricted().polling(poll);
+            let opts = ring::RingOptions::new(256).restricted().polling(poll).eager(true);
             let t = IoThread::spawn_with(&format!("iothread{i}"), opts).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
             t.remote().send(|_| crate::seccomp::apply_or_exit(crate::seccomp::Role::IoThread)).map_err(|e| Error::Config(format!("iothread{i}: {e}")))?;
             threads.push(t);

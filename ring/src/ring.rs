@@ -256,10 +256,11 @@ pub struct RingOptions {
     /// while a batch of completions is handled. Costs a system call per
     /// operation. Measured here: it lifts a stream of reads resubmitted
     /// from their completions (the ring benchmark, 4 KiB at depth 32) from
-    /// 0.88 to 1.04-1.12 of fio; virtio-scsi queues (whose new requests
-    /// come from the guest, a batch per notification) and the restore
-    /// loader's 1 MiB reads showed no difference beyond the noise, so
-    /// ringvm's own rings leave it off.
+    /// 0.88 to 1.04-1.12 of fio, and virtio-scsi 4 KiB random reads at
+    /// depth 32 from 0.77-0.82 to 0.91-1.06 of fio (once the guest no
+    /// longer notifies for every request: see the virtio-scsi worker's
+    /// sleep check), so ringvm's iothreads use it. The restore loader's
+    /// 2 MiB reads showed no difference beyond the noise.
     pub eager_submit: bool,
 }
 
@@ -306,6 +307,8 @@ pub struct Ring {
     eager: bool,
     /// Checks run while polling (a virtqueue's avail index, say).
     pollers: Vec<(SourceId, Poller)>,
+    /// Checks run before the thread blocks (see [`Ring::add_sleep_check`]).
+    sleep_checks: Vec<(SourceId, Poller)>,
     /// Set while the pollers run (they are taken out of `pollers`).
     polling: bool,
     /// Sources whose pollers were removed while the pollers ran.
@@ -386,6 +389,7 @@ impl Ring {
             poll: opts.poll,
             eager: opts.eager_submit,
             pollers: Vec::new(),
+            sleep_checks: Vec::new(),
             polling: false,
             unpolled: Vec::new(),
             poll_paused_until: None,
@@ -718,9 +722,21 @@ impl Ring {
         self.pollers.push((source, Box::new(p)));
     }
 
-    /// Removes `source`'s pollers (also from inside a poller).
+    /// Adds a check for `source` that runs every time, just before this
+    /// thread would block waiting for completions: it arms whatever wakes
+    /// the thread for that source (a virtqueue's notifications, say), looks
+    /// once more for work, does it, and says whether it found any (the
+    /// thread then does not block). With it, a source may leave its
+    /// wake-ups off while the thread is awake: the thread always comes back
+    /// here before it sleeps.
+    pub fn add_sleep_check(&mut self, source: SourceId, p: impl FnMut(&mut Ring) -> bool + 'static) {
+        self.sleep_checks.push((source, Box::new(p)));
+    }
+
+    /// Removes `source`'s pollers and sleep checks (also from inside one).
     pub fn remove_pollers(&mut self, source: SourceId) {
         self.pollers.retain(|(s, _)| *s != source);
+        self.sleep_checks.retain(|(s, _)| *s != source);
         if self.polling {
             self.unpolled.push(source);
         }
@@ -728,7 +744,12 @@ impl Ring {
 
     /// Runs every poller once; whether any found work.
     fn run_pollers(&mut self) -> bool {
-        let mut ps = std::mem::take(&mut self.pollers);
+        self.run_checks(false)
+    }
+
+    /// Runs every poller (or every sleep check) once; whether any found work.
+    fn run_checks(&mut self, sleep: bool) -> bool {
+        let mut ps = std::mem::take(self.checks(sleep));
         self.polling = true;
         let mut found = false;
         for (source, p) in ps.iter_mut() {
@@ -739,10 +760,19 @@ impl Ring {
         self.polling = false;
         let gone = std::mem::take(&mut self.unpolled);
         ps.retain(|(s, _)| !gone.contains(s));
-        // Pollers added while these ran.
-        ps.append(&mut self.pollers);
-        self.pollers = ps;
+        // Checks added while these ran (the other list was pruned by
+        // remove_pollers itself).
+        ps.append(self.checks(sleep));
+        *self.checks(sleep) = ps;
         found
+    }
+
+    fn checks(&mut self, sleep: bool) -> &mut Vec<(SourceId, Poller)> {
+        if sleep {
+            &mut self.sleep_checks
+        } else {
+            &mut self.pollers
+        }
     }
 
     /// Spins for up to the poll window, having submitted what is queued,
@@ -798,6 +828,10 @@ impl Ring {
         // only take CPU from the vCPUs that produce the work.
         let few = self.in_kernel <= self.pollers.len() + 1 + POLL_MAX_IN_FLIGHT;
         if want > 0 && few && !self.poll.is_zero() && !self.pollers.is_empty() && self.poll_window() {
+            want = 0;
+            self.flush_backlog();
+        }
+        if want > 0 && !self.sleep_checks.is_empty() && self.run_checks(true) {
             want = 0;
             self.flush_backlog();
         }

@@ -602,3 +602,36 @@ fn pollers_end_the_wait_and_can_remove_themselves() {
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(*calls.borrow(), 3);
 }
+
+/// A sleep check runs every time the ring would block, with or without a
+/// poll window: work it finds (here, the first two times) keeps the ring
+/// from sleeping; once it finds none the ring blocks until a completion;
+/// removing its source removes it.
+#[test]
+fn sleep_checks_run_before_every_block_and_their_work_prevents_it() {
+    let mut ring = Ring::with_options(RingOptions::new(8)).unwrap();
+    let id = ring.submit(1, Op::Timeout { after: Duration::from_secs(5) }, |_, _| {});
+    let calls = Rc::new(RefCell::new(0u32));
+    let c = calls.clone();
+    ring.add_sleep_check(9, move |_| {
+        *c.borrow_mut() += 1;
+        *c.borrow() <= 2
+    });
+    for n in 1..=2 {
+        let t0 = Instant::now();
+        ring.run_once(true).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "work found by the check did not stop the block");
+        assert_eq!(*calls.borrow(), n);
+    }
+    // Third time: nothing found, so the ring blocks until the timer (cut
+    // short by a cancel from a Timeout of its own).
+    ring.submit(1, Op::Timeout { after: Duration::from_millis(50) }, |_, _| {});
+    let t0 = Instant::now();
+    ring.run_once(true).unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(40), "the ring did not block once the check found nothing");
+    assert_eq!(*calls.borrow(), 3);
+    ring.remove_pollers(9);
+    ring.cancel(id);
+    ring.run_until(T, |r| r.in_flight() == 0).unwrap();
+    assert_eq!(*calls.borrow(), 3, "a removed sleep check still ran");
+}

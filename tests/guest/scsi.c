@@ -57,6 +57,9 @@ static u64 scsi_bs, scsi_qd;
 /* The event queue (queue 1), set up only when hotplug is wanted and offered. */
 #define EVQ_SIZE 8
 static int want_hotplug, hotplug_on;
+/* VIRTIO_RING_F_EVENT_IDX negotiated: notify only when the device's
+ * avail_event asks for it (as Linux's virtqueue_kick_prepare does). */
+static int event_idx_on;
 static struct { u16 size, avail_idx, last_used; volatile struct vdesc *desc; volatile u16 *avail; volatile u8 *used; volatile u16 *notify; u8 *buf; } evq;
 
 static int virtio_scsi_init(u32 nq_want, u64 bs) {
@@ -94,6 +97,7 @@ static int virtio_scsi_init(u32 nq_want, u64 bs) {
     if (!(fhi & 1)) { printk("ringvm-guest: device lacks VERSION_1\n"); return -1; }
     C32(0x00) = 0; u32 flo = C32(0x04);
     hotplug_on = want_hotplug && (flo & 2);
+    event_idx_on = (flo >> 29) & 1;
     C32(0x08) = 0; C32(0x0c) = (flo & (1u << 29)) | (hotplug_on ? 2u : 0); /* EVENT_IDX if offered; HOTPLUG if wanted */
     C32(0x08) = 1; C32(0x0c) = 1;                /* VERSION_1 */
     C8(0x14) = 1 | 2 | 8;
@@ -170,11 +174,18 @@ static void post(struct vq *v, int s, u32 lun, const u8 *cdb, u32 cdblen, u64 le
         d[h + 2].addr = (u64)sl->data; d[h + 2].len = (u32)len; d[h + 2].flags = VRING_DESC_F_WRITE; d[h + 2].next = 0;
     }
     sl->busy = 1;
+    u16 old = v->avail_idx;
     v->avail[2 + (v->avail_idx % v->size)] = h;
     mb();
     v->avail[1] = ++v->avail_idx;
     mb();
-    *v->notify = v->index;
+    if (!event_idx_on) {
+        if (!(*(volatile u16 *)v->used & 1)) *v->notify = v->index; /* VRING_USED_F_NO_NOTIFY */
+        return;
+    }
+    /* vring_need_event(avail_event, new, old) */
+    u16 event = *(volatile u16 *)(v->used + 4 + 8 * v->size);
+    if ((u16)(v->avail_idx - event - 1) < (u16)(v->avail_idx - old)) *v->notify = v->index;
 }
 
 /* Reaps one completion; returns its slot or -1 if none is ready. */

@@ -242,7 +242,6 @@ impl VirtioDevice for VirtioScsi {
                 disks: self.disks.clone(),
                 sense_size: self.sense_size,
                 cdb_size: self.cdb_size,
-                event_idx,
                 source,
                 needs_reset: self.needs_reset.clone(),
                 dirty: self.dirty.clone(),
@@ -333,7 +332,6 @@ struct WorkerSetup {
     disks: Arc<Vec<Disk>>,
     sense_size: u32,
     cdb_size: u32,
-    event_idx: bool,
     source: SourceId,
     needs_reset: Arc<AtomicBool>,
     dirty: Option<Arc<DmaDirtyLog>>,
@@ -385,6 +383,10 @@ struct Worker {
     poll: Option<OpId>,
     stopped: bool,
     broken: bool,
+    /// The driver was told not to notify (no NO_NOTIFY flag, or the
+    /// EVENT_IDX avail_event left behind): set while the iothread is awake
+    /// after taking requests; its sleep check turns notifications back on.
+    notify_off: bool,
     in_flight: Vec<bool>,
     pub completed: u64,
     /// By head index: the requests in flight (their nexus and ring ops).
@@ -491,6 +493,7 @@ impl Worker {
             poll: None,
             stopped: false,
             broken: false,
+            notify_off: false,
             in_flight: vec![false; size],
             completed: 0,
             tracked: (0..size).map(|_| None).collect(),
@@ -520,6 +523,12 @@ impl Worker {
             }
             ready
         });
+        // Notifications stay off while the iothread is awake (as QEMU's
+        // aio_poll does); before it blocks, they are turned back on and the
+        // avail ring looked at once more, so a request posted in between is
+        // never left waiting.
+        let w4 = w.clone();
+        ring.add_sleep_check(source, move |ring| Worker::arm(&w4, ring));
         WORKERS.with(|m| m.borrow_mut().insert(source, w.clone()));
         // Requests queued before DRIVER_OK reached us.
         Worker::process(&w, ring);
@@ -558,51 +567,64 @@ impl Worker {
         }
     }
 
-    /// Takes every available chain; re-checks after re-enabling
-    /// notifications so none is missed.
+    /// Takes every available chain, leaving the driver's notifications off
+    /// (the iothread is awake; [`Worker::arm`] turns them on before it
+    /// sleeps).
     fn process(w: &W, ring: &mut Ring) {
         let mem = w.borrow().s.mem.clone();
-        loop {
-            let chains = {
-                let mut wk = w.borrow_mut();
-                if wk.stopped || wk.broken {
-                    return;
-                }
-                if wk.s.event_idx {
-                    if let Err(e) = wk.s.queue.disable_notification(&*mem) {
-                        wk.mark_broken(&format!("disable notification: {e}"));
-                        return;
-                    }
-                    wk.mark_used_ring();
-                }
-                let mut chains = Vec::new();
-                match wk.s.queue.iter(&*mem) {
-                    Ok(it) => chains.extend(it),
-                    Err(e) => {
-                        wk.mark_broken(&format!("bad avail index: {e}"));
-                        return;
-                    }
-                }
-                chains
-            };
-            for chain in chains {
-                Worker::handle(w, ring, chain);
-            }
+        let chains = {
             let mut wk = w.borrow_mut();
-            if wk.broken || wk.stopped {
+            if wk.stopped || wk.broken {
                 return;
             }
-            let re_enabled = wk.s.queue.enable_notification(&*mem);
-            wk.mark_used_ring();
-            match re_enabled {
-                Ok(true) => continue,
-                Ok(false) => return,
+            if !wk.notify_off {
+                if let Err(e) = wk.s.queue.disable_notification(&*mem) {
+                    wk.mark_broken(&format!("disable notification: {e}"));
+                    return;
+                }
+                wk.notify_off = true;
+                wk.mark_used_ring();
+            }
+            let mut chains = Vec::new();
+            match wk.s.queue.iter(&*mem) {
+                Ok(it) => chains.extend(it),
                 Err(e) => {
-                    wk.mark_broken(&format!("enable notification: {e}"));
+                    wk.mark_broken(&format!("bad avail index: {e}"));
                     return;
                 }
             }
+            chains
+        };
+        for chain in chains {
+            Worker::handle(w, ring, chain);
         }
+    }
+
+    /// The iothread's sleep check: notifications back on, then one more
+    /// look (a request posted while they were off would otherwise wait).
+    /// Whether it found work.
+    fn arm(w: &W, ring: &mut Ring) -> bool {
+        let more = {
+            let mut wk = w.borrow_mut();
+            if wk.stopped || wk.broken || !wk.notify_off {
+                return false;
+            }
+            let mem = wk.s.mem.clone();
+            let re_enabled = wk.s.queue.enable_notification(&*mem);
+            wk.notify_off = false;
+            wk.mark_used_ring();
+            match re_enabled {
+                Ok(more) => more,
+                Err(e) => {
+                    wk.mark_broken(&format!("enable notification: {e}"));
+                    false
+                }
+            }
+        };
+        if more {
+            Worker::process(w, ring);
+        }
+        more
     }
 
     fn handle(w: &W, ring: &mut Ring, chain: DescriptorChain<&GuestMemoryMmap>) {
