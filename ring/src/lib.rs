@@ -41,7 +41,18 @@
 //! before the next completion is handled, which keeps a device's queue full
 //! at the price of a system call per operation. On this project's virtio
 //! test disk that is the difference between 0.88 and 1.04-1.12 of fio for
-//! 4 KiB random reads at depth 32 (`ringvm-perf ring`).
+//! 4 KiB random reads at depth 32 (`ringvm-perf ring`); ringvm's
+//! iothreads use it.
+//!
+//! # Polling and sleeping
+//!
+//! A ring with a poll window ([`RingOptions::polling`]) spins for that long
+//! before it sleeps, running its pollers ([`Ring::add_poller`]: a look at a
+//! virtqueue's avail ring, say). Sleep checks ([`Ring::add_sleep_check`])
+//! run every time, just before the thread blocks: a source can keep its
+//! wake-ups off while the thread is awake (a virtqueue's notifications)
+//! and turn them back on there, looking once more for work that arrived
+//! in between.
 
 mod ring;
 mod thread;
