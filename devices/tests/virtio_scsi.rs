@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ring::IoThread;
 use ringvm_devices::scsi::Lun;
 use ringvm_devices::virtio::scsi::{Disk, VirtioScsi, S_ABORTED, S_BAD_TARGET, S_FAILURE, S_OK};
-use ringvm_devices::virtio::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use ringvm_devices::virtio::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -34,6 +34,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(VIRTIO_F_VERSION_1)
+}
+
+fn rig_with(features: u64) -> Rig {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -42,10 +46,12 @@ fn rig() -> Rig {
     let disk = Disk::new("test", file.reopen().unwrap(), Lun::new(1 << 20, 512, false, "T"), false);
     let mut dev = VirtioScsi::new(vec![disk], vec![io.remote()], 1);
     let rq = Q { base: DESC, avail_idx: 0, used_seen: 0 };
-    let q = rq.queue(&mem);
+    let mut q = rq.queue(&mem);
+    // As the transport does once the driver acked it.
+    q.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
     let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    dev.activate(mem.clone(), VIRTIO_F_VERSION_1, vec![ActiveQueue { index: 2, queue: q, notify: notify.try_clone().unwrap(), irq: Some(irq.clone()) }]).unwrap();
+    dev.activate(mem.clone(), features, vec![ActiveQueue { index: 2, queue: q, notify: notify.try_clone().unwrap(), irq: Some(irq.clone()) }]).unwrap();
     Rig { mem, dev, notify, irq, q: rq, _io: io, _file: file }
 }
 
@@ -487,4 +493,71 @@ fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver
     wait(&rq, 1);
     assert_eq!(resp(4).0, S_BAD_TARGET);
     dev.reset().unwrap();
+}
+
+/// The device keeps the driver's notifications off while its iothread is
+/// awake and turns them back on before the iothread sleeps. A driver that
+/// kicks only when told to (VRING_USED_F_NO_NOTIFY clear, or EVENT_IDX's
+/// `avail_event` crossed, as Linux decides) must never strand a request,
+/// whatever the interleaving: 100 batches of 4 reads, each posted without
+/// waiting, all complete with their data. Once the iothread is idle,
+/// notifications are on again (flags 0, or `avail_event` at the avail index).
+#[test]
+fn a_driver_that_skips_suppressed_notifications_never_strands_a_request() {
+    use std::sync::atomic::fence;
+    for event_idx in [false, true] {
+        let features = VIRTIO_F_VERSION_1 | if event_idx { VIRTIO_RING_F_EVENT_IDX } else { 0 };
+        let mut r = rig_with(features);
+        let (mut kicks, mut posted) = (0u32, 0u32);
+        for batch in 0..100u32 {
+            for k in 0..4u16 {
+                let (h, base) = (k * 3, 0x40000 + u64::from(k) * 0x4000);
+                let lba = (batch * 4 + u32::from(k)) % 2048;
+                r.req(base, 0, 0, &read10(lba, 1));
+                r.desc(h, base, 51, F_NEXT, h + 1);
+                r.desc(h + 1, base + 0x1000, 108, F_WRITE | F_NEXT, h + 2);
+                r.desc(h + 2, base + 0x2000, 512, F_WRITE, 0);
+                let old = r.q.avail_idx;
+                r.push(h);
+                posted += 1;
+                fence(Ordering::SeqCst);
+                let kick = if event_idx {
+                    let event: u16 = r.mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE))).unwrap();
+                    let new = r.q.avail_idx;
+                    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+                } else {
+                    r.mem.read_obj::<u16>(GuestAddress(USED)).unwrap() & 1 == 0
+                };
+                if kick {
+                    r.kick();
+                    kicks += 1;
+                }
+            }
+            let done = r.wait_used(4);
+            for (id, _) in done {
+                let base = 0x40000 + u64::from(id / 3) * 0x4000;
+                assert_eq!(r.resp(base + 0x1000).0, S_OK, "event_idx={event_idx} batch {batch} head {id}");
+                let lba = (batch * 4 + id / 3) % 2048;
+                let mut got = [0u8; 4];
+                r.mem.read_slice(&mut got, GuestAddress(base + 0x2000)).unwrap();
+                let at = lba * 512;
+                assert_eq!(got, [0, 1, 2, 3].map(|i| ((at + i) % 251) as u8), "event_idx={event_idx} batch {batch} head {id}");
+            }
+        }
+        assert!(kicks >= 1 && kicks <= posted, "{kicks} kicks for {posted} requests");
+        // Idle: notifications back on.
+        let t0 = Instant::now();
+        loop {
+            let on = if event_idx {
+                r.mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * u64::from(QSIZE))).unwrap() == r.q.avail_idx
+            } else {
+                r.mem.read_obj::<u16>(GuestAddress(USED)).unwrap() & 1 == 0
+            };
+            if on {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "event_idx={event_idx}: notifications still off with the iothread idle");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
