@@ -231,7 +231,9 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
             threads.push(t);
         }
     }
-    let mut groups: Vec<(Option<usize>, Vec<(usize, &DiskSpec)>)> = Vec::new();
+    // (iothread of the disks' own controller, or None for the shared one; (index, disk) each).
+    type Group<'a> = (Option<usize>, Vec<(usize, &'a DiskSpec)>);
+    let mut groups: Vec<Group> = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         if let Some(t) = d.iothread {
             if t >= iothreads {

@@ -247,12 +247,12 @@ fn program(role: Role, on_violation: SeccompAction) -> Result<BpfProgram, seccom
             .collect::<Result<Vec<_>, _>>()?;
         rules.insert(libc::SYS_ioctl, by_type);
     }
-    if !rules.contains_key(&libc::SYS_openat) {
+    if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(libc::SYS_openat) {
         // glibc's free() reads /proc/sys/vm/overcommit_memory the first
         // time it shrinks a thread arena's heap, on whatever thread frees:
         // read-only opens (exactly O_RDONLY|O_CLOEXEC) stay allowed.
         let ro = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, (libc::O_RDONLY | libc::O_CLOEXEC) as u64)?;
-        rules.insert(libc::SYS_openat, vec![SeccompRule::new(vec![ro])?]);
+        e.insert(vec![SeccompRule::new(vec![ro])?]);
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)?;
     SeccompFilter::new(rules, on_violation, SeccompAction::Allow, arch)?.try_into()

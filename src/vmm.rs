@@ -126,7 +126,7 @@ pub fn validate(config: &VmConfig) -> Result<()> {
     if config.mem_size < MIN_MEMORY {
         return Err(Error::Config(format!("--memory {} KiB is below the minimum of {} MiB", config.mem_size >> 10, MIN_MEMORY >> 20)));
     }
-    if config.mem_size % 4096 != 0 {
+    if !config.mem_size.is_multiple_of(4096) {
         return Err(Error::Config("--memory must be a multiple of 4 KiB".into()));
     }
     if let Some(host) = host_memory() {

@@ -467,7 +467,7 @@ fn disk_file_shrinking_under_the_guest() {
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(4 << 20).unwrap();
     // Complete lines only (the guest may be mid-line).
     let errors = |out: &str| {
-        let whole = complete_lines(&out);
+        let whole = complete_lines(out);
         whole.lines().filter(|l| l.contains(": status ")).map(str::to_string).collect::<Vec<_>>()
     };
     let deadline = Instant::now() + T;
@@ -527,7 +527,7 @@ fn guest_resets_during_snapshots() {
     assert!(completed + 1 >= started, "{completed} of {started} snapshots completed");
     let out = p.stdout();
     let whole = complete_lines(&out);
-    let last = whole.lines().filter(|l| l.contains("ringvm-guest: boot ")).last().unwrap();
+    let last = whole.lines().rfind(|l| l.contains("ringvm-guest: boot ")).unwrap();
     let n: u64 = last.split("boot ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(n > 500, "the guest's counter says {last}");
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");

@@ -240,7 +240,7 @@ fn main() -> Result<()> {
     let suites = if cli.suite == Which::All { vec![Which::Boot, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs] } else { vec![cli.suite] };
     for w in suites {
         if stopping() {
-            r.log(&format!("stopped by a signal: suite {} not run", w.name()));
+            r.log(format!("stopped by a signal: suite {} not run", w.name()));
             continue;
         }
         if let Err(e) = run_suite(w, &c, &mut r) {

@@ -273,7 +273,7 @@ fn enospc_on_a_small_tmpfs() {
         eprintln!("SKIP enospc_on_a_small_tmpfs: cannot mount tmpfs");
         return;
     }
-    let file = OpenOptions::new().create(true).read(true).write(true).open(dir.path().join("f")).unwrap();
+    let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(dir.path().join("f")).unwrap();
     let mut ring = Ring::new(8, None).unwrap();
     let results: Results = Rc::new(RefCell::new(Vec::new()));
     ring.submit(1, Op::write(Fd::Raw(file.as_raw_fd()), vec![7; 1 << 20], 0), recorder(&results, 0));

@@ -384,8 +384,8 @@ fn close_after_flush(this: &Shared, ring: &mut Ring, id: ClientId) {
     if let Some(op) = read {
         ring.cancel(op);
     }
-    // SAFETY: shutdown on a socket we own; pending reads end with EOF.
     if let Some(fd) = this.borrow().clients.get(&id).map(Client::fd) {
+        // SAFETY: shutdown on a socket we own; pending reads end with EOF.
         unsafe { libc::shutdown(fd, libc::SHUT_RD) };
     }
     let done = this.borrow().clients.get(&id).is_some_and(|c| c.outq.is_empty() && !c.writing);

@@ -308,6 +308,8 @@ impl Source {
         }
     }
 
+    /// The state file's size: fallible, so no `is_empty` beside it.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&mut self) -> Result<u64, String> {
         match self {
             Source::File(f) => f.metadata().map(|m| m.len()).map_err(|e| e.to_string()),
@@ -457,7 +459,7 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
         total_present += present;
         lines.push(format!("region gpa {:#x} size {} MiB at file {:#x}: {present} of {} pages present", r.gpa, r.size >> 20, r.offset, r.pages()));
     }
-    lines.push(format!("completion record: ok ({} RAM bytes written in all passes; {} MiB present)", c.completion.ram_bytes, total_present * PAGE >> 20));
+    lines.push(format!("completion record: ok ({} RAM bytes written in all passes; {} MiB present)", c.completion.ram_bytes, (total_present * PAGE) >> 20));
     lines.push(format!("checksums: {}", if ok { "all ok" } else { "FAILED" }));
     Ok(Report { header: h, lines, ok })
 }

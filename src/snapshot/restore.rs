@@ -86,7 +86,10 @@ fn on_memory_fs(f: &File) -> bool {
 }
 
 /// Plans the reads: runs of present pages.
-pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<(Vec<Run>, Vec<Vec<u32>>, Vec<u64>), String> {
+/// The reads, every page's checksum by region, and each region's gpa.
+pub(super) type Plan = (Vec<Run>, Vec<Vec<u32>>, Vec<u64>);
+
+pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, String> {
     // Runs of present pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
@@ -317,7 +320,7 @@ fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) 
     let len = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
     let mut spans = Vec::new();
     for &(gpa, size, offset) in regions {
-        let end = offset.checked_add(size).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(size);
         if offset % PAGE != 0 || size % PAGE != 0 || end > len {
             return Err(format!("the RAM region at gpa {gpa:#x} (file bytes {offset:#x}..{end:#x}) lies outside the file ({len} bytes): truncated"));
         }
@@ -375,7 +378,7 @@ fn clear_stale(file: &File, mem: &GuestMemoryMmap, regions: &[(u64, u64, u64, Ve
                 let addr = GuestAddress(gpa + p * PAGE);
                 let slice = mem.get_slice(addr, PAGE as usize).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
                 // SAFETY: one page of guest RAM (vCPUs parked), only read.
-                let page = unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr() as *const u8, PAGE as usize) };
+                let page = unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), PAGE as usize) };
                 if !super::save::is_zero(page) {
                     mem.write_slice(&zero, addr).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
                 }

@@ -417,7 +417,7 @@ fn unmap(lun: &Lun, params: &[u8], data_out_len: u64) -> Action {
         return Action::check(Sense::INVALID_PARAM_LIST);
     }
     let desc_len = be16(&params[2..4]) as usize;
-    if desc_len % 16 != 0 || 8 + desc_len > params.len() || desc_len / 16 > MAX_UNMAP_DESCRIPTORS as usize {
+    if !desc_len.is_multiple_of(16) || 8 + desc_len > params.len() || desc_len / 16 > MAX_UNMAP_DESCRIPTORS as usize {
         return Action::check(Sense::INVALID_PARAM_LIST);
     }
     let mut ranges = Vec::with_capacity(desc_len / 16);
@@ -468,9 +468,8 @@ fn caching_page(lun: &Lun, changeable: bool) -> Vec<u8> {
     let mut p = vec![0u8; 20];
     p[0] = 0x08;
     p[1] = 18;
-    if changeable {
-        p[2] = 0x04;
-    } else if lun.wce() {
+    // WCE: changeable (the mask), or on.
+    if changeable || lun.wce() {
         p[2] = 0x04;
     }
     p

@@ -486,7 +486,7 @@ impl VirtioPci {
                         0x28 | 0x2c => &mut q.driver,
                         _ => &mut q.device,
                     };
-                    if off % 8 == 0 {
+                    if off.is_multiple_of(8) {
                         if data.len() == 8 {
                             *field = v;
                         } else {
