@@ -52,3 +52,28 @@ ensure_python_clients() {
     fi
     echo "$venv/bin/python"
 }
+
+# bookworm-backports (QEMU 10, linux-source-6.12), added with the mirror and
+# keyring of the machine's own Debian apt source; no host name is written here.
+ensure_backports() {
+    local src=/etc/apt/sources.list.d/debian.sources
+    local dst=/etc/apt/sources.list.d/ringvm-backports.sources
+    [ -f "$dst" ] && return 0
+    [ -f "$src" ] || { log "no $src to take the mirror from"; exit 1; }
+    local uri key
+    uri="$(awk '/^URIs:/{print $2; exit}' "$src")"
+    key="$(awk '/^Signed-By:/{print $2; exit}' "$src")"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' "$uri" "$key" > "$dst"
+    apt-get update -qq && touch "$CACHE/.apt-updated"
+}
+
+# apt_install_backports PKG...: as apt_install, from bookworm-backports.
+apt_install_backports() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing from bookworm-backports: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing[@]}" >/dev/null
+}

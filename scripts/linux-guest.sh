@@ -1,71 +1,81 @@
 #!/usr/bin/env bash
-# Builds a Linux guest from Debian packages into $CACHE/linux (idempotent):
-#   vmlinux    - the cloud kernel, uncompressed, bootable through PVH
-#   bzImage    - the same kernel as shipped (64-bit boot protocol)
-#   initramfs  - busybox-static + virtio_pci/scsi_mod/virtio_scsi/sd_mod + an init
-# Prints the directory.
+# Builds ringvm's Linux test guest (idempotent) and prints its directory:
+#   vmlinux   - PVH-bootable ELF
+#   bzImage   - the same build, Linux boot protocol
+#   root.img  - a 64 MiB ext4 root filesystem (made without root privileges)
+#               whose /sbin/init is the self-test's init marker
+#   cmdline   - the kernel command line this host needs (see README)
+# The kernel is Debian's linux-source-6.12 with `make tinyconfig`, the
+# fragment scripts/linux/ringvm.config, the patches scripts/linux/*.patch and
+# the in-kernel I/O self-test scripts/linux/ringvm_ktest.c. Output lives in
+# $CACHE/linux-<key>, key = hash of all of those and the source package
+# version, so CI builds it once per machine; $CACHE/linux links to it.
 source "$(dirname "$0")/lib.sh"
-apt_install lz4 cpio xz-utils zstd python3
-OUT="$CACHE/linux"
-mkdir -p "$OUT"
-if [ -s "$OUT/vmlinux" ] && [ -s "$OUT/initramfs.cpio.gz" ] && [ -s "$OUT/bzImage" ]; then
+ensure_backports
+apt_install_backports linux-source-6.12
+apt_install bc flex bison libelf-dev libssl-dev cpio xz-utils e2fsprogs make gcc
+SRC_TAR=/usr/src/linux-source-6.12.tar.xz
+[ -f "$SRC_TAR" ] || { log "$SRC_TAR missing after installing linux-source-6.12"; exit 1; }
+pkgver="$(dpkg-query -W -f='${Version}' linux-source-6.12)"
+key="$( { echo "$pkgver"; cat "$ROOT"/scripts/linux/ringvm.config "$ROOT"/scripts/linux/*.patch \
+          "$ROOT"/scripts/linux/ringvm_ktest.c "$ROOT"/scripts/linux-guest.sh; } | sha256sum | cut -c1-16)"
+OUT="$CACHE/linux-$key"
+if [ -s "$OUT/vmlinux" ] && [ -s "$OUT/bzImage" ] && [ -s "$OUT/root.img" ]; then
+    ln -sfn "linux-$key" "$CACHE/linux"
     echo "$OUT"; exit 0
 fi
-work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
-cd "$work"
-[ -f "$CACHE/.apt-updated" ] || { apt-get update -qq && touch "$CACHE/.apt-updated"; }
-kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
-[ -n "$kpkg" ] || { log "cannot resolve linux-image-cloud-amd64"; exit 1; }
-log "fetching $kpkg and busybox-static"
-apt-get download -qq "$kpkg" busybox-static 2>/dev/null
-dpkg-deb -x "$kpkg"_*.deb kernel
-dpkg-deb -x busybox-static_*.deb bb
-vmlinuz="$(ls kernel/boot/vmlinuz-*)"
-kver="${vmlinuz##*/vmlinuz-}"
-cp "$vmlinuz" "$OUT/bzImage.tmp"
-# Unpack the bzImage payload (its compressed vmlinux) by the boot header.
-python3 - "$vmlinuz" payload <<'PY'
-import struct, sys
-d = open(sys.argv[1], 'rb').read()
-setup = (d[0x1f1] or 4) + 1
-off, length = struct.unpack_from('<II', d, 0x248)
-open(sys.argv[2], 'wb').write(d[setup * 512 + off: setup * 512 + off + length])
-PY
-magic="$(head -c 4 payload | od -An -tx1 | tr -d ' ')"
-case "$magic" in
-    02214c18) lz4 -dc payload > vmlinux 2>/dev/null || true ;;
-    fd377a58) xz -dc payload > vmlinux 2>/dev/null || true ;;
-    28b52ffd) zstd -dcq payload > vmlinux 2>/dev/null || true ;;
-    1f8b*)    gzip -dc payload > vmlinux 2>/dev/null || true ;;
-    *) log "unknown kernel payload compression (magic $magic)"; exit 1 ;;
-esac
-head -c 4 vmlinux | grep -q ELF || { log "vmlinux extraction failed"; exit 1; }
-# initramfs: busybox, the storage modules, an init that loads them.
-mkdir -p root/{bin,sbin,proc,sys,dev,lib/modules,mnt}
-cp bb/bin/busybox root/bin/busybox
-for m in virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_ring virtio scsi_common scsi_mod virtio_scsi sd_mod crc64_rocksoft crc64 crc_t10dif crct10dif_common t10_pi; do
-    f="$(find kernel/lib/modules/"$kver" -name "$m.ko*" | head -1)"
-    [ -n "$f" ] || continue
-    case "$f" in
-        *.xz) xz -dc "$f" > "root/lib/modules/$m.ko" ;;
-        *.zst) zstd -dcq "$f" > "root/lib/modules/$m.ko" ;;
-        *) cp "$f" "root/lib/modules/$m.ko" ;;
-    esac
+BUILD="$CACHE/linux-build"
+TREE="$BUILD/linux-source-6.12"
+# The tree is reused across keys (incremental builds) when its source
+# package version matches; patches are applied to a fresh copy of the files
+# they touch, so a changed patch never stacks on an old one.
+if [ "$(cat "$BUILD/.pkgver" 2>/dev/null)" != "$pkgver" ] || [ ! -f "$TREE/Makefile" ]; then
+    rm -rf "$BUILD"; mkdir -p "$BUILD"
+    log "unpacking linux-source-6.12 $pkgver"
+    tar -C "$BUILD" -xJf "$SRC_TAR"
+    echo "$pkgver" > "$BUILD/.pkgver"
+fi
+cd "$TREE"
+for p in "$ROOT"/scripts/linux/*.patch; do
+    for f in $(awk '/^\+\+\+ b\//{sub("^b/","",$2); print $2}' "$p"); do
+        tar -xJf "$SRC_TAR" -O "linux-source-6.12/$f" > "$f"
+    done
+    patch -p1 -s --no-backup-if-mismatch < "$p"
 done
-cat > root/init <<'INIT'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci scsi_common scsi_mod crc64 crc64_rocksoft crct10dif_common crc_t10dif t10_pi sd_mod virtio_scsi; do
-    [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
-done
-echo "ringvm-linux: init up; disks: $(ls /sys/block 2>/dev/null | tr '\n' ' ')"
-exec sh
-INIT
-chmod +x root/init
-(cd root && find . | cpio -o -H newc --quiet | gzip -9) > "$OUT/initramfs.cpio.gz"
-mv vmlinux "$OUT/vmlinux"
-mv "$OUT/bzImage.tmp" "$OUT/bzImage"
-echo "$kver" > "$OUT/version"
-log "Linux guest $kver ready in $OUT"
+# The self-test: drivers/misc/ringvm_ktest.c, CONFIG_RINGVM_KTEST.
+cp "$ROOT/scripts/linux/ringvm_ktest.c" drivers/misc/ringvm_ktest.c
+grep -q RINGVM_KTEST drivers/misc/Makefile || echo 'obj-$(CONFIG_RINGVM_KTEST) += ringvm_ktest.o' >> drivers/misc/Makefile
+if ! grep -q RINGVM_KTEST drivers/misc/Kconfig; then
+    sed -i '$d' drivers/misc/Kconfig   # the closing endmenu
+    printf 'config RINGVM_KTEST\n\tbool "ringvm in-kernel block I/O self-test"\n\tdepends on SCSI && BLK_DEV_SD\n\nendmenu\n' >> drivers/misc/Kconfig
+fi
+if [ ! -f .config ] || ! cmp -s "$ROOT/scripts/linux/ringvm.config" .ringvm.config; then
+    log "configuring Linux (tinyconfig + scripts/linux/ringvm.config)"
+    make -s tinyconfig >/dev/null
+    scripts/kconfig/merge_config.sh -m .config "$ROOT/scripts/linux/ringvm.config" >/dev/null
+    make -s olddefconfig >/dev/null
+    cp "$ROOT/scripts/linux/ringvm.config" .ringvm.config
+fi
+# Every option of the fragment must have taken (a dependency missed is a
+# silently smaller kernel).
+while IFS= read -r line; do
+    case "$line" in CONFIG_*=y) grep -qx "$line" .config || { log "Linux config: $line did not take"; exit 1; } ;; esac
+done < "$ROOT/scripts/linux/ringvm.config"
+log "building Linux (about 8 minutes on 2 cores when cold)"
+make -s -j"$(nproc)" KBUILD_BUILD_TIMESTAMP=ringvm KBUILD_BUILD_USER=ringvm KBUILD_BUILD_HOST=ringvm vmlinux bzImage >/dev/null
+tmp="$OUT.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+cp vmlinux "$tmp/vmlinux"
+cp arch/x86/boot/bzImage "$tmp/bzImage"
+# Root filesystem: made from a directory with mkfs.ext4 -d, no mount, no root.
+rootdir="$(mktemp -d)"; trap 'rm -rf "$rootdir"' EXIT
+mkdir -p "$rootdir"/{sbin,dev,proc,sys,etc}
+printf 'RINGVM-KTEST-INIT\nThis file is the init of ringvm'"'"'s Linux test guest: the kernel'"'"'s\nringvm_ktest binary format takes it (scripts/linux/ringvm_ktest.c).\n' > "$rootdir/sbin/init"
+chmod 755 "$rootdir/sbin/init"
+echo "ringvm Linux test guest root" > "$rootdir/etc/ringvm-root"
+mkfs.ext4 -q -F -L ringvm-root -E root_owner=0:0 -d "$rootdir" "$tmp/root.img" 64M
+echo "console=ttyS0 panic=-1 root=/dev/sda rw noxsave no_int3_selftest no_fpu_drop_fwait clearcpuid=popcnt,fsgsbase,smap,smep,pku,rdrand,rdseed,rdpid,invpcid,umip,clflushopt,clwb" > "$tmp/cmdline"
+echo "$pkgver" > "$tmp/version"
+rm -rf "$OUT"; mv "$tmp" "$OUT"
+ln -sfn "linux-$key" "$CACHE/linux"
+log "Linux guest ready in $OUT"
 echo "$OUT"

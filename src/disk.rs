@@ -291,10 +291,46 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
         }
         let pci = Arc::new(Mutex::new(pci));
         machine.mmio.insert(pci.clone(), bar, BAR_SIZE)?;
+        let relocator = BarMover { vm: machine.vm.clone(), mmio: machine.mmio.clone(), dev: Arc::downgrade(&pci) };
+        pci.lock().unwrap_or_else(|e| e.into_inner()).set_relocator(Arc::new(relocator));
         machine.pci.lock().unwrap_or_else(|e| e.into_inner()).add(pci.clone())?;
         controllers.push(pci);
     }
     Ok(Storage { iothreads: threads, controllers, blocks, hotplug, dirty })
+}
+
+/// Moves a virtio-pci function's BAR0 when the guest reprograms it (Linux
+/// may reassign BARs, firmware does): the MMIO bus range and the doorbell
+/// ioeventfds follow; the MSI-X table lives in the BAR and moves with it.
+struct BarMover {
+    vm: Arc<kvm_ioctls::VmFd>,
+    mmio: Arc<devices::bus::Bus>,
+    dev: std::sync::Weak<Mutex<VirtioPci>>,
+}
+
+impl devices::pci::BarRelocator for BarMover {
+    fn move_bar(&self, old: u64, new: u64, len: u64, ioevents: &[(u64, &vmm_sys_util::eventfd::EventFd)]) -> std::result::Result<(), String> {
+        let dev = self.dev.upgrade().ok_or("the device is gone")?;
+        // The new range first: a clash (another device, an address past the
+        // top) leaves everything where it was.
+        self.mmio.insert(dev, new, len).map_err(|e| e.to_string())?;
+        for (i, (off, evt)) in ioevents.iter().enumerate() {
+            if let Err(e) = self.vm.register_ioevent(*evt, &IoEventAddress::Mmio(new + off), NoDatamatch) {
+                for (off, evt) in &ioevents[..i] {
+                    let _ = self.vm.unregister_ioevent(*evt, &IoEventAddress::Mmio(new + off), NoDatamatch);
+                }
+                self.mmio.remove(new);
+                return Err(format!("KVM_IOEVENTFD at {:#x}: {e}", new + off));
+            }
+        }
+        for (off, evt) in ioevents {
+            if let Err(e) = self.vm.unregister_ioevent(*evt, &IoEventAddress::Mmio(old + off), NoDatamatch) {
+                log::warn!("virtio-pci: unregistering the doorbell at {:#x}: {e}", old + off);
+            }
+        }
+        self.mmio.remove(old);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::layout;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
+pub const KBD_IRQ: u32 = 1;
 pub const I8042_PORT: u64 = 0x60;
 pub const DEBUG_EXIT_PORT: u64 = 0x501;
 pub const PCI_CONFIG_PORT: u64 = 0xcf8;
@@ -124,7 +125,9 @@ impl Machine {
         vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ).map_err(error::kvm("KVM_IRQFD"))?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
         pio.insert(serial.clone(), SERIAL_PORT, 8)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(requests.clone()))), I8042_PORT, 5)?;
+        let kbd_irq = Interrupt::new()?;
+        vm.register_irqfd(kbd_irq.eventfd(), KBD_IRQ).map_err(error::kvm("KVM_IRQFD"))?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(requests.clone()).with_irq(kbd_irq))), I8042_PORT, 5)?;
         pio.insert(Arc::new(Mutex::new(DebugExit::new(requests))), DEBUG_EXIT_PORT, 1)?;
         let pci = Arc::new(Mutex::new(PciConfigIo::new()));
         pio.insert(pci.clone(), PCI_CONFIG_PORT, 8)?;

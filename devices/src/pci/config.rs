@@ -160,6 +160,11 @@ impl PciConfig {
     pub fn command(&self) -> u16 {
         self.regs[1] as u16
     }
+
+    /// Whether the function decodes its memory BARs (command bit 1).
+    pub fn mem_enabled(&self) -> bool {
+        self.command() & 0x2 != 0
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,14 @@ pub use config::{BarKind, PciConfig};
 
 use crate::bus::BusDevice;
 
+/// Moves a function's memory BAR when the guest reprograms it: the bus
+/// mapping and the doorbell eventfds go from `old` to `new` (the VMM owns
+/// both). `ioevents` are (offset in the BAR, eventfd). On an error the
+/// mapping stays at `old` and the device keeps answering there.
+pub trait BarRelocator: Send + Sync {
+    fn move_bar(&self, old: u64, new: u64, len: u64, ioevents: &[(u64, &vmm_sys_util::eventfd::EventFd)]) -> Result<(), String>;
+}
+
 /// A function on PCI bus 0.
 pub trait PciDevice: Send {
     /// Reads the 32-bit config register `reg` (byte offset / 4).

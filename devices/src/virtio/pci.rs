@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::bus::BusDevice;
-use crate::pci::{BarKind, PciConfig, PciDevice};
+use crate::pci::{BarKind, BarRelocator, PciConfig, PciDevice};
 use crate::{MsiMessage, MsiRouter};
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -23,6 +23,8 @@ pub const NOTIFY_MULT: u64 = 4;
 const MSIX_TABLE: u64 = 0x4000;
 const MSIX_PBA: u64 = 0x5000;
 pub const NO_VECTOR: u16 = 0xffff;
+
+static RELOCATE_WARN: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
 
 const CAP_VENDOR: u8 = 0x09;
 const CAP_MSIX: u8 = 0x11;
@@ -93,6 +95,9 @@ pub struct VirtioPci {
     active: bool,
     /// Active, but its queues are stopped (snapshot pause).
     paused: bool,
+    /// Where BAR0 is mapped on the MMIO bus (and its doorbells registered).
+    mapped: u64,
+    relocator: Option<Arc<dyn BarRelocator>>,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u32, len: u32, extra: Option<u32>) -> Vec<u8> {
@@ -154,7 +159,44 @@ impl VirtioPci {
             config_vector: NO_VECTOR,
             active: false,
             paused: false,
+            mapped: bar_addr,
+            relocator: None,
         })
+    }
+
+    /// Lets the guest move BAR0: without a relocator a move is logged and
+    /// the device stays where it was mapped.
+    pub fn set_relocator(&mut self, r: Arc<dyn BarRelocator>) {
+        self.relocator = Some(r);
+    }
+
+    /// Where BAR0 is mapped now.
+    pub fn mapped_bar(&self) -> u64 {
+        self.mapped
+    }
+
+    /// Follows the guest's BAR0: a new address takes effect once memory
+    /// decoding is on (Linux and firmware size and place BARs with decoding
+    /// off, so the all-ones probes and half-written 64-bit addresses in
+    /// between never move anything). Turning decoding off keeps the
+    /// mapping: nothing else can claim the range meanwhile.
+    fn sync_bar(&mut self) {
+        let want = self.config.bar_addr(0);
+        if !self.config.mem_enabled() || want == self.mapped {
+            return;
+        }
+        let Some(r) = self.relocator.clone() else {
+            crate::ratelimit::warn(&RELOCATE_WARN, || format!("virtio-pci: guest moved BAR0 from {:#x} to {want:#x}; this device cannot be moved", self.mapped));
+            return;
+        };
+        let ioevents: Vec<(u64, &EventFd)> = self.notify.iter().enumerate().map(|(i, e)| (NOTIFY + i as u64 * NOTIFY_MULT, e)).collect();
+        match r.move_bar(self.mapped, want, BAR_SIZE, &ioevents) {
+            Ok(()) => {
+                log::info!("virtio-pci: BAR0 moved from {:#x} to {want:#x}", self.mapped);
+                self.mapped = want;
+            }
+            Err(e) => crate::ratelimit::warn(&RELOCATE_WARN, || format!("virtio-pci: BAR0 stays at {:#x}: cannot move it to {want:#x}: {e}", self.mapped)),
+        }
     }
 
     pub fn bar_addr(&self) -> u64 {
@@ -269,6 +311,7 @@ impl VirtioPci {
             v.entry = *e;
         }
         self.sync_vectors();
+        self.sync_bar();
         if st.active {
             self.activate(true);
             if !self.active {
@@ -562,16 +605,11 @@ impl PciDevice for VirtioPci {
     }
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
-        let bar_before = self.config.bar_addr(0);
         self.config.write(reg, offset, data);
         if reg == (self.msix_cap / 4) {
             self.sync_vectors();
         }
-        let bar_after = self.config.bar_addr(0);
-        if bar_after != bar_before && bar_after & 0xffff_ffff != 0xffff_8000 && bar_after != 0xffff_ffff_ffff_8000 {
-            // Sizing probes write all ones; a real move is not supported.
-            log::warn!("virtio-pci: guest moved BAR0 from {bar_before:#x} to {bar_after:#x}; relocation is not supported");
-        }
+        self.sync_bar();
     }
 }
 
