@@ -922,9 +922,14 @@ impl Controller {
                 self.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
                 Ok(json!({}))
             }
-            "system_powerdown" => Err(QmpError::generic(
-                "system_powerdown: this machine has no ACPI power button, so the guest cannot be asked to power down; use 'quit' or 'system_reset'",
-            )),
+            "system_powerdown" if self.state == RunState::InMigrate => Err(QmpError::generic("the VM is waiting for its incoming state; system_powerdown is not possible yet")),
+            "system_powerdown" => {
+                // The ACPI power button, as QEMU presses it: the guest decides
+                // what to do (a Linux guest powers off through S5).
+                self.vm.press_power_button().map_err(|e| QmpError::generic(format!("system_powerdown: {e}")))?;
+                self.broadcast("POWERDOWN", None);
+                Ok(json!({}))
+            }
             "quit" => {
                 self.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
                 self.finish(Ok(Outcome::Quit));

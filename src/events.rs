@@ -89,6 +89,9 @@ impl devices::VmRequests for DeviceRequests {
     fn exit(&self, code: u8) {
         self.0.push(VmEvent::Exit(code));
     }
+    fn shutdown(&self) {
+        self.0.push(VmEvent::Shutdown);
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! 0x0000_0500  GDT (boot)            0x0000_6000  PVH hvm_start_info + memmap
 //! 0x0000_7000  Linux zero page       0x0000_9000  boot page tables (PML4, PDPT, 4 PDs)
 //! 0x0002_0000  kernel command line   0x0009_fc00  EBDA (reserved)
-//! 0x000f_0000  MP table (BIOS area)  0x0010_0000  kernel / PVH ELF
+//! 0x000e_0000  ACPI tables (RSDP)    0x000f_0000  MP table (BIOS area)
+//! 0x0010_0000  kernel / PVH ELF
 //! RAM up to 3 GiB, then the 32-bit MMIO hole (PCI BARs, IOAPIC, LAPIC), RAM again from 4 GiB.
 //! ```
 
@@ -20,6 +21,8 @@ pub const PDE_START: u64 = 0xb000; // four pages: identity map of the first 4 Gi
 pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first), in the BIOS area an OS scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
 pub const MPTABLE_START: u64 = 0xf0000;
 pub const BIOS_END: u64 = 0x10_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -49,7 +52,7 @@ pub const E820_RESERVED: u32 = 2;
 /// The e820 map shown to the guest: (start, len, type).
 pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED)];
-    map.push((MPTABLE_START, BIOS_END - MPTABLE_START, E820_RESERVED));
+    map.push((ACPI_START, BIOS_END - ACPI_START, E820_RESERVED));
     for (start, len) in ram_regions(size) {
         if start == 0 {
             map.push((HIMEM_START, len - HIMEM_START, E820_RAM));

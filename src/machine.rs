@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
-use devices::legacy::{DebugExit, Serial, SerialOutput, I8042};
+use devices::legacy::{AcpiPm, DebugExit, Serial, SerialOutput, I8042};
 use devices::pci::PciConfigIo;
 use devices::{Interrupt, VmRequests};
 use kvm_bindings::{
@@ -15,6 +15,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{self, Error, Result};
+use crate::boot::acpi;
 use crate::layout;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
@@ -40,6 +41,8 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pub serial: Arc<Mutex<Serial>>,
     pub pci: Arc<Mutex<PciConfigIo>>,
+    /// The ACPI Generic Event Device's interrupt: a power-button press.
+    pub power_button: Interrupt,
     pub supported_cpuid: CpuId,
     reset_state: ResetState,
 }
@@ -128,11 +131,14 @@ impl Machine {
         let kbd_irq = Interrupt::new()?;
         vm.register_irqfd(kbd_irq.eventfd(), KBD_IRQ).map_err(error::kvm("KVM_IRQFD"))?;
         pio.insert(Arc::new(Mutex::new(I8042::new(requests.clone()).with_irq(kbd_irq))), I8042_PORT, 5)?;
+        pio.insert(Arc::new(Mutex::new(AcpiPm::new(requests.clone(), acpi::S5_SLP_TYP, acpi::RESET_VALUE))), u64::from(acpi::ACPI_PM_PORT), 3)?;
         pio.insert(Arc::new(Mutex::new(DebugExit::new(requests))), DEBUG_EXIT_PORT, 1)?;
+        let power_button = Interrupt::new()?;
+        vm.register_irqfd(power_button.eventfd(), acpi::GED_GSI).map_err(error::kvm("KVM_IRQFD"))?;
         let pci = Arc::new(Mutex::new(PciConfigIo::new()));
         pio.insert(pci.clone(), PCI_CONFIG_PORT, 8)?;
 
-        Ok(Self { kvm, vm: Arc::new(vm), mem, mem_size, pio, mmio, serial, pci, supported_cpuid, reset_state })
+        Ok(Self { kvm, vm: Arc::new(vm), mem, mem_size, pio, mmio, serial, pci, power_button, supported_cpuid, reset_state })
     }
 
     /// Puts the PIC, IOAPIC and PIT back in their power-on state.

@@ -337,6 +337,11 @@ impl Vm {
         b
     }
 
+    /// Presses the ACPI power button (the Generic Event Device's interrupt).
+    pub fn press_power_button(&self) -> std::io::Result<()> {
+        self.machine.power_button.trigger()
+    }
+
     pub fn no_reboot(&self) -> bool {
         self.no_reboot
     }

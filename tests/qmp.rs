@@ -139,7 +139,8 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
         error_of(&a.cmd(json!({"execute": "human-monitor-command", "arguments": {"command-line": ["info"]}}))).1,
         "Invalid parameter type for 'command-line', expected: string"
     );
-    assert_eq!(error_of(&a.cmd(json!({"execute": "system_powerdown"}))).0, "GenericError");
+    // The ACPI power button: pressed (the test guest does not act on it).
+    assert_eq!(a.cmd(json!({"execute": "system_powerdown"})), json!({"return": {}}));
     // Ids of any JSON type; several commands in one write.
     a.send_raw(b"{\"execute\":\"query-name\",\"id\":1}{\"execute\":\"query-status\",\"id\":null}\n");
     assert_eq!(a.reply(), json!({"return": {}, "id": 1}));

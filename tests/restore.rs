@@ -415,39 +415,6 @@ fn restore_with_disk_under_verify_load() {
     assert!(o.stderr.contains("disk 0: it was") && o.stderr.contains("disk.img") && o.stderr.contains("other.img"), "{}", o.stderr);
 }
 
-/// A loop-mounted XFS (reflink) in `dir`, unmounted on drop.
-struct XfsMount {
-    dir: std::path::PathBuf,
-    image: std::path::PathBuf,
-}
-
-impl XfsMount {
-    /// None (a skip) when it cannot be made here, unless CI=true.
-    fn new(scratch: &Scratch) -> Option<XfsMount> {
-        let image = scratch.path("xfs.img");
-        let dir = scratch.path("xfs");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
-        let run = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
-        let ok = run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image)) && run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir));
-        if !ok {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("cannot make a loop-mounted XFS (mkfs.xfs from xfsprogs, root, loop devices)");
-            }
-            eprintln!("SKIP: no loop-mounted XFS here");
-            return None;
-        }
-        Some(XfsMount { dir, image })
-    }
-}
-
-impl Drop for XfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
-
 /// `"disks": "clone"`: the disk is reflinked during the final pause, the
 /// state file names the clone, and a restore runs on it -- even after the
 /// original disk was wiped. On a filesystem without reflink the request

@@ -84,6 +84,8 @@ pub trait VmRequests: Send + Sync {
     fn reset(&self);
     /// The guest asked the VMM to exit with `code` (isa-debug-exit).
     fn exit(&self, code: u8);
+    /// The guest powered itself off (ACPI S5).
+    fn shutdown(&self);
 }
 
 /// An MSI message (address/data) as the guest programmed it.

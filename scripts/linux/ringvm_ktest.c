@@ -11,6 +11,9 @@
  *   ringvm_ktest.seed=N         pattern seed (default 0x52494e47564d)
  *   ringvm_ktest.mib=N          size of the pattern region (default 4)
  *   ringvm_ktest.offset_mib=N   where it starts on the disk (default 1)
+ *   ringvm_ktest.power=1        after the test, wait for the power button
+ *                               (an ACPI Notify, as QMP system_powerdown
+ *                               sends it) and power off instead of restarting
  *
  * A thread started at late_initcall waits for the disk, then:
  *   1. writes the pattern over [offset, offset + mib) in 256 KiB bios, the
@@ -31,7 +34,9 @@
  * The root filesystem's init is a file beginning with "RINGVM-KTEST-INIT":
  * a binary format registered here takes it, waits for the self-test,
  * remounts every filesystem read-only (the host then finds the root clean)
- * and restarts the machine. No user-mode instruction runs.
+ * and restarts the machine (or, with power=1, waits for KEY_POWER from the
+ * ACPI button and powers off through ACPI S5). No user-mode instruction
+ * runs.
  */
 #define pr_fmt(fmt) "ringvm-ktest: " fmt
 
@@ -43,6 +48,7 @@
 #include <linux/fs.h>
 #include <linux/fs_struct.h>
 #include <linux/init.h>
+#include <linux/input.h>
 #include <linux/jiffies.h>
 #include <linux/kthread.h>
 #include <linux/module.h>
@@ -61,6 +67,8 @@ static uint mib = 4;
 module_param(mib, uint, 0444);
 static uint offset_mib = 1;
 module_param(offset_mib, uint, 0444);
+static bool power;
+module_param(power, bool, 0444);
 /* Guest seconds to wait for the disk to appear. */
 static uint wait_s = 900;
 module_param(wait_s, uint, 0444);
@@ -71,6 +79,7 @@ module_param(wait_s, uint, 0444);
 #define MIB (1024 * 1024ULL)
 
 static DECLARE_COMPLETION(ktest_done);
+static DECLARE_COMPLETION(power_pressed);
 static char fail_reason[160];
 
 struct chunk {
@@ -376,6 +385,66 @@ out:
 	return 0;
 }
 
+/* KEY_POWER from any input device (the ACPI power button). */
+static void power_event(struct input_handle *handle, unsigned int type,
+			unsigned int code, int value)
+{
+	if (type == EV_KEY && code == KEY_POWER && value) {
+		pr_info("power button pressed (%s)\n", handle->dev->name);
+		complete_all(&power_pressed);
+	}
+}
+
+static int power_connect(struct input_handler *handler, struct input_dev *dev,
+			 const struct input_device_id *id)
+{
+	struct input_handle *handle;
+	int ret;
+
+	handle = kzalloc(sizeof(*handle), GFP_KERNEL);
+	if (!handle)
+		return -ENOMEM;
+	handle->dev = dev;
+	handle->handler = handler;
+	handle->name = "ringvm-ktest";
+	ret = input_register_handle(handle);
+	if (!ret) {
+		ret = input_open_device(handle);
+		if (ret)
+			input_unregister_handle(handle);
+	}
+	if (ret) {
+		kfree(handle);
+		return ret;
+	}
+	pr_info("listening for the power button on %s\n", dev->name);
+	return 0;
+}
+
+static void power_disconnect(struct input_handle *handle)
+{
+	input_close_device(handle);
+	input_unregister_handle(handle);
+	kfree(handle);
+}
+
+static const struct input_device_id power_ids[] = {
+	{
+		.flags = INPUT_DEVICE_ID_MATCH_EVBIT | INPUT_DEVICE_ID_MATCH_KEYBIT,
+		.evbit = { BIT_MASK(EV_KEY) },
+		.keybit = { [BIT_WORD(KEY_POWER)] = BIT_MASK(KEY_POWER) },
+	},
+	{ },
+};
+
+static struct input_handler power_handler = {
+	.event = power_event,
+	.connect = power_connect,
+	.disconnect = power_disconnect,
+	.name = "ringvm-ktest",
+	.id_table = power_ids,
+};
+
 /* The root filesystem's init: wait for the test, leave the disks clean, restart. */
 static int ktest_load_init(struct linux_binprm *bprm)
 {
@@ -388,13 +457,28 @@ static int ktest_load_init(struct linux_binprm *bprm)
 	pr_info("init %s reached; root is %s (%s), waiting for the self-test\n",
 		bprm->filename, sb->s_type->name, sb_rdonly(sb) ? "ro" : "rw");
 	wait_for_completion(&ktest_done);
+	if (power) {
+		pr_info("RINGVM-KTEST waiting for the power button\n");
+		if (!wait_for_completion_timeout(&power_pressed, 900 * HZ))
+			pr_err("RINGVM-KTEST FAIL: no power button press in 900 s\n");
+	}
 	emergency_remount();
 	deadline = jiffies + 120 * HZ;
 	while (!sb_rdonly(sb) && time_before(jiffies, deadline))
 		msleep(50);
-	pr_info("RINGVM-KTEST DONE %s; root %s; restarting\n",
+	/*
+	 * ext4 sets SB_RDONLY before it writes the clean superblock; the
+	 * remount holds s_umount for writing throughout, so taking it for
+	 * reading waits for the end.
+	 */
+	down_read(&sb->s_umount);
+	up_read(&sb->s_umount);
+	pr_info("RINGVM-KTEST DONE %s; root %s; %s\n",
 		fail_reason[0] ? "FAIL" : "PASS",
-		sb_rdonly(sb) ? "remounted ro" : "still rw");
+		sb_rdonly(sb) ? "remounted ro" : "still rw",
+		power ? "powering off" : "restarting");
+	if (power)
+		kernel_power_off();
 	kernel_restart(NULL);
 	return -ENOEXEC;
 }
@@ -411,6 +495,8 @@ static int __init ringvm_ktest_init(void)
 	if (!disk[0])
 		return 0;
 	register_binfmt(&ktest_format);
+	if (power && input_register_handler(&power_handler))
+		pr_err("cannot listen for the power button\n");
 	t = kthread_run(ktest_thread, NULL, "ringvm-ktest");
 	if (IS_ERR(t)) {
 		snprintf(fail_reason, sizeof(fail_reason), "no thread: %ld", PTR_ERR(t));

@@ -2,6 +2,7 @@
 //! Linux bzImage (64-bit boot protocol), with an optional initrd and a
 //! command line, plus the tables a guest needs to find RAM and CPUs.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod mptable;
 pub mod regs;
@@ -133,6 +134,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> 
     };
 
     mptable::write(mem, cpus)?;
+    let rsdp = acpi::write(mem, cpus)?;
     let e820 = e820_map(mem_size);
 
     let boot_info = match mode {
@@ -143,6 +145,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> 
                 cmdline_paddr: CMDLINE_START,
                 memmap_paddr: PVH_MEMMAP_START,
                 memmap_entries: e820.len() as u32,
+                rsdp_paddr: rsdp,
                 ..Default::default()
             };
             if let Some((addr, size)) = initrd {
@@ -176,6 +179,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> 
                 params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *type_ };
             }
             params.e820_entries = e820.len() as u8;
+            params.acpi_rsdp_addr = rsdp;
             write_obj(mem, params, ZERO_PAGE_START)?;
             ZERO_PAGE_START
         }

@@ -241,3 +241,37 @@ impl Drop for FaultFs {
         self.kill();
     }
 }
+
+/// A loop-mounted XFS (reflink) in `dir`, unmounted on drop.
+pub struct XfsMount {
+    pub dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl XfsMount {
+    /// None (a skip) when it cannot be made here, unless CI=true.
+    pub fn new(scratch: &Scratch) -> Option<XfsMount> {
+        let image = scratch.path("xfs.img");
+        let dir = scratch.path("xfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
+        let run = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image)) && run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir));
+        if !ok {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("cannot make a loop-mounted XFS (mkfs.xfs from xfsprogs, root, loop devices)");
+            }
+            eprintln!("SKIP: no loop-mounted XFS here");
+            return None;
+        }
+        Some(XfsMount { dir, image })
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+

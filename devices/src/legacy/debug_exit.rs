@@ -47,6 +47,9 @@ mod tests {
         fn exit(&self, code: u8) {
             self.0.lock().unwrap().push(format!("exit {code}"));
         }
+        fn shutdown(&self) {
+            self.0.lock().unwrap().push("shutdown".into());
+        }
     }
 
     #[test]

@@ -19,8 +19,10 @@ pub struct I8042 {
     ctr: u8,
     /// The output port (bit 0: CPU not in reset, bit 1: A20).
     outp: u8,
-    /// Bytes for the guest to read at port 0x60.
-    out: VecDeque<u8>,
+    /// Bytes for the guest to read at port 0x60, and whether each came
+    /// from the keyboard (one IRQ 1 per such byte, as it reaches the head:
+    /// Linux reads one byte per interrupt).
+    out: VecDeque<(u8, bool)>,
     /// A command waiting for its data byte at port 0x60.
     pending: Option<u8>,
     /// The last write went to the command port (status bit 3).
@@ -99,21 +101,41 @@ impl I8042 {
 
     /// A controller reply (polled by the guest; no interrupt).
     fn reply(&mut self, b: u8) {
+        self.push(b, false);
+    }
+
+    fn push(&mut self, b: u8, kbd: bool) {
         if self.out.len() < OUT_MAX {
-            self.out.push_back(b);
+            self.out.push_back((b, kbd));
+            if self.out.len() == 1 {
+                self.head_arrived();
+            }
         }
     }
 
-    /// Bytes from the keyboard: IRQ 1 when the command byte enables it.
+    /// Bytes from the keyboard.
     fn from_kbd(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.reply(b);
+            self.push(b, true);
         }
-        if self.ctr & CTR_KBD_INT != 0 {
-            if let Some(irq) = &self.irq {
-                let _ = irq.trigger();
+    }
+
+    /// A byte reached the output buffer: IRQ 1 if it is the keyboard's and
+    /// the command byte enables the interrupt.
+    fn head_arrived(&self) {
+        if let Some(&(_, true)) = self.out.front() {
+            if self.ctr & CTR_KBD_INT != 0 {
+                if let Some(irq) = &self.irq {
+                    let _ = irq.trigger();
+                }
             }
         }
+    }
+
+    fn pop(&mut self) -> u8 {
+        let b = self.out.pop_front().map_or(0, |(b, _)| b);
+        self.head_arrived();
+        b
     }
 
     fn command(&mut self, cmd: u8) {
@@ -166,7 +188,7 @@ impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {
             STATUS_OFFSET => self.status(),
-            DATA_OFFSET => self.out.pop_front().unwrap_or(0),
+            DATA_OFFSET => self.pop(),
             _ => 0,
         };
         data.fill(0);
@@ -203,6 +225,7 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
         fn exit(&self, _code: u8) {}
+        fn shutdown(&self) {}
     }
 
     fn cmd(d: &mut I8042, c: u8) {
@@ -257,5 +280,25 @@ mod tests {
             d.write(DATA_OFFSET, &[0xf4]);
         }
         assert!(d.out.len() <= OUT_MAX);
+    }
+
+    /// One interrupt per keyboard byte, each once the one before was read.
+    #[test]
+    fn one_irq_per_keyboard_byte() {
+        let irq = Interrupt::new().unwrap();
+        let evt = irq.eventfd().try_clone().unwrap();
+        let mut d = I8042::new(Arc::new(Resets::default())).with_irq(irq);
+        let fired = |e: &vmm_sys_util::eventfd::EventFd| e.read().unwrap_or(0);
+        d.write(DATA_OFFSET, &[KBD_GET_ID]);
+        assert_eq!(fired(&evt), 1);
+        for want in [KBD_ACK, 0xab, 0x83] {
+            assert_eq!(data(&mut d), Some(want));
+            let more = d.out.front().is_some();
+            assert_eq!(fired(&evt), u64::from(more), "after reading {want:#x}");
+        }
+        // Controller replies are polled: no interrupt.
+        cmd(&mut d, CMD_READ_CTR);
+        assert_eq!(fired(&evt), 0);
+        assert!(data(&mut d).is_some());
     }
 }
