@@ -77,5 +77,9 @@ echo "console=ttyS0 panic=-1 root=/dev/sda rw noxsave no_int3_selftest no_fpu_dr
 echo "$pkgver" > "$tmp/version"
 rm -rf "$OUT"; mv "$tmp" "$OUT"
 ln -sfn "linux-$key" "$CACHE/linux"
+# Older outputs (other keys) go; the build tree stays for the next one.
+for d in "$CACHE"/linux-*; do
+    case "$d" in "$OUT"|"$BUILD") ;; *) [ -d "$d" ] && rm -rf "$d" ;; esac
+done
 log "Linux guest ready in $OUT"
 echo "$OUT"

@@ -9,16 +9,7 @@ source "$(dirname "$0")/lib.sh"
 apt_install fio fonts-dejavu-core fuse3
 ensure_nfs_deps
 if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10'; then
-    src=/etc/apt/sources.list.d/debian.sources
-    dst=/etc/apt/sources.list.d/ringvm-backports.sources
-    if [ ! -f "$dst" ]; then
-        [ -f "$src" ] || { log "no $src to take the mirror from"; exit 1; }
-        uri="$(awk '/^URIs:/{print $2; exit}' "$src")"
-        key="$(awk '/^Signed-By:/{print $2; exit}' "$src")"
-        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' "$uri" "$key" > "$dst"
-        rm -f "$CACHE/.apt-updated"
-    fi
-    apt-get update -qq && touch "$CACHE/.apt-updated"
+    ensure_backports
     log "installing qemu-system-x86 from bookworm-backports"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 fi

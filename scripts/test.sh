@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Passes the tests on a fresh machine: installs what they need (idempotent),
-# builds the Linux guest for the smoke test, the Python QMP client, runs the
+# the peers (fio, QEMU 10: the Linux tests compare ringvm with QEMU), builds
+# the Linux test guest (scripts/linux-guest.sh, cached by its inputs) and the
+# Python QMP client, runs the
 # whole workspace's tests, then every fuzz target for a short bounded time
 # (RINGVM_FUZZ_SECS per target, default 15; 0 skips), then the benchmark
 # harness once with --quick as a smoke check of it (RINGVM_PERF_SMOKE=0
@@ -8,6 +10,7 @@
 source "$(dirname "$0")/lib.sh"
 ensure_build_deps
 ensure_nfs_deps
+"$ROOT/scripts/peers.sh"
 RINGVM_LINUX_DIR="$("$ROOT/scripts/linux-guest.sh")"
 RINGVM_PYTHON="$(ensure_python_clients)"
 export RINGVM_LINUX_DIR RINGVM_PYTHON

@@ -118,7 +118,7 @@ fn linux(g: &Guest, kernel: &str, cpus: u32, disks: &Disks, extra_cmdline: &str)
 /// What Linux printed on its way to the self-test's end.
 fn assert_milestones(out: &str, cpus: u32) {
     for m in [
-        "virtio_scsi virtio0: 1/0/0 default/read/poll queues",
+        " default/read/poll queues",
         "scsi 0:0:0:0: Direct-Access     RINGVM",
         "scsi 0:0:0:1: Direct-Access     RINGVM",
         "[sda] 131072 512-byte logical blocks",
