@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bootbench;
+mod linuxbench;
 mod nfsbench;
 mod plot;
 mod qmpbench;
@@ -57,6 +58,8 @@ struct Cli {
 enum Which {
     /// Time to the first serial line and to the end of a memory workload, peak RSS.
     Boot,
+    /// The real Linux test guest to its root mount and through its I/O self-test.
+    Linux,
     /// The ring crate vs fio's io_uring engine on one file.
     Ring,
     /// QMP round-trip latency while the guest spins or does disk I/O.
@@ -76,6 +79,7 @@ impl Which {
     fn name(self) -> &'static str {
         match self {
             Which::Boot => "boot",
+            Which::Linux => "linux",
             Which::Ring => "ring",
             Which::Qmp => "qmp",
             Which::Scsi => "scsi",
@@ -187,6 +191,7 @@ fn prepare(root: &Path) -> Result<()> {
 fn run_suite(w: Which, c: &Ctx, r: &mut Report) -> Result<()> {
     match w {
         Which::Boot => bootbench::suite(c, r),
+        Which::Linux => linuxbench::suite(c, r),
         Which::Ring => ringbench::suite(c, r),
         Which::Qmp => qmpbench::suite(c, r),
         Which::Scsi => scsibench::suite(c, r),
@@ -237,7 +242,7 @@ fn main() -> Result<()> {
     if !c.have_fio {
         r.log("fio unavailable: every fio column (the physical limit) is reported as skipped");
     }
-    let suites = if cli.suite == Which::All { vec![Which::Boot, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs] } else { vec![cli.suite] };
+    let suites = if cli.suite == Which::All { vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs] } else { vec![cli.suite] };
     for w in suites {
         if stopping() {
             r.log(format!("stopped by a signal: suite {} not run", w.name()));

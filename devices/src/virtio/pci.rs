@@ -644,3 +644,113 @@ impl BusDevice for VirtioPci {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    struct NoRouter;
+    impl MsiRouter for NoRouter {
+        fn allocate(&self) -> crate::Result<u32> {
+            Ok(0)
+        }
+        fn route(&self, _: u32, _: Option<MsiMessage>, _: &EventFd) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Dummy;
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u16 {
+            8
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
+        }
+        fn features(&self) -> u64 {
+            1 << 32
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, _: GuestMemoryMmap, _: u64, _: Vec<ActiveQueue>) -> crate::Result<()> {
+            Ok(())
+        }
+        fn reset(&mut self) -> crate::Result<()> {
+            Ok(())
+        }
+        fn pause(&mut self) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Records every move; refuses addresses in `refuse`.
+    #[derive(Default)]
+    struct Mover {
+        moves: Mutex<Vec<(u64, u64, Vec<u64>)>>,
+        refuse: Option<u64>,
+    }
+    impl BarRelocator for Mover {
+        fn move_bar(&self, old: u64, new: u64, len: u64, ioevents: &[(u64, &EventFd)]) -> Result<(), String> {
+            assert_eq!(len, BAR_SIZE);
+            if Some(new) == self.refuse {
+                return Err("clash".into());
+            }
+            self.moves.lock().unwrap().push((old, new, ioevents.iter().map(|(o, _)| *o).collect()));
+            Ok(())
+        }
+    }
+
+    fn wr32(p: &mut VirtioPci, reg: usize, v: u32) {
+        p.config_write(reg, 0, &v.to_le_bytes());
+    }
+
+    /// What Linux and firmware do: size and program BAR0 with decoding off,
+    /// then turn decoding on. Only the final address moves the device, once;
+    /// the doorbells go with it.
+    #[test]
+    fn bar0_moves_once_decoding_is_on() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut p = VirtioPci::new(Box::new(Dummy), mem, Arc::new(NoRouter), 0xc000_0000).unwrap();
+        let mover = Arc::new(Mover::default());
+        p.set_relocator(mover.clone());
+        // Sizing, decoding off: all ones, read back, restore, then a new address.
+        wr32(&mut p, 1, 0);
+        wr32(&mut p, 4, 0xffff_ffff);
+        wr32(&mut p, 5, 0xffff_ffff);
+        assert_eq!(p.config_read(4) & !0xf, !(BAR_SIZE as u32 - 1));
+        wr32(&mut p, 4, 0xd000_0000);
+        wr32(&mut p, 5, 0x0000_0001);
+        assert!(mover.moves.lock().unwrap().is_empty(), "moved while decoding was off");
+        assert_eq!(p.mapped_bar(), 0xc000_0000);
+        wr32(&mut p, 1, 0x6); // memory space + bus master
+        assert_eq!(p.mapped_bar(), 0x1_d000_0000);
+        let moves = mover.moves.lock().unwrap().clone();
+        assert_eq!(moves, vec![(0xc000_0000, 0x1_d000_0000, vec![NOTIFY, NOTIFY + NOTIFY_MULT])]);
+        // Rewriting the same address, or other registers, moves nothing.
+        wr32(&mut p, 4, 0xd000_0000);
+        wr32(&mut p, 3, 0x10);
+        assert_eq!(mover.moves.lock().unwrap().len(), 1);
+    }
+
+    /// A move the VMM refuses (a clash) leaves the device where it answers.
+    #[test]
+    fn a_refused_move_keeps_the_mapping() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut p = VirtioPci::new(Box::new(Dummy), mem.clone(), Arc::new(NoRouter), 0xc000_0000).unwrap();
+        p.set_relocator(Arc::new(Mover { refuse: Some(0xc000_8000), ..Default::default() }));
+        wr32(&mut p, 1, 0x2);
+        wr32(&mut p, 4, 0xc000_8000);
+        assert_eq!(p.mapped_bar(), 0xc000_0000);
+        // Without a relocator a move is refused too.
+        let mut q = VirtioPci::new(Box::new(Dummy), mem, Arc::new(NoRouter), 0xc000_0000).unwrap();
+        wr32(&mut q, 1, 0x2);
+        wr32(&mut q, 4, 0xe000_0000);
+        assert_eq!(q.mapped_bar(), 0xc000_0000);
+    }
+}
