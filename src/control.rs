@@ -1012,7 +1012,14 @@ impl Controller {
                 }
                 Ok(v)
             }
-            "migrate_cancel" => Ok(self.savevm_end()),
+            // QEMU: cancels a running migration; after the end it changes nothing
+            // (query-migrate still reports how it ended).
+            "migrate_cancel" => {
+                if self.save.shared.get().state == SaveState::Active {
+                    self.cancel_snapshot(None);
+                }
+                Ok(json!({}))
+            }
             "query-savevm" => Ok(self.query_savevm()),
             "savevm-end" => Ok(self.savevm_end()),
             "human-monitor-command" => {

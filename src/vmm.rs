@@ -155,7 +155,7 @@ impl Vm {
         let started = Instant::now();
         vcpu::install_kick_handler()?;
         let events = Arc::new(EventQueue::new()?);
-        let stdin_to_guest = matches!(config.serial, SerialConfig::Stdio) && std::io::IsTerminal::is_terminal(&std::io::stdin());
+        let stdin_to_guest = matches!(config.serial, SerialConfig::Stdio) && stdin_is_interactive();
         let serial_out = match config.serial {
             SerialConfig::Stdio => SerialOutput::Stdout,
             SerialConfig::File(p) => SerialOutput::Writer(Box::new(std::io::LineWriter::new(
@@ -391,6 +391,19 @@ impl SerialInput {
     pub fn send(&self, bytes: &[u8]) -> usize {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(bytes)
     }
+}
+
+/// Whether stdin carries input for the guest: a terminal, a pipe or a
+/// socket (QEMU's `-serial stdio` reads those too). /dev/null and regular
+/// files are left alone.
+fn stdin_is_interactive() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let stdin = std::io::stdin();
+    if std::io::IsTerminal::is_terminal(&stdin) {
+        return true;
+    }
+    // /proc/self/fd/0 names whatever stdin is; a closed stdin is not input.
+    std::fs::metadata("/proc/self/fd/0").map(|m| m.file_type().is_fifo() || m.file_type().is_socket()).unwrap_or(false)
 }
 
 fn spawn_stdin_reader(serial: Arc<std::sync::Mutex<devices::legacy::Serial>>) -> Result<()> {

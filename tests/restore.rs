@@ -116,9 +116,7 @@ fn chain_of_three_restores() {
         // It makes progress after the restore: two more heartbeats.
         p.wait_for_output("ringvm-guest: beat", T);
         let n = p.stdout().matches("ringvm-guest: beat").count();
-        while p.stdout().matches("ringvm-guest: beat").count() < n + 2 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        p.wait_for_more("ringvm-guest: beat", n + 1, T);
         assert!(!p.stdout().contains("ringvm-guest: start"), "generation {gen} rebooted");
         q.ok("savevm-start", json!({"statefile": next.to_str().unwrap()}));
         assert_eq!(q.wait_savevm(T)["status"], "completed", "generation {gen}");
@@ -126,10 +124,18 @@ fn chain_of_three_restores() {
         assert_eq!(p.wait(T).code(), 0);
         prev = next;
     }
-    // The last generation stops its loop on 'v' and verifies; feed it via
-    // a guest that reads serial: instead, check the file is whole.
+    // The last generation runs on, then stops its loop on 'v' (typed on
+    // its serial port) and verifies every page against its table.
     let o = ringvm(&["state", "inspect", prev.to_str().unwrap()], T);
     assert_eq!(o.code(), 0, "{}", o.stdout);
+    let mut p = Proc::spawn_with_stdin(Command::new(ringvm_bin()).args(["run", "--loadstate", prev.to_str().unwrap()]));
+    p.wait_for_output("ringvm-guest: beat", T);
+    p.type_serial(b"v");
+    let o = p.wait(T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(!o.stdout.contains("ringvm-guest: start"), "the last generation rebooted:\n{}", o.stdout);
+    assert!(o.stdout.contains("ringvm-guest: stop requested"), "{}", o.stdout);
+    assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
 }
 
 /// `--restore-ram map` (the default for tmpfs): guest RAM becomes a
@@ -194,13 +200,23 @@ fn lazy_restore_runs_first_and_verifies() {
     let file = dir.path("vm.state");
     let work = "work=mem mib=160 secs=8 rate=50 beat=200";
     snapshot_and_quit(&dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--cmdline", work], &file, "ringvm-guest: beat 2");
+    // The state file behind a FUSE that answers every read 100 ms late:
+    // the lazy window (guest running, RAM still streaming) lasts seconds.
+    let slow = FaultFs::mount(&dir, "slow", &["--delay-us", "100000"]);
+    std::fs::copy(&file, dir.path("slow-back").join("vm.state")).unwrap();
+    let slow_file = slow.path("vm.state");
     let sock = dir.path("lazy.sock");
-    let (p, mut q) = restored_running(&sock, &["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", "lazy"]);
+    let (p, mut q) = restored_running(&sock, &["run", "--loadstate", slow_file.to_str().unwrap(), "--restore-ram", "lazy"]);
     let m = q.ok("query-migrate", json!({}));
-    if m["status"] == "postcopy-active" {
-        let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("during.state").to_str().unwrap()}}));
-        assert!(r["error"]["desc"].as_str().unwrap_or_default().contains("still loading RAM"), "{r}");
-    }
+    assert_eq!(m["status"], "postcopy-active", "{m}");
+    let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("during.state").to_str().unwrap()}}));
+    assert!(r["error"]["desc"].as_str().unwrap_or_default().contains("still loading RAM"), "{r}");
+    // The guest runs before all of its RAM is in: a heartbeat printed
+    // after the restore while the load is still going.
+    let beats = p.stdout().matches("ringvm-guest: beat").count();
+    p.wait_for_more("ringvm-guest: beat", beats, T);
+    let m = q.ok("query-migrate", json!({}));
+    assert_eq!(m["status"], "postcopy-active", "the guest printed only once all RAM was in: {m}");
     let ev = q.wait_event("MIGRATION");
     let ev = if ev["data"]["status"] == "postcopy-active" { q.wait_event("MIGRATION") } else { ev };
     assert_eq!(ev["data"]["status"], "completed", "{ev}");

@@ -90,21 +90,21 @@ fn second_start_refused_cancel_and_restart() {
     }
     let dir = Scratch::new("snap-cancel");
     let (p, mut q) = vm(&dir, "1", "1G", "work=mem mib=768 secs=inf rate=0");
-    let a = dir.path("a.state");
+    // A target that answers every write 50 ms late: 768 MiB take seconds,
+    // so the cancel certainly lands mid-flight.
+    let slow = FaultFs::mount(&dir, "slow", &["--delay-us", "50000"]);
+    let a = slow.path("a.state");
     q.ok("savevm-start", json!({"statefile": a.to_str().unwrap()}));
     let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("b.state").to_str().unwrap()}}));
     assert!(r["error"]["desc"].as_str().unwrap().contains("already running"), "{r}");
-    // Cancel mid-flight (768 MiB of dirty RAM takes a while).
     q.ok("savevm-end", json!({}));
     let s = q.wait_savevm(T);
-    if s["status"] == "failed" {
-        assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
+    if a.exists() {
         let o = inspect(&a);
         assert_eq!(o.code(), 1);
         assert!(o.stderr.contains("no completion record"), "{}", o.stderr);
-    } else {
-        // It finished before the cancel landed: then it must be whole.
-        assert_eq!(inspect(&a).code(), 0);
     }
     // A new snapshot can start and complete.
     let c = dir.path("c.state");
@@ -292,7 +292,30 @@ fn qemu_migrate_file_spelling() {
     assert_eq!(m["status"], "completed", "{m}");
     assert!(m["ram"]["transferred"].as_u64().unwrap() > 0);
     assert_eq!(inspect(&file).code(), 0);
+    // migrate_cancel after the end changes nothing.
     q.ok("migrate_cancel", json!({}));
+    assert_eq!(q.ok("query-migrate", json!({}))["status"], "completed");
+    // migrate_cancel while it runs (to a target 50 ms late on every write):
+    // the migration ends cancelled and leaves no loadable file.
+    let slow = FaultFs::mount(&dir, "slow", &["--delay-us", "50000"]);
+    let late = slow.path("late.state");
+    q.ok("migrate", json!({"uri": format!("file:{}", late.display())}));
+    assert_eq!(q.ok("query-migrate", json!({}))["status"], "active");
+    q.ok("migrate_cancel", json!({}));
+    let t0 = std::time::Instant::now();
+    let m = loop {
+        let m = q.ok("query-migrate", json!({}));
+        if m["status"] != "active" && m["status"] != "cancelling" {
+            break m;
+        }
+        assert!(t0.elapsed() < T, "the cancelled migration never ended: {m}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(m["status"] == "cancelled" || m["status"] == "failed", "{m}");
+    if late.exists() {
+        assert_eq!(inspect(&late).code(), 1, "a cancelled migration left a loadable file");
+    }
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }

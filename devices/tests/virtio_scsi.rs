@@ -38,12 +38,18 @@ fn rig() -> Rig {
 }
 
 fn rig_with(features: u64) -> Rig {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     file.write_all(&data).unwrap();
+    let backing = file.reopen().unwrap();
+    rig_on(features, backing, file)
+}
+
+/// A rig whose LUN reads and writes `backing` (a pipe, say).
+fn rig_on(features: u64, backing: std::fs::File, file: tempfile::NamedTempFile) -> Rig {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let io = IoThread::spawn("iothread-test", 64).unwrap();
-    let disk = Disk::new("test", file.reopen().unwrap(), Lun::new(1 << 20, 512, false, "T"), false);
+    let disk = Disk::new("test", backing, Lun::new(1 << 20, 512, false, "T"), false);
     let mut dev = VirtioScsi::new(vec![disk], vec![io.remote()], 1);
     let rq = Q { base: DESC, avail_idx: 0, used_seen: 0 };
     let mut q = rq.queue(&mem);
@@ -225,26 +231,60 @@ fn a_bogus_avail_index_breaks_the_queue() {
     assert_eq!(r.used_idx(), 0, "nothing completed from garbage");
 }
 
+/// Reads from a disk that is a pipe stay in flight until the pipe has
+/// data; a reset meanwhile returns only once every one of them is back in
+/// the used ring with its response (none lost, none completed after the
+/// driver may have reused the ring).
 #[test]
 fn reset_waits_for_in_flight_requests() {
-    let mut r = rig();
-    for k in 0..5u16 {
+    let (rd, mut wr) = {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds that nothing else owns.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the fds were just created and are owned here alone.
+        unsafe { (<std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]), <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1])) }
+    };
+    let mut r = rig_on(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, rd, tempfile::NamedTempFile::new().unwrap());
+    const N: u16 = 5;
+    for k in 0..N {
         let base = 0x40000 + u64::from(k) * 0x4000;
-        r.req(base, 0, 0, &read10(u32::from(k), 64));
+        r.req(base, 0, 0, &read10(0, 64));
         r.desc(3 * k, base, 51, F_NEXT, 3 * k + 1);
         r.desc(3 * k + 1, base + 0x100, 108, F_WRITE | F_NEXT, 3 * k + 2);
         r.desc(3 * k + 2, 0x100000 + u64::from(k) * 0x10000, 32768, F_WRITE, 0);
         r.push(3 * k);
     }
     r.kick();
-    std::thread::sleep(Duration::from_millis(2));
+    // The iothread took all five (its sleep check publishes avail_event
+    // once it is idle) and they wait on the pipe.
+    let t0 = Instant::now();
+    loop {
+        let avail_event: u16 = r.mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE))).unwrap();
+        if avail_event == N {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "deadline: the iothread took {avail_event} of {N} requests");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(r.used_idx(), 0, "a read from an empty pipe completed");
+    // The data arrives only after the reset began.
+    let feeder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        wr.write_all(&vec![0xa5u8; usize::from(N) * 32768]).unwrap();
+    });
     r.dev.reset().unwrap();
-    // After reset returns, whatever was taken from the ring is completed.
-    let done = r.used_idx();
-    let avail_taken: u16 = r.mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE))).unwrap_or(0);
-    let _ = avail_taken;
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(r.used_idx(), done, "nothing completes after reset returned");
+    assert_eq!(r.used_idx(), N, "reset returned with requests still in flight");
+    let done = r.wait_used(N);
+    let mut heads: Vec<u32> = done.iter().map(|(id, _)| *id).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, (0..u32::from(N)).map(|k| 3 * k).collect::<Vec<_>>(), "every head once");
+    for k in 0..u64::from(N) {
+        assert_eq!(r.resp(0x40000 + k * 0x4000 + 0x100), (0, 0, 0, 0), "request {k}: response");
+        let mut d = vec![0u8; 32768];
+        r.mem.read_slice(&mut d, GuestAddress(0x100000 + k * 0x10000)).unwrap();
+        assert!(d.iter().all(|&b| b == 0xa5), "request {k}: the pipe's bytes");
+    }
+    feeder.join().unwrap();
 }
 
 /// A split queue at `base` (descriptors, avail at +0x1000, used at +0x2000;

@@ -19,7 +19,7 @@ pub struct Result1 {
     pub file_mib: f64,
 }
 
-fn qmp(sock: &Path) -> Result<(BufReader<UnixStream>, UnixStream)> {
+pub(crate) fn qmp(sock: &Path) -> Result<(BufReader<UnixStream>, UnixStream)> {
     let t0 = Instant::now();
     let s = loop {
         match UnixStream::connect(sock) {
@@ -38,7 +38,7 @@ fn qmp(sock: &Path) -> Result<(BufReader<UnixStream>, UnixStream)> {
     Ok(q)
 }
 
-fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
+pub(crate) fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
     q.1.write_all(format!("{c}\n").as_bytes())?;
     loop {
         let mut l = String::new();
@@ -53,7 +53,7 @@ fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
 }
 
 /// A command that must succeed: its `return` value.
-fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
+pub(crate) fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
     let r = cmd(q, c.clone())?;
     match r.get("return") {
         Some(v) => Ok(v.clone()),
@@ -62,7 +62,7 @@ fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
 }
 
 /// Waits (10 s) for a child that was told to quit, then kills it.
-fn reap(mut child: std::process::Child) -> Result<()> {
+pub(crate) fn reap(mut child: std::process::Child) -> Result<()> {
     let t0 = Instant::now();
     while child.try_wait()?.is_none() {
         if t0.elapsed() > Duration::from_secs(10) {
@@ -411,7 +411,7 @@ fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) ->
 
 /// Polls query-migrate until `completed` (its status object), within
 /// 600 s of `t0`.
-fn qemu_wait(
+pub(crate) fn qemu_wait(
     q: &mut (BufReader<UnixStream>, UnixStream),
     t0: Instant,
     poll: Duration,

@@ -73,6 +73,7 @@ impl Output {
 /// A child whose output is collected in the background; killed on drop.
 pub struct Proc {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -92,11 +93,29 @@ fn pump(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) -> std::thr
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        Self::spawn_stdin(cmd.stdin(Stdio::null()))
+    }
+
+    /// As [`Proc::spawn`], with a pipe on stdin ([`Proc::type_serial`]:
+    /// ringvm's `--serial stdio` passes it to the guest's COM1).
+    pub fn spawn_with_stdin(cmd: &mut Command) -> Proc {
+        Self::spawn_stdin(cmd.stdin(Stdio::piped()))
+    }
+
+    fn spawn_stdin(cmd: &mut Command) -> Proc {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![pump(child.stdout.take().unwrap(), out.clone()), pump(child.stderr.take().unwrap(), err.clone())];
-        Proc { child, out, err, readers }
+        let stdin = child.stdin.take();
+        Proc { child, stdin, out, err, readers }
+    }
+
+    /// Writes `bytes` to the child's stdin (spawned with [`Proc::spawn_with_stdin`]).
+    pub fn type_serial(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let w = self.stdin.as_mut().expect("spawned without a stdin pipe");
+        w.write_all(bytes).and_then(|_| w.flush()).expect("write to the VMM's stdin");
     }
 
     pub fn pid(&self) -> u32 {
