@@ -294,3 +294,50 @@ impl Drop for XfsMount {
     }
 }
 
+
+/// The test guest's disk pattern (tests/guest/scsi.c `pattern`).
+pub fn pattern(seed: u64, lun: u32, off: u64) -> u64 {
+    let mut x = (off / 8 + 1) ^ (seed << 40) ^ (u64::from(lun) << 56);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+/// Words of `path` in `[0, bytes)` that differ from the guest's pattern
+/// for (`seed`, `lun`): (count, first offset).
+pub fn pattern_mismatches(path: &Path, seed: u64, lun: u32, bytes: u64) -> (u64, Option<u64>) {
+    let d = std::fs::read(path).unwrap();
+    assert!(d.len() as u64 >= bytes, "{} is {} bytes, expected {bytes}", path.display(), d.len());
+    let mut bad = (0, None);
+    for off in (0..bytes).step_by(8) {
+        let w = u64::from_le_bytes(d[off as usize..off as usize + 8].try_into().unwrap());
+        if w != pattern(seed, lun, off) {
+            bad.0 += 1;
+            bad.1.get_or_insert(off);
+        }
+    }
+    bad
+}
+
+/// Blocks of `bs` bytes in `path` that are neither untouched (zero) nor
+/// the guest's pattern for (`seed`, `lun`), and how many hold the pattern.
+pub fn blocks_torn_and_written(path: &Path, seed: u64, lun: u32, bs: u64) -> (Vec<u64>, u64) {
+    let d = std::fs::read(path).unwrap();
+    let (mut torn, mut written) = (Vec::new(), 0);
+    for (i, blk) in d.chunks(bs as usize).enumerate() {
+        if blk.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let base = i as u64 * bs;
+        let ok = blk.chunks(8).enumerate().all(|(j, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern(seed, lun, base + j as u64 * 8));
+        if ok {
+            written += 1;
+        } else {
+            torn.push(base);
+        }
+    }
+    (torn, written)
+}

@@ -428,6 +428,7 @@ void guest_main(u32 cpu) {
     printk("ringvm-guest: cpus online=%u\n", (u64)ncpus);
     if (work_kind >= 6) {
         want_hotplug = work_kind == 10;
+        inflight_report();
         if (virtio_scsi_init(ncpus, scsi_bs) < 0 || discover_luns(&queues[0]) < 0) guest_exit(3);
         u64 cap = capacity_blocks(&queues[0], lun_ids[0]) * 512;
         for (u32 l = 1; l <= max_lun; l++) { u64 c2 = capacity_blocks(&queues[0], lun_ids[l]) * 512; if (c2 < cap) cap = c2; }

@@ -6,7 +6,8 @@
  *   work=scsi-verify  [mib=N per LUN (0: whole disk)] [bs=BYTES] [qd=N] [seed=N]
  *                     [passes=N: verify N times after writing (default 1)]
  *   work=scsi-errors  (out-of-range LBA and write-protect sense checks)
- *   work=scsi-bench   pattern=randread|read|write bs=BYTES qd=N secs=N
+ *   work=scsi-bench   pattern=randread|read|write bs=BYTES qd=N secs=N (writes carry
+ *                     scsi-verify's pattern for seed=N; a completion 30 s late fails)
  *   work=scsi-unplug  [secs=N] (needs 2+ LUNs: negotiates HOTPLUG, reads the
  *                     last LUN until the device reports it removed, then
  *                     checks it is gone and the others are not)
@@ -157,6 +158,17 @@ static int virtio_scsi_init(u32 nq_want, u64 bs) {
 }
 
 /* Posts slot s: request + response + optional data buffer. */
+/* Requests posted and not yet reaped, in memory a reset leaves alone
+ * (REBOOT_COUNTER_ADDR + 32): the next boot reports how many a reset found
+ * in flight ("reset found N requests in flight"). */
+#define INFLIGHT_MAGIC 0x696e666c69676874ULL
+static volatile u64 *const inflight_ctr = (volatile u64 *)(REBOOT_COUNTER_ADDR + 32);
+static void inflight_report(void) {
+    if (inflight_ctr[0] == INFLIGHT_MAGIC && inflight_ctr[1]) printk("ringvm-guest: reset found %u requests in flight\n", inflight_ctr[1]);
+    inflight_ctr[1] = 0;
+    inflight_ctr[0] = INFLIGHT_MAGIC;
+}
+
 static void post(struct vq *v, int s, u32 lun, const u8 *cdb, u32 cdblen, u64 len, int write) {
     struct slot *sl = &v->slots[s];
     for (int i = 0; i < REQ_LEN; i++) sl->req[i] = 0;
@@ -174,6 +186,7 @@ static void post(struct vq *v, int s, u32 lun, const u8 *cdb, u32 cdblen, u64 le
         d[h + 2].addr = (u64)sl->data; d[h + 2].len = (u32)len; d[h + 2].flags = VRING_DESC_F_WRITE; d[h + 2].next = 0;
     }
     sl->busy = 1;
+    __atomic_add_fetch(&inflight_ctr[1], 1, __ATOMIC_SEQ_CST);
     u16 old = v->avail_idx;
     v->avail[2 + (v->avail_idx % v->size)] = h;
     mb();
@@ -200,6 +213,7 @@ static int reap(struct vq *v) {
     int s = (int)(id / 3);
     if (id % 3 || s >= SLOTS || !v->slots[s].busy) { printk("ringvm-guest: bogus used id %u\n", (u64)id); guest_exit(3); }
     v->slots[s].busy = 0;
+    __atomic_sub_fetch(&inflight_ctr[1], 1, __ATOMIC_SEQ_CST);
     return s;
 }
 
@@ -331,7 +345,7 @@ static volatile u64 bench_ops[MAX_CPUS];
 static void scsi_bench_cpu(u32 cpu) {
     if (cpu >= num_req_queues) return;
     struct vq *v = &queues[cpu];
-    u64 bs = scsi_bs, blocks = scsi_bytes_per_lun / bs, rng = 0x9E3779B97F4A7C15ULL ^ cpu, seq = cpu, inflight = 0, ops = 0;
+    u64 bs = scsi_bs, blocks = scsi_bytes_per_lun / bs, rng = 0x9E3779B97F4A7C15ULL ^ cpu, seq = cpu, inflight = 0, ops = 0, last_done = 0;
     u64 end = rdtsc() + secs * tsc_khz * 1000ULL;
     while (rdtsc() < end || inflight) {
         while (rdtsc() < end && inflight < scsi_qd) {
@@ -341,12 +355,20 @@ static void scsi_bench_cpu(u32 cpu) {
             u64 blk;
             if (bench_pattern == 0) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; blk = rng % blocks; }
             else { blk = seq % blocks; seq += num_req_queues; }
+            if (bench_pattern == 2) { u64 *d = (u64 *)v->slots[s].data; for (u64 i = 0; i < bs / 8; i++) d[i] = pattern(scsi_seed, 0, blk * bs + i * 8); }
             u8 c[16]; cdb_rw16(c, bench_pattern == 2, blk * bs / 512, (u32)(bs / 512));
             post(v, s, lun_ids[0], c, 16, bs, bench_pattern == 2);
             inflight++;
+            if (!last_done) last_done = rdtsc();
         }
         int s = reap(v);
-        if (s < 0) { cpu_relax(); continue; }
+        if (s < 0) {
+            /* A lost request is a failure, not a hang. */
+            if (inflight && rdtsc() - last_done > tsc_khz * 30000ULL) { printk("ringvm-guest: bench request timed out (%u in flight)\n", inflight); guest_exit(3); }
+            cpu_relax();
+            continue;
+        }
+        last_done = rdtsc();
         inflight--;
         u8 key, asc;
         if (resp_status(&v->slots[s], &key, &asc)) { printk("ringvm-guest: bench I/O failed key %x asc %x\n", (u64)key, (u64)asc); guest_exit(1); }
