@@ -249,15 +249,20 @@ fn snapshot_after_unplug_restores_the_remaining_lun_at_its_number() {
     let g = guest_elf(&dir);
     let d0 = disk(&dir, "d0.img", 4);
     let d1 = disk(&dir, "d1.img", 4);
+    // LUN 1 holds the guest's pattern for (seed 5, LUN 1): the restored
+    // guest reads it back through the LUN number it knew.
+    let words: Vec<u8> = (0..4u64 << 20).step_by(8).flat_map(|off| pattern(5, 1, off).to_le_bytes()).collect();
+    std::fs::write(&d1, words).unwrap();
     let sock = dir.path("qmp.sock");
-    let vm = Proc::spawn(Command::new(ringvm_bin()).args([
-        "run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=spin mib=8 secs=inf",
+    let mut vm = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=scsi-unplug-restore mib=4 bs=65536 seed=5",
         "--disk", &format!("path={d0}"), "--disk", &format!("path={d1}"), "--qmp", sock.to_str().unwrap(),
     ]));
-    wait_for_socket(&sock);
+    vm.wait_for_output("scsi-unplug-restore ready", T);
     let mut q = Qmp::negotiated(&sock);
     q.ok("device_del", serde_json::json!({"id": "scsi0-lun0"}));
     q.wait_event("DEVICE_DELETED");
+    vm.wait_for_output("waiting for 'c'", T);
     let state = dir.path("vm.state");
     q.savevm_completes(&state, T);
     q.ok("quit", serde_json::json!({}));
@@ -267,7 +272,7 @@ fn snapshot_after_unplug_restores_the_remaining_lun_at_its_number() {
         let _ = std::fs::remove_file(&sock2);
         let mut args = vec!["run", "--loadstate", state.to_str().unwrap(), "--qmp", sock2.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let vm = Proc::spawn(Command::new(ringvm_bin()).args(&args));
+        let mut vm = Proc::spawn_with_stdin(Command::new(ringvm_bin()).args(&args));
         wait_for_socket(&sock2);
         let mut q = Qmp::negotiated(&sock2);
         let t0 = Instant::now();
@@ -277,9 +282,11 @@ fn snapshot_after_unplug_restores_the_remaining_lun_at_its_number() {
         }
         let list = q.exec("query-block");
         let list = list.as_array().unwrap().clone();
-        q.ok("quit", serde_json::json!({}));
+        // The restored guest: REPORT LUNS and a read of all of LUN 1.
+        vm.type_serial(b"c");
         let o = vm.wait(T);
-        assert_eq!(o.code(), 0, "{}", o.stderr);
+        assert_eq!(o.code(), 0, "{}\n{}", o.stderr, o.stdout);
+        assert!(o.stdout.contains("scsi-unplug-restore luns=1 lun1 bytes=4194304 bad=0"), "{}", o.stdout);
         assert_eq!(list.len(), 1, "{list:?}");
         assert_eq!(list[0]["inserted"]["file"], d1.as_str());
         assert_eq!(list[0]["ringvm"]["lun"], 1, "{list:?}");

@@ -97,7 +97,11 @@ pub struct Report {
 
 /// UTC date and time of day as ("2026-11-23", "024001").
 fn now_utc() -> (String, String) {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    civil(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64)
+}
+
+/// ("YYYY-MM-DD", "HHMMSS") of `t` seconds since the epoch, UTC.
+fn civil(t: i64) -> (String, String) {
     let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -439,9 +443,18 @@ mod tests {
 
     #[test]
     fn civil_date() {
+        let day = 86_400;
+        assert_eq!(civil(0), ("1970-01-01".into(), "000000".into()));
+        assert_eq!(civil(day - 1), ("1970-01-01".into(), "235959".into()));
+        // 2000-02-29 (a leap day in a year divisible by 400), 12:34:56.
+        assert_eq!(civil(951_782_400 + 12 * 3600 + 34 * 60 + 56), ("2000-02-29".into(), "123456".into()));
+        assert_eq!(civil(951_782_400 + day), ("2000-03-01".into(), "000000".into()));
+        // 2100 is not a leap year: 28 February is followed by 1 March.
+        assert_eq!(civil(4_107_456_000), ("2100-02-28".into(), "000000".into()));
+        assert_eq!(civil(4_107_456_000 + day), ("2100-03-01".into(), "000000".into()));
+        // Before the epoch.
+        assert_eq!(civil(-1), ("1969-12-31".into(), "235959".into()));
         let (d, t) = now_utc();
-        assert_eq!(d.len(), 10);
-        assert_eq!(t.len(), 6);
-        assert!(d.starts_with("20"));
+        assert_eq!((d.len(), t.len()), (10, 6));
     }
 }

@@ -282,3 +282,21 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     r.end();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn parses_the_guest_bench_line() {
+        let out = "ringvm-guest: start cpus=2\nringvm-guest: scsi-bench pattern=randread bs=4096 qd=32 queues=2 ops=1000 ms=1000 iops=1000 kbps=4096\nringvm-guest: RESULT PASS\n";
+        assert_eq!(parse(out, 2).unwrap(), 4_096_000.0);
+        // The guest drove another queue count than asked.
+        assert!(parse(out, 1).unwrap_err().to_string().contains("did not drive 1 queue"));
+        // No result line, or a result line without kbps.
+        assert!(parse("ringvm-guest: start\n", 1).is_err());
+        assert!(parse("ringvm-guest: scsi-bench pattern=read queues=1 ops=3 \n", 1).is_err());
+        // CRLF line ends (the serial console's).
+        assert_eq!(parse("ringvm-guest: scsi-bench queues=1 kbps=8\r\n", 1).unwrap(), 8000.0);
+    }
+}

@@ -356,6 +356,7 @@ void guest_main(u32 cpu) {
     else if (word_is(w, "scsi-eio")) work_kind = 9;
     else if (word_is(w, "scsi-bench")) work_kind = 8;
     else if (word_is(w, "scsi-unplug")) work_kind = 10;
+    else if (word_is(w, "scsi-unplug-restore")) work_kind = 11;
     else { printk("ringvm-guest: unknown work\n"); bad = 1; }
     u64 mib = param_u64("mib", 64, &bad);
     rate_mibps = param_u64("rate", 0, &bad);
@@ -427,7 +428,7 @@ void guest_main(u32 cpu) {
     ncpus = n;
     printk("ringvm-guest: cpus online=%u\n", (u64)ncpus);
     if (work_kind >= 6) {
-        want_hotplug = work_kind == 10;
+        want_hotplug = work_kind == 10 || work_kind == 11;
         inflight_report();
         if (virtio_scsi_init(ncpus, scsi_bs) < 0 || discover_luns(&queues[0]) < 0) guest_exit(3);
         u64 cap = capacity_blocks(&queues[0], lun_ids[0]) * 512;
@@ -445,6 +446,11 @@ void guest_main(u32 cpu) {
         if (work_kind == 9) {
             int ok = scsi_eio();
             printk("ringvm-guest: scsi-eio %s\n", ok ? "PASS" : "FAIL");
+            guest_exit(ok ? 0 : 1);
+        }
+        if (work_kind == 11) {
+            int ok = scsi_unplug_restore();
+            printk("ringvm-guest: RESULT %s\n", ok ? "PASS" : "FAIL");
             guest_exit(ok ? 0 : 1);
         }
         if (work_kind == 10) {

@@ -492,3 +492,45 @@ static int scsi_unplug(void) {
     if (st) { printk("ringvm-guest: scsi-unplug: lun %u read: status %x\n", (u64)lun_ids[0], (u64)st); ok = 0; }
     return ok;
 }
+
+/* work=scsi-unplug-restore: waits for LUN 0's removal (the host's
+ * device_del), then for 'c' on the serial port (typed into the restored
+ * VM of a snapshot taken meanwhile), then checks that REPORT LUNS lists
+ * LUN 1 alone and that LUN 1's first `mib` MiB hold pattern(seed, 1, off)
+ * (the host wrote them). */
+static int scsi_unplug_restore(void) {
+    if (!hotplug_on || max_lun != 1) { printk("ringvm-guest: scsi-unplug-restore needs HOTPLUG and 2 LUNs\n"); return 0; }
+    struct vq *v = &queues[0];
+    u32 victim = lun_ids[0], keep = lun_ids[1], ev = 0, evlun = 0, reason = 0;
+    u64 t0 = rdtsc(), limit = 600 * tsc_khz * 1000ULL;
+    u8 c[16], key, asc;
+    printk("ringvm-guest: scsi-unplug-restore ready, watching lun %u\n", (u64)victim);
+    while (!evq_poll(&ev, &evlun, &reason)) {
+        if (rdtsc() - t0 > limit) { printk("ringvm-guest: scsi-unplug-restore: no event\n"); return 0; }
+        cpu_relax();
+    }
+    if ((ev & 0x7fffffffu) != 1 || reason != 2 || evlun != victim) { printk("ringvm-guest: scsi-unplug-restore: event %x lun %u reason %u\n", (u64)ev, (u64)evlun, (u64)reason); return 0; }
+    printk("ringvm-guest: scsi-unplug-restore removed lun %u; waiting for 'c'\n", (u64)victim);
+    t0 = rdtsc();
+    while (serial_rx() != 'c') {
+        if (rdtsc() - t0 > limit) { printk("ringvm-guest: scsi-unplug-restore: no 'c'\n"); return 0; }
+        cpu_relax();
+    }
+    int ok = 1;
+    u8 rl[12] = {0xa0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0};
+    int st = scsi_sync(v, keep, rl, 12, 512, 0, &key, &asc);
+    u8 *d = v->slots[0].data;
+    u32 n = ((u32)d[0] << 24 | (u32)d[1] << 16 | (u32)d[2] << 8 | d[3]) / 8;
+    u32 first = n ? (((u32)(d[8] & 0x3f) << 8) | d[9]) : 0xffff;
+    if (st || n != 1 || first != keep) { printk("ringvm-guest: scsi-unplug-restore: report luns status %x count %u first %u\n", (u64)st, (u64)n, (u64)first); ok = 0; }
+    u64 bad = 0, bs = scsi_bs;
+    for (u64 off = 0; off + bs <= scsi_bytes_per_lun; off += bs) {
+        cdb_rw16(c, 0, off / 512, (u32)(bs / 512));
+        st = scsi_sync(v, keep, c, 16, bs, 0, &key, &asc);
+        if (st) { printk("ringvm-guest: scsi-unplug-restore: read at %u: status %x key %x asc %x\n", off, (u64)st, (u64)key, (u64)asc); return 0; }
+        u64 *w = (u64 *)v->slots[0].data;
+        for (u64 i = 0; i < bs / 8; i++) if (w[i] != pattern(scsi_seed, 1, off + i * 8)) bad++;
+    }
+    printk("ringvm-guest: scsi-unplug-restore luns=%u lun%u bytes=%u bad=%u\n", (u64)n, (u64)keep, scsi_bytes_per_lun, bad);
+    return ok && !bad;
+}
