@@ -288,6 +288,26 @@ fn paused_start_and_sigterm() {
     let dir = Scratch::new("qmp-paused");
     let sock = dir.path("qmp.sock");
     let g = guest_elf(&dir);
+    // How long this guest takes, on this machine now, from a running VM's
+    // QMP socket to its first line: the paused VM below is watched for
+    // several times that (it would have printed by then if it ran).
+    let first_line = {
+        let vm = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--memory", "64M", "--cmdline", "work=hello", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < IO, "no socket");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t1 = Instant::now();
+        while !vm.stdout().contains("ringvm-guest") {
+            assert!(t1.elapsed() < IO, "the guest never printed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let d = t1.elapsed();
+        assert_eq!(vm.wait(T).code(), 0);
+        let _ = std::fs::remove_file(&sock);
+        d
+    };
     let vm = Proc::spawn(Command::new(ringvm_bin()).args(["run", "-S", "--name", "vm-one", "--memory", "64M", "--cmdline", "work=hello", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
     let t0 = Instant::now();
     while !sock.exists() {
@@ -297,8 +317,8 @@ fn paused_start_and_sigterm() {
     let mut q = Qmp::negotiated(&sock);
     assert_eq!(q.exec("query-status"), json!({"running": false, "status": "prelaunch"}));
     assert_eq!(q.exec("query-name"), json!({"name": "vm-one"}));
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!vm.stdout().contains("ringvm-guest"), "guest ran while paused");
+    std::thread::sleep((first_line * 5).max(Duration::from_millis(50)));
+    assert!(!vm.stdout().contains("ringvm-guest"), "guest ran while paused (a running one prints within {first_line:?})");
     assert_eq!(q.exec("cont"), json!({}));
     q.wait_event("RESUME");
     // work=hello exits by itself: SHUTDOWN from the guest.

@@ -272,36 +272,22 @@ fn stalled_target_does_not_hold_the_vm_or_the_cancel() {
     let (p, mut q) = vm(&dir, "256M", "work=mem mib=128 secs=inf rate=50 beat=100", "fill done");
     let stuck = fs.path("vm.state");
     q.ok("savevm-start", json!({"statefile": stuck.to_str().unwrap()}));
-    // Writes stop landing.
-    let mut last = u64::MAX;
-    let t0 = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let s = q.ok("query-savevm", json!({}));
-        assert_eq!(s["status"], "active", "{s}");
-        let b = s["bytes"].as_u64().unwrap();
-        if b == last {
-            break;
-        }
-        last = b;
-        assert!(t0.elapsed() < T, "the target never stalled");
-    }
-    // The guest runs and QMP answers promptly while the target is stuck.
+    // Writes stop landing (ringvm-faultfs says when it holds the first).
+    fs.wait_stalled(T);
+    assert_eq!(q.ok("query-savevm", json!({}))["status"], "active");
+    // The guest runs (two more heartbeats) and QMP answers (each reply
+    // within the client's read timeout) while the target is stuck.
     let beats = p.stdout().matches("ringvm-guest: beat").count();
+    p.wait_for_more("ringvm-guest: beat", beats + 1, T);
     for _ in 0..20 {
-        let t = Instant::now();
         assert_eq!(q.ok("query-status", json!({}))["status"], "running");
-        assert!(t.elapsed() < Duration::from_secs(1), "query-status took {:?}", t.elapsed());
-        std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(p.stdout().matches("ringvm-guest: beat").count() > beats, "the guest stopped while the target stalled");
-    // Cancel: over within a bounded time.
-    let t = Instant::now();
+    // Cancel ends it although the stuck writes never return (they are
+    // held for an hour): the deadline is the proof, not a speed target.
     q.ok("savevm-end", json!({}));
-    let s = q.wait_savevm(Duration::from_secs(5));
+    let s = q.wait_savevm(Duration::from_secs(30));
     assert_eq!(s["status"], "failed", "{s}");
     assert!(s["error"].as_str().unwrap().contains("cancelled"), "{s}");
-    assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
     q.ok("savevm-end", json!({}));
     let good = dir.path("good.state");
     q.savevm_completes(&good, T);
@@ -628,12 +614,10 @@ fn stall_in_the_closing_writes_is_cancellable() {
         assert!(t0.elapsed() < T, "{s}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    fs.wait_stalled(T);
     assert_eq!(q.ok("query-savevm", json!({}))["status"], "active");
     let beats = p.stdout().matches("ringvm-guest: beat").count();
-    let t = Instant::now();
     assert_eq!(q.ok("query-status", json!({}))["status"], "running");
-    assert!(t.elapsed() < Duration::from_secs(1));
     q.ok("savevm-end", json!({}));
     let s = q.wait_savevm(Duration::from_secs(5));
     assert_eq!(s["status"], "failed", "{s}");

@@ -215,7 +215,8 @@ fn device_del_unplugs_a_lun_under_io_and_the_guest_sees_it_go() {
     assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
     let r = q.cmd(serde_json::json!({"execute": "device_del"}));
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
-    std::thread::sleep(Duration::from_millis(200));
+    // The guest is reading the LUN when it goes.
+    vm.wait_for_output("scsi-unplug reading lun 1", T);
     q.ok("device_del", serde_json::json!({"id": "scsi0-lun1"}));
     let ev = q.wait_event("DEVICE_DELETED");
     assert_eq!(ev["data"]["device"], "scsi0-lun1", "{ev}");

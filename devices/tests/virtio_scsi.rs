@@ -321,6 +321,28 @@ impl Q {
     fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap()
     }
+
+    /// The queue with VIRTIO_RING_F_EVENT_IDX on, as the transport sets it.
+    fn queue_event_idx(&self, mem: &GuestMemoryMmap) -> Queue {
+        let mut q = self.queue(mem);
+        q.set_event_idx(true);
+        q
+    }
+
+    /// Waits (10 s deadline) until the device has taken `n` requests from
+    /// the avail ring and gone idle: with EVENT_IDX its sleep check
+    /// publishes avail_event = what it consumed just before it blocks.
+    fn wait_taken(&self, mem: &GuestMemoryMmap, n: u16) {
+        let t0 = Instant::now();
+        loop {
+            let avail_event: u16 = mem.read_obj(GuestAddress(self.base + 0x2000 + 4 + 8 * u64::from(QSIZE))).unwrap();
+            if avail_event == n {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "deadline: the device took {avail_event} of {n} requests");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// Task management on the control queue against a request queue whose
@@ -343,10 +365,10 @@ fn task_management_cancels_in_flight_requests_and_answers_after_them() {
     let (mut ctl, mut rq) = (Q { base: 0x100000, avail_idx: 0, used_seen: 0 }, Q { base: 0x200000, avail_idx: 0, used_seen: 0 });
     let (cn, rn) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let queues = vec![
-        ActiveQueue { index: 0, queue: ctl.queue(&mem), notify: cn.try_clone().unwrap(), irq: None },
-        ActiveQueue { index: 2, queue: rq.queue(&mem), notify: rn.try_clone().unwrap(), irq: None },
+        ActiveQueue { index: 0, queue: ctl.queue_event_idx(&mem), notify: cn.try_clone().unwrap(), irq: None },
+        ActiveQueue { index: 2, queue: rq.queue_event_idx(&mem), notify: rn.try_clone().unwrap(), irq: None },
     ];
-    dev.activate(mem.clone(), VIRTIO_F_VERSION_1, queues).unwrap();
+    dev.activate(mem.clone(), VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, queues).unwrap();
     let wait = |q: &Q, n: u16| {
         let t0 = Instant::now();
         while q.used_idx(&mem).wrapping_sub(q.used_seen) < n {
@@ -369,7 +391,7 @@ fn task_management_cancels_in_flight_requests_and_answers_after_them() {
         rq.push(&mem, k);
     }
     rn.write(1).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    rq.wait_taken(&mem, 2);
     assert_eq!(rq.used_idx(&mem), 0, "reads from an empty pipe stay in flight");
     // A TMF request: type 0, subtype, lun, tag; response byte at `resp`.
     let mut next = 0u16;
@@ -441,10 +463,10 @@ fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver
     let (mut evq, mut rq) = (Q { base: 0x100000, avail_idx: 0, used_seen: 0 }, Q { base: 0x200000, avail_idx: 0, used_seen: 0 });
     let (en, rn) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let queues = vec![
-        ActiveQueue { index: 1, queue: evq.queue(&mem), notify: en.try_clone().unwrap(), irq: None },
-        ActiveQueue { index: 2, queue: rq.queue(&mem), notify: rn.try_clone().unwrap(), irq: None },
+        ActiveQueue { index: 1, queue: evq.queue_event_idx(&mem), notify: en.try_clone().unwrap(), irq: None },
+        ActiveQueue { index: 2, queue: rq.queue_event_idx(&mem), notify: rn.try_clone().unwrap(), irq: None },
     ];
-    dev.activate(mem.clone(), VIRTIO_F_VERSION_1 | VIRTIO_SCSI_F_HOTPLUG, queues).unwrap();
+    dev.activate(mem.clone(), VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_SCSI_F_HOTPLUG, queues).unwrap();
     let wait = |q: &Q, n: u16| {
         let t0 = Instant::now();
         while q.used_idx(&mem).wrapping_sub(q.used_seen) < n {
@@ -478,13 +500,16 @@ fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver
         (r[11], r[10], r[12 + 2] & 0xf, r[12 + 12])
     };
     req(&mut rq, 0, 1, &read10(0, 1));
-    std::thread::sleep(Duration::from_millis(50));
+    rq.wait_taken(&mem, 1);
     assert_eq!(rq.used_idx(&mem), 0, "the read from an empty pipe stays in flight");
     let h2 = hp.clone();
     let unplug = std::thread::spawn(move || h2.unplug(1, Duration::from_secs(10)));
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!unplug.is_finished(), "unplug waits for the LUN's request in flight");
-    assert!(!hp.present(1));
+    // The LUN is gone for new requests as soon as the unplug starts.
+    let t0 = Instant::now();
+    while hp.present(1) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "deadline: LUN 1 still present");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // Meanwhile LUN 1 answers as absent, LUN 0 works.
     req(&mut rq, 1, 1, &read10(0, 1));
     wait(&rq, 1);
@@ -494,6 +519,9 @@ fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver
     wait(&rq, 1);
     assert_eq!(resp(2), (S_OK, 0, 0, 0));
     rq.used_seen += 1;
+    // Two more round trips through the iothread (LUN 1 refused, LUN 0
+    // read) and the read from the pipe still holds the unplug up.
+    assert!(!unplug.is_finished(), "unplug waits for the LUN's request in flight");
     assert_eq!(evq.used_idx(&mem), 0, "no event before the LUN's requests are done");
     write_end.write_all(&[0x5a; 512]).unwrap();
     unplug.join().unwrap().unwrap();
@@ -520,8 +548,7 @@ fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver
     assert!(hp.unplug(7, Duration::from_secs(1)).is_err());
     // No event buffer now: the event for LUN 0 waits for one.
     hp.unplug(0, Duration::from_secs(10)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(evq.used_idx(&mem), 1);
+    assert_eq!(evq.used_idx(&mem), 1, "an event without a buffer");
     evq.desc(&mem, 1, 0x51000, 16, F_WRITE, 0);
     evq.push(&mem, 1);
     en.write(1).unwrap();

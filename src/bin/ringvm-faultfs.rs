@@ -13,6 +13,8 @@
 //! - `--stall-writes-after N`: write requests after the Nth are held for
 //!   `--stall-secs` (default 3600) before being served;
 //! - `--stall-writes-from OFFSET`: so are writes at or past that offset.
+//!   The first stalled write is announced on stderr
+//!   (`ringvm-faultfs: stalling writes ...`).
 //!
 //! Runs in the foreground until unmounted or killed.
 
@@ -57,6 +59,8 @@ struct Fs {
     next_fh: u64,
     faults: Faults,
     writes: Arc<AtomicU64>,
+    /// The first stalled write was announced on stderr.
+    stalled_once: bool,
     reads: Arc<AtomicU64>,
     /// Delayed requests go here with their due time.
     delayed: mpsc::Sender<(Instant, Job)>,
@@ -258,6 +262,11 @@ impl Filesystem for Fs {
         }
         let stalls = self.faults.stall_writes_after.is_some_and(|k| n >= k) || self.faults.stall_writes_from.is_some_and(|o| offset as u64 >= o);
         let stall = if stalls { self.faults.stall } else { Duration::ZERO };
+        if stalls && !self.stalled_once {
+            // Tests wait for this line: from here on the target is stuck.
+            self.stalled_once = true;
+            eprintln!("ringvm-faultfs: stalling writes (write {n} at offset {offset})");
+        }
         let data = data.to_vec();
         self.later(
             stall,
@@ -371,6 +380,7 @@ fn main() -> anyhow::Result<()> {
         next_fh: 1,
         faults: f,
         writes: Arc::new(AtomicU64::new(0)),
+        stalled_once: false,
         reads: Arc::new(AtomicU64::new(0)),
         delayed: tx,
     };

@@ -246,6 +246,16 @@ impl FaultFs {
         self.mnt.join(f)
     }
 
+    /// Waits until ringvm-faultfs has stalled its first write (it says so).
+    pub fn wait_stalled(&self, timeout: Duration) {
+        let p = self.proc.as_ref().expect("ringvm-faultfs is running");
+        let deadline = Instant::now() + timeout;
+        while !p.stderr().contains("ringvm-faultfs: stalling writes") {
+            assert!(Instant::now() < deadline, "deadline: no write stalled within {timeout:?}\n{}", p.stderr());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Ends the filesystem: requests still waiting fail (ENOTCONN).
     pub fn kill(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();

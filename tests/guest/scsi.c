@@ -469,7 +469,7 @@ static int scsi_unplug(void) {
         if (rdtsc() - t0 > limit) { printk("ringvm-guest: scsi-unplug: no event after %u reads\n", reads); return 0; }
         cdb_rw16(c, 0, (reads % 64) * 8, 8);
         int st = scsi_sync(v, victim, c, 16, 4096, 0, &key, &asc);
-        if (st == 0) reads++;
+        if (st == 0) { if (++reads == 1) printk("ringvm-guest: scsi-unplug reading lun %u\n", (u64)victim); }
         else if (st == 2 && key == 5 && asc == 0x25) refused++;
         else { printk("ringvm-guest: scsi-unplug: read status %x key %x asc %x\n", (u64)st, (u64)key, (u64)asc); return 0; }
     }
