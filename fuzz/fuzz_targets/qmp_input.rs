@@ -1,5 +1,6 @@
 //! The QMP stream splitter and request parser on arbitrary bytes fed in
-//! arbitrary chunks: no panic, bounded buffering.
+//! arbitrary chunks: no panic, bounded buffering, and the same frames
+//! whether the bytes arrive whole or in pieces.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,6 +14,12 @@ fuzz_target!(|data: &[u8]| {
         s.feed(chunk, &mut out);
         assert!(s.pending() <= 4096 + 1);
     }
+    // The same bytes in one piece: the same frames.
+    let mut whole = Splitter::new(4096, 64);
+    let mut once = Vec::new();
+    whole.feed(data, &mut once);
+    assert_eq!(once, out, "frames depend on how the bytes were split");
+    assert_eq!(whole.pending(), s.pending());
     for f in out {
         if let Frame::Message(m) = f {
             assert!(m.len() <= 4097);

@@ -23,7 +23,8 @@ fuzz_target!(|data: &[u8]| {
         Action::Write { offset, len, .. } => assert!(offset + len <= size && len <= out_len && !lun.readonly),
         Action::WriteBuf { offset, data, .. } => assert!(offset + data.len() as u64 <= size && !lun.readonly),
         Action::Discard { ranges } => assert!(ranges.iter().all(|(o, l)| o + l <= size) && !lun.readonly),
-        Action::Done { .. } | Action::Flush => {}
+        Action::Done { data, .. } => assert!(data.len() as u64 <= in_len, "{} bytes for a {in_len}-byte buffer", data.len()),
+        Action::Flush => {}
     }
     let none = Target { lun: None, luns: &[0] };
     let _ = execute(&none, cdb, out_len, in_len, params);

@@ -1,8 +1,9 @@
 //! The virtio-scsi request path with guest-controlled descriptor tables,
 //! avail rings and request headers, through a real iothread and disk
-//! file. It must never panic the host, and unless the device declares
-//! itself broken (NEEDS_RESET) every head the guest made available comes
-//! back in the used ring.
+//! file. It must never panic the host; unless the device declares itself
+//! broken (NEEDS_RESET) the used ring holds exactly the heads the guest
+//! made available (the same multiset); and it may declare itself broken
+//! only for an input that is malformed at the ring level.
 #![no_main]
 
 use std::cell::RefCell;
@@ -82,6 +83,9 @@ fuzz_target!(|data: &[u8]| {
             let h = rest.get(usize::from(k)).copied().unwrap_or(k as u8);
             mem.write_obj(u16::from(h) % (QSIZE + 2), GuestAddress(AVAIL + 4 + 2 * u64::from(k))).unwrap();
         }
+        // What the driver made available, before the device may write anywhere.
+        let table: Vec<Desc> = (0..QSIZE).map(|i| Desc::read(mem, i)).collect();
+        let heads: Vec<u16> = (0..n_heads).map(|k| mem.read_obj(GuestAddress(AVAIL + 4 + 2 * u64::from(k))).unwrap()).collect();
         let avail_idx = if bogus_idx { 0x8000 } else { n_heads };
         mem.write_obj(avail_idx, GuestAddress(AVAIL + 2)).unwrap();
         // Request headers and data: the rest of the input, repeated over the data area.
@@ -116,6 +120,96 @@ fuzz_target!(|data: &[u8]| {
             std::thread::sleep(Duration::from_micros(50));
         }
         assert!(!bogus_idx || broken.load(Ordering::Relaxed), "a bogus avail index must break the queue");
+        let (malformed, over_rings) = (ring_malformed(&table, &heads), chains_touch_rings(&table, &heads));
+        if broken.load(Ordering::Relaxed) {
+            assert!(bogus_idx || malformed || over_rings, "NEEDS_RESET for well-formed rings: heads {heads:?}");
+        } else if !over_rings {
+            // (A buffer over the rings themselves lets the device's writes
+            // change what the rings say; then only "no panic" is checked.)
+            let mut used: Vec<u16> = (0..n_heads).map(|k| mem.read_obj::<u32>(GuestAddress(USED + 4 + 8 * u64::from(k))).unwrap() as u16).collect();
+            let mut want = heads.clone();
+            used.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(used, want, "the used ring does not hold the heads made available");
+        }
         rig.dev.reset().unwrap();
     });
 });
+
+/// A split-ring descriptor as the driver wrote it.
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+impl Desc {
+    fn read(mem: &GuestMemoryMmap, i: u16) -> Desc {
+        let a = DESC + u64::from(i) * 16;
+        Desc {
+            addr: mem.read_obj(GuestAddress(a)).unwrap(),
+            len: mem.read_obj(GuestAddress(a + 8)).unwrap(),
+            flags: mem.read_obj(GuestAddress(a + 12)).unwrap(),
+            next: mem.read_obj(GuestAddress(a + 14)).unwrap(),
+        }
+    }
+}
+
+/// The descriptors of each head's chain (at most QSIZE + 1 steps, stopping
+/// at an index out of the table).
+fn chain(table: &[Desc], head: u16) -> Vec<Desc> {
+    let mut out = Vec::new();
+    let mut i = head;
+    while let Some(d) = table.get(usize::from(i)) {
+        out.push(*d);
+        if d.flags & 1 == 0 || out.len() > usize::from(QSIZE) {
+            break;
+        }
+        i = d.next;
+    }
+    out
+}
+
+/// Whether any buffer of these chains overlaps the descriptor table or
+/// the rings.
+fn chains_touch_rings(table: &[Desc], heads: &[u16]) -> bool {
+    let rings = DESC..USED + 4 + 8 * u64::from(QSIZE) + 2;
+    heads.iter().flat_map(|&h| chain(table, h)).any(|d| d.addr < rings.end && d.addr.saturating_add(u64::from(d.len)) > rings.start)
+}
+
+/// Whether the avail ring or a chain it names breaks the split-ring rules
+/// (virtio 1.x 2.7): a head out of the table, a head made available twice
+/// while in flight, a `next` out of the table or a loop, an indirect
+/// descriptor, a buffer outside guest memory, or a device-readable
+/// descriptor after a device-writable one.
+fn ring_malformed(table: &[Desc], heads: &[u16]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    for &h in heads {
+        if h >= QSIZE || !seen.insert(h) {
+            return true;
+        }
+        let (mut i, mut n, mut writable) = (h, 0u16, false);
+        loop {
+            let d = table[usize::from(i)];
+            n += 1;
+            if n > QSIZE || d.flags & 4 != 0 || d.addr.checked_add(u64::from(d.len)).is_none_or(|end| end > MEM as u64) {
+                return true;
+            }
+            if d.flags & 2 != 0 {
+                writable = true;
+            } else if writable {
+                return true;
+            }
+            if d.flags & 1 == 0 {
+                break;
+            }
+            if d.next >= QSIZE {
+                return true;
+            }
+            i = d.next;
+        }
+    }
+    false
+}

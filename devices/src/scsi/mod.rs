@@ -185,6 +185,17 @@ pub struct Target<'a> {
 /// length, `data_in_len` its data-in length; `params` is the copied
 /// data-out for [`wants_data_out`] commands.
 pub fn execute(t: &Target, cdb: &[u8], data_out_len: u64, data_in_len: u64, params: &[u8]) -> Action {
+    let mut a = decode(t, cdb, data_out_len, data_in_len, params);
+    // Data-in never exceeds the driver's buffer, whatever the command's
+    // own length (READ CAPACITY(10) has none): the transport reports the
+    // rest as residual.
+    if let Action::Done { data, .. } = &mut a {
+        data.truncate(usize::try_from(data_in_len).unwrap_or(usize::MAX));
+    }
+    a
+}
+
+fn decode(t: &Target, cdb: &[u8], data_out_len: u64, data_in_len: u64, params: &[u8]) -> Action {
     let Some(&opcode) = cdb.first() else { return Action::check(Sense::INVALID_OPCODE) };
     match cdb_len(opcode) {
         Some(n) if cdb.len() >= n => {}
