@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use devices::legacy::SerialOutput;
 
-use crate::boot::{self, BootEntry, BootSpec};
+use crate::boot::{self, BootEntry, BootImages, BootSpec};
 use crate::error::{Error, Result};
 use crate::events::{DeviceRequests, EventQueue};
 use crate::machine::Machine;
@@ -102,6 +102,9 @@ pub struct Vm {
     vcpus: Vcpus,
     events: Arc<EventQueue>,
     boot: BootSpec,
+    /// The kernel and initrd as first read: reboots load these, not the
+    /// files (a restored VM reads them at its first reboot).
+    boot_images: Option<BootImages>,
     cpus: u8,
     no_reboot: bool,
     storage: crate::disk::Storage,
@@ -143,7 +146,7 @@ pub fn validate(config: &VmConfig) -> Result<()> {
     }
     boot::probe_kernel(&config.boot.kernel)?;
     if let Some(initrd) = &config.boot.initrd {
-        File::open(initrd).map_err(|source| Error::OpenFile { what: "initrd", path: initrd.clone(), source })?;
+        boot::open_regular("initrd", initrd)?;
     }
     Ok(())
 }
@@ -158,9 +161,7 @@ impl Vm {
         let stdin_to_guest = matches!(config.serial, SerialConfig::Stdio) && stdin_is_interactive();
         let serial_out = match config.serial {
             SerialConfig::Stdio => SerialOutput::Stdout,
-            SerialConfig::File(p) => SerialOutput::Writer(Box::new(std::io::LineWriter::new(
-                File::create(&p).map_err(|source| Error::OpenFile { what: "serial output file", path: p.clone(), source })?,
-            ))),
+            SerialConfig::File(p) => SerialOutput::Writer(Box::new(std::io::LineWriter::new(create_serial_file(&p)?))),
             SerialConfig::Off => SerialOutput::Sink,
             SerialConfig::Writer(w) => SerialOutput::Writer(w),
         };
@@ -225,8 +226,12 @@ impl Vm {
             log::info!("iothread poll window: {} us", poll.as_micros());
         }
         let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues, poll)?;
-        let entry = match &checked {
-            None if !config.incoming_defer => boot::load(&machine.mem, &config.boot, config.mem_size, config.cpus)?,
+        let boot_images = match &checked {
+            None if !config.incoming_defer => Some(BootImages::read(&config.boot)?),
+            _ => None,
+        };
+        let entry = match &boot_images {
+            Some(images) => boot::load_images(&machine.mem, images, config.mem_size, config.cpus)?,
             // Placeholder: the vCPUs get their saved state before they run.
             _ => BootEntry { mode: boot::EntryMode::Pvh, entry: 0, boot_info: 0, kernel_end: 0, initrd: None },
         };
@@ -248,7 +253,7 @@ impl Vm {
         if stdin_to_guest {
             spawn_stdin_reader(machine.serial.clone())?;
         }
-        Ok(Vm { machine, vcpus, events, boot: config.boot, cpus: config.cpus, no_reboot: config.no_reboot, storage, scsi_queues: queues, resets: 0, started, pending })
+        Ok(Vm { machine, vcpus, events, boot: config.boot, boot_images, cpus: config.cpus, no_reboot: config.no_reboot, storage, scsi_queues: queues, resets: 0, started, pending })
     }
 
     /// Typing into the guest's serial port from another thread.
@@ -357,7 +362,11 @@ impl Vm {
         for c in &self.storage.controllers {
             c.lock().unwrap_or_else(|e| e.into_inner()).device_reset();
         }
-        let entry = boot::load(&self.machine.mem, &self.boot, self.machine.mem_size, self.cpus)?;
+        if self.boot_images.is_none() {
+            self.boot_images = Some(BootImages::read(&self.boot)?);
+        }
+        let images = self.boot_images.as_ref().expect("read above");
+        let entry = boot::load_images(&self.machine.mem, images, self.machine.mem_size, self.cpus)?;
         self.machine.reset_irqchips()?;
         self.vcpus.reset(entry)?;
         self.resets += 1;
@@ -391,6 +400,30 @@ impl SerialInput {
     pub fn send(&self, bytes: &[u8]) -> usize {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(bytes)
     }
+}
+
+/// Creates (or truncates) the serial output file without ever blocking:
+/// a FIFO would hang the open until someone reads it, so only a regular
+/// file (or a character device such as /dev/null) is taken.
+fn create_serial_file(p: &std::path::Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let err = |source| Error::OpenFile { what: "serial output file", path: p.to_owned(), source };
+    if let Ok(m) = std::fs::metadata(p) {
+        if !m.is_file() && !m.file_type().is_char_device() {
+            return Err(err(std::io::Error::other("not a regular file (for a pipe, use --serial stdio)")));
+        }
+    }
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NONBLOCK).open(p).map_err(err)?;
+    let m = f.metadata().map_err(err)?;
+    if !m.is_file() && !m.file_type().is_char_device() {
+        return Err(err(std::io::Error::other("not a regular file (for a pipe, use --serial stdio)")));
+    }
+    // Writes block as usual from here.
+    // SAFETY: F_SETFL on our own open fd.
+    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_SETFL, 0) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(f)
 }
 
 /// Whether stdin carries input for the guest: a terminal, a pipe or a

@@ -719,3 +719,50 @@ fn guest_resets_during_disk_io() {
     assert!(in_flight >= 450, "only {in_flight} of 500 guest resets found requests in flight");
     assert_eq!(pattern_mismatches(&disk, 1, 0, 16 << 20), (0, None), "{}", disk.display());
 }
+
+/// A FIFO (or anything but a regular file) where a kernel, initrd, serial
+/// output file or state file belongs is one clear line and exit 1, at
+/// once: never an open that blocks for ever.
+#[test]
+fn fifos_where_files_belong_fail_fast() {
+    let dir = Scratch::new("rel-fifo");
+    let g = guest_elf(&dir);
+    let fifo = dir.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: creating a FIFO in our scratch directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (g, f) = (g.to_str().unwrap(), fifo.to_str().unwrap());
+    let serial = format!("file={f}");
+    for (args, what) in [
+        (vec!["run", "--memory", "64M", "--kernel", f], "kernel"),
+        (vec!["run", "--memory", "64M", "--kernel", g, "--initrd", f], "initrd"),
+        (vec!["run", "--memory", "64M", "--kernel", g, "--serial", &serial], "serial output file"),
+        (vec!["run", "--loadstate", f], "state file"),
+        (vec!["state", "inspect", f], "fifo"),
+    ] {
+        let o = ringvm(&args, Duration::from_secs(20));
+        assert_eq!(o.code(), 1, "{args:?}: {}", o.stderr);
+        let err = o.stderr.trim();
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(what) && err.contains("fifo") && err.contains("not a regular file"), "{args:?}: {err}");
+    }
+}
+
+/// The kernel file deleted after boot: guest reboots load the image ringvm
+/// read at start (as QEMU does), so the VM carries on.
+#[test]
+fn reboots_after_the_kernel_file_is_gone() {
+    if !require_kvm("reboots_after_the_kernel_file_is_gone") {
+        return;
+    }
+    let dir = Scratch::new("rel-kernel-gone");
+    let g = guest_elf(&dir);
+    let sock = dir.path("qmp.sock");
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "-S", "--memory", "64M", "--cmdline", "work=reboot count=3", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
+    let mut q = Qmp::negotiated(&sock);
+    std::fs::remove_file(&g).unwrap();
+    q.ok("cont", json!({}));
+    let o = p.wait(T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(o.stdout.matches("ringvm-guest: start").count(), 4, "{}", o.stdout);
+}

@@ -8,7 +8,7 @@ pub mod mptable;
 pub mod regs;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -63,8 +63,35 @@ pub enum KernelFormat {
     BzImage,
 }
 
+/// Opens a file that must be a regular file, without blocking: a FIFO (or
+/// a device) named where a kernel, initrd or state file belongs would
+/// otherwise hang the open or the reads for ever.
+pub fn open_regular(what: &'static str, path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| Error::OpenFile { what, path: path.to_owned(), source })?;
+    let meta = f.metadata().map_err(|source| Error::OpenFile { what, path: path.to_owned(), source })?;
+    if !meta.is_file() {
+        return Err(Error::OpenFile { what, path: path.to_owned(), source: std::io::Error::other("not a regular file") });
+    }
+    Ok(f)
+}
+
 fn open(what: &'static str, path: &Path) -> Result<File> {
-    File::open(path).map_err(|source| Error::OpenFile { what, path: path.to_owned(), source })
+    open_regular(what, path)
+}
+
+fn format_of(head: &[u8]) -> Option<KernelFormat> {
+    if head.len() >= 4 && head[..4] == *b"\x7fELF" {
+        return Some(KernelFormat::Elf);
+    }
+    if head.len() >= 0x206 && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == KERNEL_HDR_MAGIC {
+        return Some(KernelFormat::BzImage);
+    }
+    None
 }
 
 /// Recognises the kernel file by its magic numbers.
@@ -72,13 +99,33 @@ pub fn probe_kernel(path: &Path) -> Result<KernelFormat> {
     let mut f = open("kernel", path)?;
     let mut head = [0u8; 0x208];
     let n = read_up_to(&mut f, &mut head).map_err(|source| Error::OpenFile { what: "kernel", path: path.to_owned(), source })?;
-    if n >= 4 && head[..4] == *b"\x7fELF" {
-        return Ok(KernelFormat::Elf);
+    format_of(&head[..n]).ok_or_else(|| Error::UnknownKernelFormat(path.to_owned()))
+}
+
+/// The kernel and initrd read into memory once (as QEMU keeps its boot
+/// images): a guest reboot loads them again from here, never from the
+/// paths, which may have changed or gone since.
+#[derive(Clone, Debug)]
+pub struct BootImages {
+    pub spec: BootSpec,
+    kernel: std::sync::Arc<[u8]>,
+    initrd: Option<std::sync::Arc<[u8]>>,
+    format: KernelFormat,
+}
+
+impl BootImages {
+    pub fn read(spec: &BootSpec) -> Result<BootImages> {
+        let slurp = |what: &'static str, path: &Path| -> Result<std::sync::Arc<[u8]>> {
+            let mut f = open(what, path)?;
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).map_err(|source| Error::OpenFile { what, path: path.to_owned(), source })?;
+            Ok(v.into())
+        };
+        let kernel = slurp("kernel", &spec.kernel)?;
+        let format = format_of(&kernel).ok_or_else(|| Error::UnknownKernelFormat(spec.kernel.clone()))?;
+        let initrd = spec.initrd.as_deref().map(|p| slurp("initrd", p)).transpose()?;
+        Ok(BootImages { spec: spec.clone(), kernel, initrd, format })
     }
-    if n >= 0x206 && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == KERNEL_HDR_MAGIC {
-        return Ok(KernelFormat::BzImage);
-    }
-    Err(Error::UnknownKernelFormat(path.to_owned()))
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -96,10 +143,16 @@ fn write_obj<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, v: T, addr: u64) -
     mem.write_obj(v, GuestAddress(addr)).map_err(|source| Error::GuestMemoryAccess { addr, source })
 }
 
-/// Loads kernel, initrd and command line; writes the boot tables.
+/// Loads kernel, initrd and command line from their files; writes the boot tables.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> Result<BootEntry> {
-    let format = probe_kernel(&spec.kernel)?;
-    let mut kernel = open("kernel", &spec.kernel)?;
+    load_images(mem, &BootImages::read(spec)?, mem_size, cpus)
+}
+
+/// Loads kernel, initrd and command line from `images`; writes the boot tables.
+pub fn load_images(mem: &GuestMemoryMmap, images: &BootImages, mem_size: u64, cpus: u8) -> Result<BootEntry> {
+    let spec = &images.spec;
+    let format = images.format;
+    let mut kernel = std::io::Cursor::new(&images.kernel[..]);
     let load_err = |source| Error::KernelLoad { path: spec.kernel.clone(), source };
     let (mode, entry, kernel_end, setup_header) = match format {
         KernelFormat::Elf => {
@@ -128,7 +181,8 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> 
     let initrd = match &spec.initrd {
         Some(path) => {
             let max = setup_header.map_or(INITRD_ADDR_MAX_DEFAULT, |h| u64::from(h.initrd_addr_max)).min(low_end - 1);
-            Some(load_initrd(mem, path, kernel_end, max)?)
+            let data = images.initrd.as_deref().unwrap_or_default();
+            Some(load_initrd(mem, path, data, kernel_end, max)?)
         }
         None => None,
     };
@@ -189,18 +243,13 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, mem_size: u64, cpus: u8) -> 
 }
 
 /// Places the initrd page-aligned as high as allowed, above the kernel.
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, max_addr: u64) -> Result<(u64, u64)> {
-    let mut f = open("initrd", path)?;
-    let size = f
-        .seek(SeekFrom::End(0))
-        .and_then(|s| f.seek(SeekFrom::Start(0)).map(|_| s))
-        .map_err(|source| Error::OpenFile { what: "initrd", path: path.to_owned(), source })?;
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, data: &[u8], kernel_end: u64, max_addr: u64) -> Result<(u64, u64)> {
+    let size = data.len() as u64;
     let too_big = || Error::InitrdTooBig { path: path.to_owned(), size, limit: max_addr };
     let start = (max_addr + 1).checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if start < kernel_end.max(HIMEM_START) {
         return Err(too_big());
     }
-    mem.read_exact_volatile_from(GuestAddress(start), &mut f, size as usize)
-        .map_err(|source| Error::GuestMemoryAccess { addr: start, source })?;
+    mem.write_slice(data, GuestAddress(start)).map_err(|source| Error::GuestMemoryAccess { addr: start, source })?;
     Ok((start, size))
 }

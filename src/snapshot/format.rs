@@ -300,11 +300,20 @@ pub enum Source {
     Nfs(crate::nfs::Nfs),
 }
 
+/// Opens a local state file for reading without blocking (a FIFO named as
+/// a state file would hang the open); anything but a regular file is refused.
+pub fn open_regular(path: &Path) -> Result<File, String> {
+    crate::boot::open_regular("state file", path).map_err(|e| match e {
+        crate::error::Error::OpenFile { source, .. } => format!("cannot open: {source}"),
+        other => other.to_string(),
+    })
+}
+
 impl Source {
     pub fn open(path: &Path) -> Result<Source, String> {
         match path.to_str() {
             Some(uri) if crate::nfs::is_uri(uri) => crate::nfs::Nfs::open(uri, false).map(Source::Nfs),
-            _ => File::open(path).map(Source::File).map_err(|e| format!("cannot open: {e}")),
+            _ => open_regular(path).map(Source::File),
         }
     }
 

@@ -157,7 +157,7 @@ pub fn spawn_loader(
         return Err("--restore-ram map needs a local file, not nfs://".into());
     }
     if !nfs && mode != RamMode::Read {
-        let file = File::open(path).map_err(|e| format!("open: {e}"))?;
+        let file = super::format::open_regular(path)?;
         if mode == RamMode::Map || on_memory_fs(&file) {
             return spawn_mapped(file, checked, mem, runs, crcs, gpas, progress, done);
         }
