@@ -40,20 +40,26 @@ pub enum StateCommand {
 }
 
 impl MachineArgs {
-    /// The defaults of --cpus and --memory (to tell them from explicit values).
-    pub fn default_values() -> (u8, u64) {
-        (1, 512 << 20)
+    /// --cpus, or its default (1).
+    pub fn cpus(&self) -> u8 {
+        self.cpus.unwrap_or(1)
+    }
+    /// --memory, or its default (512 MiB).
+    pub fn memory(&self) -> u64 {
+        self.memory.unwrap_or(512 << 20)
     }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct MachineArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
-    pub cpus: u8,
-    /// Guest RAM (e.g. 512M, 2G; a bare number is MiB).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
-    pub memory: u64,
+    /// Number of vCPUs [default: 1]. With --loadstate, when given, it must
+    /// match the state file (None: not given, so the file decides).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub cpus: Option<u8>,
+    /// Guest RAM (e.g. 512M, 2G; a bare number is MiB) [default: 512M].
+    /// With --loadstate, when given, it must match the state file.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
     /// Serial console: stdio, file=PATH or none.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialArg,

@@ -77,17 +77,17 @@ fn run(mut args: RunArgs) -> anyhow::Result<u8> {
             args.loadstate = Some(p.into());
         }
     }
-    let (mut cpus, mut memory) = (args.machine.cpus, args.machine.memory);
+    let (mut cpus, mut memory) = (args.machine.cpus(), args.machine.memory());
     let mut boot = BootSpec { kernel: args.kernel.clone().unwrap_or_default(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
     if let Some(state) = &args.loadstate {
         // The machine comes from the file; what the command line gives must agree.
         let header = ringvm::snapshot::format::read_header(state).map_err(|e| anyhow::anyhow!("state file {}: {e}", state.display()))?;
         let m = &header.machine;
-        let defaults = ringvm::cli::MachineArgs::default_values();
-        if cpus != defaults.0 && cpus != m.cpus {
+        // Given explicitly (even at its default value), it must agree.
+        if args.machine.cpus.is_some_and(|c| c != m.cpus) {
             anyhow::bail!("state file {}: --cpus {cpus} but the file holds {} vCPU(s)", state.display(), m.cpus);
         }
-        if memory != defaults.1 && memory != m.mem_size {
+        if args.machine.memory.is_some_and(|v| v != m.mem_size) {
             anyhow::bail!("state file {}: --memory {} MiB but the file holds {} MiB", state.display(), memory >> 20, m.mem_size >> 20);
         }
         cpus = m.cpus;
@@ -227,8 +227,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
     let statefile = args.statefile.clone().unwrap_or_else(|| tmp.join("vm.state"));
     let rec = Recorder::default();
     let config = VmConfig {
-        cpus: args.machine.cpus,
-        mem_size: args.machine.memory,
+        cpus: args.machine.cpus(),
+        mem_size: args.machine.memory(),
         boot: BootSpec {
             kernel: guest.clone(),
             initrd: None,
@@ -256,7 +256,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
     let text = String::from_utf8_lossy(&st.text);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("--- ringvm demo ---");
-    println!("guest:             embedded test guest, {} vCPU(s), {} MiB RAM", args.machine.cpus, args.machine.memory >> 20);
+    println!("guest:             embedded test guest, {} vCPU(s), {} MiB RAM", args.machine.cpus(), args.machine.memory() >> 20);
     if let Some(first) = st.first_line {
         println!("first serial line: {:.1} ms after start", ms(first - t0));
     }
@@ -306,8 +306,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         let rrec = Recorder::default();
         let t1 = Instant::now();
         let rconfig = VmConfig {
-            cpus: args.machine.cpus,
-            mem_size: args.machine.memory,
+            cpus: args.machine.cpus(),
+            mem_size: args.machine.memory(),
             boot: BootSpec { kernel: guest.clone(), initrd: None, cmdline: String::new() },
             serial: SerialConfig::Writer(Box::new(rrec.clone())),
             no_reboot: true,

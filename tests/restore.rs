@@ -292,6 +292,8 @@ fn bad_state_files_are_one_line_errors() {
     // What the command line says must agree with the file.
     check(&good, &["--memory", "128M"], "--memory 128 MiB but the file holds 64 MiB");
     check(&good, &["--cpus", "3"], "--cpus 3 but the file holds 1");
+    // Values equal to the defaults, given explicitly, are checked too.
+    check(&good, &["--memory", "512M"], "--memory 512 MiB but the file holds 64 MiB");
     let o = ringvm(&["run", "--loadstate", dir.path("missing.state").to_str().unwrap()], T);
     assert_eq!(o.code(), 1);
     assert!(o.stderr.contains("missing.state") && o.stderr.contains("No such file"), "{}", o.stderr);
