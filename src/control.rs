@@ -111,6 +111,9 @@ pub const COMMANDS: &[CommandSpec] = &[
 
 /// How long output to clients may take once the VM is finishing.
 const FLUSH_DEADLINE: Duration = Duration::from_millis(500);
+/// How long a snapshot cancelled by quit/SIGTERM may take to stop (its
+/// writes already in the kernel drain first: on FUSE, one at a time).
+const SHUTDOWN_CANCEL_DEADLINE: Duration = Duration::from_millis(900);
 const RING_ENTRIES: u32 = 256;
 
 pub struct Controller {
@@ -162,6 +165,8 @@ struct SaveCtl {
     deferred: Vec<VmEvent>,
     /// (disk, reflink) pairs to take during the final pause.
     clones: Vec<(String, String)>,
+    /// Says when the reaper removed an ended snapshot's unfinished file.
+    reaped: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 /// Default downtime target (ms) for the final pause.
@@ -431,6 +436,42 @@ impl Controller {
             let requests = self.qmp.as_ref().map(|s| s.borrow_mut().take_requests()).unwrap_or_default();
             for (client, req) in requests {
                 self.on_request(client, req);
+            }
+        }
+        // A snapshot still running is cancelled, as savevm-end would: its
+        // writes stop, the half-written file is removed and any earlier
+        // file at its name stays; the process does not wait out a slow
+        // target (a stalled one keeps what it holds; the file's temporary
+        // name marks it as never finished).
+        if self.save.iothread.is_some() {
+            if self.save.shared.get().state == SaveState::Active {
+                self.cancel_snapshot(None);
+            }
+            // Its end is the Done event (other events no longer matter);
+            // then its unfinished file is removed by the reaper.
+            let deadline = Instant::now() + SHUTDOWN_CANCEL_DEADLINE;
+            let mut done = false;
+            while !done && Instant::now() < deadline {
+                if self.ring.run_once(false).is_err() {
+                    break;
+                }
+                if self.vm_event.take() {
+                    self.vm.events().clear();
+                    while let Some(ev) = self.vm.events().pop() {
+                        done |= ev == VmEvent::Snapshot(SnapshotStep::Done);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if done {
+                self.on_snapshot_step(SnapshotStep::Done);
+            }
+            if let Some(rx) = self.save.reaped.take() {
+                let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            }
+            if let Some(io) = self.save.iothread.take() {
+                // Exiting: its thread ends with the process, unjoined.
+                std::mem::forget(io);
             }
         }
         // Let replies and the last events reach the clients.
@@ -784,11 +825,22 @@ impl Controller {
                     log::error!("cannot disable dirty logging: {e}");
                 }
                 self.vm.storage().dirty.set_enabled(false);
+                let leftover = self.save.shared.get().leftover;
                 if let Some(mut io) = self.save.iothread.take() {
                     // Stopped off the control thread: a failed or cancelled
                     // snapshot may leave writes stuck in a stalled target,
-                    // and QMP must keep answering meanwhile.
+                    // and QMP must keep answering meanwhile. Its unfinished
+                    // file is removed there too (the unlink may wait behind
+                    // those writes).
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    self.save.reaped = Some(rx);
                     let _ = std::thread::Builder::new().name("savevm-reaper".into()).spawn(move || {
+                        if let Some(p) = leftover {
+                            if let Err(e) = std::fs::remove_file(&p) {
+                                log::warn!("cannot remove the unfinished state file {}: {e}", p.display());
+                            }
+                        }
+                        let _ = tx.send(());
                         io.stop();
                     });
                 }

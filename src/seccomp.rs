@@ -187,6 +187,13 @@ const CONTROL: &[i64] = &[
     libc::SYS_getdents64,
     libc::SYS_unlinkat,
     libc::SYS_mkdirat,
+    // The snapshot iothread, spawned here, inherits this filter: what its
+    // own allows must be allowed here too (a new state file locked while
+    // written, renamed into place).
+    libc::SYS_flock,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
 ];
 
 const KVM_IOCTL: u64 = 0xAE;
@@ -205,9 +212,10 @@ fn syscalls(role: Role) -> (Vec<i64>, &'static [u64]) {
         Role::Snapshot => {
             v.extend(RING);
             v.extend(FILES_AND_NET);
-            // A state file that backs guest RAM (a mapped restore) is
-            // replaced, not truncated.
-            v.extend([libc::SYS_unlink, libc::SYS_unlinkat]);
+            // The state goes to a new file beside the destination, locked
+            // while written, renamed over it once complete (the directory
+            // entry made durable), removed if the snapshot fails.
+            v.extend([libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_flock, libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2, libc::SYS_getcwd]);
             &[KVM_IOCTL, TTY_SOCK_IOCTL]
         }
         Role::Loader => {

@@ -29,8 +29,11 @@ fn rss_kib(pid: u32) -> u64 {
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap()
 }
 
-/// `kill -9` while RAM is being written: the file has no completion record,
-/// so `state inspect` and `--loadstate` refuse it and no guest ever runs.
+/// `kill -9` while RAM is being written over an earlier good snapshot of
+/// the same name: the good file is untouched (a snapshot writes a new file
+/// and renames it into place only once complete); the half-written one has
+/// no completion record, so `state inspect` and `--loadstate` refuse it
+/// and no guest ever runs from it.
 #[test]
 fn kill_9_mid_snapshot_leaves_a_file_that_is_refused() {
     if !require_kvm("kill_9_mid_snapshot_leaves_a_file_that_is_refused") {
@@ -38,17 +41,23 @@ fn kill_9_mid_snapshot_leaves_a_file_that_is_refused() {
     }
     let dir = Scratch::new("rel-kill9");
     let (p, mut q) = vm(&dir, "768M", "work=mem mib=640 secs=inf rate=300", "fill done");
-    let file = dir.path("vm.state");
-    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
+    let good = dir.path("vm.state");
+    q.savevm_completes(&good, T);
+    q.ok("savevm-end", json!({}));
+    let good_bytes = std::fs::read(&good).unwrap();
+    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap(), "downtime-ms": 0}));
     q.wait_savevm_bytes(64 << 20, T);
     p.kill();
-    assert!(file.exists());
+    assert!(std::fs::read(&good).unwrap() == good_bytes, "the earlier snapshot was changed");
+    assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
+    // The half-written one, under its temporary name beside it.
+    let file = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".vm.state.ringvm-")).expect("the half-written file");
     let o = ringvm(&["state", "inspect", file.to_str().unwrap()], T);
     assert_eq!(o.code(), 1, "{}", o.stdout);
-    assert!(o.stderr.contains("vm.state") && o.stderr.contains("never finished"), "{}", o.stderr);
+    assert!(o.stderr.contains(".vm.state.ringvm-") && o.stderr.contains("never finished"), "{}", o.stderr);
     let r = ringvm(&["run", "--loadstate", file.to_str().unwrap()], T);
     assert_eq!(r.code(), 1, "{}", r.stdout);
-    assert!(r.stderr.contains("vm.state") && r.stderr.contains("never finished"), "{}", r.stderr);
+    assert!(r.stderr.contains(".vm.state.ringvm-") && r.stderr.contains("never finished"), "{}", r.stderr);
     assert!(!r.stdout.contains("ringvm-guest"), "a guest ran from a half-written file:\n{}", r.stdout);
 }
 
@@ -431,9 +440,12 @@ fn state_file_truncated_or_deleted_under_the_snapshot() {
         let file = dir.path(&format!("{what}.state"));
         q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
         q.wait_savevm_bytes(64 << 20, T);
+        // The file being written: the new one beside the name.
+        let prefix = format!(".{what}.state.ringvm-");
+        let written = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix)).expect("the snapshot's file");
         match what {
-            "truncate" => std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap(),
-            _ => std::fs::remove_file(&file).unwrap(),
+            "truncate" => std::fs::OpenOptions::new().write(true).open(&written).unwrap().set_len(0).unwrap(),
+            _ => std::fs::remove_file(&written).unwrap(),
         }
         let s = q.wait_savevm(T);
         assert_eq!(s["status"], "failed", "{what}: {s}");

@@ -29,6 +29,10 @@ pub struct SaveStatus {
     pub dirty_rate_mbps: f64,
     pub stalled: bool,
     pub direct_io: bool,
+    /// The unfinished file a failed or cancelled snapshot leaves, for the
+    /// control side to remove off the iothread (an unlink waits behind
+    /// writes a stalled target still holds).
+    pub leftover: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -85,7 +85,11 @@ enum Target {
     /// A local file (or a kernel NFS mount): O_DIRECT RAM writes from the
     /// ring, buffered metadata.
     /// `punt`: the filesystem may block on submission (see [`blocks_inline`]).
-    File { direct: File, buffered: File, punt: bool },
+    /// The state is written to `tmp`, a new file beside `dest`, renamed
+    /// over `dest` only once its completion record is durable: whatever
+    /// was at `dest` stays whole until then, and a failed or cancelled
+    /// snapshot removes `tmp` and leaves `dest` alone.
+    File { direct: File, buffered: File, punt: bool, tmp: std::path::PathBuf, dest: std::path::PathBuf },
     /// `nfs://`: libnfs's socket driven by this ring, many WRITEs in flight.
     Nfs { conn: Rc<RefCell<nfs::Conn>>, handler: Option<nfs::Handler> },
 }
@@ -104,10 +108,13 @@ fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Res
         n.write_all_at(header, 0)?;
         return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None }, false));
     }
-    let (direct, buffered, is_direct) = open(path, nofollow).map_err(|e| format!("statefile {path}: open: {e}"))?;
-    buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)).map_err(|e| format!("statefile {path}: {e}"))?;
+    let (direct, buffered, is_direct, tmp, dest) = open(path, nofollow).map_err(|e| format!("statefile {path}: open: {e}"))?;
+    if let Err(e) = buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("statefile {path}: {e}"));
+    }
     let punt = blocks_inline(&direct);
-    Ok((Target::File { direct, buffered, punt }, is_direct))
+    Ok((Target::File { direct, buffered, punt, tmp, dest }, is_direct))
 }
 
 /// Filesystems that may block inside io_uring_enter even for a
@@ -138,23 +145,58 @@ pub(crate) fn blocks_inline(f: &File) -> bool {
     [FUSE, NFS, SMB2, CIFS, CEPH, V9FS].contains(&(st.f_type as i64))
 }
 
-fn open(path: &str, nofollow: bool) -> std::io::Result<(File, File, bool)> {
-    let nf = if nofollow { libc::O_NOFOLLOW } else { 0 };
-    // The file this VM's RAM was restored from by mapping it: truncating
-    // it would take the guest's pages away. A new file takes its name;
-    // the mapping keeps the old one.
-    let existing = if nofollow { std::fs::symlink_metadata(path) } else { std::fs::metadata(path) };
-    if existing.is_ok_and(|m| super::restore::backs_ram(&m)) {
-        log::info!("{path}: guest RAM is mapped from this file; writing a new file in its place");
-        std::fs::remove_file(path)?;
+/// Where a snapshot to `path` lands: `path` itself, or with `nofollow` off
+/// the file a symlink there points at (as QEMU follows it); and a fresh
+/// temporary name beside it.
+fn destination(path: &str, nofollow: bool) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let p = std::path::Path::new(path);
+    let dest = match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() && !nofollow => std::fs::canonicalize(p)?,
+        _ => p.to_path_buf(),
+    };
+    let name = dest.file_name().ok_or_else(|| std::io::Error::other("no file name"))?.to_string_lossy().into_owned();
+    let tmp = dest.with_file_name(format!(".{name}.ringvm-{}-{}.tmp", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)));
+    Ok((dest, tmp))
+}
+
+/// Creates the temporary file (never an existing one, never through a
+/// symlink), locked exclusively while it is written.
+fn open(path: &str, nofollow: bool) -> std::io::Result<(File, File, bool, std::path::PathBuf, std::path::PathBuf)> {
+    let (dest, tmp) = destination(path, nofollow)?;
+    let buffered = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+    // SAFETY: flock on our own open fd.
+    if unsafe { libc::flock(buffered.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).custom_flags(nf).open(path)?;
-    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | nf).open(path) {
-        Ok(d) => Ok((d, buffered, true)),
+    let direct = match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW).open(&tmp) {
+        Ok(d) => (d, true),
         // No O_DIRECT here (some FUSE, older tmpfs): buffered writes.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((buffered.try_clone()?, buffered, false)),
-        Err(e) => Err(e),
-    }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match buffered.try_clone() {
+            Ok(b) => (b, false),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        },
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    Ok((direct.0, buffered, direct.1, tmp, dest))
+}
+
+/// Puts the finished file in place: rename over the destination (the old
+/// file, if any, stays whole until this instant, and a VM whose RAM maps
+/// it keeps its pages), then the directory entry made durable.
+fn publish(tmp: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, dest)?;
+    let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    File::open(dir)?.sync_all()
 }
 
 
@@ -342,12 +384,12 @@ impl Job {
     /// metadata, which is written only at the end, so a truncation shows as
     /// a short file until then).
     fn check_file(&self) -> Result<(), String> {
-        let Target::File { direct, .. } = &self.target else { return Ok(()) };
+        let Target::File { direct, tmp, .. } = &self.target else { return Ok(()) };
         let m = direct.metadata().map_err(|e| format!("fstat: {e}"))?;
         if std::os::unix::fs::MetadataExt::nlink(&m) == 0 {
             return Err("the file was deleted during the snapshot".into());
         }
-        match std::fs::metadata(&self.p.path) {
+        match std::fs::symlink_metadata(tmp) {
             Ok(p) if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m) && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
             _ => return Err("the file was replaced or moved during the snapshot".into()),
         }
@@ -766,8 +808,19 @@ fn end(job: &J) {
     }
     let was_paused = j.phase == Phase::Final || j.phase == Phase::WaitPause;
     j.phase = Phase::Done;
+    let mut leftover = None;
+    if let Target::File { tmp, dest, .. } = &j.target {
+        let (tmp, dest) = (tmp.clone(), dest.clone());
+        if j.failed {
+            leftover = Some(tmp);
+        } else if let Err(e) = publish(&tmp, &dest) {
+            j.fail(format!("rename {} to {}: {e}", tmp.display(), dest.display()));
+            leftover = Some(tmp);
+        }
+    }
     let (failed, ram) = (j.failed, j.ram_bytes);
     j.shared.update(|s| {
+        s.leftover = leftover;
         if !failed {
             s.state = SaveState::Completed;
         }

@@ -192,7 +192,7 @@ impl Drop for Proc {
                 // threads is (a hang's evidence) and what it logged.
                 eprintln!("--- ringvm (pid {}) stderr:\n{}", self.child.id(), self.stderr());
                 let bt = Command::new("timeout")
-                    .args(["60", "gdb", "-p", &self.child.id().to_string(), "-batch", "-nx", "-ex", "thread apply all bt 30"])
+                    .args(["-k", "5", "60", "gdb", "-p", &self.child.id().to_string(), "-batch", "-nx", "-ex", "thread apply all bt 30"])
                     .stdin(Stdio::null())
                     .output();
                 match bt {
