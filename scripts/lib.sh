@@ -7,8 +7,10 @@ mkdir -p "$CACHE"
 log() { printf '[ringvm] %s\n' "$*" >&2; }
 
 # apt_install PKG...: installs the Debian packages that are missing (idempotent).
+# APT_RELEASE=bookworm-backports (see apt_install_backports) picks the suite.
 apt_install() {
-    local missing=()
+    local missing=() release=()
+    [ -n "${APT_RELEASE:-}" ] && release=(-t "$APT_RELEASE")
     for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
@@ -18,7 +20,7 @@ apt_install() {
     if [ ! -f "$CACHE/.apt-updated" ] || [ -n "$(find "$CACHE/.apt-updated" -mmin +720 2>/dev/null)" ]; then
         $sudo apt-get update -qq && touch "$CACHE/.apt-updated"
     fi
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${release[@]}" "${missing[@]}" >/dev/null
 }
 
 # Build tools for the VMM and its test guest.
@@ -69,11 +71,5 @@ ensure_backports() {
 
 # apt_install_backports PKG...: as apt_install, from bookworm-backports.
 apt_install_backports() {
-    local missing=()
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    log "installing from bookworm-backports: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing[@]}" >/dev/null
+    APT_RELEASE=bookworm-backports apt_install "$@"
 }

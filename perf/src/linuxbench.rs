@@ -154,20 +154,7 @@ fn ringvm_save_restore(c: &Ctx, dir: &Path, cmdline: &str, img: &Images, scratch
     let saved = (|| -> Result<(f64, f64)> {
         let mut q = qmp(&sock)?;
         ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file}}))?;
-        let t0 = Instant::now();
-        let s = loop {
-            let s = ok(&mut q, json!({"execute": "query-savevm"}))?;
-            if s["status"] != "active" {
-                break s;
-            }
-            if t0.elapsed() > Duration::from_secs(600) {
-                bail!("snapshot did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        if s["status"] != "completed" {
-            bail!("snapshot failed: {s}");
-        }
+        let s = snapbench::savevm_completed(&mut q)?;
         let _ = snapbench::cmd(&mut q, json!({"execute": "quit"}));
         Ok((s["total-time"].as_f64().unwrap_or(0.0), s["downtime"].as_f64().unwrap_or(0.0)))
     })();

@@ -62,6 +62,25 @@ pub(crate) fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Resul
 }
 
 /// Waits (10 s) for a child that was told to quit, then kills it.
+/// Polls query-savevm (every 2 ms, 600 s at most) until the snapshot
+/// ends; its status object if it completed.
+pub(crate) fn savevm_completed(q: &mut (BufReader<UnixStream>, UnixStream)) -> Result<Value> {
+    let t0 = Instant::now();
+    loop {
+        let s = cmd(q, json!({"execute": "query-savevm"}))?["return"].clone();
+        if s["status"] == "completed" {
+            return Ok(s);
+        }
+        if s["status"] != "active" {
+            bail!("snapshot failed: {s}");
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("snapshot did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 pub(crate) fn reap(mut child: std::process::Child) -> Result<()> {
     let t0 = Instant::now();
     while child.try_wait()?.is_none() {
@@ -149,20 +168,7 @@ pub fn ringvm(
             &mut q,
             json!({"execute": "savevm-start", "arguments": {"statefile": file}}),
         )?;
-        let t0 = Instant::now();
-        let s = loop {
-            let s = cmd(&mut q, json!({"execute": "query-savevm"}))?["return"].clone();
-            if s["status"] != "active" {
-                break s;
-            }
-            if t0.elapsed() > Duration::from_secs(600) {
-                bail!("snapshot did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        if s["status"] != "completed" {
-            bail!("snapshot failed: {s}");
-        }
+        let s = savevm_completed(&mut q)?;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
         let used = std::fs::metadata(file)
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)

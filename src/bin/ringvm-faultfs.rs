@@ -181,6 +181,26 @@ impl Filesystem for Fs {
         }
     }
 
+    /// Within the one directory (state files are renamed into place).
+    fn rename(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32, reply: ReplyEmpty) {
+        let (Some(from), Some(to)) = (name.to_str(), newname.to_str()) else { return reply.error(libc::EINVAL) };
+        if parent != fuser::FUSE_ROOT_ID || newparent != fuser::FUSE_ROOT_ID || flags != 0 {
+            return reply.error(libc::EINVAL);
+        }
+        if let Err(e) = std::fs::rename(self.dir.join(from), self.dir.join(to)) {
+            return reply.error(errno(&e));
+        }
+        // The renamed inode takes the new name; one replaced there is gone.
+        if let Some(old) = self.inos.remove(to) {
+            self.names.remove(&old);
+        }
+        if let Some(i) = self.inos.remove(from) {
+            self.names.insert(i, to.to_string());
+            self.inos.insert(to.to_string(), i);
+        }
+        reply.ok();
+    }
+
     fn unlink(&mut self, _req: &Request<'_>, _parent: u64, name: &OsStr, reply: ReplyEmpty) {
         match std::fs::remove_file(self.dir.join(name)) {
             Ok(()) => reply.ok(),
