@@ -778,3 +778,31 @@ fn reboots_after_the_kernel_file_is_gone() {
     assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
     assert_eq!(o.stdout.matches("ringvm-guest: start").count(), 4, "{}", o.stdout);
 }
+
+/// `migrate-incoming` naming a FIFO is a QMP error at once (the open and
+/// header read used to block the control thread for ever: no replies, no
+/// greeting for new clients, SIGTERM ignored); the connection and the
+/// waiting VM carry on.
+#[test]
+fn migrate_incoming_from_a_fifo_is_an_error_not_a_hang() {
+    if !require_kvm("migrate_incoming_from_a_fifo_is_an_error_not_a_hang") {
+        return;
+    }
+    let dir = Scratch::new("rel-incoming-fifo");
+    let fifo = dir.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: creating a FIFO in our scratch directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let sock = dir.path("qmp.sock");
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--incoming", "defer", "--memory", "256M", "--serial", "none", "--qmp"]).arg(&sock));
+    let mut q = Qmp::negotiated(&sock);
+    let r = q.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", fifo.display())}}));
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("fifo") && desc.contains("not a regular file"), "{r}");
+    // Still answering, on this connection and a new one.
+    assert_eq!(q.ok("query-status", json!({}))["status"], "inmigrate");
+    let mut q2 = Qmp::negotiated(&sock);
+    assert_eq!(q2.ok("query-status", json!({}))["status"], "inmigrate");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}
