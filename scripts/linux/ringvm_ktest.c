@@ -352,24 +352,30 @@ static int ktest_thread(void *unused)
 	int ret;
 
 	pr_info("waiting for disk %s\n", disk);
-	while (!devt) {
+	/*
+	 * The disk's device shows in the block class a moment before
+	 * add_disk() finishes; until then opening it fails (-ENXIO), so
+	 * both the lookup and the open are retried up to the deadline.
+	 */
+	for (;;) {
 		dev = class_find_device_by_name(&block_class, disk);
 		if (dev) {
 			devt = dev->devt;
 			put_device(dev);
-			break;
-		}
-		if (time_after(jiffies, deadline)) {
+			file = bdev_file_open_by_dev(devt, BLK_OPEN_READ | BLK_OPEN_WRITE, &ktest_done, NULL);
+			if (!IS_ERR(file))
+				break;
+			if (time_after(jiffies, deadline)) {
+				snprintf(fail_reason, sizeof(fail_reason), "cannot open %s: %ld", disk, PTR_ERR(file));
+				file = NULL;
+				goto out;
+			}
+			file = NULL;
+		} else if (time_after(jiffies, deadline)) {
 			snprintf(fail_reason, sizeof(fail_reason), "disk %s did not appear in %u s", disk, wait_s);
 			goto out;
 		}
 		msleep(100);
-	}
-	file = bdev_file_open_by_dev(devt, BLK_OPEN_READ | BLK_OPEN_WRITE, &ktest_done, NULL);
-	if (IS_ERR(file)) {
-		snprintf(fail_reason, sizeof(fail_reason), "cannot open %s: %ld", disk, PTR_ERR(file));
-		file = NULL;
-		goto out;
 	}
 	bdev = file_bdev(file);
 	pr_info("testing %s: %u MiB at %u MiB\n", disk, mib, offset_mib);
