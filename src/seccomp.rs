@@ -214,7 +214,8 @@ fn syscalls(role: Role) -> (Vec<i64>, &'static [u64]) {
             v.extend(FILES_AND_NET);
             // The state goes to a new file beside the destination, locked
             // while written, renamed over it once complete (the directory
-            // entry made durable), removed if the snapshot fails.
+            // entry made durable); a failed one is removed by the control
+            // side's reaper thread.
             v.extend([libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_flock, libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2, libc::SYS_getcwd]);
             &[KVM_IOCTL, TTY_SOCK_IOCTL]
         }

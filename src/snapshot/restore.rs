@@ -64,16 +64,6 @@ pub enum RamMode {
     Lazy,
 }
 
-/// Files whose pages back guest RAM after a mapped restore, as (device,
-/// inode). One VM per process, so this is the VM's list.
-static BACKING: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
-
-/// Whether `meta` is a file that backs guest RAM: a snapshot to it must
-/// replace it (a new inode), never truncate it.
-pub fn backs_ram(meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    BACKING.lock().map(|b| b.contains(&(meta.dev(), meta.ino()))).unwrap_or(false)
-}
 
 /// tmpfs and ramfs: the file's pages are memory already.
 fn on_memory_fs(f: &File) -> bool {
@@ -230,13 +220,6 @@ fn spawn_mapped(
     let t0 = Instant::now();
     let spans: Vec<(u64, u64, u64)> = checked.header.regions.iter().map(|r| (r.gpa, r.pages() * PAGE, r.offset)).collect();
     map_regions(&file, &spans, mem)?;
-    {
-        use std::os::unix::fs::MetadataExt;
-        let m = file.metadata().map_err(|e| e.to_string())?;
-        if let Ok(mut b) = BACKING.lock() {
-            b.push((m.dev(), m.ino()));
-        }
-    }
     let regions: Vec<(u64, u64, u64, Vec<bool>)> = checked
         .header
         .regions
