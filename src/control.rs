@@ -18,6 +18,7 @@ use crate::events::VmEvent;
 use crate::qmp::server::{ClientId, Limits, Server, Shared, QMP_SOURCE};
 use crate::qmp::{self, opt, reply_err, reply_ok, req, ArgType, CommandSpec, QmpError, Request};
 use crate::events::SnapshotStep;
+use crate::snapshot::incoming::{self, IncomingStatus};
 use crate::snapshot::{format, save, SaveShared, SaveState, StateSection};
 use crate::vmm::{Outcome, Vm};
 use std::sync::Arc;
@@ -143,13 +144,33 @@ struct IncomingCtl {
     progress: Arc<std::sync::atomic::AtomicU64>,
     total: u64,
     started: Option<Instant>,
-    status: Option<&'static str>,
+    status: IncomingStatus,
     error: Option<String>,
     /// Run the guest when the load completes (no -S).
     autostart: bool,
     /// --loadstate: a failed load ends ringvm with status 1.
     fatal: bool,
+    /// migrate-incoming's file is being opened off this thread: the client
+    /// waiting for the reply, and its other requests held until then (QMP
+    /// answers one client's commands in order).
+    waiting: Option<Waiting>,
+    /// The opener's result, tagged with its attempt.
+    opened: incoming::Slot,
+    attempt: u64,
+    /// Set by the ring's timer when attempt N's deadline passed.
+    expired: Rc<Cell<Option<u64>>>,
 }
+
+struct Waiting {
+    client: ClientId,
+    id: Option<Value>,
+    held: std::collections::VecDeque<Request>,
+    timer: ring::OpId,
+}
+
+/// How long migrate-incoming waits for its file to be opened and checked
+/// before answering with an error (the file's filesystem does not answer).
+const INCOMING_OPEN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The control thread's side of a running snapshot.
 #[derive(Default)]
@@ -303,7 +324,7 @@ impl Controller {
         self.incoming.path = Some(path);
         self.incoming.total = total;
         self.incoming.started = Some(Instant::now());
-        self.incoming.status = Some("active");
+        self.incoming.status = IncomingStatus::Active;
         self.state = RunState::InMigrate;
         Ok(())
     }
@@ -321,12 +342,12 @@ impl Controller {
                 if self.restore_ram == crate::snapshot::restore::RamMode::Lazy {
                     // QEMU's postcopy spelling: running, RAM still coming.
                     log::info!("lazy restore: state applied in {ms:.1} ms, RAM follows");
-                    self.incoming.status = Some("postcopy-active");
+                    self.incoming.status = IncomingStatus::PostcopyActive;
                     self.broadcast("MIGRATION", Some(json!({"status": "postcopy-active"})));
                 } else {
                     log::info!("restored {} MiB of RAM in {ms:.1} ms", bytes >> 20);
                     self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
-                    self.incoming.status = Some("completed");
+                    self.incoming.status = IncomingStatus::Completed;
                     self.broadcast("MIGRATION", Some(json!({"status": "completed"})));
                 }
                 if self.incoming.autostart {
@@ -341,7 +362,7 @@ impl Controller {
                 if !self.incoming.fatal {
                     log::warn!("{e}");
                 }
-                self.incoming.status = Some("failed");
+                self.incoming.status = IncomingStatus::Failed;
                 self.incoming.error = Some(e.clone());
                 self.broadcast("MIGRATION", Some(json!({"status": "failed", "error": e})));
                 if self.incoming.fatal {
@@ -351,33 +372,86 @@ impl Controller {
         }
     }
 
-    fn migrate_incoming(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
-        if self.state != RunState::InMigrate || self.incoming.status.is_some() {
-            return Err(QmpError::generic("migrate-incoming is only possible once, on a VM started with --incoming defer"));
+    /// `migrate-incoming`: the file is opened and checked on another
+    /// thread (its filesystem may take any time); the reply goes out when
+    /// that is done, or as an error at [`INCOMING_OPEN_DEADLINE`].
+    fn migrate_incoming(&mut self, client: ClientId, req: &Request) -> Option<std::result::Result<Value, QmpError>> {
+        if self.state != RunState::InMigrate || self.incoming.status != IncomingStatus::None {
+            let why = if self.incoming.status == IncomingStatus::Setup { "a migrate-incoming is already opening its file" } else { "migrate-incoming is only possible once, on a VM started with --incoming defer" };
+            return Some(Err(QmpError::generic(why)));
         }
         let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
         let Some(path) = uri.strip_prefix("file:").or(crate::nfs::is_uri(uri).then_some(uri)) else {
-            return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH or nfs://SERVER/EXPORT/FILE")));
+            return Some(Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH or nfs://SERVER/EXPORT/FILE"))));
         };
-        self.check_statefile(path)?;
-        let path = std::path::PathBuf::from(path);
-        let fail = |e: String| QmpError::generic(format!("state file {}: {e}", path.display()));
-        let checked = format::open_checked(&path).map_err(fail)?;
-        let m = &checked.header.machine;
-        if m.cpus != self.vm.cpus() || m.mem_size != self.vm.machine().mem_size {
-            return Err(fail(format!(
-                "the file holds {} vCPU(s) and {} MiB, this VM has {} and {} MiB",
-                m.cpus,
-                m.mem_size >> 20,
-                self.vm.cpus(),
-                self.vm.machine().mem_size >> 20
-            )));
+        if let Err(e) = self.check_statefile(path) {
+            return Some(Err(e));
         }
-        let paths: Vec<String> = self.vm.disks_in_order().into_iter().map(|b| b.path).collect();
-        crate::snapshot::check_disks(&m.disks, &paths).map_err(fail)?;
-        let section = crate::vmm::parse_section(&path, &checked).map_err(|e| QmpError::generic(e.to_string()))?;
-        self.start_load(path, checked, section).map_err(QmpError::generic)?;
-        Ok(json!({}))
+        let target = incoming::Target {
+            cpus: self.vm.cpus(),
+            mem_size: self.vm.machine().mem_size,
+            disks: self.vm.disks_in_order().into_iter().map(|b| b.path).collect(),
+        };
+        self.incoming.attempt += 1;
+        let attempt = self.incoming.attempt;
+        let path = std::path::PathBuf::from(path);
+        if let Err(e) = incoming::spawn_open(path.clone(), target, attempt, self.incoming.opened.clone(), self.vm.events().clone()) {
+            return Some(Err(QmpError::generic(format!("state file {}: cannot start its opener thread: {e}", path.display()))));
+        }
+        let expired = self.incoming.expired.clone();
+        let timer = self.ring.submit(QMP_SOURCE, Op::Timeout { after: INCOMING_OPEN_DEADLINE }, move |_, _| expired.set(Some(attempt)));
+        self.incoming.status = IncomingStatus::Setup;
+        self.incoming.path = Some(path);
+        self.incoming.started = Some(Instant::now());
+        self.incoming.waiting = Some(Waiting { client, id: req.id.clone(), held: Default::default(), timer });
+        None
+    }
+
+    /// The opener of attempt `attempt` is done: start the load and answer.
+    fn on_incoming_opened(&mut self, attempt: u64) {
+        let taken = self.incoming.opened.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some((n, r)) = taken else { return };
+        if n != attempt || attempt != self.incoming.attempt || self.incoming.status != IncomingStatus::Setup {
+            // A late answer for an attempt that already timed out.
+            return;
+        }
+        let r = r.and_then(|o| self.start_load(o.path, o.checked, o.section));
+        if r.is_err() {
+            self.incoming.status = IncomingStatus::None;
+        }
+        self.answer_incoming(r.map(|()| json!({})).map_err(QmpError::generic));
+    }
+
+    /// The deadline of the open in progress passed.
+    fn on_incoming_deadline(&mut self, attempt: u64) {
+        if attempt != self.incoming.attempt || self.incoming.status != IncomingStatus::Setup {
+            return;
+        }
+        let path = self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        log::warn!("state file {path}: not opened and checked within {} s; migrate-incoming gives up on it", INCOMING_OPEN_DEADLINE.as_secs());
+        // The opener thread is left to its fate; its late answer is ignored.
+        self.incoming.attempt += 1;
+        self.incoming.status = IncomingStatus::None;
+        self.answer_incoming(Err(QmpError::generic(format!(
+            "state file {path}: no answer from its filesystem within {} s (the file was not loaded; the VM still waits for migrate-incoming)",
+            INCOMING_OPEN_DEADLINE.as_secs()
+        ))));
+    }
+
+    /// Sends migrate-incoming's deferred reply, then the client's held
+    /// requests in order.
+    fn answer_incoming(&mut self, r: std::result::Result<Value, QmpError>) {
+        let Some(w) = self.incoming.waiting.take() else { return };
+        self.ring.cancel(w.timer);
+        self.reply(w.client, w.id.as_ref(), r);
+        let mut held = w.held;
+        while let Some(req) = held.pop_front() {
+            self.on_request(w.client, req);
+            if let Some(w2) = &mut self.incoming.waiting {
+                // Another deferred command: the rest waits for it.
+                w2.held.extend(held.drain(..));
+            }
+        }
     }
 
     /// `device_del id=scsiC-lunL`: new requests find no LUN at once; when
@@ -423,6 +497,9 @@ impl Controller {
                 log::info!("signal {sig}: shutting down");
                 self.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-signal"})));
                 self.finish(Ok(Outcome::Quit));
+            }
+            if let Some(attempt) = self.incoming.expired.take() {
+                self.on_incoming_deadline(attempt);
             }
             if self.vm_event.take() {
                 self.vm.events().clear();
@@ -541,9 +618,10 @@ impl Controller {
                 let path = format!("/machine/peripheral/{id}");
                 self.broadcast("DEVICE_DELETED", Some(json!({"device": id, "path": path})));
             }
+            VmEvent::IncomingOpened(attempt) => self.on_incoming_opened(attempt),
             VmEvent::Streamed(bytes) => {
                 self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
-                self.incoming.status = Some("completed");
+                self.incoming.status = IncomingStatus::Completed;
                 self.broadcast("MIGRATION", Some(json!({"status": "completed"})));
             }
         }
@@ -578,7 +656,7 @@ impl Controller {
         if !matches!(self.state, RunState::Running | RunState::Paused) {
             return Err(QmpError::generic(format!("cannot snapshot a VM in state '{}'", self.state.as_str())));
         }
-        if self.incoming.status == Some("postcopy-active") {
+        if self.incoming.status == IncomingStatus::PostcopyActive {
             let from = self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
             return Err(QmpError::generic(format!("the lazy restore from {from} is still loading RAM; snapshot once query-migrate says completed")));
         }
@@ -888,9 +966,23 @@ impl Controller {
     }
 
     fn on_request(&mut self, client: ClientId, req: Request) {
+        if let Some(w) = &mut self.incoming.waiting {
+            if w.client == client {
+                w.held.push_back(req);
+                return;
+            }
+        }
         let r = match COMMANDS.iter().find(|c| c.name == req.execute) {
             None => Err(QmpError::not_found(format!("The command {} has not been found", req.execute))),
-            Some(spec) => qmp::check_args(&req.arguments, spec.args).and_then(|()| self.execute(&req)),
+            Some(spec) => match qmp::check_args(&req.arguments, spec.args) {
+                Err(e) => Err(e),
+                // Answered later (see migrate_incoming).
+                Ok(()) if req.execute == "migrate-incoming" => match self.migrate_incoming(client, &req) {
+                    None => return,
+                    Some(r) => r,
+                },
+                Ok(()) => self.execute(&req),
+            },
         };
         self.reply(client, req.id.as_ref(), r);
     }
@@ -1025,12 +1117,11 @@ impl Controller {
                 r.arguments.insert("statefile".into(), json!(path));
                 self.savevm_start(&r)
             }
-            "migrate-incoming" => self.migrate_incoming(req),
-            "query-migrate" if self.incoming.status.is_some() && self.save.shared.get().state == SaveState::None => {
+            "query-migrate" if self.incoming.status != IncomingStatus::None && self.save.shared.get().state == SaveState::None => {
                 let done = self.incoming.progress.load(std::sync::atomic::Ordering::Relaxed);
                 let ms = self.incoming.started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
                 let mut v = json!({
-                    "status": self.incoming.status,
+                    "status": self.incoming.status.as_str(),
                     "total-time": ms as u64,
                     "ram": {"transferred": done, "total": self.incoming.total, "remaining": self.incoming.total.saturating_sub(done),
                             "mbps": if ms > 0.0 { done as f64 * 8.0 / ms / 1e3 } else { 0.0 }},

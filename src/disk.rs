@@ -220,7 +220,19 @@ pub fn reflink(src: &str, dst: &str) -> std::result::Result<(), String> {
 /// queues are spread over all iothreads; `iothread=N` pins a disk's own
 /// controller to iothread N).
 /// `poll`: each iothread's poll window (see ring::RingOptions::poll).
-pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u32, poll: std::time::Duration) -> Result<Storage> {
+/// Opens every disk's file (before any thread exists: an open that blocks
+/// can still be ended by a signal's default action).
+pub fn open_all(disks: &[DiskSpec]) -> Result<Vec<Disk>> {
+    disks.iter().enumerate().map(|(i, d)| open(d, i)).collect()
+}
+
+/// Builds the virtio-scsi controllers for `disks` (opened by [`open_all`],
+/// in the same order) and their iothreads.
+pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothreads: usize, queues: u32, poll: std::time::Duration) -> Result<Storage> {
+    if opened.len() != disks.len() {
+        return Err(Error::Config(format!("{} disk(s) opened for {} given", opened.len(), disks.len())));
+    }
+    let mut files: Vec<Option<Disk>> = opened.into_iter().map(Some).collect();
     let iothreads = iothreads.max(1);
     let mut threads = Vec::new();
     if !disks.is_empty() {
@@ -265,7 +277,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], iothreads: usize, queues: u
         let nq = asked.first().copied().unwrap_or(if pin.is_some() { queues.min(4) } else { queues });
         let mut opened = Vec::new();
         for (lun, (i, spec)) in members.iter().enumerate() {
-            let d = open(spec, *i)?;
+            let d = files[*i].take().ok_or_else(|| Error::Config(format!("disk {}: listed twice", spec.path.display())))?;
             blocks.push(BlockInfo {
                 device: format!("scsi{ci}-lun{lun}"),
                 path: spec.path.display().to_string(),

@@ -29,6 +29,9 @@ pub enum VmEvent {
     Streamed(u64),
     /// A disk's unplug completed (its query-block name).
     DeviceDeleted(String),
+    /// The incoming state file's opener finished attempt N (the result
+    /// is in the incoming slot).
+    IncomingOpened(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

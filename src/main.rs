@@ -108,7 +108,8 @@ fn run(mut args: RunArgs) -> anyhow::Result<u8> {
         restore: args.loadstate.clone(),
         incoming_defer: args.incoming.is_some(),
     };
-    ringvm::control::block_term_signals()?;
+    // Vm::build blocks SIGTERM/SIGINT/SIGHUP once its files are open (the
+    // control loop serves them); until then they end ringvm at once.
     ringvm::seccomp::set_mode(args.machine.seccomp);
     let vm = Vm::build(config)?;
     let opts = ControlOptions { qmp: args.qmp, paused: args.paused, name: args.name, incoming: args.incoming.is_some(), stats: None, statefile_dir: args.statefile_dir, restore_ram: args.restore_ram };

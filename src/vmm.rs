@@ -153,6 +153,9 @@ pub fn validate(config: &VmConfig) -> Result<()> {
 
 impl Vm {
     /// Creates the machine, loads the kernel, creates the vCPUs (parked).
+    /// Once every file is open, the calling thread's SIGTERM, SIGINT and
+    /// SIGHUP are blocked (the threads started here inherit that), for
+    /// the [`Controller`](crate::control::Controller)'s signalfd.
     pub fn build(mut config: VmConfig) -> Result<Vm> {
         validate(&config)?;
         let started = Instant::now();
@@ -225,11 +228,17 @@ impl Vm {
         if !config.disks.is_empty() {
             log::info!("iothread poll window: {} us", poll.as_micros());
         }
-        let storage = crate::disk::attach(&machine, &config.disks, config.iothreads, queues, poll)?;
+        // Every file is opened and read before the first thread starts, and
+        // only then are the termination signals blocked (for the control
+        // thread's signalfd, inherited by every thread from here on): an
+        // open or read that blocks can still be ended by SIGTERM or ^C.
+        let opened = crate::disk::open_all(&config.disks)?;
         let boot_images = match &checked {
             None if !config.incoming_defer => Some(BootImages::read(&config.boot)?),
             _ => None,
         };
+        crate::control::block_term_signals()?;
+        let storage = crate::disk::attach(&machine, &config.disks, opened, config.iothreads, queues, poll)?;
         let entry = match &boot_images {
             Some(images) => boot::load_images(&machine.mem, images, config.mem_size, config.cpus)?,
             // Placeholder: the vCPUs get their saved state before they run.

@@ -806,3 +806,55 @@ fn migrate_incoming_from_a_fifo_is_an_error_not_a_hang() {
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
 }
+
+/// `migrate-incoming` of a file whose filesystem stops answering reads:
+/// the file is opened off the control thread, so other clients are
+/// greeted and answered (query-migrate says "setup"), the waiting
+/// client's reply is simply late, and SIGTERM still ends ringvm at once.
+#[test]
+fn migrate_incoming_from_a_stalled_file_does_not_hold_the_control_socket() {
+    if !require_kvm("migrate_incoming_from_a_stalled_file_does_not_hold_the_control_socket") {
+        return;
+    }
+    let dir = Scratch::new("rel-incoming-stall");
+    std::fs::create_dir_all(dir.path("nfs-back")).unwrap();
+    std::fs::write(dir.path("nfs-back/vm.state"), vec![0u8; 1 << 20]).unwrap();
+    let fs = FaultFs::mount(&dir, "nfs", &["--stall-reads-after", "0"]);
+    let sock = dir.path("qmp.sock");
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--incoming", "defer", "--memory", "256M", "--serial", "none", "--qmp"]).arg(&sock));
+    let mut q = Qmp::negotiated(&sock);
+    q.send_raw(format!("{}\n", json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", fs.path("vm.state").display())}})).as_bytes());
+    fs.wait_stalled_reads(T);
+    for _ in 0..10 {
+        let mut q2 = Qmp::negotiated(&sock);
+        assert_eq!(q2.ok("query-status", json!({}))["status"], "inmigrate");
+        assert_eq!(q2.ok("query-migrate", json!({}))["status"], "setup");
+        let r = q2.cmd(json!({"execute": "migrate-incoming", "arguments": {"uri": "file:/nonexistent"}}));
+        assert!(r["error"]["desc"].as_str().unwrap_or_default().contains("already opening"), "{r}");
+    }
+    let t = Instant::now();
+    // SAFETY: signalling the child we started, by its PID.
+    assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) }, 0);
+    let o = p.wait(Duration::from_secs(10));
+    assert_eq!(o.code(), 0, "{}", o.stderr);
+    assert!(t.elapsed() < Duration::from_secs(5), "SIGTERM took {:?}", t.elapsed());
+}
+
+/// A kernel image whose filesystem stops answering reads: ringvm waits in
+/// the read, and SIGTERM ends it there (the termination signals are only
+/// blocked once every file is read and the control loop will serve them).
+#[test]
+fn sigterm_ends_a_start_stuck_reading_the_kernel() {
+    let dir = Scratch::new("rel-kernel-stall");
+    std::fs::create_dir_all(dir.path("k-back")).unwrap();
+    std::fs::write(dir.path("k-back/vmlinux"), ringvm::TEST_GUEST_ELF).unwrap();
+    let fs = FaultFs::mount(&dir, "k", &["--stall-reads-after", "0"]);
+    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--memory", "64M", "--serial", "none", "--kernel"]).arg(fs.path("vmlinux")));
+    fs.wait_stalled_reads(T);
+    let t = Instant::now();
+    // SAFETY: signalling the child we started, by its PID.
+    assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) }, 0);
+    let o = p.wait(Duration::from_secs(10));
+    assert_ne!(o.code(), 0, "{}", o.stderr);
+    assert!(t.elapsed() < Duration::from_secs(5), "SIGTERM took {:?}", t.elapsed());
+}

@@ -4,7 +4,7 @@
 //! ```text
 //! ringvm-faultfs BACKING MOUNTPOINT [--delay-us N] [--fail-writes-after N]
 //!     [--fail-reads-after N] [--errno N] [--stall-writes-after N]
-//!     [--stall-writes-from OFFSET] [--stall-secs S]
+//!     [--stall-writes-from OFFSET] [--stall-reads-after N] [--stall-secs S]
 //! ```
 //! - `--delay-us`: every read and write is answered N us late (requests are
 //!   delayed in parallel, as a network would: latency, not serialisation);
@@ -14,7 +14,9 @@
 //!   `--stall-secs` (default 3600) before being served;
 //! - `--stall-writes-from OFFSET`: so are writes at or past that offset.
 //!   The first stalled write is announced on stderr
-//!   (`ringvm-faultfs: stalling writes ...`).
+//!   (`ringvm-faultfs: stalling writes ...`);
+//! - `--stall-reads-after N`: read requests after the Nth are held the same
+//!   way (`ringvm-faultfs: stalling reads ...`).
 //!
 //! Runs in the foreground until unmounted or killed.
 
@@ -45,6 +47,7 @@ struct Faults {
     stall_writes_after: Option<u64>,
     /// Writes at or past this file offset stall.
     stall_writes_from: Option<u64>,
+    stall_reads_after: Option<u64>,
     stall: Duration,
 }
 
@@ -61,6 +64,8 @@ struct Fs {
     writes: Arc<AtomicU64>,
     /// The first stalled write was announced on stderr.
     stalled_once: bool,
+    /// The first stalled read was announced on stderr.
+    stalled_reads_once: bool,
     reads: Arc<AtomicU64>,
     /// Delayed requests go here with their due time.
     delayed: mpsc::Sender<(Instant, Job)>,
@@ -256,8 +261,13 @@ impl Filesystem for Fs {
             let e = self.faults.errno;
             return self.later(Duration::ZERO, Box::new(move || reply.error(e)));
         }
+        let stalls = self.faults.stall_reads_after.is_some_and(|k| n >= k);
+        if stalls && !self.stalled_reads_once {
+            self.stalled_reads_once = true;
+            eprintln!("ringvm-faultfs: stalling reads (read {n} at offset {offset})");
+        }
         self.later(
-            Duration::ZERO,
+            if stalls { self.faults.stall } else { Duration::ZERO },
             Box::new(move || {
                 let mut buf = vec![0u8; size as usize];
                 let mut done = 0;
@@ -371,7 +381,7 @@ fn delay_thread(rx: mpsc::Receiver<(Instant, Job)>) {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        bail!("usage: ringvm-faultfs BACKING MOUNTPOINT [--delay-us N] [--fail-writes-after N] [--fail-reads-after N] [--errno N] [--stall-writes-after N] [--stall-writes-from OFFSET] [--stall-secs S]");
+        bail!("usage: ringvm-faultfs BACKING MOUNTPOINT [--delay-us N] [--fail-writes-after N] [--fail-reads-after N] [--errno N] [--stall-writes-after N] [--stall-writes-from OFFSET] [--stall-reads-after N] [--stall-secs S]");
     }
     let (dir, mnt) = (PathBuf::from(&args[0]), PathBuf::from(&args[1]));
     let mut f = Faults { errno: libc::EIO, stall: Duration::from_secs(3600), ..Default::default() };
@@ -385,6 +395,7 @@ fn main() -> anyhow::Result<()> {
             "--errno" => f.errno = v as i32,
             "--stall-writes-after" => f.stall_writes_after = Some(v),
             "--stall-writes-from" => f.stall_writes_from = Some(v),
+            "--stall-reads-after" => f.stall_reads_after = Some(v),
             "--stall-secs" => f.stall = Duration::from_secs(v),
             _ => bail!("unknown option {k}"),
         }
@@ -401,6 +412,7 @@ fn main() -> anyhow::Result<()> {
         faults: f,
         writes: Arc::new(AtomicU64::new(0)),
         stalled_once: false,
+        stalled_reads_once: false,
         reads: Arc::new(AtomicU64::new(0)),
         delayed: tx,
     };

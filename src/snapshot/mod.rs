@@ -4,6 +4,7 @@
 //! state. See docs/state-format.md.
 
 pub mod format;
+pub mod incoming;
 pub mod lazy;
 pub mod restore;
 pub mod save;

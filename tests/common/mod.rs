@@ -248,10 +248,19 @@ impl FaultFs {
 
     /// Waits until ringvm-faultfs has stalled its first write (it says so).
     pub fn wait_stalled(&self, timeout: Duration) {
+        self.wait_announced("ringvm-faultfs: stalling writes", timeout);
+    }
+
+    /// Waits until ringvm-faultfs has stalled its first read.
+    pub fn wait_stalled_reads(&self, timeout: Duration) {
+        self.wait_announced("ringvm-faultfs: stalling reads", timeout);
+    }
+
+    fn wait_announced(&self, line: &str, timeout: Duration) {
         let p = self.proc.as_ref().expect("ringvm-faultfs is running");
         let deadline = Instant::now() + timeout;
-        while !p.stderr().contains("ringvm-faultfs: stalling writes") {
-            assert!(Instant::now() < deadline, "deadline: no write stalled within {timeout:?}\n{}", p.stderr());
+        while !p.stderr().contains(line) {
+            assert!(Instant::now() < deadline, "deadline: no '{line}' within {timeout:?}\n{}", p.stderr());
             std::thread::sleep(Duration::from_millis(5));
         }
     }
