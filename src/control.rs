@@ -611,7 +611,15 @@ impl Controller {
                 log::warn!("vcpu{cpu}: guest triple fault at {at}; resetting");
                 self.guest_reset(guest_reset);
             }
-            VmEvent::Error(msg) => self.fatal(Error::Config(msg)),
+            VmEvent::Error(msg) => {
+                // A vCPU's EFAULT from RAM mapped from a state file that
+                // shrank: say which file, not just "Bad address".
+                let msg = match crate::snapshot::mapguard::explain() {
+                    Some(why) => format!("{msg}: {why}"),
+                    None => msg,
+                };
+                self.fatal(Error::Config(msg))
+            }
             VmEvent::Snapshot(step) => self.on_snapshot_step(step),
             VmEvent::Restored(r) => self.on_restored(r),
             VmEvent::DeviceDeleted(id) => {
@@ -914,7 +922,11 @@ impl Controller {
                     self.save.reaped = Some(rx);
                     let _ = std::thread::Builder::new().name("savevm-reaper".into()).spawn(move || {
                         if let Some(p) = leftover {
-                            if let Err(e) = std::fs::remove_file(&p) {
+                            let r = match p.to_str().filter(|p| crate::nfs::is_uri(p)) {
+                                Some(uri) => crate::nfs::NfsUri::parse(uri).and_then(|u| crate::nfs::Nfs::unlink(&u)),
+                                None => std::fs::remove_file(&p).map_err(|e| e.to_string()),
+                            };
+                            if let Err(e) = r {
                                 log::warn!("cannot remove the unfinished state file {}: {e}", p.display());
                             }
                         }

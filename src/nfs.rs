@@ -66,6 +66,8 @@ struct Lib {
     queue_length: unsafe extern "C" fn(Ctx) -> c_int,
     get_readmax: unsafe extern "C" fn(Ctx) -> u64,
     get_writemax: unsafe extern "C" fn(Ctx) -> u64,
+    rename: unsafe extern "C" fn(Ctx, *const c_char, *const c_char) -> c_int,
+    unlink: unsafe extern "C" fn(Ctx, *const c_char) -> c_int,
 }
 
 /// `struct nfs_stat_64` (libnfs 4/5).
@@ -138,6 +140,8 @@ fn bind(lib: libloading::Library) -> Result<Lib, libloading::Error> {
         queue_length: sym!("nfs_queue_length"),
         get_readmax: sym!("nfs_get_readmax"),
         get_writemax: sym!("nfs_get_writemax"),
+        rename: sym!("nfs_rename"),
+        unlink: sym!("nfs_unlink"),
         _lib: lib,
     })
 }
@@ -152,22 +156,140 @@ pub fn is_uri(s: &str) -> bool {
     s.starts_with("nfs://")
 }
 
+/// `nfs://SERVER[:PORT]/EXPORT/.../FILE[?OPTIONS]`, parsed here rather
+/// than by libnfs: libnfs 4 takes no `:PORT` (it would look `host:port` up
+/// as a host name), so the port becomes its `nfsport=` option; `[v6]`
+/// addresses keep their brackets for libnfs and lose them for lookups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NfsUri {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    pub port: Option<u16>,
+    /// The directory holding the file, from the export's root (`/export/dir`).
+    pub dir: String,
+    pub file: String,
+    /// libnfs URL options, in order, `nfsport` included if given that way.
+    pub options: Vec<(String, String)>,
+}
+
+impl NfsUri {
+    pub fn parse(uri: &str) -> Result<NfsUri, String> {
+        let bad = |why: &str| format!("{uri}: {why} (want nfs://SERVER[:PORT]/EXPORT/FILE[?OPTION=VALUE&...])");
+        let rest = uri.strip_prefix("nfs://").ok_or_else(|| bad("not an nfs:// URI"))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let slash = rest.find('/').ok_or_else(|| bad("no path"))?;
+        let (authority, path) = rest.split_at(slash);
+        if authority.contains('@') {
+            return Err(bad("user names in the URI are not supported (use ?uid=N&gid=N)"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '[' in the server address"))?;
+            match after {
+                "" => (h, None),
+                p => (h, Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?)),
+            }
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no server"));
+        }
+        if !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%')) {
+            return Err(bad("bad character in the server name"));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(bad(&format!("port '{p}' is not a number from 1 to 65535"))),
+            },
+        };
+        let (dir, file) = path.rsplit_once('/').ok_or_else(|| bad("no path"))?;
+        if file.is_empty() || file == "." || file == ".." {
+            return Err(bad("no file name"));
+        }
+        if dir.is_empty() {
+            return Err(bad("no export (the file must be inside an exported directory)"));
+        }
+        if path.split('/').any(|c| c == "..") {
+            return Err(bad("'..' in the path"));
+        }
+        let mut options = Vec::new();
+        for kv in query.unwrap_or_default().split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("option '{kv}' has no value")))?;
+            options.push((k.to_string(), v.to_string()));
+        }
+        if let (Some(p), Some((_, v))) = (port, options.iter().find(|(k, _)| k == "nfsport")) {
+            if v.parse::<u16>().ok() != Some(p) {
+                return Err(bad(&format!("port {p} and nfsport={v} disagree")));
+            }
+        }
+        Ok(NfsUri { host: host.to_string(), port, dir: dir.to_string(), file: file.to_string(), options })
+    }
+
+    /// The same file under another name in its directory.
+    pub fn with_file(&self, file: &str) -> NfsUri {
+        NfsUri { file: file.to_string(), ..self.clone() }
+    }
+
+    fn option(&self, key: &str) -> Option<&str> {
+        self.options.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The URL libnfs is given: no port in the authority, `nfsport=`
+    /// instead.
+    pub fn libnfs_url(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        let mut opts: Vec<String> = self.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if let (Some(p), None) = (self.port, self.option("nfsport")) {
+            opts.push(format!("nfsport={p}"));
+        }
+        let q = if opts.is_empty() { String::new() } else { format!("?{}", opts.join("&")) };
+        format!("nfs://{host}{}/{}{q}", self.dir, self.file)
+    }
+}
+
+impl std::fmt::Display for NfsUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        let port = self.port.map(|p| format!(":{p}")).unwrap_or_default();
+        let opts: Vec<String> = self.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let q = if opts.is_empty() { String::new() } else { format!("?{}", opts.join("&")) };
+        write!(f, "nfs://{host}{port}{}/{}{q}", self.dir, self.file)
+    }
+}
+
 /// A finished asynchronous operation: its token and bytes or error.
 pub type Done = (u64, Result<usize, String>);
 
 /// What an async callback needs: where results go, and for a read, where
 /// the data goes.
+/// Owned by the [`Nfs`] (never by the callback), so a callback that the
+/// library ran twice for one request (on a connection error and again
+/// when the context is destroyed) finds `fired` set and does nothing,
+/// instead of freeing or writing through memory twice.
 struct Pending {
     token: u64,
     done: *const RefCell<Vec<Done>>,
     dest: *mut u8,
     cap: usize,
+    fired: std::cell::Cell<bool>,
 }
 
 unsafe extern "C" fn on_done(err: c_int, _nfs: Ctx, data: *mut c_void, private: *mut c_void) {
-    // SAFETY: `private` is the Box<Pending> leaked when the request was
-    // queued; libnfs calls each callback exactly once.
-    let p = unsafe { Box::from_raw(private.cast::<Pending>()) };
+    // SAFETY: `private` points at a Pending boxed in the Nfs's
+    // `outstanding` list, which outlives every callback of its context
+    // (it is dropped after the context is destroyed).
+    let p = unsafe { &*private.cast::<Pending>() };
+    if p.fired.replace(true) {
+        return;
+    }
     let r = if err < 0 {
         let msg = if data.is_null() {
             std::io::Error::from_raw_os_error(-err).to_string()
@@ -199,11 +321,10 @@ unsafe extern "C" fn on_done(err: c_int, _nfs: Ctx, data: *mut c_void, private: 
 /// After a failed mount (libnfs says only "nfs_service failed"): can the
 /// server's MOUNT service (the URI's `mountport`, else rpcbind's 111) be
 /// reached at all?
-fn unreachable(uri: &str) -> Option<String> {
+fn unreachable(uri: &NfsUri) -> Option<String> {
     use std::net::{TcpStream, ToSocketAddrs};
-    let rest = uri.strip_prefix("nfs://")?;
-    let host = rest.split(['/', '?']).next()?;
-    let port = uri.split(['?', '&']).find_map(|kv| kv.strip_prefix("mountport=")).and_then(|p| p.parse::<u16>().ok()).unwrap_or(111);
+    let host = uri.host.as_str();
+    let port = uri.option("mountport").and_then(|p| p.parse::<u16>().ok()).unwrap_or(111);
     let addrs = match (host, port).to_socket_addrs() {
         Ok(a) => a.collect::<Vec<_>>(),
         Err(e) => return Some(format!("cannot resolve {host}: {e}")),
@@ -218,12 +339,24 @@ fn unreachable(uri: &str) -> Option<String> {
     last.map(|e| format!("server {host} port {port} unreachable: {e}"))
 }
 
+/// What [`Nfs::open_uri`] does with the URI's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Open {
+    Read,
+    /// Create it; an existing file is an error.
+    CreateNew,
+    /// Leave it alone (for directory operations).
+    MountOnly,
+}
+
 /// One NFS context (one TCP connection), mounted, with one open file.
 pub struct Nfs {
     lib: &'static Lib,
     ctx: Ctx,
     fh: Fh,
     done: Box<RefCell<Vec<Done>>>,
+    /// Every queued request's callback data, until none can fire again.
+    outstanding: RefCell<Vec<Box<Pending>>>,
 }
 
 // SAFETY: a context is used by one thread at a time (it moves to the thread
@@ -243,17 +376,24 @@ impl Nfs {
         format!("{what}: {detail} ({errno})")
     }
 
-    /// Connects and mounts the export named by `uri`, then opens (or, with
-    /// `create`, creates and truncates) its file.
+    /// Connects and mounts the export named by `uri`, then opens its file
+    /// (or, with `create`, creates it: a new file, never an existing one).
     pub fn open(uri: &str, create: bool) -> Result<Nfs, String> {
+        Nfs::open_uri(&NfsUri::parse(uri)?, if create { Open::CreateNew } else { Open::Read })
+    }
+
+    /// Connects and mounts the export holding `uri`'s file; `how` says what
+    /// happens to the file.
+    pub fn open_uri(uri: &NfsUri, how: Open) -> Result<Nfs, String> {
         let lib = lib()?;
-        let c_uri = CString::new(uri).map_err(|_| format!("{uri}: NUL in URI"))?;
+        let url_text = uri.libnfs_url();
+        let c_uri = CString::new(url_text.as_str()).map_err(|_| format!("{uri}: NUL in URI"))?;
         // SAFETY: plain constructor; NULL on failure.
         let ctx = unsafe { (lib.init_context)() };
         if ctx.is_null() {
             return Err(format!("{uri}: cannot create an NFS context"));
         }
-        let mut n = Nfs { lib, ctx, fh: std::ptr::null_mut(), done: Box::new(RefCell::new(Vec::new())) };
+        let mut n = Nfs { lib, ctx, fh: std::ptr::null_mut(), done: Box::new(RefCell::new(Vec::new())), outstanding: RefCell::new(Vec::new()) };
         // SAFETY: live context and NUL-terminated URL.
         let url = unsafe { (lib.parse_url_full)(ctx, c_uri.as_ptr()) };
         if url.is_null() {
@@ -267,8 +407,11 @@ impl Nfs {
             // instead of retrying forever behind the guest's back.
             (lib.set_autoreconnect)(ctx, 0);
             match (lib.mount)(ctx, (*url).server, (*url).path) {
-                0 if create => ("create", (lib.create)(ctx, (*url).file, libc::O_RDWR | libc::O_TRUNC, 0o600, &mut n.fh)),
-                0 => ("open", (lib.open)(ctx, (*url).file, libc::O_RDONLY, &mut n.fh)),
+                0 => match how {
+                    Open::CreateNew => ("create", (lib.create)(ctx, (*url).file, libc::O_RDWR | libc::O_EXCL, 0o600, &mut n.fh)),
+                    Open::Read => ("open", (lib.open)(ctx, (*url).file, libc::O_RDONLY, &mut n.fh)),
+                    Open::MountOnly => ("mount", 0),
+                },
                 rc => ("mount", rc),
             }
         };
@@ -277,13 +420,38 @@ impl Nfs {
         if rc < 0 {
             let mut e = n.err(stage, rc);
             if stage == "mount" {
-                if let Some(why) = unreachable(uri) {
+                if let Some(why) = unreachable(&uri) {
                     e = format!("{e}: {why}");
                 }
             }
             return Err(e);
         }
         Ok(n)
+    }
+
+    /// Renames `from` to `to`, both names in the mounted directory (NFS
+    /// RENAME replaces `to` atomically on the server).
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), String> {
+        let c = |s: &str| CString::new(format!("/{s}")).map_err(|_| format!("{s}: NUL in name"));
+        let (f, t) = (c(from)?, c(to)?);
+        // SAFETY: live, mounted context; NUL-terminated names.
+        let rc = unsafe { (self.lib.rename)(self.ctx, f.as_ptr(), t.as_ptr()) };
+        if rc < 0 {
+            return Err(self.err(&format!("rename {from} to {to}"), rc));
+        }
+        Ok(())
+    }
+
+    /// Removes `uri`'s file (its own connection; bounded by the RPC timeout).
+    pub fn unlink(uri: &NfsUri) -> Result<(), String> {
+        let n = Nfs::open_uri(uri, Open::MountOnly)?;
+        let name = CString::new(format!("/{}", uri.file)).map_err(|_| format!("{uri}: NUL in name"))?;
+        // SAFETY: live, mounted context; NUL-terminated name.
+        let rc = unsafe { (n.lib.unlink)(n.ctx, name.as_ptr()) };
+        if rc < 0 {
+            return Err(n.err(&format!("{uri}: unlink"), rc));
+        }
+        Ok(())
     }
 
     /// Largest READ and WRITE the server takes.
@@ -363,13 +531,16 @@ impl Nfs {
     }
 
     fn pending(&self, token: u64, dest: *mut u8, cap: usize) -> *mut c_void {
-        Box::into_raw(Box::new(Pending { token, done: &*self.done, dest, cap })).cast()
+        let b = Box::new(Pending { token, done: &*self.done, dest, cap, fired: std::cell::Cell::new(false) });
+        let p: *const Pending = &*b;
+        self.outstanding.borrow_mut().push(b);
+        p.cast_mut().cast()
     }
 
     fn queued(&self, what: &str, rc: c_int, p: *mut c_void) -> Result<(), String> {
         if rc < 0 {
-            // SAFETY: not queued, so the callback will never free it.
-            drop(unsafe { Box::from_raw(p.cast::<Pending>()) });
+            // Not queued: its callback never runs.
+            self.outstanding.borrow_mut().retain(|b| !std::ptr::eq(&**b, p.cast::<Pending>()));
             return Err(self.err(what, rc));
         }
         Ok(())
@@ -414,6 +585,11 @@ impl Nfs {
         // SAFETY: live context; callbacks only push to `self.done`.
         let rc = unsafe { (self.lib.service)(self.ctx, revents) };
         let done = std::mem::take(&mut *self.done.borrow_mut());
+        if self.queue_length() == 0 {
+            // Nothing queued in the library: no callback can run again
+            // (fired ones are kept until then: see Pending).
+            self.outstanding.borrow_mut().clear();
+        }
         if rc < 0 {
             return Err(self.err("connection", rc));
         }
@@ -537,5 +713,59 @@ impl Conn {
         for id in [poll, tick].into_iter().flatten() {
             ring.cancel(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NfsUri;
+
+    #[test]
+    fn a_port_becomes_libnfs_nfsport() {
+        let u = NfsUri::parse("nfs://srv:2049/export/dir/vm.state?mountport=20048").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.dir.as_str(), u.file.as_str()), ("srv", Some(2049), "/export/dir", "vm.state"));
+        assert_eq!(u.libnfs_url(), "nfs://srv/export/dir/vm.state?mountport=20048&nfsport=2049");
+        assert_eq!(u.to_string(), "nfs://srv:2049/export/dir/vm.state?mountport=20048");
+        let plain = NfsUri::parse("nfs://10.0.0.1/export/vm.state").unwrap();
+        assert_eq!(plain.port, None);
+        assert_eq!(plain.libnfs_url(), "nfs://10.0.0.1/export/vm.state");
+        // Both spellings of the same port agree; different ones do not.
+        assert!(NfsUri::parse("nfs://srv:2049/e/f?nfsport=2049").is_ok());
+        assert!(NfsUri::parse("nfs://srv:2049/e/f?nfsport=2050").unwrap_err().contains("disagree"));
+    }
+
+    #[test]
+    fn ipv6_addresses_keep_brackets_for_libnfs_only() {
+        let u = NfsUri::parse("nfs://[fd00::1]:2049/export/f").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("fd00::1", Some(2049)));
+        assert_eq!(u.libnfs_url(), "nfs://[fd00::1]/export/f?nfsport=2049");
+        assert_eq!(NfsUri::parse("nfs://[fd00::1]/export/f").unwrap().port, None);
+    }
+
+    #[test]
+    fn bad_uris_say_why() {
+        for (uri, why) in [
+            ("nfs://srv:0/e/f", "port '0'"),
+            ("nfs://srv:99999/e/f", "port '99999'"),
+            ("nfs://srv:x/e/f", "port 'x'"),
+            ("nfs://:2049/e/f", "no server"),
+            ("nfs://srv", "no path"),
+            ("nfs://srv/e/", "no file name"),
+            ("nfs://srv/f", "no export"),
+            ("nfs://srv/e/../f", "'..'"),
+            ("nfs://u@srv/e/f", "user names"),
+            ("nfs://[fd00::1/e/f", "unclosed"),
+            ("nfs://srv/e/f?uid", "no value"),
+            ("file:/x", "not an nfs://"),
+        ] {
+            let e = NfsUri::parse(uri).unwrap_err();
+            assert!(e.contains(why) && e.starts_with(uri), "{uri}: {e}");
+        }
+    }
+
+    #[test]
+    fn with_file_keeps_server_port_and_options() {
+        let u = NfsUri::parse("nfs://srv:2049/export/vm.state?uid=0").unwrap();
+        assert_eq!(u.with_file(".vm.state.tmp").to_string(), "nfs://srv:2049/export/.vm.state.tmp?uid=0");
     }
 }

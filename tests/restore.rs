@@ -497,3 +497,29 @@ fn disks_clone_reflinks_during_the_pause() {
     assert_eq!(o.code(), 0, "{}", o.stderr);
     assert_passes_clean(&o.stdout);
 }
+
+/// The state file behind a mapped restore shrinks while the guest runs
+/// from it (a precondition the README states, violated): ringvm ends with
+/// status 1 and one line naming the state file, whichever thread touched
+/// the missing pages first (a vCPU's EFAULT or a VMM thread's SIGBUS),
+/// never a bare SIGBUS or "Bad address".
+#[test]
+fn mapped_state_file_truncated_under_the_guest_is_named() {
+    if !require_kvm("mapped_state_file_truncated_under_the_guest_is_named") {
+        return;
+    }
+    let dir = Scratch::new("restore-map-trunc");
+    let g = guest_elf(&dir);
+    let file = dir.path("vm.state");
+    let work = "work=mem mib=96 secs=inf rate=50 beat=100";
+    snapshot_and_quit(&dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "192M", "--cmdline", work], &file, "ringvm-guest: beat 2");
+    let sock = dir.path("qmp.sock");
+    let _ = std::fs::remove_file(&sock);
+    let (p, q) = restored_running(&sock, &["run", "--loadstate", file.to_str().unwrap(), "--restore-ram", "map"]);
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(4096).unwrap();
+    drop(q);
+    let r = p.wait(T);
+    assert_eq!(r.code(), 1, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    let named: Vec<&str> = r.stderr.lines().filter(|l| l.contains(file.to_str().unwrap()) && l.contains("shrank")).collect();
+    assert!(!named.is_empty(), "no line names the state file:\n{}", r.stderr);
+}

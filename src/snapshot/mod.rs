@@ -6,6 +6,7 @@
 pub mod format;
 pub mod incoming;
 pub mod lazy;
+pub mod mapguard;
 pub mod restore;
 pub mod save;
 

@@ -149,7 +149,7 @@ pub fn spawn_loader(
     if !nfs && mode != RamMode::Read {
         let file = super::format::open_regular(path)?;
         if mode == RamMode::Map || on_memory_fs(&file) {
-            return spawn_mapped(file, checked, mem, runs, crcs, gpas, progress, done);
+            return spawn_mapped(path, file, checked, mem, runs, crcs, gpas, progress, done);
         }
     }
     // Fault the destination pages in on a second thread, ahead of the
@@ -208,6 +208,7 @@ const MAP_CHUNK: usize = 16;
 /// then zero) is cleared in guest RAM.
 #[allow(clippy::too_many_arguments)]
 fn spawn_mapped(
+    path: &Path,
     file: File,
     checked: &Checked,
     mem: &GuestMemoryMmap,
@@ -219,7 +220,12 @@ fn spawn_mapped(
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let spans: Vec<(u64, u64, u64)> = checked.header.regions.iter().map(|r| (r.gpa, r.pages() * PAGE, r.offset)).collect();
-    map_regions(&file, &spans, mem)?;
+    let mapped = map_regions(&file, &spans, mem)?;
+    // From here a shrinking file is a one-line error, not a bare SIGBUS.
+    let need = spans.iter().map(|&(_, size, off)| off + size).max().unwrap_or(0);
+    if let Err(e) = super::mapguard::guard(path, &file, need, &mapped) {
+        log::warn!("state file {}: cannot watch for it shrinking under guest RAM: {e}", path.display());
+    }
     let regions: Vec<(u64, u64, u64, Vec<bool>)> = checked
         .header
         .regions
@@ -299,7 +305,8 @@ fn spawn_mapped(
 /// regions get fresh anonymous memory back (the load has failed; the VM
 /// will not run).
 /// `regions`: (gpa, bytes, file offset) each.
-fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) -> Result<(), String> {
+/// Returns the host ranges (address, bytes) now backed by the file.
+fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize)>, String> {
     let len = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
     let mut spans = Vec::new();
     for &(gpa, size, offset) in regions {
@@ -331,7 +338,7 @@ fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) 
             return Err(format!("mmap of the RAM region at gpa {:#x}: {e}", regions[i].0));
         }
     }
-    Ok(())
+    Ok(spans.iter().map(|&(h, s, _)| (h, s)).collect())
 }
 
 /// Absent pages read as zero. The file has holes there, except where a

@@ -91,7 +91,9 @@ enum Target {
     /// snapshot removes `tmp` and leaves `dest` alone.
     File { direct: File, buffered: File, punt: bool, tmp: std::path::PathBuf, dest: std::path::PathBuf },
     /// `nfs://`: libnfs's socket driven by this ring, many WRITEs in flight.
-    Nfs { conn: Rc<RefCell<nfs::Conn>>, handler: Option<nfs::Handler> },
+    /// As for a file, the state goes to `tmp` beside `dest` and an NFS
+    /// RENAME puts it in place once its completion record is committed.
+    Nfs { conn: Rc<RefCell<nfs::Conn>>, handler: Option<nfs::Handler>, tmp: nfs::NfsUri, dest: nfs::NfsUri },
 }
 
 thread_local! {
@@ -103,10 +105,15 @@ fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Res
     if nfs::is_uri(path) {
         // Synchronous (bounded by the RPC timeout): this iothread serves
         // only the snapshot, and nobody waits on it.
-        let mut n = nfs::Nfs::open(path, true)?;
-        n.set_len(file_size)?;
-        n.write_all_at(header, 0)?;
-        return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None }, false));
+        let dest = nfs::NfsUri::parse(path)?;
+        let tmp = dest.with_file(&temp_name(&dest.file));
+        let mut n = nfs::Nfs::open_uri(&tmp, nfs::Open::CreateNew).map_err(|e| format!("statefile {path}: {e}"))?;
+        if let Err(e) = n.set_len(file_size).and_then(|()| n.write_all_at(header, 0)) {
+            drop(n);
+            let _ = nfs::Nfs::unlink(&tmp);
+            return Err(format!("statefile {path}: {e}"));
+        }
+        return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None, tmp, dest }, false));
     }
     let (direct, buffered, is_direct, tmp, dest) = open(path, nofollow).map_err(|e| format!("statefile {path}: open: {e}"))?;
     if let Err(e) = buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)) {
@@ -149,16 +156,21 @@ pub(crate) fn blocks_inline(f: &File) -> bool {
 /// the file a symlink there points at (as QEMU follows it); and a fresh
 /// temporary name beside it.
 fn destination(path: &str, nofollow: bool) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SERIAL: AtomicU64 = AtomicU64::new(0);
     let p = std::path::Path::new(path);
     let dest = match std::fs::symlink_metadata(p) {
         Ok(m) if m.file_type().is_symlink() && !nofollow => std::fs::canonicalize(p)?,
         _ => p.to_path_buf(),
     };
     let name = dest.file_name().ok_or_else(|| std::io::Error::other("no file name"))?.to_string_lossy().into_owned();
-    let tmp = dest.with_file_name(format!(".{name}.ringvm-{}-{}.tmp", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)));
+    let tmp = dest.with_file_name(temp_name(&name));
     Ok((dest, tmp))
+}
+
+/// A new temporary name beside `name`: `.NAME.ringvm-PID-N.tmp`.
+fn temp_name(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    format!(".{name}.ringvm-{}-{}.tmp", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Creates the temporary file (never an existing one, never through a
@@ -456,7 +468,7 @@ fn pump(job: &J, ring: &mut Ring) {
     fill(job, ring, &mut queued_nfs);
     if queued_nfs {
         let nfs = match &job.borrow().target {
-            Target::Nfs { conn, handler: Some(h) } => Some((conn.clone(), h.clone())),
+            Target::Nfs { conn, handler: Some(h), .. } => Some((conn.clone(), h.clone())),
             _ => None,
         };
         if let Some((conn, h)) = nfs {
@@ -809,13 +821,25 @@ fn end(job: &J) {
     let was_paused = j.phase == Phase::Final || j.phase == Phase::WaitPause;
     j.phase = Phase::Done;
     let mut leftover = None;
-    if let Target::File { tmp, dest, .. } = &j.target {
-        let (tmp, dest) = (tmp.clone(), dest.clone());
-        if j.failed {
-            leftover = Some(tmp);
-        } else if let Err(e) = publish(&tmp, &dest) {
-            j.fail(format!("rename {} to {}: {e}", tmp.display(), dest.display()));
-            leftover = Some(tmp);
+    match &j.target {
+        Target::File { tmp, dest, .. } => {
+            let (tmp, dest) = (tmp.clone(), dest.clone());
+            if j.failed {
+                leftover = Some(tmp);
+            } else if let Err(e) = publish(&tmp, &dest) {
+                j.fail(format!("rename {} to {}: {e}", tmp.display(), dest.display()));
+                leftover = Some(tmp);
+            }
+        }
+        Target::Nfs { conn, tmp, dest, .. } => {
+            let (conn, tmp, dest) = (conn.clone(), tmp.clone(), dest.clone());
+            // (The NFS URI travels as a path; the reaper knows the scheme.)
+            if j.failed {
+                leftover = Some(tmp.to_string().into());
+            } else if let Err(e) = conn.borrow().nfs.rename(&tmp.file, &dest.file) {
+                j.fail(format!("statefile {dest}: {e}"));
+                leftover = Some(tmp.to_string().into());
+            }
         }
     }
     let (failed, ram) = (j.failed, j.ram_bytes);

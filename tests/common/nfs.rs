@@ -156,6 +156,12 @@ LOG {{ Default_Log_Level = WARN; }}
         format!("nfs://{host}{}/{file}?nfsport={NFS_PORT}&mountport={MNT_PORT}", self.export.display())
     }
 
+    /// `nfs://HOST:PORT/EXPORT/FILE?mountport=...`: the NFS port in the
+    /// authority, as QEMU users write it.
+    pub fn port_uri(&self, host: &str, file: &str) -> String {
+        format!("nfs://{host}:{NFS_PORT}{}/{file}?mountport={MNT_PORT}", self.export.display())
+    }
+
     /// The same, on the root-squashed export.
     pub fn squashed_uri(&self, host: &str, file: &str) -> String {
         format!("nfs://{host}{}/{file}?nfsport={NFS_PORT}&mountport={MNT_PORT}", self.dir.join("squashed").display())
