@@ -391,6 +391,7 @@ impl Controller {
             cpus: self.vm.cpus(),
             mem_size: self.vm.machine().mem_size,
             disks: self.vm.disks_in_order().into_iter().map(|b| b.path).collect(),
+            media: self.vm.disks_in_order().into_iter().map(|b| (b.size, b.readonly)).collect(),
         };
         self.incoming.attempt += 1;
         let attempt = self.incoming.attempt;
@@ -713,6 +714,7 @@ impl Controller {
                 clone: clones.iter().find(|c| c.0 == b.path && !b.removed).map(|c| c.1.clone()),
                 queues: b.queues,
                 removed: b.removed,
+                size: (!b.removed).then_some(b.size),
             })
             .collect();
         let desc = format::MachineDesc {

@@ -97,6 +97,17 @@ fn open(spec: &DiskSpec, index: usize) -> Result<Disk> {
     if size < 512 {
         return Err(Error::Config(format!("disk {}: {size} bytes is smaller than one 512-byte block", spec.path.display())));
     }
+    if size % 512 != 0 {
+        // QEMU rounds such a file up and reads zeros past its end; ringvm
+        // refuses rather than hide the last bytes or invent a block.
+        return Err(Error::Config(format!(
+            "disk {}: {size} bytes is not a whole number of 512-byte blocks ({} bytes past the last one); resize it, e.g. truncate -s {} (or -s {} to drop them)",
+            spec.path.display(),
+            size % 512,
+            size.div_ceil(512) * 512,
+            size / 512 * 512
+        )));
+    }
     Ok(Disk::new(spec.path.display().to_string(), file, Lun::new(size, 512, spec.readonly, &serial), spec.direct))
 }
 

@@ -233,6 +233,10 @@ impl Vm {
         // thread's signalfd, inherited by every thread from here on): an
         // open or read that blocks can still be ended by SIGTERM or ^C.
         let opened = crate::disk::open_all(&config.disks)?;
+        if let (Some(c), Some(p)) = (&checked, &config.restore) {
+            let media: Vec<(u64, bool)> = opened.iter().map(|d| (d.lun.blocks * u64::from(d.lun.block_size), d.lun.readonly)).collect();
+            crate::snapshot::check_disk_media(&c.header.machine.disks, &media).map_err(|e| Error::Config(format!("state file {}: {e}", p.display())))?;
+        }
         let boot_images = match &checked {
             None if !config.incoming_defer => Some(BootImages::read(&config.boot)?),
             _ => None,

@@ -523,3 +523,41 @@ fn mapped_state_file_truncated_under_the_guest_is_named() {
     let named: Vec<&str> = r.stderr.lines().filter(|l| l.contains(file.to_str().unwrap()) && l.contains("shrank")).collect();
     assert!(!named.is_empty(), "no line names the state file:\n{}", r.stderr);
 }
+
+/// A restore checks the disks it reopens against what the guest saw:
+/// one truncated since the snapshot, or given `readonly=on` when it was
+/// writable, is refused with one line naming the disk and the difference;
+/// the disk as saved restores.
+#[test]
+fn restore_refuses_a_changed_disk() {
+    if !require_kvm("restore_refuses_a_changed_disk") {
+        return;
+    }
+    let dir = Scratch::new("restore-disk-check");
+    let g = guest_elf(&dir);
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let file = dir.path("vm.state");
+    let spec = format!("path={}", disk.display());
+    let work = "work=mem mib=16 secs=1 rate=20 beat=100";
+    snapshot_and_quit(&dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", work, "--disk", &spec], &file, "ringvm-guest: beat 2");
+    let ro = format!("{spec},readonly=on");
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(4 << 20).unwrap();
+    for (args, what) in [
+        (vec!["run", "--loadstate", file.to_str().unwrap()], "8388608 bytes when saved, 4194304 now (truncated)"),
+        (vec!["run", "--loadstate", file.to_str().unwrap(), "--disk", &spec], "8388608 bytes when saved, 4194304 now (truncated)"),
+    ] {
+        let o = ringvm(&args, T);
+        assert_eq!(o.code(), 1, "{args:?}: {}", o.stderr);
+        let err = o.stderr.trim();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("disk.img") && err.contains(what) && err.contains("vm.state"), "{err}");
+    }
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(8 << 20).unwrap();
+    let o = ringvm(&["run", "--loadstate", file.to_str().unwrap(), "--disk", &ro], T);
+    assert_eq!(o.code(), 1, "{}", o.stderr);
+    assert!(o.stderr.contains("readonly=off when saved, readonly=on now"), "{}", o.stderr);
+    let o = ringvm(&["run", "--loadstate", file.to_str().unwrap()], T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("RESULT PASS"), "{}", o.stdout);
+}

@@ -52,13 +52,36 @@ impl RateLimit {
 
 /// `log::warn!` of `msg()` through `limit` (the message is built only when written).
 pub fn warn(limit: &RateLimit, msg: impl FnOnce() -> String) {
+    log_at(log::Level::Warn, limit, msg);
+}
+
+/// `msg()` at `level` through `limit`.
+pub fn log_at(level: log::Level, limit: &RateLimit, msg: impl FnOnce() -> String) {
     if let Some(held) = limit.allow() {
         if held > 0 {
-            log::warn!("{} ({held} similar lines suppressed)", msg());
+            log::log!(level, "{} ({held} similar lines suppressed)", msg());
         } else {
-            log::warn!("{}", msg());
+            log::log!(level, "{}", msg());
         }
     }
+}
+
+/// `log::warn!` with a budget of one line per second for this call site.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        $crate::ratelimit::log_at(log::Level::Warn, &LIMIT, || format!($($arg)*));
+    }};
+}
+
+/// `log::error!` with a budget of one line per second for this call site.
+#[macro_export]
+macro_rules! error_limited {
+    ($($arg:tt)*) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        $crate::ratelimit::log_at(log::Level::Error, &LIMIT, || format!($($arg)*));
+    }};
 }
 
 #[cfg(test)]

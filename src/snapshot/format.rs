@@ -39,6 +39,10 @@ pub struct DiskDesc {
     /// (so the LUNs after it keep their numbers) and never opens it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
+    /// Its size in bytes when saved (files written before this field have
+    /// none, and are not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -54,6 +54,8 @@ pub struct Target {
     pub mem_size: u64,
     /// Its disks' paths, in LUN order.
     pub disks: Vec<String>,
+    /// And their (bytes, read-only).
+    pub media: Vec<(u64, bool)>,
 }
 
 /// A state file opened, checked against the target and parsed.
@@ -76,6 +78,7 @@ pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
         return Err(fail(format!("the file holds {} vCPU(s) and {} MiB, this VM has {} and {} MiB", m.cpus, m.mem_size >> 20, target.cpus, target.mem_size >> 20)));
     }
     crate::snapshot::check_disks(&m.disks, &target.disks).map_err(fail)?;
+    crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(fail)?;
     let section = crate::vmm::parse_section(path, &checked).map_err(|e| e.to_string())?;
     Ok(Opened { path: path.to_path_buf(), checked, section })
 }
@@ -106,7 +109,7 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error_naming_it() {
-        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![] };
+        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![] };
         let Err(e) = open(std::path::Path::new("/nonexistent/ringvm.state"), &t) else { panic!("opened a missing file") };
         assert!(e.starts_with("state file /nonexistent/ringvm.state: "), "{e}");
     }
@@ -115,7 +118,7 @@ mod tests {
     fn the_opener_reports_through_the_slot_and_an_event() {
         let events = Arc::new(EventQueue::new().unwrap());
         let slot: Slot = Arc::default();
-        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![] };
+        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![] };
         spawn_open("/nonexistent/x.state".into(), t, 7, slot.clone(), events.clone()).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let ev = loop {

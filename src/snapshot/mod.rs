@@ -98,6 +98,28 @@ pub struct StateSection {
     pub devices: Vec<devices::virtio::pci::VirtioPciState>,
 }
 
+/// The disks a state file names against the media a VM has opened, in
+/// order ((bytes, read-only) each): a disk that changed size, or whose
+/// read-only setting differs from the one the guest saw, is refused (the
+/// guest's idea of it would be wrong).
+pub fn check_disk_media(saved: &[format::DiskDesc], have: &[(u64, bool)]) -> Result<(), String> {
+    for (i, (s, &(size, readonly))) in saved.iter().zip(have).enumerate() {
+        if s.removed {
+            continue;
+        }
+        let path = s.clone.as_ref().unwrap_or(&s.path);
+        if let Some(want) = s.size.filter(|&w| w != size) {
+            let how = if size < want { "truncated" } else { "grown" };
+            return Err(format!("disk {i} ({path}): {want} bytes when saved, {size} now ({how}); a restore needs the disk as it was saved"));
+        }
+        if s.readonly != readonly {
+            let on = |b: bool| if b { "on" } else { "off" };
+            return Err(format!("disk {i} ({path}): readonly={} when saved, readonly={} now; the guest would see its disk change", on(s.readonly), on(readonly)));
+        }
+    }
+    Ok(())
+}
+
 /// The disks a state file names against the ones a VM has (by path, in
 /// order): a VM must come back on the very files it was saved with.
 pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), String> {

@@ -117,7 +117,7 @@ impl BusDevice for Serial {
             return;
         }
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
-            log::warn!("serial write: {e:?}");
+            crate::warn_limited!("serial write: {e:?}");
         }
     }
 }

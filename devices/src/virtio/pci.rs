@@ -334,7 +334,7 @@ impl VirtioPci {
             let want = (enabled && !v.entry.masked).then_some(MsiMessage { addr: v.entry.addr, data: v.entry.data });
             if want != v.routed {
                 if let Err(e) = self.router.route(v.gsi, want, &v.evt) {
-                    log::error!("virtio-pci: MSI route for GSI {}: {e}", v.gsi);
+                    crate::error_limited!("virtio-pci: MSI route for GSI {}: {e}", v.gsi);
                 }
                 v.routed = want;
             }
@@ -345,7 +345,7 @@ impl VirtioPci {
         self.paused = false;
         if self.active {
             if let Err(e) = self.dev.reset() {
-                log::error!("virtio-pci: device reset: {e}");
+                crate::error_limited!("virtio-pci: device reset: {e}");
             }
             self.active = false;
         }
@@ -381,7 +381,7 @@ impl VirtioPci {
             queue.set_event_idx(self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0);
             queue.set_ready(true);
             if !queue.is_valid(&self.mem) {
-                log::warn!("virtio-pci: queue {i} is not valid (size {} or rings outside RAM); device needs reset", q.size);
+                crate::warn_limited!("virtio-pci: queue {i} is not valid (size {} or rings outside RAM); device needs reset", q.size);
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
@@ -413,7 +413,7 @@ impl VirtioPci {
         match self.dev.activate(self.mem.clone(), self.driver_features, active) {
             Ok(()) => self.active = true,
             Err(e) => {
-                log::warn!("virtio-pci: activation failed: {e}");
+                crate::warn_limited!("virtio-pci: activation failed: {e}");
                 self.status |= STATUS_NEEDS_RESET;
             }
         }

@@ -561,7 +561,7 @@ impl Worker {
 
     fn mark_broken(&mut self, why: &str) {
         if !self.broken {
-            log::warn!("virtio-scsi: queue {}: {why}; device needs reset", self.s.index);
+            crate::warn_limited!("virtio-scsi: queue {}: {why}; device needs reset", self.s.index);
             self.broken = true;
             self.s.needs_reset.store(true, Ordering::Relaxed);
         }
@@ -804,7 +804,7 @@ impl Worker {
             Ok(n) if write || n as u64 == want => Worker::respond(w, r, S_OK, scsi::GOOD, None, n as u64 * u64::from(!write), in_len),
             Ok(n) => {
                 // Short read: the file shrank under us.
-                log::warn!("virtio-scsi: short read ({n} of {want} bytes)");
+                crate::warn_limited!("virtio-scsi: short read ({n} of {want} bytes)");
                 Worker::respond(w, r, S_OK, scsi::CHECK_CONDITION, Some(Sense::READ_ERROR), n as u64, in_len)
             }
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
@@ -1224,7 +1224,7 @@ impl EventQ {
                 log::debug!("virtio-scsi: event buffer {head} shorter than an event");
             }
             if self.queue.add_used(&*mem, head, used).is_err() {
-                log::warn!("virtio-scsi: event queue: add_used failed");
+                crate::warn_limited!("virtio-scsi: event queue: add_used failed");
                 return;
             }
             if let Some(d) = &self.dirty {
