@@ -102,17 +102,21 @@ pub struct RunArgs {
     #[arg(long, required_unless_present_any = ["loadstate", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// Restore a VM from a state file (Proxmox's spelling) instead of booting.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "incoming"])]
+    /// The source's command line may be given with it (QEMU users do):
+    /// --kernel, --initrd, --cmdline, --cpus, --memory and --disk must then
+    /// agree with the file.
+    #[arg(long, conflicts_with = "incoming")]
     pub loadstate: Option<PathBuf>,
-    /// `defer`: wait for QMP migrate-incoming {"uri": "file:PATH"} (QEMU's spelling).
-    #[arg(long, value_parser = ["defer"], conflicts_with_all = ["kernel", "initrd"])]
+    /// `defer`: wait for QMP migrate-incoming {"uri": "file:PATH"} (QEMU's
+    /// spelling); boot options given must agree with that file.
+    #[arg(long, value_parser = ["defer"])]
     pub incoming: Option<String>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "")]
-    pub cmdline: String,
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// QMP control socket: PATH or unix:PATH,server=on,wait=off.
     #[arg(long, value_parser = crate::qmp::server::parse_spec)]
     pub qmp: Option<PathBuf>,

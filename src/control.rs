@@ -392,6 +392,7 @@ impl Controller {
             mem_size: self.vm.machine().mem_size,
             disks: self.vm.disks_in_order().into_iter().map(|b| b.path).collect(),
             media: self.vm.disks_in_order().into_iter().map(|b| (b.size, b.readonly)).collect(),
+            boot: self.vm.given_boot(),
         };
         self.incoming.attempt += 1;
         let attempt = self.incoming.attempt;
@@ -416,7 +417,10 @@ impl Controller {
             // A late answer for an attempt that already timed out.
             return;
         }
-        let r = r.and_then(|o| self.start_load(o.path, o.checked, o.section));
+        let r = r.and_then(|o| {
+            self.vm.adopt_boot(&o.checked.header.machine);
+            self.start_load(o.path, o.checked, o.section)
+        });
         if r.is_err() {
             self.incoming.status = IncomingStatus::None;
         }

@@ -78,7 +78,7 @@ fn run(mut args: RunArgs) -> anyhow::Result<u8> {
         }
     }
     let (mut cpus, mut memory) = (args.machine.cpus(), args.machine.memory());
-    let mut boot = BootSpec { kernel: args.kernel.clone().unwrap_or_default(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
+    let mut boot = BootSpec { kernel: args.kernel.clone().unwrap_or_default(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone().unwrap_or_default() };
     if let Some(state) = &args.loadstate {
         // The machine comes from the file; what the command line gives must agree.
         let header = ringvm::snapshot::format::read_header(state).map_err(|e| anyhow::anyhow!("state file {}: {e}", state.display()))?;
@@ -90,9 +90,15 @@ fn run(mut args: RunArgs) -> anyhow::Result<u8> {
         if args.machine.memory.is_some_and(|v| v != m.mem_size) {
             anyhow::bail!("state file {}: --memory {} MiB but the file holds {} MiB", state.display(), memory >> 20, m.mem_size >> 20);
         }
+        // The source's command line may come along (kernel, initrd,
+        // cmdline): it must describe the guest the file holds.
+        let given = ringvm::snapshot::GivenBoot { kernel: args.kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
+        ringvm::snapshot::check_boot(m, &given).map_err(|e| anyhow::anyhow!("state file {}: {e}", state.display()))?;
         cpus = m.cpus;
         memory = m.mem_size;
-        boot = BootSpec { kernel: m.kernel.clone().unwrap_or_default().into(), initrd: m.initrd.clone().map(Into::into), cmdline: m.cmdline.clone() };
+        if args.kernel.is_none() {
+            boot = BootSpec { kernel: m.kernel.clone().unwrap_or_default().into(), initrd: m.initrd.clone().map(Into::into), cmdline: m.cmdline.clone() };
+        }
     }
     let config = VmConfig {
         cpus,

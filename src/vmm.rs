@@ -307,6 +307,27 @@ impl Vm {
         &self.vcpus
     }
 
+    /// The boot options this VM was given (an incoming VM may have none).
+    pub fn given_boot(&self) -> crate::snapshot::GivenBoot {
+        let b = &self.boot;
+        crate::snapshot::GivenBoot {
+            kernel: (!b.kernel.as_os_str().is_empty()).then(|| b.kernel.clone()),
+            initrd: b.initrd.clone(),
+            cmdline: (!b.kernel.as_os_str().is_empty()).then(|| b.cmdline.clone()),
+        }
+    }
+
+    /// A VM restored by migrate-incoming without boot options reboots
+    /// from the kernel the state file names (read at the first reboot).
+    pub fn adopt_boot(&mut self, m: &crate::snapshot::format::MachineDesc) {
+        if self.boot.kernel.as_os_str().is_empty() {
+            if let Some(k) = m.kernel.as_ref().filter(|k| !k.is_empty()) {
+                self.boot = BootSpec { kernel: k.into(), initrd: m.initrd.clone().map(Into::into), cmdline: m.cmdline.clone() };
+                self.boot_images = None;
+            }
+        }
+    }
+
     pub fn take_pending_restore(&mut self) -> Option<PendingRestore> {
         self.pending.take()
     }

@@ -561,3 +561,41 @@ fn restore_refuses_a_changed_disk() {
     assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("RESULT PASS"), "{}", o.stdout);
 }
+
+/// QEMU users restore with the source's command line plus the state file:
+/// `--kernel K --cmdline C --memory M --cpus N --loadstate F` restores
+/// (it was refused: "'--kernel' cannot be used with '--loadstate'"); a
+/// kernel, cmdline or size that is not what the file was saved from is one
+/// line naming the file and the difference.
+#[test]
+fn restore_with_the_source_command_line() {
+    if !require_kvm("restore_with_the_source_command_line") {
+        return;
+    }
+    let dir = Scratch::new("restore-same-cmdline");
+    let g = guest_elf(&dir);
+    let file = dir.path("vm.state");
+    let work = "work=mem mib=16 secs=1 rate=20 beat=100";
+    let k = g.to_str().unwrap();
+    let source = ["run", "--kernel", k, "--memory", "64M", "--cpus", "1", "--cmdline", work];
+    snapshot_and_quit(&dir, &source, &file, "ringvm-guest: beat 2");
+    let f = file.to_str().unwrap();
+    let mut same: Vec<&str> = source.to_vec();
+    same.extend(["--loadstate", f]);
+    let o = ringvm(&same, T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("RESULT PASS") && !o.stdout.contains("ringvm-guest: start"), "{}", o.stdout);
+    let other = dir.path("other.elf");
+    std::fs::copy(&g, &other).unwrap();
+    for (args, what) in [
+        (vec!["run", "--kernel", k, "--cmdline", "work=mem mib=8", "--loadstate", f], "--cmdline"),
+        (vec!["run", "--kernel", other.to_str().unwrap(), "--cmdline", work, "--loadstate", f], "another file"),
+        (vec!["run", "--kernel", k, "--cmdline", work, "--memory", "128M", "--loadstate", f], "--memory 128 MiB"),
+    ] {
+        let o = ringvm(&args, T);
+        assert_eq!(o.code(), 1, "{args:?}: {}", o.stderr);
+        let err = o.stderr.trim();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("vm.state") && err.contains(what), "{args:?}: {err}");
+    }
+}

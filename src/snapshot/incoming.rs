@@ -56,6 +56,8 @@ pub struct Target {
     pub disks: Vec<String>,
     /// And their (bytes, read-only).
     pub media: Vec<(u64, bool)>,
+    /// Boot options from its command line.
+    pub boot: crate::snapshot::GivenBoot,
 }
 
 /// A state file opened, checked against the target and parsed.
@@ -79,6 +81,7 @@ pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
     }
     crate::snapshot::check_disks(&m.disks, &target.disks).map_err(fail)?;
     crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(fail)?;
+    crate::snapshot::check_boot(m, &target.boot).map_err(fail)?;
     let section = crate::vmm::parse_section(path, &checked).map_err(|e| e.to_string())?;
     Ok(Opened { path: path.to_path_buf(), checked, section })
 }
@@ -109,7 +112,7 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error_naming_it() {
-        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![] };
+        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![], boot: Default::default() };
         let Err(e) = open(std::path::Path::new("/nonexistent/ringvm.state"), &t) else { panic!("opened a missing file") };
         assert!(e.starts_with("state file /nonexistent/ringvm.state: "), "{e}");
     }
@@ -118,7 +121,7 @@ mod tests {
     fn the_opener_reports_through_the_slot_and_an_event() {
         let events = Arc::new(EventQueue::new().unwrap());
         let slot: Slot = Arc::default();
-        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![] };
+        let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![], boot: Default::default() };
         spawn_open("/nonexistent/x.state".into(), t, 7, slot.clone(), events.clone()).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let ev = loop {

@@ -98,6 +98,39 @@ pub struct StateSection {
     pub devices: Vec<devices::virtio::pci::VirtioPciState>,
 }
 
+/// Boot options given on a restoring VM's command line (None: not given).
+#[derive(Clone, Debug, Default)]
+pub struct GivenBoot {
+    pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// A restore started with the source's command line: each boot option
+/// given must name what the file was saved from (the kernel in RAM is the
+/// one that booted; a different file or command line means the wrong
+/// state file, or the wrong command line). Files saved without a record
+/// of one are not checked for it.
+pub fn check_boot(m: &format::MachineDesc, given: &GivenBoot) -> Result<(), String> {
+    let same_file = |a: &str, b: &std::path::Path| std::path::Path::new(a) == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    if let (Some(saved), Some(k)) = (m.kernel.as_deref().filter(|k| !k.is_empty()), &given.kernel) {
+        if !same_file(saved, k) {
+            return Err(format!("it was saved from a guest booted from {saved}; --kernel {} is another file", k.display()));
+        }
+    }
+    match (m.initrd.as_deref(), &given.initrd) {
+        (Some(saved), Some(i)) if !same_file(saved, i) => return Err(format!("it was saved from a guest booted with initrd {saved}; --initrd {} is another file", i.display())),
+        (None, Some(i)) if m.kernel.is_some() => return Err(format!("it was saved from a guest booted without an initrd; --initrd {} was given", i.display())),
+        _ => {}
+    }
+    if let Some(c) = &given.cmdline {
+        if m.kernel.is_some() && *c != m.cmdline {
+            return Err(format!("it was saved from a guest booted with --cmdline {:?}; this one gives {c:?}", m.cmdline));
+        }
+    }
+    Ok(())
+}
+
 /// The disks a state file names against the media a VM has opened, in
 /// order ((bytes, read-only) each): a disk that changed size, or whose
 /// read-only setting differs from the one the guest saw, is refused (the
