@@ -36,6 +36,8 @@ pub enum RunState {
     FinishMigrate,
     SaveVm,
     RestoreVm,
+    /// Stopped by a disk error under a `stop` policy (QEMU's io-error).
+    IoError,
 }
 
 impl RunState {
@@ -51,6 +53,7 @@ impl RunState {
             RunState::FinishMigrate => "finish-migrate",
             RunState::SaveVm => "save-vm",
             RunState::RestoreVm => "restore-vm",
+            RunState::IoError => "io-error",
         }
     }
 }
@@ -133,6 +136,9 @@ pub struct Controller {
     save: SaveCtl,
     incoming: IncomingCtl,
     stats: Arc<ControlStats>,
+    /// query-block's io-status of disks with held requests ("failed" or
+    /// "nospace"); cleared by `cont` (which retries them) or a reset.
+    io_status: std::collections::HashMap<String, &'static str>,
 }
 
 /// An incoming state (restore): loader progress and outcome.
@@ -291,6 +297,7 @@ impl Controller {
             save: SaveCtl::default(),
             incoming: IncomingCtl { autostart: !opts.paused, ..Default::default() },
             stats: opts.stats.clone().unwrap_or_default(),
+            io_status: Default::default(),
         };
         if let Some(p) = pending {
             c.incoming.fatal = true;
@@ -585,7 +592,7 @@ impl Controller {
     }
 
     fn on_vm_event(&mut self, ev: VmEvent) {
-        if self.state == RunState::FinishMigrate && matches!(ev, VmEvent::Reset | VmEvent::TripleFault { .. }) {
+        if self.state == RunState::FinishMigrate && matches!(ev, VmEvent::Reset | VmEvent::TripleFault { .. } | VmEvent::BlockIoError { .. }) {
             // Not while a snapshot's final phase holds the vCPUs: the RAM
             // being written and the state about to be captured must match.
             self.save.deferred.push(ev);
@@ -632,6 +639,7 @@ impl Controller {
                 self.broadcast("DEVICE_DELETED", Some(json!({"device": id, "path": path})));
             }
             VmEvent::IncomingOpened(attempt) => self.on_incoming_opened(attempt),
+            VmEvent::BlockIoError { device, write, errno } => self.on_block_io_error(device, write, errno),
             VmEvent::Streamed(bytes) => {
                 self.stats.restore_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
                 self.incoming.status = IncomingStatus::Completed;
@@ -799,7 +807,32 @@ impl Controller {
 
     /// A guest-initiated reset (i8042, triple fault): RESET, then the VM
     /// back to power-on state, running if it was.
+    /// A disk request is held by a `stop` policy: tell the clients
+    /// (BLOCK_IO_ERROR, as QEMU) and stop the guest until `cont`.
+    fn on_block_io_error(&mut self, device: String, write: bool, errno: i32) {
+        let nospace = errno == libc::ENOSPC || errno == libc::EDQUOT;
+        let reason = std::io::Error::from_raw_os_error(errno).to_string();
+        if self.io_status.insert(device.clone(), if nospace { "nospace" } else { "failed" }).is_none() {
+            log::warn!("{device}: {} error ({reason}); the VM stops until `cont` retries it", if write { "write" } else { "read" });
+        }
+        self.broadcast(
+            "BLOCK_IO_ERROR",
+            Some(json!({"device": "", "node-name": device, "operation": if write { "write" } else { "read" }, "action": "stop", "nospace": nospace, "reason": reason})),
+        );
+        if self.state == RunState::Running {
+            match self.vm.vcpus().pause() {
+                Ok(()) => {
+                    self.state = RunState::IoError;
+                    self.broadcast("STOP", None);
+                }
+                Err(e) => log::error!("cannot stop the vCPUs after a disk error: {e}"),
+            }
+        }
+    }
+
     fn guest_reset(&mut self, data: Value) {
+        // A device reset drops the held requests with the queues.
+        self.io_status.clear();
         self.broadcast("RESET", Some(data));
         let resume = self.state == RunState::Running;
         match self.vm.reset(resume) {
@@ -1065,7 +1098,13 @@ impl Controller {
             }
             "cont" => match self.state {
                 RunState::Running => Ok(json!({})),
-                RunState::Paused | RunState::Prelaunch => {
+                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
+                    if !self.io_status.is_empty() {
+                        // The admin fixed the storage: the held requests go
+                        // again before the guest runs.
+                        self.io_status.clear();
+                        self.vm.storage().retry_held();
+                    }
                     self.vm.vcpus().resume();
                     self.state = RunState::Running;
                     self.broadcast("RESUME", None);
@@ -1078,6 +1117,7 @@ impl Controller {
             "system_reset" if self.state == RunState::InMigrate => Err(QmpError::generic("the VM is waiting for its incoming state; system_reset is not possible yet")),
             "system_reset" if self.state == RunState::FinishMigrate => Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment")),
             "system_reset" => {
+                self.io_status.clear();
                 let resume = self.state == RunState::Running;
                 let written = self.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
                 self.snapshot_memory_rewritten(written);
@@ -1109,7 +1149,7 @@ impl Controller {
                             "locked": false,
                             "removable": false,
                             "type": "unknown",
-                            "io-status": "ok",
+                            "io-status": self.io_status.get(&b.device).copied().unwrap_or("ok"),
                             "inserted": {
                                 "file": b.path,
                                 "ro": b.readonly,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::scsi::Lun;
 use devices::dirty::DmaDirtyLog;
 use devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE};
-use devices::virtio::scsi::{disk_size, Disk, Hotplug, VirtioScsi};
+use devices::virtio::scsi::{disk_size, Disk, ErrorAction, ErrorControl, Hotplug, VirtioScsi};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use ring::{IoThread, Remote};
 
@@ -32,6 +32,9 @@ pub struct DiskSpec {
     /// The slot of a disk unplugged before the snapshot this VM comes
     /// from: not opened, its LUN answers as absent (never from `--disk`).
     pub removed: bool,
+    /// QEMU's werror= (default enospc) and rerror= (default report).
+    pub werror: ErrorAction,
+    pub rerror: ErrorAction,
 }
 
 /// Request queues per controller at most.
@@ -48,7 +51,7 @@ fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
 /// `path=FILE[,readonly=on|off][,cache=none|writeback][,iothread=N][,queues=N]`
 /// (a bare FILE is taken as path=FILE).
 pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
-    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None, queues: None, removed: false };
+    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None, queues: None, removed: false, werror: ErrorAction::Enospc, rerror: ErrorAction::Report };
     for (i, part) in s.split(',').enumerate() {
         let (k, v) = match part.split_once('=') {
             Some(kv) => kv,
@@ -73,6 +76,8 @@ pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
                 }
                 d.queues = Some(n);
             }
+            "werror" => d.werror = ErrorAction::parse(v, true).map_err(|e| format!("werror={v}: {e}"))?,
+            "rerror" => d.rerror = ErrorAction::parse(v, false).map_err(|e| format!("rerror={v}: {e}"))?,
             _ => return Err(format!("unknown disk option '{k}'")),
         }
     }
@@ -108,7 +113,7 @@ fn open(spec: &DiskSpec, index: usize) -> Result<Disk> {
             size / 512 * 512
         )));
     }
-    Ok(Disk::new(spec.path.display().to_string(), file, Lun::new(size, 512, spec.readonly, &serial), spec.direct))
+    Ok(Disk::new(spec.path.display().to_string(), file, Lun::new(size, 512, spec.readonly, &serial), spec.direct).with_error_policy(spec.werror, spec.rerror))
 }
 
 /// What `query-block` reports for one disk.
@@ -139,9 +144,18 @@ pub struct Storage {
     pub hotplug: Vec<Hotplug>,
     /// What the controllers' queues wrote into guest RAM (live snapshots).
     pub dirty: Arc<DmaDirtyLog>,
+    /// Each controller's handle to retry requests a `stop` policy held.
+    pub errors: Vec<ErrorControl>,
 }
 
 impl Storage {
+    /// Issues every request held by a `stop` error policy again (`cont`).
+    pub fn retry_held(&self) {
+        for e in &self.errors {
+            e.retry();
+        }
+    }
+
     /// Remotes of the iothreads, for other sources (snapshots).
     pub fn remotes(&self) -> Vec<Remote> {
         self.iothreads.iter().map(IoThread::remote).collect()
@@ -239,7 +253,7 @@ pub fn open_all(disks: &[DiskSpec]) -> Result<Vec<Disk>> {
 
 /// Builds the virtio-scsi controllers for `disks` (opened by [`open_all`],
 /// in the same order) and their iothreads.
-pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothreads: usize, queues: u32, poll: std::time::Duration) -> Result<Storage> {
+pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothreads: usize, queues: u32, poll: std::time::Duration, events: Arc<crate::events::EventQueue>) -> Result<Storage> {
     if opened.len() != disks.len() {
         return Err(Error::Config(format!("{} disk(s) opened for {} given", opened.len(), disks.len())));
     }
@@ -273,6 +287,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothread
     let dirty = Arc::new(DmaDirtyLog::new(&ram));
     let mut controllers = Vec::new();
     let mut hotplug = Vec::new();
+    let mut errors = Vec::new();
     let mut blocks = Vec::new();
     for (ci, (pin, members)) in groups.into_iter().enumerate() {
         let remotes: Vec<Remote> = match pin {
@@ -306,8 +321,13 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothread
             opened.push(d);
         }
         let bar = layout::PCI_MMIO_START + ci as u64 * BAR_SIZE;
-        let dev = VirtioScsi::new(opened, remotes, nq).with_dirty_log(dirty.clone());
+        let sink_events = events.clone();
+        let sink: devices::virtio::scsi::ErrorSink = Arc::new(move |e: devices::virtio::scsi::IoError| {
+            sink_events.push(crate::events::VmEvent::BlockIoError { device: format!("scsi{ci}-lun{}", e.lun), write: e.write, errno: e.errno });
+        });
+        let dev = VirtioScsi::new(opened, remotes, nq).with_dirty_log(dirty.clone()).with_error_sink(sink);
         hotplug.push(dev.hotplug());
+        errors.push(dev.error_control());
         let pci = VirtioPci::new(Box::new(dev), machine.mem.clone(), router.clone(), bar)?;
         for (addr, evt) in pci.notify_events() {
             machine.vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(error::kvm("KVM_IOEVENTFD"))?;
@@ -319,7 +339,7 @@ pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothread
         machine.pci.lock().unwrap_or_else(|e| e.into_inner()).add(pci.clone())?;
         controllers.push(pci);
     }
-    Ok(Storage { iothreads: threads, controllers, blocks, hotplug, dirty })
+    Ok(Storage { iothreads: threads, controllers, blocks, hotplug, dirty, errors })
 }
 
 /// Moves a virtio-pci function's BAR0 when the guest reprograms it (Linux
@@ -363,7 +383,11 @@ mod tests {
     #[test]
     fn disk_specs() {
         let d = parse_disk("path=/x.img,readonly=on,cache=none,iothread=1").unwrap();
-        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1), queues: None, removed: false });
+        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1), queues: None, removed: false, werror: ErrorAction::Enospc, rerror: ErrorAction::Report });
+        let p = parse_disk("path=/x,werror=stop,rerror=ignore").unwrap();
+        assert_eq!((p.werror, p.rerror), (ErrorAction::Stop, ErrorAction::Ignore));
+        assert!(parse_disk("path=/x,rerror=enospc").unwrap_err().contains("rerror=enospc"));
+        assert!(parse_disk("path=/x,werror=maybe").is_err());
         assert_eq!(parse_disk("path=/x,queues=3").unwrap().queues, Some(3));
         assert!(parse_disk("path=/x,queues=0").is_err());
         assert!(parse_disk("path=/x,queues=65").is_err());

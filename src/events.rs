@@ -32,6 +32,9 @@ pub enum VmEvent {
     /// The incoming state file's opener finished attempt N (the result
     /// is in the incoming slot).
     IncomingOpened(u64),
+    /// A disk request hit a host error under a `stop` policy and is held
+    /// (BLOCK_IO_ERROR; the VM stops until `cont`).
+    BlockIoError { device: String, write: bool, errno: i32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

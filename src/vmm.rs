@@ -189,7 +189,7 @@ impl Vm {
                 // The saved disks (their clones, if taken) come back as
                 // saved unless given again (then they must be those files).
                 // An unplugged disk's slot comes back empty either way.
-                let slot = |d: &crate::snapshot::format::DiskDesc| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread, queues: d.queues, removed: d.removed };
+                let slot = |d: &crate::snapshot::format::DiskDesc| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread, queues: d.queues, removed: d.removed, werror: devices::virtio::scsi::ErrorAction::Enospc, rerror: devices::virtio::scsi::ErrorAction::Report };
                 if !config.disks.is_empty() && h.disks.iter().any(|d| d.removed) {
                     // The disks given again are the ones still plugged, in
                     // order; the unplugged ones' slots go back between them.
@@ -242,7 +242,7 @@ impl Vm {
             _ => None,
         };
         crate::control::block_term_signals()?;
-        let storage = crate::disk::attach(&machine, &config.disks, opened, config.iothreads, queues, poll)?;
+        let storage = crate::disk::attach(&machine, &config.disks, opened, config.iothreads, queues, poll, events.clone())?;
         let entry = match &boot_images {
             Some(images) => boot::load_images(&machine.mem, images, config.mem_size, config.cpus)?,
             // Placeholder: the vCPUs get their saved state before they run.

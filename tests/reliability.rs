@@ -884,3 +884,96 @@ fn odd_sized_disks_are_refused_with_the_reason() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("odd.img") && err.contains("not a whole number of 512-byte blocks") && err.contains("100 bytes"), "{err}");
 }
+
+/// A tmpfs of `size` mounted over `dir`, unmounted (lazily) on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir).output().unwrap();
+        assert!(o.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&o.stderr));
+        Tmpfs(dir)
+    }
+    fn grow(&self, size: &str) {
+        let o = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).output().unwrap();
+        assert!(o.status.success(), "remount: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// QEMU's werror=enospc (the default): the disk's filesystem fills up
+/// mid-write, the VM stops (BLOCK_IO_ERROR nospace, run state io-error,
+/// query-block io-status nospace) without the guest seeing an error; the
+/// admin grows the storage and `cont`s, the held writes go again, and the
+/// guest verifies every byte it wrote. With werror=report the guest gets
+/// the errors instead; with rerror=stop a read that keeps failing stops
+/// the VM again after each `cont`.
+#[test]
+fn disk_error_policies_stop_and_retry() {
+    if !require_kvm("disk_error_policies_stop_and_retry") {
+        return;
+    }
+    let dir = Scratch::new("rel-werror");
+    let g = guest_elf(&dir);
+    let run = |disk: &std::path::Path, opts: &str, sock: &std::path::Path| {
+        let spec = format!("path={}{opts}", disk.display());
+        Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-verify mib=16 bs=65536 qd=8 seed=1", "--disk", &spec]).arg("--qmp").arg(sock))
+    };
+    // enospc: stop, grow, cont, nothing lost.
+    let fs = Tmpfs::mount(dir.path("small"), "4M");
+    let disk = dir.path("small/disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    let sock = dir.path("q1.sock");
+    let p = run(&disk, "", &sock);
+    let mut q = Qmp::negotiated(&sock);
+    let e = q.wait_event("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["operation"], "write", "{e}");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    assert_eq!(e["data"]["nospace"], true, "{e}");
+    assert_eq!(e["data"]["node-name"], "scsi0-lun0", "{e}");
+    q.wait_event("STOP");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "io-error");
+    assert_eq!(q.ok("query-block", json!({}))[0]["io-status"], "nospace");
+    assert!(!p.stdout().contains(": status "), "the guest saw an error:\n{}", p.stdout());
+    fs.grow("32M");
+    q.ok("cont", json!({}));
+    let o = p.wait(T);
+    assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("scsi-verify luns=1 bytes=16777216 bad=0"), "{}", o.stdout);
+    assert_eq!(pattern_mismatches(&disk, 1, 0, 16 << 20), (0, None));
+    drop(q);
+    drop(fs);
+    // werror=report: the guest gets the error, nothing stops.
+    let fs = Tmpfs::mount(dir.path("small2"), "4M");
+    let disk = dir.path("small2/disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    let sock = dir.path("q2.sock");
+    let o = run(&disk, ",werror=report", &sock).wait(T);
+    assert_eq!(o.code(), 1, "{}", o.stdout);
+    assert!(o.stdout.contains(": status ") && o.stdout.contains("RESULT FAIL"), "{}", o.stdout);
+    drop(fs);
+    // rerror=stop on reads that keep failing: stopped again after cont.
+    std::fs::create_dir_all(dir.path("eio-back")).unwrap();
+    std::fs::write(dir.path("eio-back/disk.img"), vec![0u8; 16 << 20]).unwrap();
+    let ffs = FaultFs::mount(&dir, "eio", &["--fail-reads-after", "0"]);
+    let sock = dir.path("q3.sock");
+    let p = run(&ffs.path("disk.img"), ",rerror=stop,cache=none", &sock);
+    let mut q = Qmp::negotiated(&sock);
+    let e = q.wait_event("BLOCK_IO_ERROR");
+    assert_eq!((e["data"]["operation"].clone(), e["data"]["nospace"].clone()), (json!("read"), json!(false)), "{e}");
+    q.wait_event("STOP");
+    assert_eq!(q.ok("query-block", json!({}))[0]["io-status"], "failed");
+    q.ok("cont", json!({}));
+    q.wait_event("RESUME");
+    q.wait_event("BLOCK_IO_ERROR");
+    q.wait_event("STOP");
+    assert_eq!(q.ok("query-status", json!({}))["status"], "io-error");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+}

@@ -14,13 +14,17 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use ring::{Completion, Fd, Op, OpId, Remote, Ring, SourceId};
+use ring::{Fd, Op, OpId, Remote, Ring, SourceId};
 use smallvec::SmallVec;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+mod policy;
+pub use policy::{retry_held, ErrorAction, ErrorControl, ErrorSink, IoError};
+use policy::Io;
 use crate::dirty::DmaDirtyLog;
 use crate::scsi::{self, Action, Lun, Sense, Target};
 
@@ -59,6 +63,9 @@ pub struct Disk {
     pub path: String,
     pub lun: Lun,
     pub direct: bool,
+    /// What a host write / read error does (QEMU's werror / rerror).
+    pub werror: ErrorAction,
+    pub rerror: ErrorAction,
     /// The open file, -1 once closed.
     fd: AtomicI32,
     removed: AtomicBool,
@@ -66,13 +73,20 @@ pub struct Disk {
 
 impl Disk {
     pub fn new(path: impl Into<String>, file: File, lun: Lun, direct: bool) -> Disk {
-        Disk { path: path.into(), lun, direct, fd: AtomicI32::new(file.into_raw_fd()), removed: AtomicBool::new(false) }
+        Disk { path: path.into(), lun, direct, werror: ErrorAction::Enospc, rerror: ErrorAction::Report, fd: AtomicI32::new(file.into_raw_fd()), removed: AtomicBool::new(false) }
+    }
+
+    /// QEMU's `werror=` and `rerror=` (defaults: enospc, report).
+    pub fn with_error_policy(mut self, werror: ErrorAction, rerror: ErrorAction) -> Disk {
+        self.werror = werror;
+        self.rerror = rerror;
+        self
     }
 
     /// The slot of a LUN that was unplugged before a snapshot: it keeps
     /// the LUN numbers of the ones after it, and answers as absent.
     pub fn removed_slot(path: impl Into<String>, lun: Lun) -> Disk {
-        Disk { path: path.into(), lun, direct: false, fd: AtomicI32::new(-1), removed: AtomicBool::new(true) }
+        Disk { path: path.into(), lun, direct: false, werror: ErrorAction::Enospc, rerror: ErrorAction::Report, fd: AtomicI32::new(-1), removed: AtomicBool::new(true) }
     }
 
     pub fn is_removed(&self) -> bool {
@@ -120,6 +134,8 @@ pub struct VirtioScsi {
     /// The event queue of the current activation, if the driver took
     /// hotplug events: (its iothread, its source).
     events: Arc<Mutex<Option<(Remote, SourceId)>>>,
+    /// Told about every request a `stop` error policy holds.
+    errors: Option<ErrorSink>,
 }
 
 /// The request queues of one activation, for task management: (owning
@@ -140,7 +156,19 @@ impl VirtioScsi {
             needs_reset: Arc::new(AtomicBool::new(false)),
             dirty: None,
             events: Arc::default(),
+            errors: None,
         }
+    }
+
+    /// Where requests held by a `stop` error policy are reported (the VM
+    /// stops); [`VirtioScsi::error_control`] issues them again.
+    pub fn with_error_sink(mut self, sink: ErrorSink) -> VirtioScsi {
+        self.errors = Some(sink);
+        self
+    }
+
+    pub fn error_control(&self) -> ErrorControl {
+        ErrorControl { iothreads: self.iothreads.clone() }
     }
 
     /// The handle that unplugs this controller's LUNs (used without the
@@ -247,6 +275,7 @@ impl VirtioDevice for VirtioScsi {
                 dirty: self.dirty.clone(),
                 peers: peers.clone(),
                 own: remote.clone(),
+                errors: self.errors.clone(),
             };
             remote.send(move |ring| Worker::start(ring, setup))?;
             if q.index >= 2 {
@@ -339,6 +368,7 @@ struct WorkerSetup {
     peers: Peers,
     /// This queue's iothread (where task-management answers come back).
     own: Remote,
+    errors: Option<ErrorSink>,
 }
 
 impl WorkerSetup {
@@ -394,6 +424,8 @@ struct Worker {
     tmf_waits: Vec<TmfWait>,
     tmfs: HashMap<u64, PendingTmf>,
     next_tmf: u64,
+    /// Requests held by a `stop` error policy until `cont` retries them.
+    held: Vec<(Req, Io, u64)>,
 }
 
 thread_local! {
@@ -408,6 +440,7 @@ type W = Rc<RefCell<Worker>>;
 type Segs = SmallVec<[(GuestAddress, usize); 4]>;
 
 /// Where a request's pieces are in guest memory.
+#[derive(Clone)]
 struct Req {
     head: u16,
     resp: Segs,
@@ -500,6 +533,7 @@ impl Worker {
             tmf_waits: Vec::new(),
             tmfs: HashMap::new(),
             next_tmf: 0,
+            held: Vec::new(),
         }));
         let w2 = w.clone();
         let poll = ring.submit(source | 0x8000_0000, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
@@ -712,32 +746,10 @@ impl Worker {
         let fd = Fd::Raw(fd);
         match action {
             a @ Action::Done { .. } => Worker::done(w, &r, a),
-            Action::Read { offset, len } => {
-                let Some(iov) = iovecs(&mem, &r.data_in, len) else { return fail(w, &r, S_FAILURE) };
-                let w2 = w.clone();
-                // SAFETY: the iovecs point into guest RAM, which stays mapped
-                // while this worker (holding the memory) lives; the guest
-                // gave these buffers to the device until we put the head in
-                // the used ring, which happens only in the completion.
-                let op = unsafe { Op::readv(fd, iov, offset) };
-                let id = ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, false, in_len, len));
-                Worker::track(w, head, &[id]);
-            }
-            Action::Write { offset, len, sync } => {
-                let Some(iov) = iovecs(&mem, &r.data_out, len) else { return fail(w, &r, S_FAILURE) };
-                // SAFETY: as for reads; the kernel only reads this memory.
-                let op = unsafe { Op::writev(fd, iov, offset) };
-                Worker::write_then_sync(w, ring, r, op, fd, sync, in_len);
-            }
-            Action::WriteBuf { offset, data, sync } => {
-                let op = Op::write(fd, data, offset);
-                Worker::write_then_sync(w, ring, r, op, fd, sync, in_len);
-            }
-            Action::Flush => {
-                let w2 = w.clone();
-                let id = ring.submit(source, Op::Fsync { fd, datasync: true }, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
-                Worker::track(w, head, &[id]);
-            }
+            Action::Read { offset, len } => Worker::submit_io(w, ring, r, Io::Read { lun: lun_id, offset, len }, in_len),
+            Action::Write { offset, len, sync } => Worker::submit_io(w, ring, r, Io::Write { lun: lun_id, offset, len, sync }, in_len),
+            Action::WriteBuf { offset, data, sync } => Worker::submit_io(w, ring, r, Io::WriteBuf { lun: lun_id, offset, data, sync }, in_len),
+            Action::Flush => Worker::submit_io(w, ring, r, Io::Flush { lun: lun_id }, in_len),
             Action::Discard { ranges } => {
                 if ranges.is_empty() {
                     return Worker::done(w, &r, Action::good(vec![]));
@@ -762,59 +774,6 @@ impl Worker {
                     });
                     Worker::track(w, head, &[id]);
                 }
-            }
-        }
-    }
-
-    fn write_then_sync(w: &W, ring: &mut Ring, r: Req, op: Op, fd: Fd, sync: bool, in_len: u64) {
-        let (source, head) = (w.borrow().s.source, r.head);
-        if !sync {
-            let w2 = w.clone();
-            let id = ring.submit(source, op, move |_, c| Worker::io_done(&w2, &r, c, true, in_len, 0));
-            Worker::track(w, head, &[id]);
-            return;
-        }
-        // Write, then fdatasync, linked: the response waits for both.
-        let result = Rc::new(RefCell::new(None::<i32>));
-        let (w2, res1, res2) = (w.clone(), result.clone(), result.clone());
-        let r = Rc::new(r);
-        let ids = ring.submit_linked(
-            source,
-            vec![
-                (op, Box::new(move |_: &mut Ring, c: Completion| {
-                    if let Err(e) = c.result {
-                        *res1.borrow_mut() = Some(e.raw_os_error().unwrap_or(libc::EIO));
-                    }
-                })),
-                (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: Completion| {
-                    let first = *res2.borrow();
-                    let errno = first.or_else(|| c.result.as_ref().err().map(|e| e.raw_os_error().unwrap_or(libc::EIO)));
-                    match errno {
-                        None => Worker::respond(&w2, &r, S_OK, scsi::GOOD, None, 0, in_len),
-                        Some(e) => Worker::respond(&w2, &r, S_OK, scsi::CHECK_CONDITION, Some(Sense::from_errno(e, true)), 0, in_len),
-                    }
-                })),
-            ],
-        );
-        Worker::track(w, head, &ids);
-    }
-
-    fn io_done(w: &W, r: &Req, c: Completion, write: bool, in_len: u64, want: u64) {
-        match c.result {
-            Ok(n) if write || n as u64 == want => Worker::respond(w, r, S_OK, scsi::GOOD, None, n as u64 * u64::from(!write), in_len),
-            Ok(n) => {
-                // Short read: the file shrank under us.
-                crate::warn_limited!("virtio-scsi: short read ({n} of {want} bytes)");
-                Worker::respond(w, r, S_OK, scsi::CHECK_CONDITION, Some(Sense::READ_ERROR), n as u64, in_len)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
-                // Cancelled by a task management function.
-                Worker::respond(w, r, S_ABORTED, scsi::GOOD, None, 0, in_len)
-            }
-            Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                log::debug!("virtio-scsi: host I/O error: {e}");
-                Worker::respond(w, r, S_OK, scsi::CHECK_CONDITION, Some(Sense::from_errno(errno, write)), 0, in_len)
             }
         }
     }
