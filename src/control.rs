@@ -14,10 +14,10 @@ use ring::{Op, Ring};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::events::SnapshotStep;
 use crate::events::VmEvent;
 use crate::qmp::server::{ClientId, Limits, Server, Shared, QMP_SOURCE};
 use crate::qmp::{self, opt, reply_err, reply_ok, req, ArgType, CommandSpec, QmpError, Request};
-use crate::events::SnapshotStep;
 use crate::snapshot::incoming::{self, IncomingStatus};
 use crate::snapshot::{format, save, SaveShared, SaveState, StateSection};
 use crate::vmm::{Outcome, Vm};
@@ -103,7 +103,10 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "quit", args: &[] },
     CommandSpec { name: "query-block", args: &[] },
     CommandSpec { name: "device_del", args: &[req("id", ArgType::Str)] },
-    CommandSpec { name: "savevm-start", args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number), opt("final-timeout-ms", ArgType::Number), opt("disks", ArgType::Str)] },
+    CommandSpec {
+        name: "savevm-start",
+        args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number), opt("final-timeout-ms", ArgType::Number), opt("disks", ArgType::Str)],
+    },
     CommandSpec { name: "query-savevm", args: &[] },
     CommandSpec { name: "savevm-end", args: &[] },
     CommandSpec { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)] },
@@ -286,7 +289,13 @@ impl Controller {
             vm,
             ring,
             qmp,
-            state: if incoming { RunState::InMigrate } else if opts.paused { RunState::Prelaunch } else { RunState::Running },
+            state: if incoming {
+                RunState::InMigrate
+            } else if opts.paused {
+                RunState::Prelaunch
+            } else {
+                RunState::Running
+            },
             name: opts.name,
             statefile_dir: opts.statefile_dir.clone(),
             restore_ram: opts.restore_ram,
@@ -339,7 +348,9 @@ impl Controller {
     fn on_restored(&mut self, r: std::result::Result<u64, String>) {
         let r = r.and_then(|bytes| {
             let section = self.incoming.section.take().ok_or("no state to apply")?;
-            self.vm.apply_state(section).map_err(|e| format!("state file {}: {e}", self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()))?;
+            self.vm
+                .apply_state(section)
+                .map_err(|e| format!("state file {}: {e}", self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()))?;
             Ok(bytes)
         });
         match r {
@@ -384,7 +395,11 @@ impl Controller {
     /// that is done, or as an error at [`INCOMING_OPEN_DEADLINE`].
     fn migrate_incoming(&mut self, client: ClientId, req: &Request) -> Option<std::result::Result<Value, QmpError>> {
         if self.state != RunState::InMigrate || self.incoming.status != IncomingStatus::None {
-            let why = if self.incoming.status == IncomingStatus::Setup { "a migrate-incoming is already opening its file" } else { "migrate-incoming is only possible once, on a VM started with --incoming defer" };
+            let why = if self.incoming.status == IncomingStatus::Setup {
+                "a migrate-incoming is already opening its file"
+            } else {
+                "migrate-incoming is only possible once, on a VM started with --incoming defer"
+            };
             return Some(Err(QmpError::generic(why)));
         }
         let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
@@ -1114,7 +1129,9 @@ impl Controller {
                 RunState::InMigrate => Err(QmpError::generic("Migration is not finished yet; wait for it or cancel it")),
                 s => Err(QmpError::generic(format!("cannot continue while the VM is in state '{}'", s.as_str()))),
             },
-            "system_reset" if self.state == RunState::InMigrate => Err(QmpError::generic("the VM is waiting for its incoming state; system_reset is not possible yet")),
+            "system_reset" if self.state == RunState::InMigrate => {
+                Err(QmpError::generic("the VM is waiting for its incoming state; system_reset is not possible yet"))
+            }
             "system_reset" if self.state == RunState::FinishMigrate => Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment")),
             "system_reset" => {
                 self.io_status.clear();
@@ -1124,7 +1141,9 @@ impl Controller {
                 self.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
                 Ok(json!({}))
             }
-            "system_powerdown" if self.state == RunState::InMigrate => Err(QmpError::generic("the VM is waiting for its incoming state; system_powerdown is not possible yet")),
+            "system_powerdown" if self.state == RunState::InMigrate => {
+                Err(QmpError::generic("the VM is waiting for its incoming state; system_powerdown is not possible yet"))
+            }
             "system_powerdown" => {
                 // The ACPI power button, as QEMU presses it: the guest decides
                 // what to do (a Linux guest powers off through S5).
@@ -1293,7 +1312,13 @@ fn request_short_slice() {
         util_min: u32,
         util_max: u32,
     }
-    let attr = SchedAttr { size: std::mem::size_of::<SchedAttr>() as u32, policy: libc::SCHED_OTHER as u32, flags: 1 /* SCHED_FLAG_RESET_ON_FORK */, runtime: 100_000, ..Default::default() };
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        flags: 1, /* SCHED_FLAG_RESET_ON_FORK */
+        runtime: 100_000,
+        ..Default::default()
+    };
     // SAFETY: sched_setattr on the calling thread (pid 0) with a fully
     // initialised attribute of the size it declares; the kernel only reads it.
     let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };

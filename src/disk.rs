@@ -6,8 +6,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::scsi::Lun;
 use devices::dirty::DmaDirtyLog;
+use devices::scsi::Lun;
 use devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE};
 use devices::virtio::scsi::{disk_size, Disk, ErrorAction, ErrorControl, Hotplug, VirtioScsi};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
@@ -51,7 +51,16 @@ fn on_off(key: &str, v: &str) -> std::result::Result<bool, String> {
 /// `path=FILE[,readonly=on|off][,cache=none|writeback][,iothread=N][,queues=N]`
 /// (a bare FILE is taken as path=FILE).
 pub fn parse_disk(s: &str) -> std::result::Result<DiskSpec, String> {
-    let mut d = DiskSpec { path: PathBuf::new(), readonly: false, direct: false, iothread: None, queues: None, removed: false, werror: ErrorAction::Enospc, rerror: ErrorAction::Report };
+    let mut d = DiskSpec {
+        path: PathBuf::new(),
+        readonly: false,
+        direct: false,
+        iothread: None,
+        queues: None,
+        removed: false,
+        werror: ErrorAction::Enospc,
+        rerror: ErrorAction::Report,
+    };
     for (i, part) in s.split(',').enumerate() {
         let (k, v) = match part.split_once('=') {
             Some(kv) => kv,
@@ -253,7 +262,15 @@ pub fn open_all(disks: &[DiskSpec]) -> Result<Vec<Disk>> {
 
 /// Builds the virtio-scsi controllers for `disks` (opened by [`open_all`],
 /// in the same order) and their iothreads.
-pub fn attach(machine: &Machine, disks: &[DiskSpec], opened: Vec<Disk>, iothreads: usize, queues: u32, poll: std::time::Duration, events: Arc<crate::events::EventQueue>) -> Result<Storage> {
+pub fn attach(
+    machine: &Machine,
+    disks: &[DiskSpec],
+    opened: Vec<Disk>,
+    iothreads: usize,
+    queues: u32,
+    poll: std::time::Duration,
+    events: Arc<crate::events::EventQueue>,
+) -> Result<Storage> {
     if opened.len() != disks.len() {
         return Err(Error::Config(format!("{} disk(s) opened for {} given", opened.len(), disks.len())));
     }
@@ -358,16 +375,16 @@ impl devices::pci::BarRelocator for BarMover {
         // top) leaves everything where it was.
         self.mmio.insert(dev, new, len).map_err(|e| e.to_string())?;
         for (i, (off, evt)) in ioevents.iter().enumerate() {
-            if let Err(e) = self.vm.register_ioevent(*evt, &IoEventAddress::Mmio(new + off), NoDatamatch) {
+            if let Err(e) = self.vm.register_ioevent(evt, &IoEventAddress::Mmio(new + off), NoDatamatch) {
                 for (off, evt) in &ioevents[..i] {
-                    let _ = self.vm.unregister_ioevent(*evt, &IoEventAddress::Mmio(new + off), NoDatamatch);
+                    let _ = self.vm.unregister_ioevent(evt, &IoEventAddress::Mmio(new + off), NoDatamatch);
                 }
                 self.mmio.remove(new);
                 return Err(format!("KVM_IOEVENTFD at {:#x}: {e}", new + off));
             }
         }
         for (off, evt) in ioevents {
-            if let Err(e) = self.vm.unregister_ioevent(*evt, &IoEventAddress::Mmio(old + off), NoDatamatch) {
+            if let Err(e) = self.vm.unregister_ioevent(evt, &IoEventAddress::Mmio(old + off), NoDatamatch) {
                 log::warn!("virtio-pci: unregistering the doorbell at {:#x}: {e}", old + off);
             }
         }
@@ -383,7 +400,19 @@ mod tests {
     #[test]
     fn disk_specs() {
         let d = parse_disk("path=/x.img,readonly=on,cache=none,iothread=1").unwrap();
-        assert_eq!(d, DiskSpec { path: "/x.img".into(), readonly: true, direct: true, iothread: Some(1), queues: None, removed: false, werror: ErrorAction::Enospc, rerror: ErrorAction::Report });
+        assert_eq!(
+            d,
+            DiskSpec {
+                path: "/x.img".into(),
+                readonly: true,
+                direct: true,
+                iothread: Some(1),
+                queues: None,
+                removed: false,
+                werror: ErrorAction::Enospc,
+                rerror: ErrorAction::Report
+            }
+        );
         let p = parse_disk("path=/x,werror=stop,rerror=ignore").unwrap();
         assert_eq!((p.werror, p.rerror), (ErrorAction::Stop, ErrorAction::Ignore));
         assert!(parse_disk("path=/x,rerror=enospc").unwrap_err().contains("rerror=enospc"));

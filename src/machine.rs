@@ -8,14 +8,14 @@ use devices::legacy::{AcpiPm, DebugExit, Serial, SerialOutput, I8042};
 use devices::pci::PciConfigIo;
 use devices::{Interrupt, VmRequests};
 use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::error::{self, Error, Result};
 use crate::boot::acpi;
+use crate::error::{self, Error, Result};
 use crate::layout;
 
 pub const SERIAL_PORT: u64 = 0x3f8;
@@ -74,17 +74,12 @@ impl Machine {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         check_caps(&kvm)?;
         let vm = kvm.create_vm().map_err(error::kvm("KVM_CREATE_VM"))?;
-        let supported_cpuid =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
 
-        let ranges: Vec<(GuestAddress, usize)> =
-            layout::ram_regions(mem_size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
         let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| Error::GuestMemory { size: mem_size, source })?;
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem.get_host_address(region.start_addr()).map_err(|source| Error::GuestMemoryAccess {
-                addr: region.start_addr().0,
-                source,
-            })?;
+            let host = mem.get_host_address(region.start_addr()).map_err(|source| Error::GuestMemoryAccess { addr: region.start_addr().0, source })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,

@@ -14,9 +14,7 @@ use ringvm::control::{ControlOptions, Controller};
 use ringvm::vmm::{SerialConfig, Vm, VmConfig};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp_micros()
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp_micros().init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -118,7 +116,15 @@ fn run(mut args: RunArgs) -> anyhow::Result<u8> {
     // control loop serves them); until then they end ringvm at once.
     ringvm::seccomp::set_mode(args.machine.seccomp);
     let vm = Vm::build(config)?;
-    let opts = ControlOptions { qmp: args.qmp, paused: args.paused, name: args.name, incoming: args.incoming.is_some(), stats: None, statefile_dir: args.statefile_dir, restore_ram: args.restore_ram };
+    let opts = ControlOptions {
+        qmp: args.qmp,
+        paused: args.paused,
+        name: args.name,
+        incoming: args.incoming.is_some(),
+        stats: None,
+        statefile_dir: args.statefile_dir,
+        restore_ram: args.restore_ram,
+    };
     let outcome = Controller::new(vm, opts)?.run()?;
     Ok(outcome.exit_code())
 }
@@ -157,7 +163,13 @@ impl Write for Recorder {
 /// The guest rewrites pages until it is told to verify (a 'v' on its
 /// serial port), which happens once the snapshot is over and `secs` have
 /// passed since the fill -- whatever the outcome, so the guest always ends.
-fn demo_snapshot(sock: std::path::PathBuf, statefile: std::path::PathBuf, rec: Recorder, input: ringvm::vmm::SerialInput, secs: u64) -> anyhow::Result<serde_json::Value> {
+fn demo_snapshot(
+    sock: std::path::PathBuf,
+    statefile: std::path::PathBuf,
+    rec: Recorder,
+    input: ringvm::vmm::SerialInput,
+    secs: u64,
+) -> anyhow::Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut filled = None;
     let r = (|| {
@@ -293,7 +305,12 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             match ringvm::snapshot::format::inspect(&statefile) {
                 Ok(r) => {
                     let used = std::fs::metadata(&statefile).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
-                    println!("state file:        {} ({} MiB on disk, sparse), checksums {}", statefile.display(), used >> 20, if r.ok { "all ok" } else { "FAILED" });
+                    println!(
+                        "state file:        {} ({} MiB on disk, sparse), checksums {}",
+                        statefile.display(),
+                        used >> 20,
+                        if r.ok { "all ok" } else { "FAILED" }
+                    );
                     ok &= r.ok;
                 }
                 Err(e) => {
@@ -351,7 +368,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<u8> {
                 let bytes = stats.restore_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64;
                 let ready = built + Duration::from_micros(load_us as u64);
                 let rtext = String::from_utf8_lossy(&rrec.0.lock().unwrap_or_else(|e| e.into_inner()).text).into_owned();
-                let verify = rtext.lines().find(|l| l.contains("verify pages")).unwrap_or("(no verify line)").trim_start_matches("ringvm-guest: ").trim().to_string();
+                let verify =
+                    rtext.lines().find(|l| l.contains("verify pages")).unwrap_or("(no verify line)").trim_start_matches("ringvm-guest: ").trim().to_string();
                 println!(
                     "restore:           guest running {:.1} ms after start: {:.0} MB of RAM loaded in {:.1} ms ({:.0} MB/s, io_uring, every page checksummed)",
                     ms(ready),

@@ -354,8 +354,12 @@ pub struct Nfs {
     lib: &'static Lib,
     ctx: Ctx,
     fh: Fh,
+    /// Boxed: callbacks hold its address, and the Nfs moves.
+    #[allow(clippy::box_collection)]
     done: Box<RefCell<Vec<Done>>>,
-    /// Every queued request's callback data, until none can fire again.
+    /// Every queued request's callback data, until none can fire again
+    /// (boxed: the library holds each one's address while the Vec grows).
+    #[allow(clippy::vec_box)]
     outstanding: RefCell<Vec<Box<Pending>>>,
 }
 
@@ -420,7 +424,7 @@ impl Nfs {
         if rc < 0 {
             let mut e = n.err(stage, rc);
             if stage == "mount" {
-                if let Some(why) = unreachable(&uri) {
+                if let Some(why) = unreachable(uri) {
                     e = format!("{e}: {why}");
                 }
             }

@@ -341,9 +341,7 @@ impl Vcpu {
                 self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm("KVM_SET_MP_STATE"))?;
             }
             _ => {
-                self.fd
-                    .set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED })
-                    .map_err(kvm("KVM_SET_MP_STATE"))?;
+                self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED }).map_err(kvm("KVM_SET_MP_STATE"))?;
             }
         }
         Ok(())
@@ -355,11 +353,8 @@ impl Vcpu {
             return "(registers unavailable)".into();
         };
         let linear = sregs.cs.base.wrapping_add(regs.rip);
-        let phys = if sregs.cr0 & 0x8000_0000 != 0 {
-            self.fd.translate_gva(linear).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
-        } else {
-            Some(linear)
-        };
+        let phys =
+            if sregs.cr0 & 0x8000_0000 != 0 { self.fd.translate_gva(linear).ok().filter(|t| t.valid != 0).map(|t| t.physical_address) } else { Some(linear) };
         let bytes = phys
             .and_then(|p| {
                 let mut b = [0u8; 15];
@@ -379,10 +374,7 @@ impl Vcpu {
         for v in vcpus {
             let name = format!("vcpu{}", v.id);
             let c = ctl.clone();
-            let t = std::thread::Builder::new()
-                .name(name.clone())
-                .spawn(move || v.thread_main(c))
-                .map_err(|source| Error::Thread { name, source })?;
+            let t = std::thread::Builder::new().name(name.clone()).spawn(move || v.thread_main(c)).map_err(|source| Error::Thread { name, source })?;
             threads.push(t);
         }
         Ok(Vcpus { ctl, threads })

@@ -134,11 +134,7 @@ pub fn validate(config: &VmConfig) -> Result<()> {
     }
     if let Some(host) = host_memory() {
         if config.mem_size > host {
-            return Err(Error::Config(format!(
-                "--memory {} MiB is larger than the host's {} MiB",
-                config.mem_size >> 20,
-                host >> 20
-            )));
+            return Err(Error::Config(format!("--memory {} MiB is larger than the host's {} MiB", config.mem_size >> 20, host >> 20)));
         }
     }
     if config.restore.is_some() || config.incoming_defer {
@@ -189,7 +185,16 @@ impl Vm {
                 // The saved disks (their clones, if taken) come back as
                 // saved unless given again (then they must be those files).
                 // An unplugged disk's slot comes back empty either way.
-                let slot = |d: &crate::snapshot::format::DiskDesc| crate::disk::DiskSpec { path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(), readonly: d.readonly, direct: d.direct, iothread: d.iothread, queues: d.queues, removed: d.removed, werror: devices::virtio::scsi::ErrorAction::Enospc, rerror: devices::virtio::scsi::ErrorAction::Report };
+                let slot = |d: &crate::snapshot::format::DiskDesc| crate::disk::DiskSpec {
+                    path: d.clone.clone().unwrap_or_else(|| d.path.clone()).into(),
+                    readonly: d.readonly,
+                    direct: d.direct,
+                    iothread: d.iothread,
+                    queues: d.queues,
+                    removed: d.removed,
+                    werror: devices::virtio::scsi::ErrorAction::Enospc,
+                    rerror: devices::virtio::scsi::ErrorAction::Report,
+                };
                 if !config.disks.is_empty() && h.disks.iter().any(|d| d.removed) {
                     // The disks given again are the ones still plugged, in
                     // order; the unplugged ones' slots go back between them.
@@ -266,7 +271,20 @@ impl Vm {
         if stdin_to_guest {
             spawn_stdin_reader(machine.serial.clone())?;
         }
-        Ok(Vm { machine, vcpus, events, boot: config.boot, boot_images, cpus: config.cpus, no_reboot: config.no_reboot, storage, scsi_queues: queues, resets: 0, started, pending })
+        Ok(Vm {
+            machine,
+            vcpus,
+            events,
+            boot: config.boot,
+            boot_images,
+            cpus: config.cpus,
+            no_reboot: config.no_reboot,
+            storage,
+            scsi_queues: queues,
+            resets: 0,
+            started,
+            pending,
+        })
     }
 
     /// Typing into the guest's serial port from another thread.
@@ -275,8 +293,7 @@ impl Vm {
     }
 
     fn create_vcpus(machine: &Machine, cpus: u8, events: &Arc<EventQueue>, entry: BootEntry) -> Result<Vcpus> {
-        let msr_list: Vec<u32> =
-            machine.kvm.get_msr_index_list().map_err(crate::error::kvm("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec();
+        let msr_list: Vec<u32> = machine.kvm.get_msr_index_list().map_err(crate::error::kvm("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec();
         let list = (0..cpus)
             .map(|id| {
                 Vcpu::new(

@@ -44,7 +44,13 @@ fn demo_waits_for_a_slow_snapshot() {
     let fs = FaultFs::mount(&dir, "slow", &["--delay-us", "2000"]);
     let state = fs.path("vm.state");
     let out = ringvm(&["demo", "--memory", "256M", "--mib", "160", "--secs", "0", "--rate", "1", "--statefile", state.to_str().unwrap()], T);
-    let total: f64 = out.stdout.lines().find_map(|l| l.strip_prefix("live snapshot:     completed in ")).and_then(|l| l.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let total: f64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("live snapshot:     completed in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     assert!(total > 1000.0, "the snapshot was meant to outlast the guest's rewrite time:\n{}", out.stdout);
     check(&out);
 }

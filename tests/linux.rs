@@ -42,9 +42,7 @@ impl Guest {
 }
 
 fn linux_guest(test: &str) -> Option<Guest> {
-    let dir = std::env::var_os("RINGVM_LINUX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/linux"));
+    let dir = std::env::var_os("RINGVM_LINUX_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/linux"));
     if dir.join("vmlinux").exists() && dir.join("root.img").exists() {
         let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap().trim().to_string();
         return Some(Guest { dir, cmdline });
@@ -306,7 +304,13 @@ fn qemu_reaches_the_same_milestones() {
     )
     .wait(BOOT);
     assert_eq!(o.code(), 0, "qemu: {}\n{}", o.stderr, o.stdout);
-    for m in ["virtio_scsi virtio0", "scsi 0:0:0:0: Direct-Access     QEMU", "VFS: Mounted root (ext4 filesystem)", "RINGVM-KTEST PASS disk=sdb", "RINGVM-KTEST DONE PASS"] {
+    for m in [
+        "virtio_scsi virtio0",
+        "scsi 0:0:0:0: Direct-Access     QEMU",
+        "VFS: Mounted root (ext4 filesystem)",
+        "RINGVM-KTEST PASS disk=sdb",
+        "RINGVM-KTEST DONE PASS",
+    ] {
         assert!(o.stdout.contains(m), "QEMU: Linux never printed {m:?}:\n{}", o.stdout);
     }
     check_root_clean(&disks.root);

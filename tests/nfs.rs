@@ -34,7 +34,8 @@ fn vm_in(ns: &Netns, dir: &Scratch, args: &[&str], wait_for: &str) -> (Proc, Qmp
 fn save_then_restore(save_ns: &Netns, restore_ns: &Netns, dir: &Scratch, uri: &str, restore_uri: &str, local: &std::path::Path) {
     let g = guest_elf(dir);
     let work = "work=mem mib=96 secs=3 rate=50 beat=200";
-    let (p, mut q) = vm_in(save_ns, dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "192M", "--cmdline", work], "ringvm-guest: beat 2");
+    let (p, mut q) =
+        vm_in(save_ns, dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "192M", "--cmdline", work], "ringvm-guest: beat 2");
     assert_eq!(q.ok("savevm-start", json!({"statefile": uri})), json!({}));
     let s = q.wait_savevm(T);
     assert_eq!(s["status"], "completed", "{s}");
@@ -101,7 +102,8 @@ fn nfs_failures_are_clean() {
     let ns = Netns::with_address("fail", "10.96.0.1");
     let mut nfsd = Nfsd::start(&ns, &dir);
     let g = guest_elf(&dir);
-    let (p, mut q) = vm_in(&ns, &dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "768M", "--cmdline", "work=mem mib=640 secs=inf rate=200"], "fill done");
+    let (p, mut q) =
+        vm_in(&ns, &dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "768M", "--cmdline", "work=mem mib=640 secs=inf rate=200"], "fill done");
 
     let expect_failure = |q: &mut Qmp, uri: &str, why: &[&str]| {
         q.ok("savevm-start", json!({"statefile": uri}));
@@ -166,7 +168,8 @@ fn nfs_port_in_the_uri_and_atomic_replace() {
     let ns = Netns::with_address("port", "10.95.0.1");
     let nfsd = Nfsd::start(&ns, &dir);
     let g = guest_elf(&dir);
-    let (p, mut q) = vm_in(&ns, &dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "512M", "--cmdline", "work=mem mib=384 secs=inf rate=100"], "fill done");
+    let (p, mut q) =
+        vm_in(&ns, &dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "512M", "--cmdline", "work=mem mib=384 secs=inf rate=100"], "fill done");
     let uri = nfsd.port_uri("127.0.0.1", "vm.state");
     q.ok("savevm-start", json!({"statefile": uri}));
     let s = q.wait_savevm(T);

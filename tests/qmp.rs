@@ -21,15 +21,13 @@ const IO: Duration = Duration::from_secs(10);
 /// A guest that keeps running (dirtying memory) until told otherwise.
 fn start_vm(dir: &Scratch, sock: &Path, cpus: &str) -> Proc {
     let g = guest_elf(dir);
-    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel"]).arg(&g).args([
-        "--cpus",
-        cpus,
-        "--memory",
-        "256M",
-        "--cmdline",
-        "work=mem mib=32 secs=inf rate=20 beat=200",
-        "--qmp",
-    ]).arg(format!("unix:{},server=on,wait=off", sock.display())));
+    let mut p = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "--kernel"])
+            .arg(&g)
+            .args(["--cpus", cpus, "--memory", "256M", "--cmdline", "work=mem mib=32 secs=inf rate=20 beat=200", "--qmp"])
+            .arg(format!("unix:{},server=on,wait=off", sock.display())),
+    );
     p.wait_for_output("ringvm-guest: start", T);
     p
 }
@@ -41,9 +39,7 @@ fn error_of(v: &Value) -> (String, String) {
 }
 
 fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("RINGVM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python"));
+    let p = std::env::var_os("RINGVM_PYTHON").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python"));
     let ok = Command::new(&p).args(["-c", "import qemu.qmp"]).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
     if ok {
         return Some(p);
@@ -292,7 +288,8 @@ fn paused_start_and_sigterm() {
     // QMP socket to its first line: the paused VM below is watched for
     // several times that (it would have printed by then if it ran).
     let first_line = {
-        let vm = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--memory", "64M", "--cmdline", "work=hello", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
+        let vm =
+            Proc::spawn(Command::new(ringvm_bin()).args(["run", "--memory", "64M", "--cmdline", "work=hello", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
         let t0 = Instant::now();
         while !sock.exists() {
             assert!(t0.elapsed() < IO, "no socket");
@@ -308,7 +305,13 @@ fn paused_start_and_sigterm() {
         let _ = std::fs::remove_file(&sock);
         d
     };
-    let vm = Proc::spawn(Command::new(ringvm_bin()).args(["run", "-S", "--name", "vm-one", "--memory", "64M", "--cmdline", "work=hello", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
+    let vm = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "-S", "--name", "vm-one", "--memory", "64M", "--cmdline", "work=hello", "--kernel"])
+            .arg(&g)
+            .arg("--qmp")
+            .arg(&sock),
+    );
     let t0 = Instant::now();
     while !sock.exists() {
         assert!(t0.elapsed() < IO, "no socket");

@@ -18,7 +18,17 @@ const T: Duration = Duration::from_secs(120);
 fn vm(dir: &Scratch, mem: &str, work: &str, wait_for: &str) -> (Proc, Qmp) {
     let g = guest_elf(dir);
     let sock = dir.path("qmp.sock");
-    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", mem, "--cmdline", work, "--qmp", sock.to_str().unwrap()]));
+    let mut p = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--memory",
+        mem,
+        "--cmdline",
+        work,
+        "--qmp",
+        sock.to_str().unwrap(),
+    ]));
     p.wait_for_output(wait_for, T);
     let q = Qmp::negotiated(&sock);
     (p, q)
@@ -51,7 +61,11 @@ fn kill_9_mid_snapshot_leaves_a_file_that_is_refused() {
     assert!(std::fs::read(&good).unwrap() == good_bytes, "the earlier snapshot was changed");
     assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
     // The half-written one, under its temporary name beside it.
-    let file = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".vm.state.ringvm-")).expect("the half-written file");
+    let file = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".vm.state.ringvm-"))
+        .expect("the half-written file");
     let o = ringvm(&["state", "inspect", file.to_str().unwrap()], T);
     assert_eq!(o.code(), 1, "{}", o.stdout);
     assert!(o.stderr.contains(".vm.state.ringvm-") && o.stderr.contains("never finished"), "{}", o.stderr);
@@ -227,7 +241,10 @@ fn seccomp_filters_every_thread_role() {
     // The restore roles; `faults` is the lazy restore's userfaultfd thread.
     for (role, extra) in [("loader", &[][..]), ("helper", &[]), ("faults", &["--restore-ram", "lazy"])] {
         let mut c = Command::new(ringvm_bin());
-        c.args(["run", "--loadstate", file.to_str().unwrap(), "--disk"]).arg(format!("path={}", disk.display())).args(extra).env("RINGVM_SECCOMP_SELFTEST", role);
+        c.args(["run", "--loadstate", file.to_str().unwrap(), "--disk"])
+            .arg(format!("path={}", disk.display()))
+            .args(extra)
+            .env("RINGVM_SECCOMP_SELFTEST", role);
         let o = Proc::spawn(&mut c).wait(T);
         assert!(killed_by_sigsys(&o), "{role}: {:?}\n{}", o.status, o.stderr);
     }
@@ -322,7 +339,17 @@ fn disk_eio_is_a_medium_error_for_the_guest() {
     let fs = FaultFs::mount(&dir, "disk", &["--fail-reads-after", "0", "--fail-writes-after", "0"]);
     let g = guest_elf(&dir);
     let o = ringvm(
-        &["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-eio", "--disk", &format!("path={}", fs.path("disk.img").display())],
+        &[
+            "run",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--memory",
+            "128M",
+            "--cmdline",
+            "work=scsi-eio",
+            "--disk",
+            &format!("path={}", fs.path("disk.img").display()),
+        ],
         T,
     );
     assert_eq!(o.code(), 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
@@ -350,7 +377,24 @@ fn resets_during_disk_io() {
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
     let g = guest_elf(&dir);
     let sock = dir.path("qmp.sock");
-    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=16 passes=1000000"]).arg("--disk").arg(format!("path={},cache=none", disk.display())).arg("--qmp").arg(&sock));
+    let p = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args([
+                "run",
+                "--kernel",
+                g.to_str().unwrap(),
+                "--cpus",
+                "2",
+                "--memory",
+                "128M",
+                "--cmdline",
+                "work=scsi-verify mib=0 bs=65536 qd=16 passes=1000000",
+            ])
+            .arg("--disk")
+            .arg(format!("path={},cache=none", disk.display()))
+            .arg("--qmp")
+            .arg(&sock),
+    );
     let mut q = Qmp::negotiated(&sock);
     for i in 0..500u64 {
         // Each reset lands once the rebooted guest is on the disk again
@@ -403,7 +447,19 @@ fn statefile_dir_confines_qmp_paths() {
     std::os::unix::fs::symlink(&victim, states.join("link.state")).unwrap();
     let g = guest_elf(&dir);
     let sock = dir.path("qmp.sock");
-    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=mem mib=8 secs=inf rate=10", "--statefile-dir", states.to_str().unwrap(), "--qmp", sock.to_str().unwrap()]));
+    let mut p = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "work=mem mib=8 secs=inf rate=10",
+        "--statefile-dir",
+        states.to_str().unwrap(),
+        "--qmp",
+        sock.to_str().unwrap(),
+    ]));
     p.wait_for_output("fill done", T);
     let mut q = Qmp::negotiated(&sock);
     for bad in [
@@ -442,7 +498,11 @@ fn state_file_truncated_or_deleted_under_the_snapshot() {
         q.wait_savevm_bytes(64 << 20, T);
         // The file being written: the new one beside the name.
         let prefix = format!(".{what}.state.ringvm-");
-        let written = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix)).expect("the snapshot's file");
+        let written = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+            .expect("the snapshot's file");
         match what {
             "truncate" => std::fs::OpenOptions::new().write(true).open(&written).unwrap().set_len(0).unwrap(),
             _ => std::fs::remove_file(&written).unwrap(),
@@ -474,7 +534,14 @@ fn disk_file_shrinking_under_the_guest() {
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
     let g = guest_elf(&dir);
     let sock = dir.path("qmp.sock");
-    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=4 passes=1000000"]).arg("--disk").arg(format!("path={}", disk.display())).arg("--qmp").arg(&sock));
+    let mut p = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=4 passes=1000000"])
+            .arg("--disk")
+            .arg(format!("path={}", disk.display()))
+            .arg("--qmp")
+            .arg(&sock),
+    );
     p.wait_for_output("scsi-verify pass 2 bad=0", T);
     let mut q = Qmp::negotiated(&sock);
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(4 << 20).unwrap();
@@ -728,7 +795,13 @@ fn guest_resets_during_disk_io() {
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
     let g = guest_elf(&dir);
-    let o = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=16 reboots=500"]).arg("--disk").arg(format!("path={},cache=none", disk.display()))).wait(T * 2);
+    let o = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=0 bs=65536 qd=16 reboots=500"])
+            .arg("--disk")
+            .arg(format!("path={},cache=none", disk.display())),
+    )
+    .wait(T * 2);
     assert_eq!(o.code(), 0, "stderr:\n{}\nstdout tail:\n{}", o.stderr, o.stdout.lines().rev().take(20).collect::<Vec<_>>().join("\n"));
     assert_eq!(o.stdout.matches("scsi reboot ").count(), 500, "{}", o.stdout.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
     assert!(o.stdout.contains("scsi reboots done 500"));
@@ -777,7 +850,9 @@ fn reboots_after_the_kernel_file_is_gone() {
     let dir = Scratch::new("rel-kernel-gone");
     let g = guest_elf(&dir);
     let sock = dir.path("qmp.sock");
-    let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "-S", "--memory", "64M", "--cmdline", "work=reboot count=3", "--kernel"]).arg(&g).arg("--qmp").arg(&sock));
+    let p = Proc::spawn(
+        Command::new(ringvm_bin()).args(["run", "-S", "--memory", "64M", "--cmdline", "work=reboot count=3", "--kernel"]).arg(&g).arg("--qmp").arg(&sock),
+    );
     let mut q = Qmp::negotiated(&sock);
     std::fs::remove_file(&g).unwrap();
     q.ok("cont", json!({}));
@@ -923,7 +998,22 @@ fn disk_error_policies_stop_and_retry() {
     let g = guest_elf(&dir);
     let run = |disk: &std::path::Path, opts: &str, sock: &std::path::Path| {
         let spec = format!("path={}{opts}", disk.display());
-        Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-verify mib=16 bs=65536 qd=8 seed=1", "--disk", &spec]).arg("--qmp").arg(sock))
+        Proc::spawn(
+            Command::new(ringvm_bin())
+                .args([
+                    "run",
+                    "--kernel",
+                    g.to_str().unwrap(),
+                    "--memory",
+                    "128M",
+                    "--cmdline",
+                    "work=scsi-verify mib=16 bs=65536 qd=8 seed=1",
+                    "--disk",
+                    &spec,
+                ])
+                .arg("--qmp")
+                .arg(sock),
+        )
     };
     // enospc: stop, grow, cont, nothing lost.
     let fs = Tmpfs::mount(dir.path("small"), "4M");

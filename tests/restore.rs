@@ -47,7 +47,8 @@ fn snapshot_restore_verify(cpus: &str) {
     let g = guest_elf(&dir);
     let file = dir.path("vm.state");
     let work = "work=mem mib=96 secs=3 rate=50 beat=200";
-    let o = run_and_snapshot(&dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", cpus, "--memory", "192M", "--cmdline", work], &file, "ringvm-guest: beat 2");
+    let o =
+        run_and_snapshot(&dir, &["run", "--kernel", g.to_str().unwrap(), "--cpus", cpus, "--memory", "192M", "--cmdline", work], &file, "ringvm-guest: beat 2");
     assert_eq!(o.code(), 0, "{}", o.stdout);
     let beats_before = o.stdout.matches("ringvm-guest: beat").count();
     // The restored guest resumes inside its dirty loop (no new start
@@ -101,7 +102,8 @@ fn chain_of_three_restores() {
     // Generation 0: boot; snapshot; quit.
     {
         let sock = dir.path("qmp.sock");
-        let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", work, "--qmp"]).arg(&sock));
+        let mut p =
+            Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", work, "--qmp"]).arg(&sock));
         p.wait_for_output("ringvm-guest: beat 2", T);
         let mut q = Qmp::negotiated(&sock);
         q.savevm_completes(&prev, T);
@@ -251,7 +253,12 @@ fn bad_state_files_are_one_line_errors() {
     let dir = Scratch::new("restore-bad");
     let g = guest_elf(&dir);
     let file = dir.path("vm.state");
-    let o = run_and_snapshot(&dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=mem mib=16 secs=2 rate=10 beat=100"], &file, "ringvm-guest: beat 1");
+    let o = run_and_snapshot(
+        &dir,
+        &["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=mem mib=16 secs=2 rate=10 beat=100"],
+        &file,
+        "ringvm-guest: beat 1",
+    );
     assert_eq!(o.code(), 0);
     let good = std::fs::read(&file).unwrap();
     let bad = dir.path("bad.state");
@@ -311,7 +318,12 @@ fn incoming_defer_and_qmp_during_the_load() {
     let g = guest_elf(&dir);
     let file = dir.path("big.state");
     // A 1 GiB guest with 900 MiB of data.
-    let o = run_and_snapshot(&dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "1G", "--cmdline", "work=mem mib=900 secs=8 rate=10 beat=100"], &file, "ringvm-guest: beat 1");
+    let o = run_and_snapshot(
+        &dir,
+        &["run", "--kernel", g.to_str().unwrap(), "--memory", "1G", "--cmdline", "work=mem mib=900 secs=8 rate=10 beat=100"],
+        &file,
+        "ringvm-guest: beat 1",
+    );
     assert_eq!(o.code(), 0);
     let sock = dir.path("in.sock");
     let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--incoming", "defer", "-S", "--memory", "1G", "--qmp"]).arg(&sock));
@@ -452,7 +464,22 @@ fn disks_clone_reflinks_during_the_pause() {
             let disk = scratch.path("plain.img");
             std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
             let sock = scratch.path("plain.sock");
-            let p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=mem mib=8 secs=inf", "--disk", disk.to_str().unwrap(), "--qmp"]).arg(&sock));
+            let p = Proc::spawn(
+                Command::new(ringvm_bin())
+                    .args([
+                        "run",
+                        "--kernel",
+                        g.to_str().unwrap(),
+                        "--memory",
+                        "64M",
+                        "--cmdline",
+                        "work=mem mib=8 secs=inf",
+                        "--disk",
+                        disk.to_str().unwrap(),
+                        "--qmp",
+                    ])
+                    .arg(&sock),
+            );
             let mut q = Qmp::negotiated(&sock);
             let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": scratch.path("plain.state").to_str().unwrap(), "disks": "clone"}}));
             let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
@@ -471,7 +498,16 @@ fn disks_clone_reflinks_during_the_pause() {
     let sock = scratch.path("qmp.sock");
     let mut p = Proc::spawn(
         Command::new(ringvm_bin())
-            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-verify mib=8 bs=65536 qd=8 seed=9 passes=1000000", "--disk"])
+            .args([
+                "run",
+                "--kernel",
+                g.to_str().unwrap(),
+                "--memory",
+                "128M",
+                "--cmdline",
+                "work=scsi-verify mib=8 bs=65536 qd=8 seed=9 passes=1000000",
+                "--disk",
+            ])
             .arg(format!("path={},cache=none", disk.display()))
             .arg("--qmp")
             .arg(&sock),

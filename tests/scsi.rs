@@ -30,9 +30,21 @@ fn scsi_verify_across_luns_and_queues_and_host_files_match() {
     let d1 = disk(&dir, "d1.img", 16);
     let o = ringvm(
         &[
-            "run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--iothreads", "2",
-            "--cmdline", "work=scsi-verify mib=16 bs=65536 qd=8 seed=77",
-            "--disk", &format!("path={d0}"), "--disk", &format!("path={d1},cache=none"),
+            "run",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--iothreads",
+            "2",
+            "--cmdline",
+            "work=scsi-verify mib=16 bs=65536 qd=8 seed=77",
+            "--disk",
+            &format!("path={d0}"),
+            "--disk",
+            &format!("path={d1},cache=none"),
         ],
         T,
     );
@@ -63,8 +75,17 @@ fn scsi_errors_out_of_range_write_protect_and_bad_opcode() {
     std::fs::write(&ro, vec![0xabu8; 8 << 20]).unwrap();
     let o = ringvm(
         &[
-            "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-errors mib=1",
-            "--disk", &format!("path={rw}"), "--disk", &format!("path={ro},readonly=on"),
+            "run",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--memory",
+            "128M",
+            "--cmdline",
+            "work=scsi-errors mib=1",
+            "--disk",
+            &format!("path={rw}"),
+            "--disk",
+            &format!("path={ro},readonly=on"),
         ],
         T,
     );
@@ -95,9 +116,21 @@ fn system_reset_200_times_during_scsi_bench() {
     let d0 = disk(&dir, "d0.img", 32);
     let sock = dir.path("qmp.sock");
     let vm = Proc::spawn(Command::new(ringvm_bin()).args([
-        "run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "256M", "--iothreads", "2",
-        "--cmdline", "work=scsi-verify bs=4096 qd=32 mib=32 seed=31 passes=1",
-        "--disk", &format!("path={d0},cache=none"), "--qmp", sock.to_str().unwrap(),
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--iothreads",
+        "2",
+        "--cmdline",
+        "work=scsi-verify bs=4096 qd=32 mib=32 seed=31 passes=1",
+        "--disk",
+        &format!("path={d0},cache=none"),
+        "--qmp",
+        sock.to_str().unwrap(),
     ]));
     // The whole line: the guest starts its I/O right after printing it.
     let ready = "capacity=33554432 bytes\r\n";
@@ -133,8 +166,21 @@ fn query_block_lists_disks() {
     let d1 = disk(&dir, "d1.img", 2);
     let sock = dir.path("qmp.sock");
     let vm = Proc::spawn(Command::new(ringvm_bin()).args([
-        "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--iothreads", "2", "--cmdline", "work=spin secs=inf",
-        "--disk", &format!("path={d0},cache=none"), "--disk", &format!("path={d1},readonly=on,iothread=1"), "--qmp", sock.to_str().unwrap(),
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--iothreads",
+        "2",
+        "--cmdline",
+        "work=spin secs=inf",
+        "--disk",
+        &format!("path={d0},cache=none"),
+        "--disk",
+        &format!("path={d1},readonly=on,iothread=1"),
+        "--qmp",
+        sock.to_str().unwrap(),
     ]));
     wait_for_socket(&sock);
     let mut q = Qmp::negotiated(&sock);
@@ -163,13 +209,28 @@ fn per_disk_queue_count() {
     let d0 = disk(&dir, "d0.img", 8);
     let d1 = disk(&dir, "d1.img", 8);
     let o = ringvm(
-        &["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--cmdline", "work=scsi-verify mib=4 bs=65536 qd=4 seed=3", "--disk", &format!("path={d0},queues=1")],
+        &[
+            "run",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "work=scsi-verify mib=4 bs=65536 qd=4 seed=3",
+            "--disk",
+            &format!("path={d0},queues=1"),
+        ],
         T,
     );
     assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("virtio-scsi queues=1 luns=1"), "{}", o.stdout);
     assert!(o.stdout.contains("bad=0"), "{}", o.stdout);
-    let o = ringvm(&["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--disk", &format!("path={d0},queues=1"), "--disk", &format!("path={d1},queues=2")], T);
+    let o = ringvm(
+        &["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--disk", &format!("path={d0},queues=1"), "--disk", &format!("path={d1},queues=2")],
+        T,
+    );
     assert_eq!(o.code(), 1);
     assert!(o.stderr.contains("different queue counts"), "{}", o.stderr);
 }
@@ -204,8 +265,19 @@ fn device_del_unplugs_a_lun_under_io_and_the_guest_sees_it_go() {
     let d1 = disk(&dir, "d1.img", 4);
     let sock = dir.path("qmp.sock");
     let mut vm = Proc::spawn(Command::new(ringvm_bin()).args([
-        "run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=scsi-unplug mib=1 secs=60",
-        "--disk", &format!("path={d0}"), "--disk", &format!("path={d1},cache=none"), "--qmp", sock.to_str().unwrap(),
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--cmdline",
+        "work=scsi-unplug mib=1 secs=60",
+        "--disk",
+        &format!("path={d0}"),
+        "--disk",
+        &format!("path={d1},cache=none"),
+        "--qmp",
+        sock.to_str().unwrap(),
     ]));
     vm.wait_for_output("scsi-unplug ready luns=2 watching lun 1", T);
     wait_for_socket(&sock);
@@ -256,8 +328,19 @@ fn snapshot_after_unplug_restores_the_remaining_lun_at_its_number() {
     std::fs::write(&d1, words).unwrap();
     let sock = dir.path("qmp.sock");
     let mut vm = Proc::spawn(Command::new(ringvm_bin()).args([
-        "run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--cmdline", "work=scsi-unplug-restore mib=4 bs=65536 seed=5",
-        "--disk", &format!("path={d0}"), "--disk", &format!("path={d1}"), "--qmp", sock.to_str().unwrap(),
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "work=scsi-unplug-restore mib=4 bs=65536 seed=5",
+        "--disk",
+        &format!("path={d0}"),
+        "--disk",
+        &format!("path={d1}"),
+        "--qmp",
+        sock.to_str().unwrap(),
     ]));
     vm.wait_for_output("scsi-unplug-restore ready", T);
     let mut q = Qmp::negotiated(&sock);

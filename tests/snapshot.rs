@@ -18,7 +18,19 @@ const T: Duration = Duration::from_secs(120);
 fn vm(dir: &Scratch, cpus: &str, mem: &str, work: &str) -> (Proc, Qmp) {
     let g = guest_elf(dir);
     let sock = dir.path("qmp.sock");
-    let mut p = Proc::spawn(Command::new(ringvm_bin()).args(["run", "--kernel", g.to_str().unwrap(), "--cpus", cpus, "--memory", mem, "--cmdline", work, "--qmp", sock.to_str().unwrap()]));
+    let mut p = Proc::spawn(Command::new(ringvm_bin()).args([
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cpus",
+        cpus,
+        "--memory",
+        mem,
+        "--cmdline",
+        work,
+        "--qmp",
+        sock.to_str().unwrap(),
+    ]));
     p.wait_for_output("cpus online", T);
     let q = Qmp::negotiated(&sock);
     (p, q)
@@ -372,7 +384,8 @@ fn snapshots_with_a_disk_under_write_load() {
     let o = p.wait(T);
     assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
     assert!(!o.stdout.contains("I/O failed") && !o.stdout.contains("needs reset") && !o.stdout.contains("timed out"), "{}", o.stdout);
-    let line = o.stdout.lines().find(|l| l.contains("scsi-bench pattern=write") && l.contains(" iops=")).unwrap_or_else(|| panic!("no bench result:\n{}", o.stdout));
+    let line =
+        o.stdout.lines().find(|l| l.contains("scsi-bench pattern=write") && l.contains(" iops=")).unwrap_or_else(|| panic!("no bench result:\n{}", o.stdout));
     let ops: u64 = line.split_whitespace().find_map(|w| w.strip_prefix("ops=")).and_then(|v| v.parse().ok()).unwrap();
     assert!(ops > 0, "{line}");
     let (torn, written) = blocks_torn_and_written(&disk, 13, 0, 65536);

@@ -40,10 +40,7 @@ impl Bus {
         }
         let end = base.checked_add(len).ok_or(Error::BusOverlap { base, len })?;
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        let clash_before = map
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, (r, _))| r.base + r.len > base);
+        let clash_before = map.range(..end).next_back().is_some_and(|(_, (r, _))| r.base + r.len > base);
         if clash_before {
             return Err(Error::BusOverlap { base, len });
         }
@@ -105,14 +102,8 @@ mod tests {
     fn dispatch_and_overlap() {
         let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo(1))), 0x10, 8).unwrap();
-        assert!(matches!(
-            bus.insert(Arc::new(Mutex::new(Echo(2))), 0x14, 8),
-            Err(Error::BusOverlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(Arc::new(Mutex::new(Echo(2))), 0x8, 9),
-            Err(Error::BusOverlap { .. })
-        ));
+        assert!(matches!(bus.insert(Arc::new(Mutex::new(Echo(2))), 0x14, 8), Err(Error::BusOverlap { .. })));
+        assert!(matches!(bus.insert(Arc::new(Mutex::new(Echo(2))), 0x8, 9), Err(Error::BusOverlap { .. })));
         bus.insert(Arc::new(Mutex::new(Echo(2))), 0x18, 8).unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x12, &mut b));

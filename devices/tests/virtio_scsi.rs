@@ -453,11 +453,13 @@ fn unplug_waits_for_in_flight_requests_then_closes_the_file_and_tells_the_driver
     // SAFETY: pipe() fills two fds.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     // SAFETY: both fds are ours; each File owns one from here.
-    let (read_end, mut write_end) = unsafe { (<std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]), <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1])) };
+    let (read_end, mut write_end) =
+        unsafe { (<std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]), <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1])) };
     let file = tempfile::tempfile().unwrap();
     file.set_len(1 << 20).unwrap();
     let io = IoThread::spawn("iothread-unplug", 64).unwrap();
-    let disks = vec![Disk::new("file", file, Lun::new(1 << 20, 512, false, "F"), false), Disk::new("pipe", read_end, Lun::new(1 << 20, 512, false, "P"), false)];
+    let disks =
+        vec![Disk::new("file", file, Lun::new(1 << 20, 512, false, "F"), false), Disk::new("pipe", read_end, Lun::new(1 << 20, 512, false, "P"), false)];
     let mut dev = VirtioScsi::new(disks, vec![io.remote()], 1);
     let hp = dev.hotplug();
     let (mut evq, mut rq) = (Q { base: 0x100000, avail_idx: 0, used_seen: 0 }, Q { base: 0x200000, avail_idx: 0, used_seen: 0 });

@@ -103,7 +103,12 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     let mut rows = vec![];
     for sys in ["ringvm", "QEMU"] {
-        rows.push(vec![sys.to_string(), cell(r.stat("mem", sys, "first_serial_line"), 1), cell(r.stat("mem", sys, "end_of_mem"), 0), cell(r.stat("hello", sys, "peak_rss"), 1)]);
+        rows.push(vec![
+            sys.to_string(),
+            cell(r.stat("mem", sys, "first_serial_line"), 1),
+            cell(r.stat("mem", sys, "end_of_mem"), 0),
+            cell(r.stat("hello", sys, "peak_rss"), 1),
+        ]);
     }
     let st = |r: &Report, case: &str, m: &str| (r.stat(case, "ringvm", m), r.stat(case, "QEMU", m));
     let (f, e, m) = (st(r, "mem", "first_serial_line"), st(r, "mem", "end_of_mem"), st(r, "hello", "peak_rss"));

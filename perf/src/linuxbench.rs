@@ -26,12 +26,8 @@ use crate::Ctx;
 const SNAPSHOT_AT: &str = "scsi host0: Virtio SCSI HBA";
 
 /// (case, serial line that marks it).
-const MILESTONES: [(&str, &str); 4] = [
-    ("linux_version", "Linux version"),
-    ("scsi_disk", "Direct-Access"),
-    ("root_mounted", "VFS: Mounted root"),
-    ("selftest_done", "RINGVM-KTEST DONE PASS"),
-];
+const MILESTONES: [(&str, &str); 4] =
+    [("linux_version", "Linux version"), ("scsi_disk", "Direct-Access"), ("root_mounted", "VFS: Mounted root"), ("selftest_done", "RINGVM-KTEST DONE PASS")];
 
 fn guest_dir(root: &Path) -> Option<PathBuf> {
     let dir = std::env::var_os("RINGVM_LINUX_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/linux"));

@@ -167,7 +167,11 @@ pub fn have(cmd: &str) -> bool {
 
 /// QEMU 10 specifically: older QEMUs lack options the suites use.
 fn have_qemu10() -> bool {
-    Command::new("qemu-system-x86_64").arg("--version").output().map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("version 1")).unwrap_or(false)
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("version 1"))
+        .unwrap_or(false)
 }
 
 /// Installs the peers (scripts/peers.sh, idempotent) and builds ringvm's
@@ -242,7 +246,11 @@ fn main() -> Result<()> {
     if !c.have_fio {
         r.log("fio unavailable: every fio column (the physical limit) is reported as skipped");
     }
-    let suites = if cli.suite == Which::All { vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs] } else { vec![cli.suite] };
+    let suites = if cli.suite == Which::All {
+        vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs]
+    } else {
+        vec![cli.suite]
+    };
     for w in suites {
         if stopping() {
             r.log(format!("stopped by a signal: suite {} not run", w.name()));

@@ -22,7 +22,8 @@ pub struct Panel {
 }
 
 /// Distinct on white: red, blue, green, orange, purple, black.
-const COLORS: &[RGBColor] = &[RGBColor(214, 39, 40), RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(0, 0, 0)];
+const COLORS: &[RGBColor] =
+    &[RGBColor(214, 39, 40), RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(0, 0, 0)];
 
 const FONTS: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -111,7 +112,9 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, log2_x: bool,
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
             chart.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow!("{e}"))?;
             chart
-                .draw_series(s.points.iter().filter(|p| p.3 > p.2).map(|p| ErrorBar::new_vertical(tx(p.0), p.2.min(top), p.1, p.3.min(top), color.stroke_width(1), 8)))
+                .draw_series(
+                    s.points.iter().filter(|p| p.3 > p.2).map(|p| ErrorBar::new_vertical(tx(p.0), p.2.min(top), p.1, p.3.min(top), color.stroke_width(1), 8)),
+                )
                 .map_err(|e| anyhow!("{e}"))?;
         }
         chart
@@ -141,7 +144,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ringvm-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("t.png");
-        let panel = |t: &str| Panel { title: t.into(), series: vec![Series { name: "a".into(), points: vec![(1.0, 2.0, 1.5, 2.5), (4.0, 3.0, 3.0, 3.0)] }, Series { name: "b".into(), points: vec![(2.0, 1.0, 1.0, 1.0)] }] };
+        let panel = |t: &str| Panel {
+            title: t.into(),
+            series: vec![
+                Series { name: "a".into(), points: vec![(1.0, 2.0, 1.5, 2.5), (4.0, 3.0, 3.0, 3.0)] },
+                Series { name: "b".into(), points: vec![(2.0, 1.0, 1.0, 1.0)] },
+            ],
+        };
         lines(&p, "title", "x", "y", true, &[panel("one"), panel("two")]).unwrap();
         let png = std::fs::read(&p).unwrap();
         assert_eq!(&png[1..4], b"PNG");

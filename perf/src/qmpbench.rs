@@ -55,11 +55,7 @@ pub fn measure(sock: &Path, n: usize) -> Result<Latency> {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
     let _ = w.write_all(b"{\"execute\":\"quit\"}\n");
-    Ok(Latency {
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        max_us: samples[samples.len() - 1],
-    })
+    Ok(Latency { p50_us: pct(0.50), p99_us: pct(0.99), max_us: samples[samples.len() - 1] })
 }
 
 /// The guest's load: spinning, or random reads on a disk at QD 32.
@@ -71,55 +67,18 @@ pub fn workload(disk: Option<&Path>) -> &'static str {
     }
 }
 
-pub fn spawn_ringvm(
-    bin: &Path,
-    guest: &Path,
-    sock: &Path,
-    cpus: &str,
-    disk: Option<&Path>,
-) -> Result<Child> {
+pub fn spawn_ringvm(bin: &Path, guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) -> Result<Child> {
     let mut c = Command::new(bin);
-    c.args([
-        "run",
-        "--cpus",
-        cpus,
-        "--memory",
-        "256M",
-        "--cmdline",
-        workload(disk),
-        "--serial",
-        "off",
-        "--kernel",
-    ])
-    .arg(guest);
+    c.args(["run", "--cpus", cpus, "--memory", "256M", "--cmdline", workload(disk), "--serial", "off", "--kernel"]).arg(guest);
     if let Some(d) = disk {
-        c.arg("--disk")
-            .arg(format!("path={},cache=none", d.display()));
+        c.arg("--disk").arg(format!("path={},cache=none", d.display()));
     }
-    c.arg("--qmp")
-        .arg(sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn ringvm")
+    c.arg("--qmp").arg(sock).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("spawn ringvm")
 }
 
 pub fn spawn_qemu(guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) -> Result<Child> {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        cpus,
-        "-m",
-        "256M",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args([
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", cpus, "-m", "256M", "-kernel"]).arg(guest).args([
         "-append",
         workload(disk),
         "-display",
@@ -131,18 +90,10 @@ pub fn spawn_qemu(guest: &Path, sock: &Path, cpus: &str, disk: Option<&Path>) ->
         "-no-reboot",
     ]);
     if let Some(d) = disk {
-        c.args([
-            "-object",
-            "iothread,id=io0",
-            "-device",
-            "virtio-scsi-pci,id=scsi0,iothread=io0,disable-legacy=on",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
-            d.display()
-        ))
-        .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,lun=0"]);
+        c.args(["-object", "iothread,id=io0", "-device", "virtio-scsi-pci,id=scsi0,iothread=io0,disable-legacy=on"])
+            .arg("-drive")
+            .arg(format!("file={},if=none,id=d0,format=raw,cache=none,aio=io_uring", d.display()))
+            .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,lun=0"]);
     }
     c.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))

@@ -148,7 +148,16 @@ fn machine(scratch: &Path) -> Value {
 }
 
 fn versions(root: &Path) -> Value {
-    let git = |args: &[&str]| Command::new("git").arg("-C").arg(root).args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     let pkg = |p: &str| first_line("dpkg-query", &["-W", "-f", "${Version}", p]).filter(|v| !v.contains("no packages"));
     json!({
@@ -280,7 +289,8 @@ impl Report {
     /// Statistics over the current suite's samples of (case, system, metric).
     pub fn stat(&self, case: &str, system: &str, metric: &str) -> Option<Stat> {
         let suite = self.suite_name();
-        let v: Vec<f64> = self.samples.iter().filter(|s| s.suite == suite && s.case == case && s.system == system && s.metric == metric).map(|s| s.value).collect();
+        let v: Vec<f64> =
+            self.samples.iter().filter(|s| s.suite == suite && s.case == case && s.system == system && s.metric == metric).map(|s| s.value).collect();
         Stat::of(&v)
     }
 
@@ -343,8 +353,16 @@ impl Report {
     /// points `perf/results/latest` at this run.
     pub fn finish(mut self) -> Result<PathBuf> {
         self.finish_suite("ran", None);
-        let samples: Vec<Value> = self.samples.iter().map(|s| json!({"suite": s.suite, "case": s.case, "system": s.system, "metric": s.metric, "unit": s.unit, "value": s.value})).collect();
-        let headlines: Vec<Value> = self.headlines.iter().map(|h| json!({"suite": h.suite, "what": h.what, "ringvm": h.ours, "peer": h.peer, "ratio": h.ratio, "better": h.better})).collect();
+        let samples: Vec<Value> = self
+            .samples
+            .iter()
+            .map(|s| json!({"suite": s.suite, "case": s.case, "system": s.system, "metric": s.metric, "unit": s.unit, "value": s.value}))
+            .collect();
+        let headlines: Vec<Value> = self
+            .headlines
+            .iter()
+            .map(|h| json!({"suite": h.suite, "what": h.what, "ringvm": h.ours, "peer": h.peer, "ratio": h.ratio, "better": h.better}))
+            .collect();
         let doc = json!({
             "started": self.started,
             "seconds": self.t0.elapsed().as_secs_f64(),
@@ -363,7 +381,12 @@ impl Report {
         std::fs::write(self.out.join("results.json"), serde_json::to_string_pretty(&doc)?)?;
 
         let mut md = format!("# ringvm benchmarks, {}\n\n", self.started);
-        md += &format!("Command: `{}`{}. Repetitions: {} per figure (median, min..max), systems interleaved.\n\n", self.argv.join(" "), if self.quick { " (smoke run: not figures to quote)" } else { "" }, self.reps);
+        md += &format!(
+            "Command: `{}`{}. Repetitions: {} per figure (median, min..max), systems interleaved.\n\n",
+            self.argv.join(" "),
+            if self.quick { " (smoke run: not figures to quote)" } else { "" },
+            self.reps
+        );
         md += &format!("Machine: {}\n\nVersions: {}\n\n", self.machine, self.versions);
         md += "## Headline ratios\n\nringvm over its peer (medians); 'better' says which direction favours ringvm.\n\n| suite | figure | ringvm | peer | ratio | better |\n| --- | --- | --- | --- | --- | --- |\n";
         for h in &self.headlines {
@@ -371,7 +394,13 @@ impl Report {
         }
         md += "\n## Suites\n\n";
         for s in &self.suites {
-            md += &format!("- {}: {}{} ({:.0} s)\n", s["suite"].as_str().unwrap_or(""), s["status"].as_str().unwrap_or(""), s["why"].as_str().map(|w| format!(" -- {w}")).unwrap_or_default(), s["seconds"].as_f64().unwrap_or(0.0));
+            md += &format!(
+                "- {}: {}{} ({:.0} s)\n",
+                s["suite"].as_str().unwrap_or(""),
+                s["status"].as_str().unwrap_or(""),
+                s["why"].as_str().map(|w| format!(" -- {w}")).unwrap_or_default(),
+                s["seconds"].as_f64().unwrap_or(0.0)
+            );
         }
         md += "\n";
         for (_, t) in &self.tables {

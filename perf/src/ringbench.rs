@@ -23,27 +23,9 @@ pub struct Job {
 }
 
 pub const JOBS: &[Job] = &[
-    Job {
-        name: "4k randread QD32",
-        write: false,
-        random: true,
-        bs: 4096,
-        depth: 32,
-    },
-    Job {
-        name: "1M seq write QD8",
-        write: true,
-        random: false,
-        bs: 1 << 20,
-        depth: 8,
-    },
-    Job {
-        name: "1M seq read QD8",
-        write: false,
-        random: false,
-        bs: 1 << 20,
-        depth: 8,
-    },
+    Job { name: "4k randread QD32", write: false, random: true, bs: 4096, depth: 32 },
+    Job { name: "1M seq write QD8", write: true, random: false, bs: 1 << 20, depth: 8 },
+    Job { name: "1M seq read QD8", write: false, random: false, bs: 1 << 20, depth: 8 },
 ];
 
 /// Anonymous, page-aligned memory for O_DIRECT: the same kind of memory as
@@ -63,16 +45,7 @@ struct Arena {
 impl Arena {
     fn new(len: usize, fill: bool) -> Result<Arena> {
         // SAFETY: anonymous private mapping, checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
         if p == libc::MAP_FAILED {
             bail!("mmap {len}: {}", std::io::Error::last_os_error());
         }
@@ -93,12 +66,7 @@ impl Drop for Arena {
 
 /// Bytes per second moved by the ring for `secs`.
 pub fn run_ring(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
+    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).with_context(|| format!("open {}", path.display()))?;
     // Eager submission: each completion's follow-up read or write is in
     // flight before the next completion is handled, as fio does.
     let mut ring = Ring::with_options(ringvm_ring::RingOptions::new(64).eager(true))?;
@@ -112,23 +80,9 @@ pub fn run_ring(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
         stop: bool,
         err: Option<std::io::Error>,
     }
-    let st = Rc::new(RefCell::new(St {
-        rng: 0x9E37_79B9_7F4A_7C15,
-        next_seq: 0,
-        bytes: 0,
-        stop: false,
-        err: None,
-    }));
+    let st = Rc::new(RefCell::new(St { rng: 0x9E37_79B9_7F4A_7C15, next_seq: 0, bytes: 0, stop: false, err: None }));
     let blocks = size / job.bs as u64;
-    fn issue(
-        ring: &mut Ring,
-        st: &Rc<RefCell<St>>,
-        job: Job,
-        fd: Fd,
-        idx: u16,
-        slot_ptr: *mut u8,
-        blocks: u64,
-    ) {
+    fn issue(ring: &mut Ring, st: &Rc<RefCell<St>>, job: Job, fd: Fd, idx: u16, slot_ptr: *mut u8, blocks: u64) {
         let off = {
             let mut s = st.borrow_mut();
             if s.stop {
@@ -237,9 +191,7 @@ pub fn run_fio(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
     let side = if job.write { "write" } else { "read" };
-    v["jobs"][0][side]["bw_bytes"]
-        .as_f64()
-        .context("fio JSON: bw_bytes")
+    v["jobs"][0][side]["bw_bytes"].as_f64().context("fio JSON: bw_bytes")
 }
 
 /// One sequential 1 MiB O_DIRECT pass of fio over `path` (`rw` = write or

@@ -37,36 +37,22 @@ pub fn jobs(quick: bool) -> Vec<Job> {
 }
 
 fn cmdline(job: Job, secs: u64) -> String {
-    format!(
-        "work=scsi-bench pattern={} bs={} qd={} secs={secs} mib=0",
-        job.pattern, job.bs, job.qd
-    )
+    format!("work=scsi-bench pattern={} bs={} qd={} secs={secs} mib=0", job.pattern, job.bs, job.qd)
 }
 
 /// Bytes per second the guest reported.
 /// The guest's throughput, in bytes/s; it must have driven `queues` queues.
 fn parse(out: &str, queues: u32) -> Result<f64> {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("ringvm-guest: scsi-bench "))
-        .with_context(|| format!("no scsi-bench line in:\n{out}"))?;
+    let line = out.lines().find(|l| l.starts_with("ringvm-guest: scsi-bench ")).with_context(|| format!("no scsi-bench line in:\n{out}"))?;
     if !line.contains(&format!(" queues={queues} ")) {
         bail!("the guest did not drive {queues} queue(s) (fewer vCPUs or queues came up): {line}");
     }
-    let kbps: f64 = line
-        .split("kbps=")
-        .nth(1)
-        .and_then(|v| v.trim().parse().ok())
-        .context("kbps")?;
+    let kbps: f64 = line.split("kbps=").nth(1).and_then(|v| v.trim().parse().ok()).context("kbps")?;
     Ok(kbps * 1000.0)
 }
 
 fn run(mut cmd: Command, deadline: Duration) -> Result<String> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let pid = child.id();
     let waiter = std::thread::spawn(move || child.wait_with_output());
     let t0 = std::time::Instant::now();
@@ -87,29 +73,13 @@ fn run(mut cmd: Command, deadline: Duration) -> Result<String> {
     Ok(text)
 }
 
-pub fn ringvm(
-    bin: &Path,
-    guest: &Path,
-    file: &Path,
-    job: Job,
-    queues: u32,
-    secs: u64,
-) -> Result<f64> {
+pub fn ringvm(bin: &Path, guest: &Path, file: &Path, job: Job, queues: u32, secs: u64) -> Result<f64> {
     let mut c = Command::new(bin);
-    c.args([
-        "run",
-        "--cpus",
-        &queues.to_string(),
-        "--memory",
-        "512M",
-        "--iothreads",
-        &queues.to_string(),
-        "--kernel",
-    ])
-    .arg(guest)
-    .args(["--cmdline", &cmdline(job, secs)])
-    .arg("--disk")
-    .arg(format!("path={},cache=none", file.display()));
+    c.args(["run", "--cpus", &queues.to_string(), "--memory", "512M", "--iothreads", &queues.to_string(), "--kernel"])
+        .arg(guest)
+        .args(["--cmdline", &cmdline(job, secs)])
+        .arg("--disk")
+        .arg(format!("path={},cache=none", file.display()));
     // RINGVM_PERF_THP=0: guest RAM in small pages (ringvm --no-thp).
     if std::env::var("RINGVM_PERF_THP").is_ok_and(|v| v == "0") {
         c.arg("--no-thp");
@@ -119,30 +89,10 @@ pub fn ringvm(
 
 pub fn qemu(guest: &Path, file: &Path, job: Job, queues: u32, secs: u64) -> Result<f64> {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        &queues.to_string(),
-        "-m",
-        "512M",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args([
-        "-append",
-        &cmdline(job, secs),
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-        "-no-reboot",
-    ])
-    .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", &queues.to_string(), "-m", "512M", "-kernel"])
+        .arg(guest)
+        .args(["-append", &cmdline(job, secs), "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
     // One iothread per request queue, as ringvm runs them: QEMU 10's
     // iothread-vq-mapping (JSON -device syntax) when there are several.
     for i in 0..queues {
@@ -155,14 +105,10 @@ pub fn qemu(guest: &Path, file: &Path, job: Job, queues: u32, secs: u64) -> Resu
         let dev = serde_json::json!({"driver": "virtio-scsi-pci", "id": "scsi0", "disable-legacy": "on", "num_queues": queues, "iothread-vq-mapping": map});
         c.args(["-device", &dev.to_string()]);
     }
-    c
-    .arg("-drive")
-    .arg(format!(
-        "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
-        file.display()
-    ))
-    // JSON too: a legacy -device cannot name the bus of a JSON one.
-    .args(["-device", r#"{"driver":"scsi-hd","drive":"d0","bus":"scsi0.0","lun":0}"#]);
+    c.arg("-drive")
+        .arg(format!("file={},if=none,id=d0,format=raw,cache=none,aio=io_uring", file.display()))
+        // JSON too: a legacy -device cannot name the bus of a JSON one.
+        .args(["-device", r#"{"driver":"scsi-hd","drive":"d0","bus":"scsi0.0","lun":0}"#]);
     parse(&run(c, Duration::from_secs(secs + 120))?, queues)
 }
 

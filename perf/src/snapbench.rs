@@ -125,35 +125,15 @@ pub fn command(netns: Option<&str>, bin: &Path) -> Command {
 /// MiB/s, snapshots it to `file` (which may be an nfs:// URI), inside
 /// network namespace `netns` if given.
 #[allow(clippy::too_many_arguments)]
-pub fn ringvm(
-    netns: Option<&str>,
-    bin: &Path,
-    guest: &Path,
-    dir: &Path,
-    file: &Path,
-    mem_mib: u64,
-    rate: u64,
-    fill_pct: u64,
-) -> Result<Result1> {
+pub fn ringvm(netns: Option<&str>, bin: &Path, guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, fill_pct: u64) -> Result<Result1> {
     let sock = dir.join("snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * fill_pct / 100;
     let mut child = command(netns, bin)
-        .args([
-            "run",
-            "--cpus",
-            "1",
-            "--memory",
-            &format!("{mem_mib}M"),
-            "--kernel",
-        ])
+        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
         .arg(guest)
-        .args([
-            "--cmdline",
-            &format!("work=mem mib={fill} secs=inf rate={rate}"),
-            "--qmp",
-        ])
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate}"), "--qmp"])
         .arg(&sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -161,18 +141,12 @@ pub fn ringvm(
         .spawn()?;
     let rx = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
-        rx.recv_timeout(Duration::from_secs(600))
-            .context("guest fill")?;
+        rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
-        ok(
-            &mut q,
-            json!({"execute": "savevm-start", "arguments": {"statefile": file}}),
-        )?;
+        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file}}))?;
         let s = savevm_completed(&mut q)?;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
-        let used = std::fs::metadata(file)
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-            .unwrap_or(0);
+        let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
         Ok(Result1 {
             total_ms: s["total-time"].as_f64().unwrap_or(0.0),
             bytes: s["bytes"].as_f64().unwrap_or(0.0),
@@ -328,10 +302,7 @@ pub fn fio_write(dir: &Path, bytes: u64, qd: u32, force_async: bool, prealloc: b
         } else {
             c.arg("--ioengine=io_uring").arg(format!("--iodepth={qd}")).arg(format!("--force_async={}", u32::from(force_async)));
         }
-        c.arg(format!("--direct={direct}"))
-            .arg(format!("--filename={}", file.display()))
-            .arg(format!("--size={mib}M"))
-            .output()
+        c.arg(format!("--direct={direct}")).arg(format!("--filename={}", file.display())).arg(format!("--size={mib}M")).output()
     };
     let mut out = run(1)?;
     if !out.status.success() {
@@ -342,9 +313,7 @@ pub fn fio_write(dir: &Path, bytes: u64, qd: u32, force_async: bool, prealloc: b
         bail!("fio: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: Value = serde_json::from_slice(&out.stdout)?;
-    let bw = v["jobs"][0]["write"]["bw_bytes"]
-        .as_f64()
-        .context("bw_bytes")?;
+    let bw = v["jobs"][0]["write"]["bw_bytes"].as_f64().context("bw_bytes")?;
     Ok(bw / 1e6)
 }
 
@@ -373,29 +342,12 @@ impl QemuMode {
 /// `sock`; the caller adds the rest.
 fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-smp",
-        "1",
-        "-m",
-        &format!("{mem_mib}M"),
-        "-kernel",
-    ])
-    .arg(guest)
-    .args([
-        "-nographic",
-        "-monitor",
-        "none",
-        "-device",
-        "isa-debug-exit,iobase=0x501,iosize=1",
-        "-qmp",
-    ])
-    .arg(format!("unix:{},server=on,wait=off", sock.display()))
-    .stdin(Stdio::null())
-    .stderr(Stdio::null());
+    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
+        .arg(guest)
+        .args(["-nographic", "-monitor", "none", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
     c
 }
 
@@ -403,25 +355,15 @@ fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
 fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) -> Result<()> {
     if mode == QemuMode::MappedRam {
         let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
-        ok(
-            q,
-            json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}),
-        )?;
-        ok(
-            q,
-            json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}),
-        )?;
+        ok(q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
+        ok(q, json!({"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "direct-io": true}}))?;
     }
     Ok(())
 }
 
 /// Polls query-migrate until `completed` (its status object), within
 /// 600 s of `t0`.
-pub(crate) fn qemu_wait(
-    q: &mut (BufReader<UnixStream>, UnixStream),
-    t0: Instant,
-    poll: Duration,
-) -> Result<Value> {
+pub(crate) fn qemu_wait(q: &mut (BufReader<UnixStream>, UnixStream), t0: Instant, poll: Duration) -> Result<Value> {
     loop {
         let s = ok(q, json!({"execute": "query-migrate"}))?;
         match s["status"].as_str() {
@@ -436,50 +378,28 @@ pub(crate) fn qemu_wait(
     }
 }
 
-pub fn qemu(
-    guest: &Path,
-    dir: &Path,
-    file: &Path,
-    mem_mib: u64,
-    rate: u64,
-    fill_pct: u64,
-    mode: QemuMode,
-) -> Result<Result1> {
+pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, fill_pct: u64, mode: QemuMode) -> Result<Result1> {
     let sock = dir.join("qemu-snap.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * fill_pct / 100;
     let mut child = qemu_command(guest, mem_mib, &sock)
-        .args([
-            "-append",
-            &format!("work=mem mib={fill} secs=inf rate={rate}"),
-            "-serial",
-            "stdio",
-        ])
+        .args(["-append", &format!("work=mem mib={fill} secs=inf rate={rate}"), "-serial", "stdio"])
         .stdout(Stdio::piped())
         .spawn()
         .context("qemu-system-x86_64")?;
     let rx = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
-        rx.recv_timeout(Duration::from_secs(600))
-            .context("guest fill under QEMU")?;
+        rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
         let mut q = qmp(&sock)?;
         // No bandwidth cap (QEMU's default is 128 MiB/s) and ringvm's
         // default downtime target (QEMU's is 300 ms).
-        ok(
-            &mut q,
-            json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}),
-        )?;
+        ok(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}))?;
         qemu_set_mode(&mut q, mode)?;
-        ok(
-            &mut q,
-            json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}),
-        )?;
+        ok(&mut q, json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}))?;
         let s = qemu_wait(&mut q, Instant::now(), Duration::from_millis(2))?;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
-        let used = std::fs::metadata(file)
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-            .unwrap_or(0);
+        let used = std::fs::metadata(file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
         Ok(Result1 {
             total_ms: s["total-time"].as_f64().unwrap_or(0.0),
             bytes: s["ram"]["transferred"].as_f64().unwrap_or(0.0),
@@ -495,13 +415,7 @@ pub fn qemu(
 /// QEMU restoring `file` (saved by [`qemu`] in `mode`) with `-incoming
 /// defer` + `migrate-incoming`, paused (-S): milliseconds from process
 /// start until the incoming migration completed.
-pub fn qemu_restore(
-    guest: &Path,
-    dir: &Path,
-    file: &Path,
-    mem_mib: u64,
-    mode: QemuMode,
-) -> Result<f64> {
+pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: QemuMode) -> Result<f64> {
     let sock = dir.join("qemu-in.sock");
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
@@ -513,10 +427,7 @@ pub fn qemu_restore(
     let res = (|| -> Result<f64> {
         let mut q = qmp(&sock)?;
         qemu_set_mode(&mut q, mode)?;
-        ok(
-            &mut q,
-            json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}),
-        )?;
+        ok(&mut q, json!({"execute": "migrate-incoming", "arguments": {"uri": format!("file:{}", file.display())}}))?;
         qemu_wait(&mut q, t0, Duration::from_millis(1))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let _ = cmd(&mut q, json!({"execute": "quit"}));
@@ -671,7 +582,9 @@ impl Hog {
         }
         let len = (case.mib as usize) << 20;
         // SAFETY: a new private anonymous mapping, ours alone.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0) };
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+        };
         if p == libc::MAP_FAILED {
             return None;
         }
@@ -794,12 +707,12 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         None
     } else {
         match Fuse::mount(&c.faultfs, &scratch.join("fuse-back"), &scratch.join("fuse-mnt"), delay_us) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            r.note(format!("NFS stand-in target skipped: {e:#}"));
-            None
+            Ok(f) => Some(f),
+            Err(e) => {
+                r.note(format!("NFS stand-in target skipped: {e:#}"));
+                None
+            }
         }
-    }
     };
     let mut cases = vec![];
     let mid = sizes.iter().copied().filter(|&m| m <= 4096).max().unwrap_or(sizes[0]);
@@ -913,7 +826,18 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     r.table(
         "snapshot: downtime",
         "The final pause (vCPUs stopped to resumed), as each VMM reports it; passes = ringvm's iterations, QEMU's dirty-sync-count.",
-        &["target", "guest", "dirty MiB/s", "ringvm downtime ms", "ringvm passes", "QEMU mapped-ram downtime ms", "passes", "QEMU plain downtime ms", "passes", "ringvm/QEMU mapped-ram"],
+        &[
+            "target",
+            "guest",
+            "dirty MiB/s",
+            "ringvm downtime ms",
+            "ringvm passes",
+            "QEMU mapped-ram downtime ms",
+            "passes",
+            "QEMU plain downtime ms",
+            "passes",
+            "ringvm/QEMU mapped-ram",
+        ],
         &down_rows,
     );
     r.table(
@@ -926,10 +850,24 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     // Plots: throughput vs guest size, downtime vs dirty rate.
     let vs_size = |r: &crate::report::Report, target: &str, sys: &str, m: &str| Series {
         name: sys.to_string(),
-        points: sizes.iter().filter_map(|&mib| r.stat(&key(target, mib, 1, DENSE_PCT), sys, m).map(|s| (mib as f64 / 1024.0, s.median, s.min, s.max))).collect(),
+        points: sizes
+            .iter()
+            .filter_map(|&mib| r.stat(&key(target, mib, 1, DENSE_PCT), sys, m).map(|s| (mib as f64 / 1024.0, s.median, s.min, s.max)))
+            .collect(),
     };
     let panels = |r: &crate::report::Report, peer: &str, ours: &str, fio_m: &str| {
-        [LOCAL, SHM].iter().map(|t| Panel { title: t.to_string(), series: vec![vs_size(r, t, "ringvm", ours), vs_size(r, t, MAPPED, ours), vs_size(r, t, PLAIN, ours), Series { name: peer.into(), ..vs_size(r, t, "fio", fio_m) }] }).collect::<Vec<_>>()
+        [LOCAL, SHM]
+            .iter()
+            .map(|t| Panel {
+                title: t.to_string(),
+                series: vec![
+                    vs_size(r, t, "ringvm", ours),
+                    vs_size(r, t, MAPPED, ours),
+                    vs_size(r, t, PLAIN, ours),
+                    Series { name: peer.into(), ..vs_size(r, t, "fio", fio_m) },
+                ],
+            })
+            .collect::<Vec<_>>()
     };
     let p = panels(r, "fio write QD32 (same bytes)", "save_mbs", "write_mbs");
     r.plot("save-throughput-vs-guest-size.png", "live snapshot save: throughput vs guest size (idle guest)", "guest GiB", "MB/s", false, p);
@@ -938,9 +876,20 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     let all_rates: Vec<u64> = std::iter::once(1).chain(rates.iter().copied()).collect();
     let vs_rate = |r: &crate::report::Report, sys: &str, m: &str| Series {
         name: sys.to_string(),
-        points: all_rates.iter().filter_map(|&rate| r.stat(&key(LOCAL, small, rate, DENSE_PCT), sys, m).map(|s| (if rate <= 1 { 0.0 } else { rate as f64 }, s.median, s.min, s.max))).collect(),
+        points: all_rates
+            .iter()
+            .filter_map(|&rate| {
+                r.stat(&key(LOCAL, small, rate, DENSE_PCT), sys, m).map(|s| (if rate <= 1 { 0.0 } else { rate as f64 }, s.median, s.min, s.max))
+            })
+            .collect(),
     };
-    let p = ["downtime_ms", "save_ms"].iter().map(|m| Panel { title: format!("{} ({} MiB guest, local disk)", if *m == "downtime_ms" { "downtime" } else { "total time" }, small), series: vec![vs_rate(r, "ringvm", m), vs_rate(r, MAPPED, m), vs_rate(r, PLAIN, m)] }).collect();
+    let p = ["downtime_ms", "save_ms"]
+        .iter()
+        .map(|m| Panel {
+            title: format!("{} ({} MiB guest, local disk)", if *m == "downtime_ms" { "downtime" } else { "total time" }, small),
+            series: vec![vs_rate(r, "ringvm", m), vs_rate(r, MAPPED, m), vs_rate(r, PLAIN, m)],
+        })
+        .collect();
     r.plot("downtime-vs-dirty-rate.png", "live snapshot: downtime and total time vs guest dirty rate", "dirty MiB/s (0 = idle)", "ms", false, p);
 
     // Headlines.
@@ -957,7 +906,8 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         let fio_pre = s("fio preallocated", "write_mbs");
         let rread = s(READ, "restore_ms");
         let (lazy_ready, lazy_all) = (s(LAZY, "restore_ms"), s(LAZY, "all_in_ms"));
-        let (t, tm, tp, rs, rm, rp) = (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"), s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
+        let (t, tm, tp, rs, rm, rp) =
+            (s("ringvm", "save_ms"), s(MAPPED, "save_ms"), s(PLAIN, "save_ms"), s("ringvm", "restore_ms"), s(MAPPED, "restore_ms"), s(PLAIN, "restore_ms"));
         let at = if fill == DENSE_PCT { format!("{target}, {}", gib(mib)) } else { format!("{target}, {}, {fill}% used", gib(mib)) };
         r.headline(&format!("save MB/s vs fio QD32 (new file), {at}"), ("MB/s", save), ("fio MB/s", fio_w), false);
         r.headline(&format!("save MB/s vs fio QD32 into a preallocated file, {at}"), ("MB/s", save), ("fio MB/s", fio_pre), false);

@@ -63,15 +63,39 @@ impl Buf {
 /// completion reports the whole transfer (or less only at end of file);
 /// except reads at [`STREAM`], which complete with whatever arrived.
 pub enum Op {
-    Read { fd: Fd, buf: Buf, offset: u64 },
-    Write { fd: Fd, buf: Buf, offset: u64 },
-    Fsync { fd: Fd, datasync: bool },
-    Fallocate { fd: Fd, mode: i32, offset: u64, len: u64 },
+    Read {
+        fd: Fd,
+        buf: Buf,
+        offset: u64,
+    },
+    Write {
+        fd: Fd,
+        buf: Buf,
+        offset: u64,
+    },
+    Fsync {
+        fd: Fd,
+        datasync: bool,
+    },
+    Fallocate {
+        fd: Fd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
     /// Poll for `events`; multishot delivers every readiness from one submission.
-    Poll { fd: RawFd, events: u32, multishot: bool },
-    Timeout { after: Duration },
+    Poll {
+        fd: RawFd,
+        events: u32,
+        multishot: bool,
+    },
+    Timeout {
+        after: Duration,
+    },
     /// Accepts a connection on a listening socket; the result is the new fd.
-    Accept { fd: RawFd },
+    Accept {
+        fd: RawFd,
+    },
     /// Does nothing (measures the ring's own overhead).
     Nop,
 }
@@ -513,11 +537,7 @@ impl Ring {
             ids.push(id);
             group.push(sqe);
         }
-        let members: Vec<(usize, u32)> = ids
-            .iter()
-            .filter_map(|id| Token::decode(id.0))
-            .map(|t| (t.index as usize, t.generation))
-            .collect();
+        let members: Vec<(usize, u32)> = ids.iter().filter_map(|id| Token::decode(id.0)).map(|t| (t.index as usize, t.generation)).collect();
         for (i, &(idx, _)) in members.iter().enumerate() {
             self.slots[idx].link_rest = members[i + 1..].to_vec();
         }
@@ -636,9 +656,7 @@ impl Ring {
                 *slot.timespec = types::Timespec::new().sec(after.as_secs()).nsec(after.subsec_nanos());
                 opcode::Timeout::new(&*slot.timespec as *const _).build()
             }
-            Op::Accept { fd } => opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(libc::SOCK_CLOEXEC)
-                .build(),
+            Op::Accept { fd } => opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut()).flags(libc::SOCK_CLOEXEC).build(),
             Op::Nop => opcode::Nop::new().build(),
         }
     }
@@ -1032,11 +1050,7 @@ impl Ring {
     /// `timeout`. Returns false if the kernel still holds operations.
     pub fn shutdown(&mut self, timeout: Duration) -> bool {
         self.wake_fd = None; // do not re-arm the wake poll
-        let ids: Vec<OpId> = self
-            .slots
-            .iter()
-            .map(|(i, s)| OpId(Token { index: i as u32, generation: s.generation, kind: Kind::Op }.encode()))
-            .collect();
+        let ids: Vec<OpId> = self.slots.iter().map(|(i, s)| OpId(Token { index: i as u32, generation: s.generation, kind: Kind::Op }.encode())).collect();
         for id in ids {
             self.cancel(id);
         }
@@ -1090,10 +1104,7 @@ mod tests {
     fn advance_iovecs_skips_whole_and_partial() {
         let mut a = [0u8; 8];
         let mut b = [0u8; 8];
-        let iov = vec![
-            libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: 8 },
-            libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 8 },
-        ];
+        let iov = vec![libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: 8 }, libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 8 }];
         let r = advance_iovecs(&iov, 10);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].iov_len, 6);

@@ -192,10 +192,7 @@ fn readv_writev_into_caller_memory_and_short_reads_continue() {
     let fd = Fd::Raw(file.as_raw_fd());
     let mut a = vec![1u8; 3000];
     let mut b = vec![2u8; 5000];
-    let iov = vec![
-        libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: a.len() },
-        libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() },
-    ];
+    let iov = vec![libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: a.len() }, libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }];
     let got = Rc::new(RefCell::new(None));
     let g = got.clone();
     // SAFETY: a and b outlive the operation (we run the ring to completion below).
@@ -218,7 +215,13 @@ fn readv_writev_into_caller_memory_and_short_reads_continue() {
     let got_buf = Rc::new(RefCell::new(None));
     let g = got_buf.clone();
     ring.submit(3, Op::read(Fd::Raw(r.as_raw_fd()), vec![0; 6], 0), move |_, c| {
-        *g.borrow_mut() = Some((c.result.unwrap(), c.op.and_then(|o| match o { Op::Read { buf, .. } => buf.into_vec(), _ => None })));
+        *g.borrow_mut() = Some((
+            c.result.unwrap(),
+            c.op.and_then(|o| match o {
+                Op::Read { buf, .. } => buf.into_vec(),
+                _ => None,
+            }),
+        ));
     });
     ring.run_once(false).unwrap();
     write_all(&w, b"abc");
@@ -339,8 +342,14 @@ fn timeouts_and_linked_write_then_fsync() {
     ring.submit_linked(
         1,
         vec![
-            (Op::write(Fd::Raw(9999), vec![1], 0), Box::new(move |_: &mut Ring, c: Completion| o1.borrow_mut().push(c.result.err().and_then(|e| e.raw_os_error())))),
-            (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: Completion| o2.borrow_mut().push(c.result.err().and_then(|e| e.raw_os_error())))),
+            (
+                Op::write(Fd::Raw(9999), vec![1], 0),
+                Box::new(move |_: &mut Ring, c: Completion| o1.borrow_mut().push(c.result.err().and_then(|e| e.raw_os_error()))),
+            ),
+            (
+                Op::Fsync { fd, datasync: true },
+                Box::new(move |_: &mut Ring, c: Completion| o2.borrow_mut().push(c.result.err().and_then(|e| e.raw_os_error()))),
+            ),
         ],
     );
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
@@ -420,11 +429,12 @@ fn quiesce_waits_only_for_its_own_source() {
     let (stuck_fd, slow_fd) = (stuck_r.as_raw_fd(), slow_r.as_raw_fd());
     let (tx, rx) = mpsc::channel();
     // Source 1: a read that never completes. Source 2: a read that completes later.
-    remote.send(move |ring| {
-        ring.submit(1, Op::read(Fd::Raw(stuck_fd), vec![0; 8], 0), |_, _| {});
-        ring.submit(2, Op::read(Fd::Raw(slow_fd), vec![0; 4], 0), move |_, c| tx.send(c.result.unwrap()).unwrap());
-    })
-    .unwrap();
+    remote
+        .send(move |ring| {
+            ring.submit(1, Op::read(Fd::Raw(stuck_fd), vec![0; 8], 0), |_, _| {});
+            ring.submit(2, Op::read(Fd::Raw(slow_fd), vec![0; 4], 0), move |_, c| tx.send(c.result.unwrap()).unwrap());
+        })
+        .unwrap();
     let waiter = remote.quiesce(2).unwrap();
     // Not quiesced while source 2's read is pending.
     assert!(waiter.wait(Duration::from_millis(100)).is_err());
@@ -490,8 +500,14 @@ fn short_write_in_a_chain_is_relinked() {
     ring.submit_linked(
         1,
         vec![
-            (Op::write(Fd::Raw(w.as_raw_fd()), data, 0), Box::new(move |_: &mut Ring, c: Completion| o1.borrow_mut().push(("pipe", c.result.map_err(|e| e.raw_os_error()))))),
-            (Op::write(Fd::Raw(file.as_raw_fd()), b"after".to_vec(), 0), Box::new(move |_: &mut Ring, c: Completion| o2.borrow_mut().push(("file", c.result.map_err(|e| e.raw_os_error()))))),
+            (
+                Op::write(Fd::Raw(w.as_raw_fd()), data, 0),
+                Box::new(move |_: &mut Ring, c: Completion| o1.borrow_mut().push(("pipe", c.result.map_err(|e| e.raw_os_error())))),
+            ),
+            (
+                Op::write(Fd::Raw(file.as_raw_fd()), b"after".to_vec(), 0),
+                Box::new(move |_: &mut Ring, c: Completion| o2.borrow_mut().push(("file", c.result.map_err(|e| e.raw_os_error())))),
+            ),
         ],
     );
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();

@@ -30,7 +30,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use fuser::{FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow};
+use fuser::{
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    TimeOrNow,
+};
 
 const TTL: Duration = Duration::ZERO;
 /// FOPEN_PARALLEL_DIRECT_WRITES: the kernel may send direct writes to one
@@ -216,17 +219,12 @@ impl Filesystem for Fs {
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let Some(p) = self.path(ino) else { return reply.error(libc::ENOENT) };
         let acc = flags & libc::O_ACCMODE;
-        let r = OpenOptions::new()
-            .read(acc != libc::O_WRONLY)
-            .write(acc != libc::O_RDONLY)
-            .custom_flags(flags & libc::O_TRUNC)
-            .open(&p)
-            .and_then(|f| {
-                if flags & libc::O_TRUNC != 0 {
-                    f.set_len(0)?;
-                }
-                Ok(f)
-            });
+        let r = OpenOptions::new().read(acc != libc::O_WRONLY).write(acc != libc::O_RDONLY).custom_flags(flags & libc::O_TRUNC).open(&p).and_then(|f| {
+            if flags & libc::O_TRUNC != 0 {
+                f.set_len(0)?;
+            }
+            Ok(f)
+        });
         match r {
             Ok(f) => {
                 let fh = self.open_fh(f);

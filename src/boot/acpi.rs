@@ -97,7 +97,7 @@ fn dsdt() -> Sdt {
 fn fadt(dsdt: u64) -> Sdt {
     let mut t = Sdt::new(*b"FACP", 276, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     t.write_u8(45, 0); // preferred PM profile: unspecified
-    // IAPC_BOOT_ARCH: legacy devices, an 8042; no VGA, no MSI restrictions.
+                       // IAPC_BOOT_ARCH: legacy devices, an 8042; no VGA, no MSI restrictions.
     t.write_u16(109, 0x0003);
     let flags: u32 = (1 << 20) /* HW_REDUCED_ACPI */ | (1 << 10) /* RESET_REG_SUP */ | (1 << 5) /* SLP_BUTTON: none */;
     t.write_u32(112, flags);
@@ -139,7 +139,7 @@ fn madt(cpus: u8) -> Sdt {
 pub fn build(cpus: u8, base: u64) -> (Vec<u8>, u64) {
     let mut out = Vec::new();
     let place = |out: &mut Vec<u8>, bytes: &[u8]| -> u64 {
-        while out.len() % 16 != 0 {
+        while !out.len().is_multiple_of(16) {
             out.push(0);
         }
         let at = base + out.len() as u64;
@@ -178,7 +178,7 @@ mod tests {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
     }
 
-    fn table<'a>(all: &'a [u8], base: u64, at: u64) -> &'a [u8] {
+    fn table(all: &[u8], base: u64, at: u64) -> &[u8] {
         let off = (at - base) as usize;
         let len = u32::from_le_bytes(all[off + 4..off + 8].try_into().unwrap()) as usize;
         &all[off..off + len]

@@ -68,11 +68,11 @@ pub enum KernelFormat {
 /// otherwise hang the open or the reads for ever.
 pub fn open_regular(what: &'static str, path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| Error::OpenFile { what, path: path.to_owned(), source })?;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|source| Error::OpenFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
     let meta = f.metadata().map_err(|source| Error::OpenFile { what, path: path.to_owned(), source })?;
     if !meta.is_file() {
         return Err(Error::OpenFile { what, path: path.to_owned(), source: std::io::Error::other("not a regular file") });

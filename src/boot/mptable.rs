@@ -75,8 +75,7 @@ pub fn build(cpus: u8) -> Vec<u8> {
 
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
     let table = build(cpus);
-    mem.write_slice(&table, GuestAddress(MPTABLE_START))
-        .map_err(|source| Error::GuestMemoryAccess { addr: MPTABLE_START, source })
+    mem.write_slice(&table, GuestAddress(MPTABLE_START)).map_err(|source| Error::GuestMemoryAccess { addr: MPTABLE_START, source })
 }
 
 #[cfg(test)]

@@ -36,7 +36,11 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
         limit: {
             let l = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
-            if (entry >> 55) & 1 == 1 { (l << 12) | 0xfff } else { l }
+            if (entry >> 55) & 1 == 1 {
+                (l << 12) | 0xfff
+            } else {
+                l
+            }
         },
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,

@@ -113,9 +113,7 @@ pub fn check_args(args: &Map<String, Value>, spec: &[Arg]) -> Result<(), QmpErro
         match args.get(a.name) {
             None if a.required => return Err(QmpError::generic(format!("Parameter '{}' is missing", a.name))),
             None => {}
-            Some(v) if !a.ty.accepts(v) => {
-                return Err(QmpError::generic(format!("Invalid parameter type for '{}', expected: {}", a.name, a.ty.name())))
-            }
+            Some(v) if !a.ty.accepts(v) => return Err(QmpError::generic(format!("Invalid parameter type for '{}', expected: {}", a.name, a.ty.name()))),
             Some(_) => {}
         }
     }

@@ -252,7 +252,12 @@ impl Completion {
         if crc32c::crc32c(&b[0..32]) != u32_at(32) {
             return Err("completion record checksum mismatch".into());
         }
-        Ok(Completion { header_crc: u32_at(12), state_crc: u32_at(16), meta_crc: u32_at(20), ram_bytes: u64::from_le_bytes(b[24..32].try_into().unwrap_or_default()) })
+        Ok(Completion {
+            header_crc: u32_at(12),
+            state_crc: u32_at(16),
+            meta_crc: u32_at(20),
+            ram_bytes: u64::from_le_bytes(b[24..32].try_into().unwrap_or_default()),
+        })
     }
 }
 
@@ -482,7 +487,10 @@ mod tests {
     use super::*;
 
     fn header() -> Header {
-        Header::layout(MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![], kernel: None, initrd: None, cmdline: String::new(), scsi_queues: 0, iothreads: 0 }, &[(0, 3 << 30), (4 << 30, 1 << 30)])
+        Header::layout(
+            MachineDesc { cpus: 2, mem_size: 4 << 30, disks: vec![], kernel: None, initrd: None, cmdline: String::new(), scsi_queues: 0, iothreads: 0 },
+            &[(0, 3 << 30), (4 << 30, 1 << 30)],
+        )
     }
 
     #[test]

@@ -77,7 +77,13 @@ pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
     let checked = format::open_checked(path).map_err(fail)?;
     let m = &checked.header.machine;
     if m.cpus != target.cpus || m.mem_size != target.mem_size {
-        return Err(fail(format!("the file holds {} vCPU(s) and {} MiB, this VM has {} and {} MiB", m.cpus, m.mem_size >> 20, target.cpus, target.mem_size >> 20)));
+        return Err(fail(format!(
+            "the file holds {} vCPU(s) and {} MiB, this VM has {} and {} MiB",
+            m.cpus,
+            m.mem_size >> 20,
+            target.cpus,
+            target.mem_size >> 20
+        )));
     }
     crate::snapshot::check_disks(&m.disks, &target.disks).map_err(fail)?;
     crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(fail)?;
@@ -105,7 +111,14 @@ mod tests {
 
     #[test]
     fn statuses_use_qemus_names() {
-        let all = [IncomingStatus::None, IncomingStatus::Setup, IncomingStatus::Active, IncomingStatus::PostcopyActive, IncomingStatus::Completed, IncomingStatus::Failed];
+        let all = [
+            IncomingStatus::None,
+            IncomingStatus::Setup,
+            IncomingStatus::Active,
+            IncomingStatus::PostcopyActive,
+            IncomingStatus::Completed,
+            IncomingStatus::Failed,
+        ];
         let names: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
         assert_eq!(names, ["none", "setup", "active", "postcopy-active", "completed", "failed"]);
     }

@@ -375,8 +375,11 @@ pub fn spawn(
         return Err("a lazy restore needs a local file, not nfs://".into());
     }
     let (runs, crcs, gpas) = plan(checked, mem)?;
-    let regions: Vec<(usize, usize)> =
-        mem.iter().map(|r| r.get_host_address(MemoryRegionAddress(0)).map(|h| (h as usize, r.len() as usize))).collect::<Result<_, _>>().map_err(|e| format!("guest memory: {e}"))?;
+    let regions: Vec<(usize, usize)> = mem
+        .iter()
+        .map(|r| r.get_host_address(MemoryRegionAddress(0)).map(|h| (h as usize, r.len() as usize)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("guest memory: {e}"))?;
     let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => (f, true),
         Err(_) => (OpenOptions::new().read(true).open(path).map_err(|e| format!("open: {e}"))?, false),
@@ -458,6 +461,24 @@ fn setup(file: File, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, region
     let mut index: Vec<(usize, usize, usize)> = runs.iter().enumerate().map(|(i, r)| (r.1, r.1 + (r.2 * PAGE) as usize, i)).collect();
     index.sort_unstable();
     let n = runs.len();
-    let st = State { uffd, fd, _file: file, punt, runs, crcs, gpas, index, state: vec![PENDING; n], next_bg: 0, urgent: VecDeque::new(), bufs: bufs as usize, free: (0..nbufs).collect(), left: n, bytes: 0, faults: 0, err: None };
+    let st = State {
+        uffd,
+        fd,
+        _file: file,
+        punt,
+        runs,
+        crcs,
+        gpas,
+        index,
+        state: vec![PENDING; n],
+        next_bg: 0,
+        urgent: VecDeque::new(),
+        bufs: bufs as usize,
+        free: (0..nbufs).collect(),
+        left: n,
+        bytes: 0,
+        faults: 0,
+        err: None,
+    };
     Ok((ring, Rc::new(RefCell::new(st))))
 }

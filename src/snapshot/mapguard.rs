@@ -130,7 +130,12 @@ pub fn explain() -> Option<String> {
     if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
         return None;
     }
-    ((st.st_size as u64) < *len).then(|| format!("state file {path}: it shrank to {} bytes (it must stay {len}) while guest RAM is mapped from it (--restore-ram map); the VM cannot go on", st.st_size))
+    ((st.st_size as u64) < *len).then(|| {
+        format!(
+            "state file {path}: it shrank to {} bytes (it must stay {len}) while guest RAM is mapped from it (--restore-ram map); the VM cannot go on",
+            st.st_size
+        )
+    })
 }
 
 #[cfg(test)]

@@ -112,14 +112,17 @@ pub struct GivenBoot {
 /// state file, or the wrong command line). Files saved without a record
 /// of one are not checked for it.
 pub fn check_boot(m: &format::MachineDesc, given: &GivenBoot) -> Result<(), String> {
-    let same_file = |a: &str, b: &std::path::Path| std::path::Path::new(a) == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    let same_file =
+        |a: &str, b: &std::path::Path| std::path::Path::new(a) == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
     if let (Some(saved), Some(k)) = (m.kernel.as_deref().filter(|k| !k.is_empty()), &given.kernel) {
         if !same_file(saved, k) {
             return Err(format!("it was saved from a guest booted from {saved}; --kernel {} is another file", k.display()));
         }
     }
     match (m.initrd.as_deref(), &given.initrd) {
-        (Some(saved), Some(i)) if !same_file(saved, i) => return Err(format!("it was saved from a guest booted with initrd {saved}; --initrd {} is another file", i.display())),
+        (Some(saved), Some(i)) if !same_file(saved, i) => {
+            return Err(format!("it was saved from a guest booted with initrd {saved}; --initrd {} is another file", i.display()))
+        }
         (None, Some(i)) if m.kernel.is_some() => return Err(format!("it was saved from a guest booted without an initrd; --initrd {} was given", i.display())),
         _ => {}
     }
@@ -147,7 +150,11 @@ pub fn check_disk_media(saved: &[format::DiskDesc], have: &[(u64, bool)]) -> Res
         }
         if s.readonly != readonly {
             let on = |b: bool| if b { "on" } else { "off" };
-            return Err(format!("disk {i} ({path}): readonly={} when saved, readonly={} now; the guest would see its disk change", on(s.readonly), on(readonly)));
+            return Err(format!(
+                "disk {i} ({path}): readonly={} when saved, readonly={} now; the guest would see its disk change",
+                on(s.readonly),
+                on(readonly)
+            ));
         }
     }
     Ok(())

@@ -64,7 +64,6 @@ pub enum RamMode {
     Lazy,
 }
 
-
 /// tmpfs and ramfs: the file's pages are memory already.
 fn on_memory_fs(f: &File) -> bool {
     const TMPFS: i64 = 0x0102_1994;
@@ -97,13 +96,7 @@ pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, Str
             runs.push((r.offset + start * PAGE, base + (start * PAGE) as usize, p - start, ri, start));
         }
     }
-    let crcs: Vec<Vec<u32>> = checked
-        .header
-        .regions
-        .iter()
-        .enumerate()
-        .map(|(ri, r)| (0..r.pages()).map(|p| checked.crc(ri, p)).collect())
-        .collect();
+    let crcs: Vec<Vec<u32>> = checked.header.regions.iter().enumerate().map(|(ri, r)| (0..r.pages()).map(|p| checked.crc(ri, p)).collect()).collect();
     let gpas: Vec<u64> = checked.header.regions.iter().map(|r| r.gpa).collect();
     Ok((runs, crcs, gpas))
 }
@@ -325,14 +318,28 @@ fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) 
         // MAP_FIXED swaps the pages under the same addresses, so every
         // pointer and KVM memory slot into them stays valid.
         let p = unsafe {
-            libc::mmap(host as *mut libc::c_void, size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE, file.as_raw_fd(), off as libc::off_t)
+            libc::mmap(
+                host as *mut libc::c_void,
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off as libc::off_t,
+            )
         };
         if p == libc::MAP_FAILED {
             let e = std::io::Error::last_os_error();
             for &(h, s, _) in &spans[..=i] {
                 // SAFETY: as above; anonymous zero memory again.
                 unsafe {
-                    libc::mmap(h as *mut libc::c_void, s, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE, -1, 0)
+                    libc::mmap(
+                        h as *mut libc::c_void,
+                        s,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        -1,
+                        0,
+                    )
                 };
             }
             return Err(format!("mmap of the RAM region at gpa {:#x}: {e}", regions[i].0));

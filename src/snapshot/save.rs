@@ -16,9 +16,9 @@ use ring::{Fd, Op, Ring};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::format::{self, Completion, Header, PAGE};
-use crate::nfs;
 use super::{SaveShared, SaveState};
 use crate::events::{EventQueue, SnapshotStep, VmEvent};
+use crate::nfs;
 
 /// Ring source of the state file's operations.
 pub const SNAPSHOT_SOURCE: u32 = 0x5354_0000;
@@ -211,7 +211,6 @@ fn publish(tmp: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()>
     File::open(dir)?.sync_all()
 }
 
-
 /// Starts a snapshot on the calling iothread. Failures end up in the
 /// shared status (and a `Done` event), never in the caller.
 pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Arc<SaveShared>, events: Arc<EventQueue>) {
@@ -402,7 +401,9 @@ impl Job {
             return Err("the file was deleted during the snapshot".into());
         }
         match std::fs::symlink_metadata(tmp) {
-            Ok(p) if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m) && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
+            Ok(p)
+                if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m)
+                    && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
             _ => return Err("the file was replaced or moved during the snapshot".into()),
         }
         if m.len() < self.p.header.file_size {
@@ -788,26 +789,35 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
     ring.submit_linked(
         SNAPSHOT_SOURCE,
         vec![
-            (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: ring::Completion| {
-                if let Err(e) = c.result {
-                    j1.borrow_mut().fail(format!("fdatasync: {e}"));
-                }
-            })),
-            (Op::write(fd, record, at), Box::new(move |_: &mut Ring, c: ring::Completion| {
-                if let Err(e) = c.result {
-                    if e.raw_os_error() != Some(libc::ECANCELED) {
-                        j2.borrow_mut().fail(format!("write completion record: {e}"));
+            (
+                Op::Fsync { fd, datasync: true },
+                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                    if let Err(e) = c.result {
+                        j1.borrow_mut().fail(format!("fdatasync: {e}"));
                     }
-                }
-            })),
-            (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: ring::Completion| {
-                if let Err(e) = c.result {
-                    if e.raw_os_error() != Some(libc::ECANCELED) {
-                        j3.borrow_mut().fail(format!("fdatasync: {e}"));
+                }),
+            ),
+            (
+                Op::write(fd, record, at),
+                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                    if let Err(e) = c.result {
+                        if e.raw_os_error() != Some(libc::ECANCELED) {
+                            j2.borrow_mut().fail(format!("write completion record: {e}"));
+                        }
                     }
-                }
-                end(&j3);
-            })),
+                }),
+            ),
+            (
+                Op::Fsync { fd, datasync: true },
+                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                    if let Err(e) = c.result {
+                        if e.raw_os_error() != Some(libc::ECANCELED) {
+                            j3.borrow_mut().fail(format!("fdatasync: {e}"));
+                        }
+                    }
+                    end(&j3);
+                }),
+            ),
         ],
     );
 }

@@ -294,7 +294,8 @@ impl XfsMount {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
         let run = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
-        let ok = run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image)) && run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir));
+        let ok =
+            run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image)) && run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir));
         if !ok {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("cannot make a loop-mounted XFS (mkfs.xfs from xfsprogs, root, loop devices)");
@@ -312,7 +313,6 @@ impl Drop for XfsMount {
         let _ = std::fs::remove_file(&self.image);
     }
 }
-
 
 /// The test guest's disk pattern (tests/guest/scsi.c `pattern`).
 pub fn pattern(seed: u64, lun: u32, off: u64) -> u64 {

@@ -68,15 +68,7 @@ const OUT_MAX: usize = 16;
 
 impl I8042 {
     pub fn new(vm: Arc<dyn VmRequests>) -> Self {
-        Self {
-            vm,
-            irq: None,
-            ctr: CTR_KBD_INT | CTR_SYS | CTR_XLATE | CTR_AUX_DISABLE,
-            outp: 0x03,
-            out: VecDeque::new(),
-            pending: None,
-            last_was_cmd: false,
-        }
+        Self { vm, irq: None, ctr: CTR_KBD_INT | CTR_SYS | CTR_XLATE | CTR_AUX_DISABLE, outp: 0x03, out: VecDeque::new(), pending: None, last_was_cmd: false }
     }
 
     /// Wires the keyboard interrupt (IRQ 1).
@@ -114,7 +106,7 @@ impl I8042 {
     }
 
     /// Bytes from the keyboard.
-    fn from_kbd(&mut self, bytes: &[u8]) {
+    fn kbd_send(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.push(b, true);
         }
@@ -171,14 +163,14 @@ impl I8042 {
                     self.vm.reset();
                 }
             }
-            Some(CMD_WRITE_KBD_OUT) => self.from_kbd(&[b]),
+            Some(CMD_WRITE_KBD_OUT) => self.kbd_send(&[b]),
             // No AUX device: its bytes (and the loopback) go nowhere.
             Some(CMD_WRITE_AUX_LOOP | CMD_WRITE_AUX) => {}
             _ => match b {
                 // A keyboard that acknowledges every command byte.
-                KBD_RESET => self.from_kbd(&[KBD_ACK, 0xaa]),
-                KBD_GET_ID => self.from_kbd(&[KBD_ACK, 0xab, 0x83]),
-                _ => self.from_kbd(&[KBD_ACK]),
+                KBD_RESET => self.kbd_send(&[KBD_ACK, 0xaa]),
+                KBD_GET_ID => self.kbd_send(&[KBD_ACK, 0xab, 0x83]),
+                _ => self.kbd_send(&[KBD_ACK]),
             },
         }
     }

@@ -79,7 +79,9 @@ impl Serial {
             v.get(k).and_then(serde_json::Value::as_u64).and_then(|x| u8::try_from(x).ok()).ok_or_else(|| format!("serial state: '{k}' missing or not a byte"))
         };
         let fifo: Vec<u8> = match v.get("fifo").and_then(serde_json::Value::as_array) {
-            Some(a) if a.len() <= 64 => a.iter().map(|x| x.as_u64().and_then(|b| u8::try_from(b).ok())).collect::<Option<_>>().ok_or("serial state: bad FIFO byte")?,
+            Some(a) if a.len() <= 64 => {
+                a.iter().map(|x| x.as_u64().and_then(|b| u8::try_from(b).ok())).collect::<Option<_>>().ok_or("serial state: bad FIFO byte")?
+            }
             _ => return Err("serial state: 'fifo' missing or longer than 64 bytes".into()),
         };
         let state = vm_superio::serial::SerialState {

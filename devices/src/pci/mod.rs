@@ -70,11 +70,7 @@ impl PciConfigIo {
 
     /// Plugs `dev` into the first free slot; returns the device number.
     pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> crate::Result<u8> {
-        let slot = self
-            .devices
-            .iter()
-            .position(Option::is_none)
-            .ok_or(crate::Error::PciExhausted("no free slot on bus 0"))?;
+        let slot = self.devices.iter().position(Option::is_none).ok_or(crate::Error::PciExhausted("no free slot on bus 0"))?;
         self.devices[slot] = Some(dev);
         Ok(slot as u8)
     }

@@ -238,7 +238,11 @@ fn decode(t: &Target, cdb: &[u8], data_out_len: u64, data_in_len: u64, params: &
             if cdb[1] & 0x06 != 0 {
                 return Action::check(Sense::INVALID_FIELD); // BYTCHK: no compare support
             }
-            let (lba, n) = if opcode == op::VERIFY_10 { (u64::from(be32(&cdb[2..6])), u64::from(be16(&cdb[7..9]))) } else { (be64(&cdb[2..10]), u64::from(be32(&cdb[10..14]))) };
+            let (lba, n) = if opcode == op::VERIFY_10 {
+                (u64::from(be32(&cdb[2..6])), u64::from(be16(&cdb[7..9])))
+            } else {
+                (be64(&cdb[2..10]), u64::from(be32(&cdb[10..14])))
+            };
             match range(lun, lba, n) {
                 Ok(_) => Action::good(vec![]),
                 Err(s) => Action::check(s),

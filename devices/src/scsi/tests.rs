@@ -63,7 +63,8 @@ fn read_write_decode_and_range_checks() {
     // Truncated CDB and unknown opcodes.
     assert_eq!(check_sense(run(&l, &[op::READ_10, 0, 0])), Sense::INVALID_OPCODE);
     assert_eq!(check_sense(run(&l, &[0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])), Sense::INVALID_OPCODE);
-    assert_eq!(check_sense(run(&l, &[0x04, 0, 0, 0, 0, 0])), Sense::INVALID_OPCODE); // FORMAT UNIT
+    assert_eq!(check_sense(run(&l, &[0x04, 0, 0, 0, 0, 0])), Sense::INVALID_OPCODE);
+    // FORMAT UNIT
 }
 
 #[test]

@@ -186,7 +186,9 @@ impl VirtioPci {
             return;
         }
         let Some(r) = self.relocator.clone() else {
-            crate::ratelimit::warn(&RELOCATE_WARN, || format!("virtio-pci: guest moved BAR0 from {:#x} to {want:#x}; this device cannot be moved", self.mapped));
+            crate::ratelimit::warn(&RELOCATE_WARN, || {
+                format!("virtio-pci: guest moved BAR0 from {:#x} to {want:#x}; this device cannot be moved", self.mapped)
+            });
             return;
         };
         let ioevents: Vec<(u64, &EventFd)> = self.notify.iter().enumerate().map(|(i, e)| (NOTIFY + i as u64 * NOTIFY_MULT, e)).collect();
@@ -643,7 +645,6 @@ impl BusDevice for VirtioPci {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -23,10 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 mod policy;
-pub use policy::{retry_held, ErrorAction, ErrorControl, ErrorSink, IoError};
-use policy::Io;
 use crate::dirty::DmaDirtyLog;
 use crate::scsi::{self, Action, Lun, Sense, Target};
+use policy::Io;
+pub use policy::{retry_held, ErrorAction, ErrorControl, ErrorSink, IoError};
 
 pub const DEVICE_TYPE: u16 = 8;
 pub const QUEUE_SIZE: u16 = 256;
@@ -73,7 +73,15 @@ pub struct Disk {
 
 impl Disk {
     pub fn new(path: impl Into<String>, file: File, lun: Lun, direct: bool) -> Disk {
-        Disk { path: path.into(), lun, direct, werror: ErrorAction::Enospc, rerror: ErrorAction::Report, fd: AtomicI32::new(file.into_raw_fd()), removed: AtomicBool::new(false) }
+        Disk {
+            path: path.into(),
+            lun,
+            direct,
+            werror: ErrorAction::Enospc,
+            rerror: ErrorAction::Report,
+            fd: AtomicI32::new(file.into_raw_fd()),
+            removed: AtomicBool::new(false),
+        }
     }
 
     /// QEMU's `werror=` and `rerror=` (defaults: enospc, report).
@@ -86,7 +94,15 @@ impl Disk {
     /// The slot of a LUN that was unplugged before a snapshot: it keeps
     /// the LUN numbers of the ones after it, and answers as absent.
     pub fn removed_slot(path: impl Into<String>, lun: Lun) -> Disk {
-        Disk { path: path.into(), lun, direct: false, werror: ErrorAction::Enospc, rerror: ErrorAction::Report, fd: AtomicI32::new(-1), removed: AtomicBool::new(true) }
+        Disk {
+            path: path.into(),
+            lun,
+            direct: false,
+            werror: ErrorAction::Enospc,
+            rerror: ErrorAction::Report,
+            fd: AtomicI32::new(-1),
+            removed: AtomicBool::new(true),
+        }
     }
 
     pub fn is_removed(&self) -> bool {
@@ -251,7 +267,18 @@ impl VirtioDevice for VirtioScsi {
                 if acked & VIRTIO_SCSI_F_HOTPLUG != 0 {
                     let remote = self.iothreads[0].clone();
                     let source = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
-                    let ev = EventQ { queue: q.queue, mem: mem.clone(), notify: q.notify, irq: q.irq, event_idx, dirty: self.dirty.clone(), pending: VecDeque::new(), missed: false, stopped: false, poll: None };
+                    let ev = EventQ {
+                        queue: q.queue,
+                        mem: mem.clone(),
+                        notify: q.notify,
+                        irq: q.irq,
+                        event_idx,
+                        dirty: self.dirty.clone(),
+                        pending: VecDeque::new(),
+                        missed: false,
+                        stopped: false,
+                        poll: None,
+                    };
                     remote.send(move |ring| EventQ::start(ring, source, ev))?;
                     *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some((remote.clone(), source));
                     self.running.push((remote, source));
@@ -322,7 +349,17 @@ impl VirtioDevice for VirtioScsi {
         self.disks
             .iter()
             .enumerate()
-            .map(|(i, d)| format!("lun {i}: {}{} ({} blocks of {}, {}{})", d.path, if d.is_removed() { " (unplugged)" } else { "" }, d.lun.blocks, d.lun.block_size, if d.lun.readonly { "ro" } else { "rw" }, if d.direct { ", cache=none" } else { "" }))
+            .map(|(i, d)| {
+                format!(
+                    "lun {i}: {}{} ({} blocks of {}, {}{})",
+                    d.path,
+                    if d.is_removed() { " (unplugged)" } else { "" },
+                    d.lun.blocks,
+                    d.lun.block_size,
+                    if d.lun.readonly { "ro" } else { "rw" },
+                    if d.direct { ", cache=none" } else { "" }
+                )
+            })
             .collect()
     }
 }
@@ -550,7 +587,9 @@ impl Worker {
         ring.add_poller(source, move |ring| {
             let ready = {
                 let wk = w3.borrow();
-                !wk.stopped && !wk.broken && wk.s.queue.avail_idx(&*wk.s.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.s.queue.next_avail())
+                !wk.stopped
+                    && !wk.broken
+                    && wk.s.queue.avail_idx(&*wk.s.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.s.queue.next_avail())
             };
             if ready {
                 Worker::process(&w3, ring);
@@ -932,11 +971,11 @@ impl Worker {
         }
         // (lun filter, tag filter, cancel, query)
         let (lf, tf, cancel, query) = match subtype {
-            0 => (Some(lun_id), Some(tag), true, false), // ABORT TASK
-            1 | 3 | 5 => (Some(lun_id), None, true, false), // ABORT/CLEAR TASK SET, LOGICAL UNIT RESET
-            4 => (None, None, true, false),              // I_T NEXUS RESET
-            6 => (Some(lun_id), Some(tag), false, true), // QUERY TASK
-            7 => (Some(lun_id), None, false, true),      // QUERY TASK SET
+            0 => (Some(lun_id), Some(tag), true, false),                            // ABORT TASK
+            1 | 3 | 5 => (Some(lun_id), None, true, false),                         // ABORT/CLEAR TASK SET, LOGICAL UNIT RESET
+            4 => (None, None, true, false),                                         // I_T NEXUS RESET
+            6 => (Some(lun_id), Some(tag), false, true),                            // QUERY TASK
+            7 => (Some(lun_id), None, false, true),                                 // QUERY TASK SET
             _ => return Worker::control_reply(w, head, wr, &[S_FUNCTION_REJECTED]), // CLEAR ACA (no ACA), unknown
         };
         let (peers, own, source) = {
@@ -1027,7 +1066,8 @@ impl Hotplug {
         self.unplug_async(lun, move || {
             let _ = tx.send(());
         })?;
-        rx.recv_timeout(deadline).map_err(|_| crate::Error::Disk { path: self.disks[lun].path.clone(), what: format!("requests still in flight after {deadline:?}") })
+        rx.recv_timeout(deadline)
+            .map_err(|_| crate::Error::Disk { path: self.disks[lun].path.clone(), what: format!("requests still in flight after {deadline:?}") })
     }
 
     /// Whether LUN `lun` exists and is still plugged.
@@ -1077,7 +1117,11 @@ impl Worker {
             let r = {
                 let mut l = left.borrow_mut();
                 l.0 -= 1;
-                if l.0 == 0 { l.1.take() } else { None }
+                if l.0 == 0 {
+                    l.1.take()
+                } else {
+                    None
+                }
             };
             if let Some(r) = r {
                 r();
@@ -1209,4 +1253,3 @@ pub fn disk_size(f: &File) -> std::io::Result<u64> {
     let mut f = f;
     f.seek(SeekFrom::End(0))
 }
-

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ring::{Completion, Fd, Op, Remote, Ring};
 
-use super::{iovecs, Req, Worker, WORKERS, W};
+use super::{iovecs, Req, Worker, W, WORKERS};
 use crate::scsi::{self, Sense};
 
 /// What a host I/O error on a LUN does.
@@ -143,21 +143,27 @@ impl Worker {
         let ids = ring.submit_linked(
             source,
             vec![
-                (op, Box::new(move |_: &mut Ring, c: Completion| {
-                    if let Err(e) = c.result {
-                        *res1.borrow_mut() = Some(errno_of(e));
-                    }
-                })),
-                (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: Completion| {
-                    let errno = (*res2.borrow()).or_else(|| c.result.as_ref().err().map(|e| e.raw_os_error().unwrap_or(libc::EIO)));
-                    let result = match errno {
-                        None => Ok(0),
-                        Some(e) => Err(e),
-                    };
-                    if let Some((r, io)) = req.take() {
-                        Worker::io_finished(&w2, r, io, result, in_len);
-                    }
-                })),
+                (
+                    op,
+                    Box::new(move |_: &mut Ring, c: Completion| {
+                        if let Err(e) = c.result {
+                            *res1.borrow_mut() = Some(errno_of(e));
+                        }
+                    }),
+                ),
+                (
+                    Op::Fsync { fd, datasync: true },
+                    Box::new(move |_: &mut Ring, c: Completion| {
+                        let errno = (*res2.borrow()).or_else(|| c.result.as_ref().err().map(|e| e.raw_os_error().unwrap_or(libc::EIO)));
+                        let result = match errno {
+                            None => Ok(0),
+                            Some(e) => Err(e),
+                        };
+                        if let Some((r, io)) = req.take() {
+                            Worker::io_finished(&w2, r, io, result, in_len);
+                        }
+                    }),
+                ),
             ],
         );
         Worker::track(w, head, &ids);
@@ -244,7 +250,6 @@ impl ErrorControl {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
