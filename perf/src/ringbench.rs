@@ -108,7 +108,7 @@ pub fn run_ring(path: &Path, size: u64, job: Job, secs: f64) -> Result<f64> {
             }
         };
         let st2 = st.clone();
-        ring.submit(1, op, move |ring, c| {
+        ring.submit(ringvm_ring::SourceId::fixed(1), op, move |ring, c| {
             match c.result {
                 Ok(n) => st2.borrow_mut().bytes += n as u64,
                 Err(e) => {

@@ -18,8 +18,45 @@ use crate::{Error, Result};
 /// advances the file position instead.
 pub const STREAM: u64 = u64::MAX;
 
-/// Who an operation belongs to (a device queue, a state file...).
-pub type SourceId = u32;
+/// Who an operation belongs to (a device queue, a state file...): the
+/// unit [`Ring::cancel_source`] and quiescing work on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceId(u32);
+
+/// Ids below this are [`SourceId::fixed`]; above, allocated.
+const FIRST_ALLOCATED: u32 = 1 << 16;
+const COMPANION: u32 = 1 << 31;
+
+impl SourceId {
+    /// A process-unique id (for sources that move between rings or
+    /// several of which share one, like device queues).
+    pub fn new() -> SourceId {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(FIRST_ALLOCATED);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < COMPANION, "source ids exhausted");
+        SourceId(n)
+    }
+
+    /// A well-known id, for the one-purpose ring of a thread (its QMP
+    /// server, a snapshot's writer) and for tests: never equal to an
+    /// allocated one.
+    pub const fn fixed(n: u16) -> SourceId {
+        SourceId(n as u32)
+    }
+
+    /// The id for operations of the same owner that quiescing this source
+    /// must not wait for (e.g. the doorbell poll of a queue that is being
+    /// drained).
+    pub const fn companion(self) -> SourceId {
+        SourceId(self.0 | COMPANION)
+    }
+}
+
+impl Default for SourceId {
+    fn default() -> Self {
+        SourceId::new()
+    }
+}
 
 /// Handle of a submitted operation (its encoded token).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,29 +69,51 @@ pub enum Fd {
     Fixed(u32),
 }
 
-/// Memory the kernel reads or writes.
-pub enum Buf {
+/// Memory the kernel reads or writes. Opaque: a buffer that points at
+/// caller memory (iovecs, part of a registered buffer) is made only by the
+/// `unsafe` [`Op`] constructors, and never comes back out of a completion
+/// (it is handed back spent), so safe code cannot aim the kernel at
+/// arbitrary memory.
+pub struct Buf(BufKind);
+
+enum BufKind {
     /// Owned by the operation; handed back in the completion.
     Owned(Vec<u8>),
     /// Memory the caller keeps valid until the completion (guest RAM).
     Iovecs(Vec<libc::iovec>),
     /// Part of a registered buffer (see [`Ring::register_buffer`]).
     Fixed { index: u16, ptr: *mut u8, len: usize },
+    /// Caller memory whose operation has completed: no memory at all.
+    Spent,
 }
 
 impl Buf {
+    /// A buffer the operation owns (and hands back in its completion).
+    pub fn owned(v: Vec<u8>) -> Buf {
+        Buf(BufKind::Owned(v))
+    }
+
     fn total(&self) -> usize {
-        match self {
-            Buf::Owned(v) => v.len(),
-            Buf::Iovecs(iov) => iov.iter().map(|i| i.iov_len).sum(),
-            Buf::Fixed { len, .. } => *len,
+        match &self.0 {
+            BufKind::Owned(v) => v.len(),
+            BufKind::Iovecs(iov) => iov.iter().map(|i| i.iov_len).sum(),
+            BufKind::Fixed { len, .. } => *len,
+            BufKind::Spent => 0,
         }
     }
 
+    /// The owned bytes (None for caller memory).
     pub fn into_vec(self) -> Option<Vec<u8>> {
-        match self {
-            Buf::Owned(v) => Some(v),
-            Buf::Iovecs(_) | Buf::Fixed { .. } => None,
+        match self.0 {
+            BufKind::Owned(v) => Some(v),
+            BufKind::Iovecs(_) | BufKind::Fixed { .. } | BufKind::Spent => None,
+        }
+    }
+
+    /// Forgets caller memory once its operation is over.
+    fn spend(&mut self) {
+        if !matches!(self.0, BufKind::Owned(_)) {
+            self.0 = BufKind::Spent;
         }
     }
 }
@@ -102,11 +161,11 @@ pub enum Op {
 
 impl Op {
     pub fn read(fd: Fd, buf: Vec<u8>, offset: u64) -> Op {
-        Op::Read { fd, buf: Buf::Owned(buf), offset }
+        Op::Read { fd, buf: Buf(BufKind::Owned(buf)), offset }
     }
 
     pub fn write(fd: Fd, buf: Vec<u8>, offset: u64) -> Op {
-        Op::Write { fd, buf: Buf::Owned(buf), offset }
+        Op::Write { fd, buf: Buf(BufKind::Owned(buf)), offset }
     }
 
     /// Scatter read into caller memory.
@@ -115,7 +174,7 @@ impl Op {
     /// Every iovec must point at memory that stays valid and is not otherwise
     /// accessed until this operation's completion is delivered.
     pub unsafe fn readv(fd: Fd, iov: Vec<libc::iovec>, offset: u64) -> Op {
-        Op::Read { fd, buf: Buf::Iovecs(iov), offset }
+        Op::Read { fd, buf: Buf(BufKind::Iovecs(iov)), offset }
     }
 
     /// Gather write from caller memory.
@@ -123,7 +182,7 @@ impl Op {
     /// # Safety
     /// As for [`Op::readv`].
     pub unsafe fn writev(fd: Fd, iov: Vec<libc::iovec>, offset: u64) -> Op {
-        Op::Write { fd, buf: Buf::Iovecs(iov), offset }
+        Op::Write { fd, buf: Buf(BufKind::Iovecs(iov)), offset }
     }
 
     /// Read into part of registered buffer `index`.
@@ -132,7 +191,7 @@ impl Op {
     /// `ptr..ptr+len` must lie inside that registered buffer and not be
     /// otherwise accessed until the completion is delivered.
     pub unsafe fn read_fixed(fd: Fd, index: u16, ptr: *mut u8, len: usize, offset: u64) -> Op {
-        Op::Read { fd, buf: Buf::Fixed { index, ptr, len }, offset }
+        Op::Read { fd, buf: Buf(BufKind::Fixed { index, ptr, len }), offset }
     }
 
     /// Write from part of registered buffer `index`.
@@ -140,7 +199,7 @@ impl Op {
     /// # Safety
     /// As for [`Op::read_fixed`].
     pub unsafe fn write_fixed(fd: Fd, index: u16, ptr: *mut u8, len: usize, offset: u64) -> Op {
-        Op::Write { fd, buf: Buf::Fixed { index, ptr, len }, offset }
+        Op::Write { fd, buf: Buf(BufKind::Fixed { index, ptr, len }), offset }
     }
 
     fn is_rw(&self) -> bool {
@@ -612,8 +671,9 @@ impl Ring {
                     Op::Read { buf, .. } | Op::Write { buf, .. } => buf,
                     _ => unreachable!("matched above"),
                 };
-                match buf {
-                    Buf::Owned(v) => {
+                match &mut buf.0 {
+                    BufKind::Spent => opcode::Nop::new().build(),
+                    BufKind::Owned(v) => {
                         let len = (v.len() - done).min(u32::MAX as usize) as u32;
                         // SAFETY: in bounds; the Vec is owned by the slot until its final CQE.
                         let ptr = unsafe { v.as_mut_ptr().add(done) };
@@ -623,7 +683,7 @@ impl Ring {
                             opcode::Read::new(f, ptr, len).offset(offset).build()
                         })
                     }
-                    Buf::Fixed { index, ptr, len } => {
+                    BufKind::Fixed { index, ptr, len } => {
                         let len = (*len - done).min(u32::MAX as usize) as u32;
                         // SAFETY: done < len, so this stays inside the caller's registered range.
                         let ptr = unsafe { ptr.add(done) };
@@ -633,7 +693,7 @@ impl Ring {
                             opcode::ReadFixed::new(f, ptr, len, *index).offset(offset).build()
                         })
                     }
-                    Buf::Iovecs(iov) => {
+                    BufKind::Iovecs(iov) => {
                         slot.cont_iov = advance_iovecs(iov, done);
                         let (p, n) = (slot.cont_iov.as_ptr(), slot.cont_iov.len() as u32);
                         with_fd!(fd, |f| if write {
@@ -1010,7 +1070,11 @@ impl Ring {
         // is part of the operation a quiesce waiter waits for; what it
         // submits keeps the source busy.
         if let Some(mut h) = slot.handler {
-            h(self, Completion { result, op: Some(slot.op), more: false });
+            let mut op = slot.op;
+            if let Op::Read { buf, .. } | Op::Write { buf, .. } = &mut op {
+                buf.spend();
+            }
+            h(self, Completion { result, op: Some(op), more: false });
         }
         if !persistent {
             self.source_done(source);

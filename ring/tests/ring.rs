@@ -69,10 +69,10 @@ fn random_ops_match_pread_pwrite() {
                 if rng.below(2) == 0 {
                     let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                     model[off as usize..off as usize + len].copy_from_slice(&data);
-                    ring.submit(7, Op::write(fd, data, off), recorder(&results, i));
+                    ring.submit(ringvm_ring::SourceId::fixed(7), Op::write(fd, data, off), recorder(&results, i));
                     expected_reads.push(None);
                 } else {
-                    ring.submit(7, Op::read(fd, vec![0; len], off), recorder(&results, i));
+                    ring.submit(ringvm_ring::SourceId::fixed(7), Op::read(fd, vec![0; len], off), recorder(&results, i));
                     expected_reads.push(Some(model[off as usize..off as usize + len].to_vec()));
                 }
             }
@@ -105,7 +105,7 @@ fn thousands_in_flight_with_backlog_and_verification() {
     let done = Rc::new(RefCell::new(0usize));
     for i in 0..N {
         let d = done.clone();
-        ring.submit(1, Op::write(fd, vec![(i % 251) as u8; 4096], (i * 4096) as u64), move |_, c| {
+        ring.submit(ringvm_ring::SourceId::fixed(1), Op::write(fd, vec![(i % 251) as u8; 4096], (i * 4096) as u64), move |_, c| {
             assert_eq!(c.result.unwrap(), 4096);
             *d.borrow_mut() += 1;
         });
@@ -116,7 +116,7 @@ fn thousands_in_flight_with_backlog_and_verification() {
     let bad = Rc::new(RefCell::new(0usize));
     for i in 0..N {
         let b = bad.clone();
-        ring.submit(1, Op::read(fd, vec![0; 4096], (i * 4096) as u64), move |_, c| {
+        ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(fd, vec![0; 4096], (i * 4096) as u64), move |_, c| {
             let buf = c.op.and_then(|o| match o {
                 Op::Read { buf, .. } => buf.into_vec(),
                 _ => None,
@@ -158,7 +158,7 @@ fn eager_submission_hands_follow_ups_to_the_kernel_at_once() {
                 *n - 1
             };
             let (next2, bad2) = (next.clone(), bad.clone());
-            ring.submit(1, Op::read(fd, vec![0; 4096], (b * 4096) as u64), move |ring, c| {
+            ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(fd, vec![0; 4096], (b * 4096) as u64), move |ring, c| {
                 let buf = c.op.and_then(|o| match o {
                     Op::Read { buf, .. } => buf.into_vec(),
                     _ => None,
@@ -196,7 +196,7 @@ fn readv_writev_into_caller_memory_and_short_reads_continue() {
     let got = Rc::new(RefCell::new(None));
     let g = got.clone();
     // SAFETY: a and b outlive the operation (we run the ring to completion below).
-    ring.submit(2, unsafe { Op::writev(fd, iov, 100) }, move |_, c| *g.borrow_mut() = Some(c.result.unwrap()));
+    ring.submit(ringvm_ring::SourceId::fixed(2), unsafe { Op::writev(fd, iov, 100) }, move |_, c| *g.borrow_mut() = Some(c.result.unwrap()));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(got.borrow_mut().take(), Some(8000));
     // Read past the end of the file: a short read that ends at EOF.
@@ -204,7 +204,7 @@ fn readv_writev_into_caller_memory_and_short_reads_continue() {
     let iov = vec![libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() }];
     let g = got.clone();
     // SAFETY: as above.
-    ring.submit(2, unsafe { Op::readv(fd, iov, 0) }, move |_, c| *g.borrow_mut() = Some(c.result.unwrap()));
+    ring.submit(ringvm_ring::SourceId::fixed(2), unsafe { Op::readv(fd, iov, 0) }, move |_, c| *g.borrow_mut() = Some(c.result.unwrap()));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(got.borrow_mut().take(), Some(8100));
     assert!(out[..100].iter().all(|&x| x == 0));
@@ -214,7 +214,7 @@ fn readv_writev_into_caller_memory_and_short_reads_continue() {
     let (r, w) = pipe();
     let got_buf = Rc::new(RefCell::new(None));
     let g = got_buf.clone();
-    ring.submit(3, Op::read(Fd::Raw(r.as_raw_fd()), vec![0; 6], 0), move |_, c| {
+    ring.submit(ringvm_ring::SourceId::fixed(3), Op::read(Fd::Raw(r.as_raw_fd()), vec![0; 6], 0), move |_, c| {
         *g.borrow_mut() = Some((
             c.result.unwrap(),
             c.op.and_then(|o| match o {
@@ -251,10 +251,10 @@ fn errors_surface_on_the_right_operation() {
     let mut ring = Ring::new(8, None).unwrap();
     let results: Results = Rc::new(RefCell::new(Vec::new()));
     let file = tmpfile(4096);
-    ring.submit(1, Op::read(Fd::Raw(file.as_raw_fd()), vec![0; 10], 0), recorder(&results, 0));
-    ring.submit(1, Op::read(Fd::Raw(9999), vec![0; 10], 0), recorder(&results, 1));
-    ring.submit(1, Op::Fsync { fd: Fd::Raw(-1), datasync: true }, recorder(&results, 2));
-    ring.submit(1, Op::Fsync { fd: Fd::Raw(file.as_raw_fd()), datasync: true }, recorder(&results, 3));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(Fd::Raw(file.as_raw_fd()), vec![0; 10], 0), recorder(&results, 0));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(Fd::Raw(9999), vec![0; 10], 0), recorder(&results, 1));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::Fsync { fd: Fd::Raw(-1), datasync: true }, recorder(&results, 2));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::Fsync { fd: Fd::Raw(file.as_raw_fd()), datasync: true }, recorder(&results, 3));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     let mut res = results.borrow_mut();
     res.sort_by_key(|r| r.0);
@@ -279,7 +279,7 @@ fn enospc_on_a_small_tmpfs() {
     let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(dir.path().join("f")).unwrap();
     let mut ring = Ring::new(8, None).unwrap();
     let results: Results = Rc::new(RefCell::new(Vec::new()));
-    ring.submit(1, Op::write(Fd::Raw(file.as_raw_fd()), vec![7; 1 << 20], 0), recorder(&results, 0));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::write(Fd::Raw(file.as_raw_fd()), vec![7; 1 << 20], 0), recorder(&results, 0));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     drop(file);
     // SAFETY: unmounting what we mounted.
@@ -293,7 +293,7 @@ fn cancel_keeps_buffer_until_completion() {
     let (r, _w) = pipe();
     let mut ring = Ring::new(8, None).unwrap();
     let results: Results = Rc::new(RefCell::new(Vec::new()));
-    let id = ring.submit(1, Op::read(Fd::Raw(r.as_raw_fd()), vec![0xaa; 64], 0), recorder(&results, 0));
+    let id = ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(Fd::Raw(r.as_raw_fd()), vec![0xaa; 64], 0), recorder(&results, 0));
     ring.run_once(false).unwrap();
     assert_eq!(ring.in_flight(), 1);
     ring.cancel(id);
@@ -314,7 +314,7 @@ fn timeouts_and_linked_write_then_fsync() {
     let t0 = Instant::now();
     let fired = Rc::new(RefCell::new(None));
     let f = fired.clone();
-    ring.submit(1, Op::Timeout { after: Duration::from_millis(30) }, move |_, c| *f.borrow_mut() = Some(c.result));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::Timeout { after: Duration::from_millis(30) }, move |_, c| *f.borrow_mut() = Some(c.result));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(30));
     let r = fired.borrow_mut().take().unwrap();
@@ -325,7 +325,7 @@ fn timeouts_and_linked_write_then_fsync() {
     let order = Rc::new(RefCell::new(Vec::new()));
     let (o1, o2) = (order.clone(), order.clone());
     ring.submit_linked(
-        1,
+        ringvm_ring::SourceId::fixed(1),
         vec![
             (Op::write(fd, b"durable".to_vec(), 0), Box::new(move |_: &mut Ring, c: Completion| o1.borrow_mut().push(("write", c.result.is_ok())))),
             (Op::Fsync { fd, datasync: true }, Box::new(move |_: &mut Ring, c: Completion| o2.borrow_mut().push(("fsync", c.result.is_ok())))),
@@ -340,7 +340,7 @@ fn timeouts_and_linked_write_then_fsync() {
     let order2 = Rc::new(RefCell::new(Vec::new()));
     let (o1, o2) = (order2.clone(), order2.clone());
     ring.submit_linked(
-        1,
+        ringvm_ring::SourceId::fixed(1),
         vec![
             (
                 Op::write(Fd::Raw(9999), vec![1], 0),
@@ -364,7 +364,7 @@ fn multishot_poll_serves_every_notification() {
     let events = Rc::new(RefCell::new(0u64));
     let (t, e) = (total.clone(), events.clone());
     let raw = efd.as_raw_fd();
-    let id = ring.submit(5, Op::Poll { fd: raw, events: libc::POLLIN as u32, multishot: true }, move |_, c| {
+    let id = ring.submit(ringvm_ring::SourceId::fixed(5), Op::Poll { fd: raw, events: libc::POLLIN as u32, multishot: true }, move |_, c| {
         if c.result.is_ok() {
             let mut v = 0u64;
             // SAFETY: 8-byte read from an eventfd into a u64.
@@ -382,7 +382,7 @@ fn multishot_poll_serves_every_notification() {
     assert_eq!(*total.borrow(), 200 * 201 / 2);
     assert!(*events.borrow() >= 200);
     assert!(ring.stats().submitted - submitted <= 2, "one submission served all (plus a rearm at most)");
-    assert_eq!(ring.source_in_flight(5), 0, "multishot polls don't hold a source busy");
+    assert_eq!(ring.source_in_flight(ringvm_ring::SourceId::fixed(5)), 0, "multishot polls don't hold a source busy");
     ring.cancel(id);
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
 }
@@ -431,20 +431,20 @@ fn quiesce_waits_only_for_its_own_source() {
     // Source 1: a read that never completes. Source 2: a read that completes later.
     remote
         .send(move |ring| {
-            ring.submit(1, Op::read(Fd::Raw(stuck_fd), vec![0; 8], 0), |_, _| {});
-            ring.submit(2, Op::read(Fd::Raw(slow_fd), vec![0; 4], 0), move |_, c| tx.send(c.result.unwrap()).unwrap());
+            ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(Fd::Raw(stuck_fd), vec![0; 8], 0), |_, _| {});
+            ring.submit(ringvm_ring::SourceId::fixed(2), Op::read(Fd::Raw(slow_fd), vec![0; 4], 0), move |_, c| tx.send(c.result.unwrap()).unwrap());
         })
         .unwrap();
-    let waiter = remote.quiesce(2).unwrap();
+    let waiter = remote.quiesce(ringvm_ring::SourceId::fixed(2)).unwrap();
     // Not quiesced while source 2's read is pending.
     assert!(waiter.wait(Duration::from_millis(100)).is_err());
     write_all(&slow_w, b"done");
     waiter.wait(T).expect("source 2 quiesces although source 1 is stuck");
     assert_eq!(rx.recv_timeout(T).unwrap(), 4);
     // Source 1 is still stuck, and says so within a deadline.
-    assert!(remote.quiesce(1).unwrap().wait(Duration::from_millis(100)).is_err());
+    assert!(remote.quiesce(ringvm_ring::SourceId::fixed(1)).unwrap().wait(Duration::from_millis(100)).is_err());
     // Quiescing an idle source resolves at once.
-    remote.quiesce(3).unwrap().wait(T).unwrap();
+    remote.quiesce(ringvm_ring::SourceId::fixed(3)).unwrap().wait(T).unwrap();
     drop((stuck_w, stuck_r, slow_r));
 }
 
@@ -459,7 +459,7 @@ fn stop_with_operations_in_flight_cancels_and_joins() {
         .send(move |ring| {
             for _ in 0..50 {
                 let c = c.clone();
-                ring.submit(1, Op::read(Fd::Raw(fd), vec![0; 4096], 0), move |_, comp| {
+                ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(Fd::Raw(fd), vec![0; 4096], 0), move |_, comp| {
                     if comp.result.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ECANCELED) {
                         c.fetch_add(1, Ordering::SeqCst);
                     }
@@ -498,7 +498,7 @@ fn short_write_in_a_chain_is_relinked() {
     let order = Rc::new(RefCell::new(Vec::new()));
     let (o1, o2) = (order.clone(), order.clone());
     ring.submit_linked(
-        1,
+        ringvm_ring::SourceId::fixed(1),
         vec![
             (
                 Op::write(Fd::Raw(w.as_raw_fd()), data, 0),
@@ -537,7 +537,7 @@ fn fixed_buffers_read_and_write() {
         let d = done.clone();
         // SAFETY: each op uses its own 4 KiB of the registered arena.
         let op = unsafe { Op::write_fixed(Fd::Raw(file.as_raw_fd()), idx, arena.as_mut_ptr().add(k as usize * 4096), 4096, k * 65536) };
-        ring.submit(1, op, move |_, c| d.borrow_mut().push(c.result.unwrap()));
+        ring.submit(ringvm_ring::SourceId::fixed(1), op, move |_, c| d.borrow_mut().push(c.result.unwrap()));
     }
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(*done.borrow(), vec![4096; 16]);
@@ -550,7 +550,7 @@ fn fixed_buffers_read_and_write() {
     let ptr = arena.as_mut_ptr();
     // SAFETY: as above, reading back into the registered arena.
     let op = unsafe { Op::read_fixed(Fd::Raw(file.as_raw_fd()), idx, ptr.add(8192), 4096, 65536) };
-    ring.submit(1, op, |_, c| assert_eq!(c.result.unwrap(), 4096));
+    ring.submit(ringvm_ring::SourceId::fixed(1), op, |_, c| assert_eq!(c.result.unwrap(), 4096));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(arena[8192], (4096 % 251) as u8);
     assert_eq!(arena[8192 + 4095], ((4096 + 4095) % 251) as u8);
@@ -560,7 +560,7 @@ fn fixed_buffers_read_and_write() {
     let op = unsafe { Op::read_fixed(Fd::Raw(file.as_raw_fd()), idx, ptr, 4096, 0) };
     let err = Rc::new(RefCell::new(None));
     let e = err.clone();
-    ring.submit(1, op, move |_, c| *e.borrow_mut() = c.result.err().and_then(|e| e.raw_os_error()));
+    ring.submit(ringvm_ring::SourceId::fixed(1), op, move |_, c| *e.borrow_mut() = c.result.err().and_then(|e| e.raw_os_error()));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(*err.borrow(), Some(libc::EFAULT));
 }
@@ -575,8 +575,8 @@ fn restricted_ring_refuses_opcodes_outside_the_allowlist() {
     assert!(ring.is_restricted());
     let file = tmpfile(4096);
     let results: Results = Rc::new(RefCell::new(Vec::new()));
-    ring.submit(1, Op::write(Fd::Raw(file.as_raw_fd()), vec![1; 16], 0), recorder(&results, 0));
-    ring.submit(1, Op::read(Fd::Raw(file.as_raw_fd()), vec![0; 16], 0), recorder(&results, 1));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::write(Fd::Raw(file.as_raw_fd()), vec![1; 16], 0), recorder(&results, 0));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::read(Fd::Raw(file.as_raw_fd()), vec![0; 16], 0), recorder(&results, 1));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     let mut res = results.borrow_mut();
     res.sort_by_key(|r| r.0);
@@ -585,7 +585,7 @@ fn restricted_ring_refuses_opcodes_outside_the_allowlist() {
     // The full allowlist (what IoThread uses) takes fixed files too.
     let mut ring = Ring::with_options(RingOptions::new(8).restricted()).unwrap();
     let fd = ring.register_fd(file.as_raw_fd()).unwrap();
-    ring.submit(1, Op::write(fd, vec![1; 16], 0), |_, c| assert_eq!(c.result.unwrap(), 16));
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::write(fd, vec![1; 16], 0), |_, c| assert_eq!(c.result.unwrap(), 16));
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
 }
 
@@ -596,13 +596,13 @@ fn restricted_ring_refuses_opcodes_outside_the_allowlist() {
 fn pollers_end_the_wait_and_can_remove_themselves() {
     use ringvm_ring::RingOptions;
     let mut ring = Ring::with_options(RingOptions::new(8).polling(Duration::from_millis(2))).unwrap();
-    let id = ring.submit(1, Op::Timeout { after: Duration::from_secs(5) }, |_, _| {});
+    let id = ring.submit(ringvm_ring::SourceId::fixed(1), Op::Timeout { after: Duration::from_secs(5) }, |_, _| {});
     let calls = Rc::new(RefCell::new(0u32));
     let c = calls.clone();
-    ring.add_poller(7, move |ring| {
+    ring.add_poller(ringvm_ring::SourceId::fixed(7), move |ring| {
         *c.borrow_mut() += 1;
         if *c.borrow() == 3 {
-            ring.remove_pollers(7);
+            ring.remove_pollers(ringvm_ring::SourceId::fixed(7));
             return true;
         }
         false
@@ -626,10 +626,10 @@ fn pollers_end_the_wait_and_can_remove_themselves() {
 #[test]
 fn sleep_checks_run_before_every_block_and_their_work_prevents_it() {
     let mut ring = Ring::with_options(RingOptions::new(8)).unwrap();
-    let id = ring.submit(1, Op::Timeout { after: Duration::from_secs(5) }, |_, _| {});
+    let id = ring.submit(ringvm_ring::SourceId::fixed(1), Op::Timeout { after: Duration::from_secs(5) }, |_, _| {});
     let calls = Rc::new(RefCell::new(0u32));
     let c = calls.clone();
-    ring.add_sleep_check(9, move |_| {
+    ring.add_sleep_check(ringvm_ring::SourceId::fixed(9), move |_| {
         *c.borrow_mut() += 1;
         *c.borrow() <= 2
     });
@@ -641,12 +641,12 @@ fn sleep_checks_run_before_every_block_and_their_work_prevents_it() {
     }
     // Third time: nothing found, so the ring blocks until the timer (cut
     // short by a cancel from a Timeout of its own).
-    ring.submit(1, Op::Timeout { after: Duration::from_millis(50) }, |_, _| {});
+    ring.submit(ringvm_ring::SourceId::fixed(1), Op::Timeout { after: Duration::from_millis(50) }, |_, _| {});
     let t0 = Instant::now();
     ring.run_once(true).unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(40), "the ring did not block once the check found nothing");
     assert_eq!(*calls.borrow(), 3);
-    ring.remove_pollers(9);
+    ring.remove_pollers(ringvm_ring::SourceId::fixed(9));
     ring.cancel(id);
     ring.run_until(T, |r| r.in_flight() == 0).unwrap();
     assert_eq!(*calls.borrow(), 3, "a removed sleep check still ran");

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 pub type ClientId = u64;
 
 /// Ring source id of everything the QMP server submits.
-pub const QMP_SOURCE: SourceId = 0x514d_5000;
+pub const QMP_SOURCE: SourceId = SourceId::fixed(1);
 
 /// Bounds that keep one client from taking the VMM's memory.
 #[derive(Clone, Copy, Debug)]

@@ -334,9 +334,9 @@ fn issue(ring: &mut Ring, st: &St) {
             issue(ring, &st2);
         };
         if punt {
-            ring.submit_async(1, op, done);
+            ring.submit_async(ring::SourceId::fixed(1), op, done);
         } else {
-            ring.submit(1, op, done);
+            ring.submit(ring::SourceId::fixed(1), op, done);
         }
     }
 }
@@ -346,7 +346,7 @@ fn issue(ring: &mut Ring, st: &St) {
 fn arm(ring: &mut Ring, st: &St, poll: &Rc<std::cell::Cell<Option<ring::OpId>>>) {
     let ufd = st.borrow().uffd.0.as_raw_fd();
     let (st2, poll2) = (st.clone(), poll.clone());
-    let id = ring.submit(2, Op::Poll { fd: ufd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
+    let id = ring.submit(ring::SourceId::fixed(2), Op::Poll { fd: ufd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
         if c.result.is_ok() {
             st2.borrow_mut().faults();
             issue(ring, &st2);

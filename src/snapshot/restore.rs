@@ -498,7 +498,7 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
                 break;
             }
         }
-        crate::nfs::Conn::kick(&conn, &mut ring, 1, &handler);
+        crate::nfs::Conn::kick(&conn, &mut ring, ring::SourceId::fixed(1), &handler);
         ring.run_once(true).map_err(|e| e.to_string())?;
         progress.store(st.borrow().bytes, Ordering::Relaxed);
     }
@@ -541,9 +541,9 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
                 issue(ring, &st2, &runs2, &crcs2, &gpas2, fd, punt);
             };
             if punt {
-                ring.submit_async(1, op, done);
+                ring.submit_async(ring::SourceId::fixed(1), op, done);
             } else {
-                ring.submit(1, op, done);
+                ring.submit(ring::SourceId::fixed(1), op, done);
             }
         }
     }

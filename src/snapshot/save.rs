@@ -21,7 +21,8 @@ use crate::events::{EventQueue, SnapshotStep, VmEvent};
 use crate::nfs;
 
 /// Ring source of the state file's operations.
-pub const SNAPSHOT_SOURCE: u32 = 0x5354_0000;
+/// The snapshot iothread's one source (its ring serves only the snapshot).
+pub const SNAPSHOT_SOURCE: ring::SourceId = ring::SourceId::fixed(1);
 const MAX_INFLIGHT: usize = 32;
 /// Pages per write (1 MiB).
 const RUN_PAGES: u64 = 256;

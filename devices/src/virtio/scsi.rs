@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -134,8 +134,6 @@ impl Drop for Disk {
         self.close();
     }
 }
-
-static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0x5c51_0000);
 
 pub struct VirtioScsi {
     disks: Arc<Vec<Disk>>,
@@ -266,7 +264,7 @@ impl VirtioDevice for VirtioScsi {
             if q.index == 1 {
                 if acked & VIRTIO_SCSI_F_HOTPLUG != 0 {
                     let remote = self.iothreads[0].clone();
-                    let source = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
+                    let source = SourceId::new();
                     let ev = EventQ {
                         queue: q.queue,
                         mem: mem.clone(),
@@ -286,7 +284,7 @@ impl VirtioDevice for VirtioScsi {
                 continue;
             }
             let remote = if q.index == 0 { self.iothreads[0].clone() } else { self.iothreads[(q.index as usize - 2) % self.iothreads.len()].clone() };
-            let source = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
+            let source = SourceId::new();
             let setup = WorkerSetup {
                 control: q.index == 0,
                 index: q.index,
@@ -379,7 +377,7 @@ impl VirtioScsi {
         let mut result = Ok(());
         for (w, remote, source) in waiters {
             if let Err(e) = w.wait(QUIESCE_DEADLINE) {
-                log::error!("virtio-scsi: queue source {source:#x} did not quiesce: {e}");
+                log::error!("virtio-scsi: queue source {source:?} did not quiesce: {e}");
                 result = Err(e.into());
             }
             let _ = remote.send(move |_| Worker::forget(source));
@@ -573,7 +571,7 @@ impl Worker {
             held: Vec::new(),
         }));
         let w2 = w.clone();
-        let poll = ring.submit(source | 0x8000_0000, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
+        let poll = ring.submit(source.companion(), Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
             if c.result.is_ok() {
                 let _ = w2.borrow().s.notify.read();
                 Worker::process(&w2, ring);
@@ -1164,7 +1162,7 @@ impl EventQ {
         let fd = ev.notify.as_raw_fd();
         let e = Rc::new(RefCell::new(ev));
         let e2 = e.clone();
-        let poll = ring.submit(source | 0x8000_0000, Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |_, c| {
+        let poll = ring.submit(source.companion(), Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |_, c| {
             if c.result.is_ok() {
                 let _ = e2.borrow().notify.read();
                 e2.borrow_mut().deliver();
