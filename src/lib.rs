@@ -1,9 +1,22 @@
 //! ringvm: an io_uring-centric, storage-first KVM virtual machine monitor.
 //!
-//! Crate map: `machine` (KVM VM, memory, irqchip, buses), `vcpu` (threads
-//! and run loop), `boot` (kernel loading, CPU tables, registers), `vmm`
-//! (builder and control loop), `cli` (command line). Device models live in
-//! the `ringvm-devices` crate and the io_uring event loop in `ringvm-ring`.
+//! Crate map:
+//! - `vmm`: builds a VM from its configuration (machine, disks, vCPUs,
+//!   boot or pending restore); `machine` (KVM VM, memory, irqchip, buses),
+//!   `vcpu` (threads and run loop), `boot` (kernel loading, ACPI and CPU
+//!   tables, registers), `disk` (virtio-scsi controllers and their
+//!   iothreads), `events` (vCPU/device/worker events to the control thread);
+//! - `control`: the control thread, which runs a built VM: its io_uring
+//!   loop, run state, signals, the QMP command table, and the control
+//!   sides of snapshots and restores; `qmp` (protocol, socket server);
+//! - `snapshot`: the state file format, the saving iothread (`save`), the
+//!   loaders (`restore`, `lazy`), `incoming` (opening and checking a file
+//!   off the control thread), `mapguard` (a mapped file that shrinks);
+//!   `nfs` (libnfs for nfs:// state files);
+//! - `seccomp` (per-thread filters), `cli` (command line), `error`.
+//!
+//! Device models live in the `ringvm-devices` crate and the io_uring event
+//! loop in `ringvm-ring`.
 
 pub mod boot;
 pub mod cli;

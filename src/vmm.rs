@@ -59,22 +59,6 @@ pub struct PendingRestore {
     pub section: crate::snapshot::StateSection,
 }
 
-/// Parses and version-checks a state section.
-pub fn parse_section(path: &std::path::Path, c: &crate::snapshot::format::Checked) -> Result<crate::snapshot::StateSection> {
-    let fail = |e: String| Error::Config(format!("state file {}: {e}", path.display()));
-    let section: crate::snapshot::StateSection = serde_json::from_slice(&c.state_json).map_err(|e| fail(format!("state section: {e}")))?;
-    if section.vcpus_version != 1 || section.machine_version != 1 {
-        return Err(fail(format!("state section versions {}/{} are not supported", section.vcpus_version, section.machine_version)));
-    }
-    if !section.devices.is_empty() && section.devices_version != 1 {
-        return Err(fail(format!("device state version {} is not supported", section.devices_version)));
-    }
-    if section.vcpus.len() != usize::from(c.header.machine.cpus) {
-        return Err(fail(format!("state section has {} vCPUs, the header {}", section.vcpus.len(), c.header.machine.cpus)));
-    }
-    Ok(section)
-}
-
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -256,7 +240,7 @@ impl Vm {
         let vcpus = Self::create_vcpus(&machine, config.cpus, &events, entry)?;
         let pending = match (checked, &config.restore) {
             (Some(c), Some(path)) => {
-                let section = parse_section(path, &c)?;
+                let section = crate::snapshot::parse_section(path, &c)?;
                 // Every vCPU parked (and done with its power-on set-up, which
                 // writes boot tables into RAM) before RAM is loaded over it.
                 vcpus.pause()?;
@@ -425,11 +409,6 @@ impl Vm {
             self.vcpus.resume();
         }
         Ok(entry.written())
-    }
-
-    /// Runs the guest with no control socket until it exits.
-    pub fn run(self) -> Result<Outcome> {
-        crate::control::Controller::new(self, Default::default())?.run()
     }
 
     /// Stops the vCPUs and flushes the console.

@@ -88,7 +88,7 @@ pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
     crate::snapshot::check_disks(&m.disks, &target.disks).map_err(fail)?;
     crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(fail)?;
     crate::snapshot::check_boot(m, &target.boot).map_err(fail)?;
-    let section = crate::vmm::parse_section(path, &checked).map_err(|e| e.to_string())?;
+    let section = crate::snapshot::parse_section(path, &checked).map_err(|e| e.to_string())?;
     Ok(Opened { path: path.to_path_buf(), checked, section })
 }
 

@@ -457,7 +457,7 @@ fn setup(file: File, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, region
     }
     let mut ring = Ring::new(128, None).map_err(|e| e.to_string())?;
     let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
-    let punt = super::save::blocks_inline(&file);
+    let punt = super::fsprobe::blocks_inline(&file);
     let mut index: Vec<(usize, usize, usize)> = runs.iter().enumerate().map(|(i, r)| (r.1, r.1 + (r.2 * PAGE) as usize, i)).collect();
     index.sort_unstable();
     let n = runs.len();

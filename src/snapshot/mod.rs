@@ -4,9 +4,11 @@
 //! state. See docs/state-format.md.
 
 pub mod format;
+pub mod fsprobe;
 pub mod incoming;
 pub mod lazy;
 pub mod mapguard;
+pub mod pages;
 pub mod restore;
 pub mod save;
 
@@ -180,4 +182,20 @@ pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// Parses and version-checks a state section.
+pub fn parse_section(path: &std::path::Path, c: &format::Checked) -> crate::Result<StateSection> {
+    let fail = |e: String| crate::Error::Config(format!("state file {}: {e}", path.display()));
+    let section: StateSection = serde_json::from_slice(&c.state_json).map_err(|e| fail(format!("state section: {e}")))?;
+    if section.vcpus_version != 1 || section.machine_version != 1 {
+        return Err(fail(format!("state section versions {}/{} are not supported", section.vcpus_version, section.machine_version)));
+    }
+    if !section.devices.is_empty() && section.devices_version != 1 {
+        return Err(fail(format!("device state version {} is not supported", section.devices_version)));
+    }
+    if section.vcpus.len() != usize::from(c.header.machine.cpus) {
+        return Err(fail(format!("state section has {} vCPUs, the header {}", section.vcpus.len(), c.header.machine.cpus)));
+    }
+    Ok(section)
 }

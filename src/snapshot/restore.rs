@@ -64,16 +64,6 @@ pub enum RamMode {
     Lazy,
 }
 
-/// tmpfs and ramfs: the file's pages are memory already.
-fn on_memory_fs(f: &File) -> bool {
-    const TMPFS: i64 = 0x0102_1994;
-    const RAMFS: i64 = 0x8584_58f6;
-    // SAFETY: fstatfs fills a local struct for an open fd.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) == 0 && [TMPFS, RAMFS].contains(&(st.f_type as i64)) }
-}
-
 /// Plans the reads: runs of present pages.
 /// The reads, every page's checksum by region, and each region's gpa.
 pub(super) type Plan = (Vec<Run>, Vec<Vec<u32>>, Vec<u64>);
@@ -141,7 +131,7 @@ pub fn spawn_loader(
     }
     if !nfs && mode != RamMode::Read {
         let file = super::format::open_regular(path)?;
-        if mode == RamMode::Map || on_memory_fs(&file) {
+        if mode == RamMode::Map || super::fsprobe::on_memory_fs(&file) {
             return spawn_mapped(path, file, checked, mem, runs, crcs, gpas, progress, done);
         }
     }
@@ -376,7 +366,7 @@ fn clear_stale(file: &File, mem: &GuestMemoryMmap, regions: &[(u64, u64, u64, Ve
                 let slice = mem.get_slice(addr, PAGE as usize).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
                 // SAFETY: one page of guest RAM (vCPUs parked), only read.
                 let page = unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), PAGE as usize) };
-                if !super::save::is_zero(page) {
+                if !super::pages::is_zero(page) {
                     mem.write_slice(&zero, addr).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
                 }
             }
@@ -524,8 +514,8 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
     let crcs = Rc::new(crcs);
     let gpas = Rc::new(gpas);
     // FUSE and network filesystems: each read on its own io-wq worker (see
-    // save::blocks_inline), or they run one at a time.
-    let punt = super::save::blocks_inline(&file);
+    // fsprobe::blocks_inline), or they run one at a time.
+    let punt = super::fsprobe::blocks_inline(&file);
     fn issue(ring: &mut Ring, st: &Rc<RefCell<Loads>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd, punt: bool) {
         loop {
             let Some(i) = st.borrow_mut().take_next(runs.len()) else { return };

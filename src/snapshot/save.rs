@@ -16,6 +16,8 @@ use ring::{Fd, Op, Ring};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::format::{self, Completion, Header, PAGE};
+use super::fsprobe::blocks_inline;
+use super::pages::is_zero;
 use super::{SaveShared, SaveState};
 use crate::events::{EventQueue, SnapshotStep, VmEvent};
 use crate::nfs;
@@ -123,34 +125,6 @@ fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Res
     }
     let punt = blocks_inline(&direct);
     Ok((Target::File { direct, buffered, punt, tmp, dest }, is_direct))
-}
-
-/// Filesystems that may block inside io_uring_enter even for a
-/// non-blocking issue attempt (FUSE's direct I/O waits for its daemon;
-/// network filesystems wait for their server): their writes go straight to
-/// the kernel's io_uring workers, so a stalled target never blocks the
-/// iothread (which must stay free to fail or cancel the snapshot).
-/// The restore loader punts its reads there too: io_uring then gives each
-/// its own io-wq worker, so many are in flight at once (issued the normal
-/// way, reads on such a file run one at a time). Writes stay serialised
-/// whatever the flag: io-wq orders writes to one inode unless the
-/// filesystem declares parallel direct writes (ext4 and XFS do; FUSE and
-/// the kernel's NFS client do not), which is why `nfs://` is the fast way
-/// to an NFS server.
-pub(crate) fn blocks_inline(f: &File) -> bool {
-    const FUSE: i64 = 0x6573_5546;
-    const NFS: i64 = 0x6969;
-    const SMB2: i64 = 0xFE53_4D42;
-    const CIFS: i64 = 0xFF53_4D42;
-    const CEPH: i64 = 0x00C3_6400;
-    const V9FS: i64 = 0x0102_1997;
-    // SAFETY: fstatfs fills a local struct for an open fd.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
-        return true;
-    }
-    [FUSE, NFS, SMB2, CIFS, CEPH, V9FS].contains(&(st.f_type as i64))
 }
 
 /// Where a snapshot to `path` lands: `path` itself, or with `nofollow` off
@@ -629,19 +603,6 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
     }
 }
 
-/// Whether a page is all zero bytes. Checked in 128-byte blocks of
-/// OR-ed words, which the compiler turns into vector code: about 40 GB/s
-/// here, against 2 GB/s for a byte-at-a-time `all()`; a sparse guest's
-/// zero pages would otherwise cost the snapshot half a second of CPU per
-/// GiB.
-pub(super) fn is_zero(page: &[u8]) -> bool {
-    page.chunks(128).all(|block| {
-        let words = block.chunks_exact(8);
-        let rest = words.remainder();
-        words.fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8]))) == 0 && rest.iter().all(|&b| b == 0)
-    })
-}
-
 fn end_of_pass(job: &J, ring: &mut Ring) {
     let mut j = job.borrow_mut();
     if let Err(e) = j.check_file() {
@@ -871,24 +832,4 @@ fn end(job: &J) {
     j.events.push(VmEvent::Snapshot(SnapshotStep::Done));
     drop(j);
     JOB.with(|s| *s.borrow_mut() = None);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_zero;
-
-    #[test]
-    fn zero_pages_are_found_and_any_set_byte_is_not_zero() {
-        let mut page = vec![0u8; 4096];
-        assert!(is_zero(&page));
-        for at in [0, 7, 8, 127, 128, 2049, 4095] {
-            page[at] = 1;
-            assert!(!is_zero(&page), "byte {at} set");
-            page[at] = 0;
-        }
-        // Lengths that are not multiples of the block or the word.
-        assert!(is_zero(&[0u8; 13]));
-        assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80]));
-        assert!(is_zero(&[]));
-    }
 }

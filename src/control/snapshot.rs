@@ -1,0 +1,355 @@
+//! The control side of a live snapshot: savevm-start / savevm-end /
+//! query-savevm, the final pause and the state it captures.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::{Controller, RunState};
+use crate::events::{SnapshotStep, VmEvent};
+use crate::qmp::{QmpError, Request};
+use crate::snapshot::incoming::IncomingStatus;
+use crate::snapshot::{format, save, SaveShared, SaveState, StateSection};
+
+/// The control thread's side of a running snapshot.
+#[derive(Default)]
+pub(super) struct SaveCtl {
+    pub(super) shared: Arc<SaveShared>,
+    pub(super) iothread: Option<ring::IoThread>,
+    /// The vCPUs were paused by the snapshot's final phase.
+    pub(super) paused_by_us: bool,
+    /// The state to return to after the final phase.
+    pub(super) resume_to: Option<RunState>,
+    pub(super) pause_started: Option<Instant>,
+    /// Guest events that arrived during the final pause.
+    pub(super) deferred: Vec<VmEvent>,
+    /// (disk, reflink) pairs to take during the final pause.
+    pub(super) clones: Vec<(String, String)>,
+    /// Says when the reaper removed an ended snapshot's unfinished file.
+    pub(super) reaped: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+/// Default downtime target (ms) for the final pause.
+pub const DEFAULT_DOWNTIME_MS: f64 = 5.0;
+/// How long the final pause may take before the snapshot gives up and the
+/// guest resumes (`final-timeout-ms`).
+pub const DEFAULT_FINAL_TIMEOUT_MS: f64 = 10_000.0;
+
+impl Controller {
+    /// The `--statefile-dir` policy for a state file named over QMP.
+    pub(super) fn check_statefile(&self, path: &str) -> std::result::Result<(), QmpError> {
+        let Some(dir) = &self.statefile_dir else { return Ok(()) };
+        let refuse = |why: &str| Err(QmpError::generic(format!("statefile {path}: {why} (--statefile-dir {})", dir.display())));
+        if crate::nfs::is_uri(path) {
+            return refuse("only files inside the state-file directory are allowed");
+        }
+        let p = std::path::Path::new(path);
+        let (Some(parent), Some(_)) = (p.parent(), p.file_name()) else { return refuse("not a file name") };
+        let inside = match (std::fs::canonicalize(parent), std::fs::canonicalize(dir)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !inside {
+            return refuse("not directly inside the state-file directory");
+        }
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if !m.file_type().is_file() => refuse("exists and is not a regular file (symlinks are refused)"),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn savevm_start(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
+        if self.save.shared.get().state == SaveState::Active || self.save.iothread.is_some() {
+            return Err(QmpError::generic("a snapshot is already running; wait for it to finish or call savevm-end"));
+        }
+        if !matches!(self.state, RunState::Running | RunState::Paused) {
+            return Err(QmpError::generic(format!("cannot snapshot a VM in state '{}'", self.state.as_str())));
+        }
+        if self.incoming.status == IncomingStatus::PostcopyActive {
+            let from = self.incoming.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            return Err(QmpError::generic(format!("the lazy restore from {from} is still loading RAM; snapshot once query-migrate says completed")));
+        }
+        let path = req.arguments.get("statefile").and_then(Value::as_str).unwrap_or_default().to_string();
+        if path.is_empty() {
+            return Err(QmpError::generic("Parameter 'statefile' must not be empty"));
+        }
+        self.check_statefile(&path)?;
+        let downtime = req.arguments.get("downtime-ms").and_then(Value::as_f64).unwrap_or(DEFAULT_DOWNTIME_MS);
+        if !(0.0..=60_000.0).contains(&downtime) {
+            return Err(QmpError::generic("Parameter 'downtime-ms' must be between 0 and 60000"));
+        }
+        let final_timeout = req.arguments.get("final-timeout-ms").and_then(Value::as_f64).unwrap_or(DEFAULT_FINAL_TIMEOUT_MS);
+        if !(1.0..=600_000.0).contains(&final_timeout) {
+            return Err(QmpError::generic("Parameter 'final-timeout-ms' must be between 1 and 600000"));
+        }
+        let machine = self.vm.machine();
+        let slots = machine.slots();
+        let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
+        let boot = self.vm.boot_spec();
+        let blocks = self.vm.disks_in_order();
+        // "disks": "clone": each disk is reflinked next to the state file
+        // during the final pause, so the disks match the RAM. Tried once
+        // now: a filesystem without reflink fails here, before anything runs.
+        let clones: Vec<(String, String)> = match req.arguments.get("disks").and_then(Value::as_str) {
+            None => Vec::new(),
+            Some("clone") if crate::nfs::is_uri(&path) => {
+                return Err(QmpError::generic("disks=clone reflinks the disks next to the state file: it needs a local statefile, not nfs://"));
+            }
+            Some("clone") => {
+                let c: Vec<(String, String)> = blocks.iter().filter(|b| !b.removed).map(|b| (b.path.clone(), format!("{path}.disk{}", b.index))).collect();
+                for (src, dst) in &c {
+                    crate::disk::reflink(src, dst).map_err(|e| QmpError::generic(format!("disks=clone: {e}")))?;
+                }
+                c
+            }
+            Some(other) => return Err(QmpError::generic(format!("Parameter 'disks' must be 'clone', not '{other}'"))),
+        };
+        let disks = blocks
+            .iter()
+            .map(|b| format::DiskDesc {
+                path: b.path.clone(),
+                readonly: b.readonly,
+                direct: b.direct,
+                iothread: b.pin,
+                clone: clones.iter().find(|c| c.0 == b.path && !b.removed).map(|c| c.1.clone()),
+                queues: b.queues,
+                removed: b.removed,
+                size: (!b.removed).then_some(b.size),
+            })
+            .collect();
+        let desc = format::MachineDesc {
+            cpus: self.vm.cpus(),
+            mem_size: machine.mem_size,
+            disks,
+            scsi_queues: self.vm.scsi_queues(),
+            iothreads: self.vm.storage().iothreads.len(),
+            kernel: Some(boot.kernel.display().to_string()),
+            initrd: boot.initrd.as_ref().map(|p| p.display().to_string()),
+            cmdline: boot.cmdline.clone(),
+        };
+        let header = format::Header::layout(desc, &ram);
+        let io = ring::IoThread::spawn("iothread-savevm", 256).map_err(|e| QmpError::generic(format!("cannot start the snapshot iothread: {e}")))?;
+        io.remote()
+            .send(|_| crate::seccomp::apply_or_exit(crate::seccomp::Role::Snapshot))
+            .map_err(|e| QmpError::generic(format!("snapshot iothread: {e}")))?;
+        machine.set_dirty_log(true).map_err(|e| QmpError::generic(format!("cannot enable dirty logging: {e}")))?;
+        let shared = Arc::new(SaveShared::default());
+        shared.update(|s| {
+            s.state = SaveState::Active;
+            s.path = path.clone();
+            s.started = Some(Instant::now());
+        });
+        // What the disks' queues write into guest RAM, KVM does not see.
+        let dma = (!self.vm.blocks().is_empty()).then(|| self.vm.storage().dirty.clone());
+        if let Some(d) = &dma {
+            d.set_enabled(true);
+        }
+        let params = save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some(), final_timeout_ms: final_timeout };
+        let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
+        if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
+            let _ = machine.set_dirty_log(false);
+            self.vm.storage().dirty.set_enabled(false);
+            return Err(QmpError::generic(format!("snapshot iothread: {e}")));
+        }
+        self.save = SaveCtl { shared, iothread: Some(io), clones, ..Default::default() };
+        Ok(json!({}))
+    }
+
+    /// A reset reloaded the kernel through the VMM (not through KVM, so
+    /// the dirty log missed it): a running snapshot rewrites everything.
+    pub(super) fn snapshot_memory_rewritten(&self, ranges: Vec<(u64, u64)>) {
+        if let Some(io) = &self.save.iothread {
+            let _ = io.remote().send(move |ring| save::mark_dirty(ring, &ranges));
+        }
+    }
+
+    pub(super) fn query_savevm(&self) -> Value {
+        let s = self.save.shared.get();
+        if s.state == SaveState::None {
+            return json!({});
+        }
+        let total = match (s.state, s.started) {
+            (SaveState::Active, Some(t)) => t.elapsed().as_millis() as u64,
+            _ => s.total_ms,
+        };
+        let mut v = json!({
+            "status": s.state.as_str(),
+            "statefile": s.path,
+            "total-time": total,
+            "bytes": s.bytes,
+            "iterations": s.iterations,
+            "remaining": s.remaining,
+            "throughput-mbps": s.throughput_mbps,
+            "dirty-rate-mbps": s.dirty_rate_mbps,
+            "direct-io": s.direct_io,
+            "stalled": s.stalled,
+        });
+        if let Some(d) = s.downtime_ms {
+            v["downtime"] = json!(d);
+        }
+        if let Some(e) = s.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
+
+    /// Ends a running snapshot: marks it failed with `why` (if given), asks
+    /// the job to stop and wakes it so it notices.
+    pub(super) fn cancel_snapshot(&mut self, why: Option<String>) {
+        if let Some(msg) = why {
+            self.save.shared.update(|s| {
+                s.state = SaveState::Failed;
+                s.error = Some(msg);
+            });
+        }
+        self.save.shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(io) = &self.save.iothread {
+            let _ = io.remote().send(save::poke);
+        }
+    }
+
+    pub(super) fn savevm_end(&mut self) -> Value {
+        if self.save.shared.get().state == SaveState::Active {
+            self.cancel_snapshot(None);
+        } else if self.save.iothread.is_none() {
+            self.save.shared = Arc::new(SaveShared::default());
+        }
+        json!({})
+    }
+
+    pub(super) fn on_snapshot_step(&mut self, step: SnapshotStep) {
+        match step {
+            SnapshotStep::Pause => {
+                if self.save.iothread.is_none() {
+                    return;
+                }
+                // The downtime starts as the vCPUs are asked to stop (as
+                // QEMU counts it from vm_stop): their way out of KVM_RUN
+                // and the disks' quiesce are part of the pause.
+                let pause_started = Instant::now();
+                if self.state == RunState::Running {
+                    if let Err(e) = self.vm.vcpus().pause() {
+                        self.cancel_snapshot(Some(format!("cannot pause the vCPUs: {e}")));
+                        return;
+                    }
+                    self.save.paused_by_us = true;
+                }
+                // Disks next: their iothreads finish what is in flight (so
+                // its data and used entries are in RAM and in the dirty
+                // log) and take nothing new until the resume.
+                if let Err(e) = self.vm.storage().pause() {
+                    self.release_snapshot_pause();
+                    self.cancel_snapshot(Some(format!("cannot quiesce the disks: {e}")));
+                    return;
+                }
+                // Quiesced: the disks' content is the RAM's. Reflinks are
+                // metadata operations (the kernel flushes dirty data first).
+                let clone_err = self.save.clones.iter().find_map(|(src, dst)| crate::disk::reflink(src, dst).err());
+                if let Some(e) = clone_err {
+                    self.vm.storage().resume();
+                    self.release_snapshot_pause();
+                    self.cancel_snapshot(Some(format!("disks=clone: {e}")));
+                    return;
+                }
+                self.save.resume_to = Some(self.state);
+                self.state = RunState::FinishMigrate;
+                self.save.pause_started = Some(pause_started);
+                if let Some(io) = &self.save.iothread {
+                    let _ = io.remote().send(save::final_phase);
+                }
+            }
+            SnapshotStep::Resume => {
+                let Some(back) = self.save.resume_to.take() else { return };
+                // Capture vCPU and machine state while they are still out.
+                let state = if self.save.shared.get().state == SaveState::Active { Some(self.capture_state()) } else { None };
+                self.vm.storage().resume();
+                self.release_snapshot_pause();
+                self.state = back;
+                if let Some(t) = self.save.pause_started.take() {
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    self.save.shared.update(|s| s.downtime_ms = Some(ms));
+                }
+                for ev in std::mem::take(&mut self.save.deferred) {
+                    self.on_vm_event(ev);
+                }
+                match state {
+                    Some(Ok(json)) => {
+                        if let Some(io) = &self.save.iothread {
+                            let _ = io.remote().send(move |ring| save::close(ring, json));
+                        }
+                    }
+                    Some(Err(e)) => self.cancel_snapshot(Some(format!("cannot save vCPU/device state: {e}"))),
+                    None => {}
+                }
+            }
+            SnapshotStep::Pass => {
+                let s = self.save.shared.get();
+                if s.state == SaveState::Active {
+                    self.broadcast(
+                        "SAVEVM_PROGRESS",
+                        Some(json!({
+                            "pass": s.iterations,
+                            "bytes": s.bytes,
+                            "remaining": s.remaining,
+                            "throughput-mbps": s.throughput_mbps,
+                            "dirty-rate-mbps": s.dirty_rate_mbps,
+                        })),
+                    );
+                }
+            }
+            SnapshotStep::Done => {
+                if let Err(e) = self.vm.machine().set_dirty_log(false) {
+                    log::error!("cannot disable dirty logging: {e}");
+                }
+                self.vm.storage().dirty.set_enabled(false);
+                let leftover = self.save.shared.get().leftover;
+                if let Some(mut io) = self.save.iothread.take() {
+                    // Stopped off the control thread: a failed or cancelled
+                    // snapshot may leave writes stuck in a stalled target,
+                    // and QMP must keep answering meanwhile. Its unfinished
+                    // file is removed there too (the unlink may wait behind
+                    // those writes).
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    self.save.reaped = Some(rx);
+                    let _ = std::thread::Builder::new().name("savevm-reaper".into()).spawn(move || {
+                        if let Some(p) = leftover {
+                            let r = match p.to_str().filter(|p| crate::nfs::is_uri(p)) {
+                                Some(uri) => crate::nfs::NfsUri::parse(uri).and_then(|u| crate::nfs::Nfs::unlink(&u)),
+                                None => std::fs::remove_file(&p).map_err(|e| e.to_string()),
+                            };
+                            if let Err(e) = r {
+                                log::warn!("cannot remove the unfinished state file {}: {e}", p.display());
+                            }
+                        }
+                        let _ = tx.send(());
+                        io.stop();
+                    });
+                }
+                let s = self.save.shared.get();
+                let mut data = json!({"status": s.state.as_str()});
+                if let Some(e) = &s.error {
+                    data["error"] = json!(e);
+                }
+                self.broadcast("MIGRATION", Some(data));
+            }
+        }
+    }
+
+    /// Resumes the vCPUs if the snapshot's final pause stopped them.
+    pub(super) fn release_snapshot_pause(&mut self) {
+        if self.save.paused_by_us {
+            self.vm.vcpus().resume();
+            self.save.paused_by_us = false;
+        }
+    }
+
+    pub(super) fn capture_state(&self) -> std::result::Result<Vec<u8>, String> {
+        let vcpus = self.vm.vcpus().save_state().map_err(|e| e.to_string())?;
+        let machine = self.vm.machine().save_state().map_err(|e| e.to_string())?;
+        let devices = self.vm.storage().save_state();
+        let serial = Some(self.vm.machine().serial.lock().unwrap_or_else(|e| e.into_inner()).save());
+        let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial, devices_version: 1, devices };
+        serde_json::to_vec(&section).map_err(|e| e.to_string())
+    }
+}
