@@ -48,6 +48,8 @@ pub enum SnapshotStep {
     /// A live pass ended (for the SAVEVM_PROGRESS event; the figures are
     /// in the shared status).
     Pass,
+    /// Set the vCPUs' CPU throttle to this percentage (auto-converge).
+    Throttle(u32),
 }
 
 pub struct EventQueue {

@@ -8,7 +8,7 @@
 //! thread take only short device locks.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -71,9 +71,21 @@ pub struct VcpuControl {
     pub runs: AtomicU64,
     /// Host thread id of each vCPU (0 until its thread starts).
     tids: Mutex<Vec<i32>>,
+    /// CPU throttle (QEMU's auto-converge): the share of time, in percent,
+    /// every vCPU spends asleep (0: none).
+    throttle_pct: AtomicU32,
+    /// Bumped by the throttle ticker each period; a vCPU that sees it
+    /// change sleeps its share once.
+    throttle_epoch: AtomicU64,
+    /// The ticker thread runs.
+    ticking: AtomicBool,
 }
 
 const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
+/// The run time between two throttle sleeps (QEMU's CPU_THROTTLE_TIMESLICE).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The highest throttle (QEMU: max-cpu-throttle, default 99).
+pub const MAX_THROTTLE_PCT: u32 = 99;
 
 impl VcpuControl {
     pub fn new(count: usize, boot: BootEntry) -> Arc<Self> {
@@ -94,7 +106,22 @@ impl VcpuControl {
             count,
             runs: AtomicU64::new(0),
             tids: Mutex::new(vec![0; count]),
+            throttle_pct: AtomicU32::new(0),
+            throttle_epoch: AtomicU64::new(0),
+            ticking: AtomicBool::new(false),
         })
+    }
+
+    /// The current CPU throttle, percent.
+    pub fn throttle(&self) -> u32 {
+        self.throttle_pct.load(Ordering::Relaxed)
+    }
+
+    /// How long a vCPU sleeps per throttle period at `pct`: run SLICE,
+    /// sleep SLICE * pct / (100 - pct).
+    fn throttle_sleep(pct: u32) -> Duration {
+        let pct = pct.min(MAX_THROTTLE_PCT);
+        THROTTLE_SLICE * pct / (100 - pct)
     }
 
     fn lock(&self) -> MutexGuard<'_, CtlState> {
@@ -160,8 +187,48 @@ impl Vcpus {
     }
 
     /// Returns once every vCPU is out of KVM_RUN and parked.
+    /// Sets the CPU throttle (0 ends it): every vCPU then sleeps `pct`
+    /// percent of the time, in slices (a ticker thread kicks them out of
+    /// KVM_RUN once per period; each sleeps once per period, so a guest's
+    /// own exits do not add sleeps). Sleeps end early for a pause.
+    pub fn set_throttle(&self, pct: u32) {
+        let pct = pct.min(MAX_THROTTLE_PCT);
+        self.ctl.throttle_pct.store(pct, Ordering::Relaxed);
+        if pct == 0 {
+            self.ctl.cv.notify_all();
+            return;
+        }
+        if self.ctl.ticking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ctl = self.ctl.clone();
+        let r = std::thread::Builder::new().name("vcpu-throttle".into()).spawn(move || {
+            loop {
+                let pct = ctl.throttle_pct.load(Ordering::Relaxed);
+                if pct == 0 {
+                    break;
+                }
+                std::thread::sleep(THROTTLE_SLICE + VcpuControl::throttle_sleep(pct));
+                ctl.throttle_epoch.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: getpid has no preconditions.
+                let pid = unsafe { libc::getpid() };
+                for tid in ctl.thread_ids().into_iter().filter(|&t| t > 0) {
+                    // SAFETY: tgkill of one of our own vCPU threads with the
+                    // kick signal, whose handler only sets immediate_exit.
+                    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, SIGRTMIN()) };
+                }
+            }
+            ctl.ticking.store(false, Ordering::Release);
+        });
+        if let Err(e) = r {
+            self.ctl.ticking.store(false, Ordering::Release);
+            log::warn!("cannot start the vCPU throttle: {e}");
+        }
+    }
+
     pub fn pause(&self) -> Result<()> {
         self.ctl.lock().request = Request::Pause;
+        self.ctl.cv.notify_all();
         self.kick_all();
         self.ctl.wait_until("vCPUs to pause", |s| s.parked == self.ctl.count)
     }
@@ -463,9 +530,27 @@ impl Vcpu {
         let mut epoch = 0u64;
         let boot = ctl.lock().boot;
         self.configure(boot.as_ref())?;
+        let mut throttled = ctl.throttle_epoch.load(Ordering::Relaxed);
         loop {
             if ctl.request() != Request::Run && !self.park(ctl, &mut epoch)? {
                 return Ok(());
+            }
+            let tick = ctl.throttle_epoch.load(Ordering::Relaxed);
+            if tick != throttled {
+                throttled = tick;
+                let pct = ctl.throttle();
+                if pct > 0 {
+                    // Asleep for the throttle's share; a pause or stop
+                    // request ends the sleep (the loop then parks).
+                    let until = Instant::now() + VcpuControl::throttle_sleep(pct);
+                    let mut st = ctl.lock();
+                    while st.request == Request::Run && ctl.throttle() > 0 {
+                        let Some(left) = until.checked_duration_since(Instant::now()) else { break };
+                        st = ctl.cv.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+                    }
+                    drop(st);
+                    continue;
+                }
             }
             ctl.runs.fetch_add(1, Ordering::Relaxed);
             let fatal = match self.fd.run() {

@@ -480,3 +480,83 @@ fn entries_after_cleanup(dir: &Path, pred: impl Fn(&str) -> bool) -> Vec<String>
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Pages per beat (100 ms) over the last `n` beats of the guest's output.
+fn beat_rate(out: &str, n: usize) -> f64 {
+    let pages: Vec<u64> =
+        out.lines().filter_map(|l| l.split("beat ").nth(1)).filter_map(|r| r.split("pages=").nth(1)).filter_map(|p| p.trim().parse().ok()).collect();
+    let k = pages.len();
+    assert!(k > n, "only {k} beats");
+    (pages[k - 1] - pages[k - 1 - n]) as f64 / n as f64
+}
+
+/// A guest that dirties memory faster than its target takes it (an
+/// unpaced writer against ringvm-faultfs at +3 ms per request, ~40 MB/s
+/// here) only finishes with a convergence policy: `converge: auto` throttles
+/// the vCPUs (QEMU's auto-converge: 60% after two passes it out-dirtied,
+/// +20% each time again), the snapshot completes with a short pause, the
+/// guest's speed comes back the moment it ends, and the file restores to
+/// a guest that verifies every page.
+#[test]
+fn auto_converge_finishes_against_a_slow_target() {
+    if !require_kvm("auto_converge_finishes_against_a_slow_target") {
+        return;
+    }
+    let dir = Scratch::new("snap-autoconverge");
+    let fs = FaultFs::mount(&dir, "slow", &["--delay-us", "3000"]);
+    let g = guest_elf(&dir);
+    let sock = dir.path("qmp.sock");
+    let mut p = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=mem mib=48 secs=inf rate=0 beat=100"])
+            .arg("--qmp")
+            .arg(&sock),
+    );
+    p.wait_for_output("ringvm-guest: beat 5", T);
+    let mut q = Qmp::negotiated(&sock);
+    let before = beat_rate(&p.stdout(), 4);
+    let file = fs.path("vm.state");
+    let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": file.to_str().unwrap(), "converge": "bogus"}}));
+    assert!(r["error"]["desc"].as_str().unwrap_or_default().contains("'converge'"), "{r}");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "converge": "auto", "cpu-throttle-initial": 60, "cpu-throttle-increment": 20}));
+    let t0 = Instant::now();
+    let mut throttled = None;
+    let s = loop {
+        let s = q.ok("query-savevm", json!({}));
+        if s["status"] != "active" {
+            break s;
+        }
+        let pct = s["cpu-throttle-percentage"].as_u64().unwrap_or(0);
+        if pct >= 80 && throttled.is_none() {
+            // The guest is slowed while the throttle holds.
+            let seen = p.stdout().matches("ringvm-guest: beat").count();
+            p.wait_for_more("ringvm-guest: beat", seen + 4, T);
+            throttled = Some(beat_rate(&p.stdout(), 3));
+        }
+        assert!(t0.elapsed() < T, "did not converge: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["stalled"], false, "{s}");
+    assert!(s["cpu-throttle-percentage"].as_u64().unwrap() >= 60, "{s}");
+    assert!(s["downtime"].as_f64().unwrap() < 1000.0, "{s}");
+    // Full speed again once it is over.
+    let seen = p.stdout().matches("ringvm-guest: beat").count();
+    p.wait_for_more("ringvm-guest: beat", seen + 5, T);
+    let after = beat_rate(&p.stdout(), 4);
+    eprintln!("pages per 100 ms: before {before:.0}, throttled {throttled:?}, after {after:.0}; snapshot {s}");
+    assert!(after > before * 0.5, "the guest stayed slow: before {before:.0}, after {after:.0}");
+    if let Some(t) = throttled {
+        assert!(t < before * 0.5, "the throttle did not slow the guest: before {before:.0}, throttled {t:.0}");
+    }
+    q.ok("savevm-end", json!({}));
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    // The restored guest carries on and verifies every page.
+    let mut r = Proc::spawn_with_stdin(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap()]));
+    r.wait_for_output("ringvm-guest: beat", T);
+    r.type_serial(b"v");
+    let o = r.wait(T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
+}

@@ -28,13 +28,28 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "device_del", args: &[req("id", ArgType::Str)] },
     CommandSpec {
         name: "savevm-start",
-        args: &[req("statefile", ArgType::Str), opt("downtime-ms", ArgType::Number), opt("final-timeout-ms", ArgType::Number), opt("disks", ArgType::Str)],
+        args: &[
+            req("statefile", ArgType::Str),
+            opt("downtime-ms", ArgType::Number),
+            opt("final-timeout-ms", ArgType::Number),
+            opt("disks", ArgType::Str),
+            opt("converge", ArgType::Str),
+            opt("cpu-throttle-initial", ArgType::Int),
+            opt("cpu-throttle-increment", ArgType::Int),
+        ],
     },
     CommandSpec { name: "query-savevm", args: &[] },
     CommandSpec { name: "savevm-end", args: &[] },
     CommandSpec { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)] },
     CommandSpec { name: "query-migrate", args: &[] },
     CommandSpec { name: "migrate_cancel", args: &[] },
+    CommandSpec { name: "migrate-set-capabilities", args: &[req("capabilities", ArgType::Array)] },
+    CommandSpec { name: "query-migrate-capabilities", args: &[] },
+    CommandSpec {
+        name: "migrate-set-parameters",
+        args: &[opt("cpu-throttle-initial", ArgType::Int), opt("cpu-throttle-increment", ArgType::Int), opt("downtime-limit", ArgType::Int)],
+    },
+    CommandSpec { name: "query-migrate-parameters", args: &[] },
     CommandSpec { name: "migrate-incoming", args: &[req("uri", ArgType::Str)] },
     CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
 ];
@@ -43,6 +58,46 @@ impl Controller {
     pub(super) fn execute(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
         match req.execute.as_str() {
             "query-version" => Ok(qmp::version()),
+            "migrate-set-capabilities" => {
+                let caps = req.arguments.get("capabilities").and_then(Value::as_array).cloned().unwrap_or_default();
+                let mut auto = self.migrate_params.auto_converge;
+                for c in &caps {
+                    let (Some(name), Some(state)) = (c.get("capability").and_then(Value::as_str), c.get("state").and_then(Value::as_bool)) else {
+                        return Err(QmpError::generic("each capability is {\"capability\": NAME, \"state\": BOOL}"));
+                    };
+                    match name {
+                        "auto-converge" => auto = state,
+                        // Accepted as QEMU's off state; ringvm has no other mode.
+                        n if !state => log::debug!("capability {n} off"),
+                        n => return Err(QmpError::generic(format!("Capability '{n}' is not supported by ringvm (supported: auto-converge)"))),
+                    }
+                }
+                self.migrate_params.auto_converge = auto;
+                Ok(json!({}))
+            }
+            "query-migrate-capabilities" => Ok(json!([{"capability": "auto-converge", "state": self.migrate_params.auto_converge}])),
+            "migrate-set-parameters" => {
+                let get = |k: &str| req.arguments.get(k).and_then(Value::as_u64);
+                for k in ["cpu-throttle-initial", "cpu-throttle-increment"] {
+                    if let Some(v) = get(k) {
+                        if !(1..=99).contains(&v) {
+                            return Err(QmpError::generic(format!("Parameter '{k}' expects a number from 1 to 99")));
+                        }
+                    }
+                }
+                if let Some(v) = get("cpu-throttle-initial") {
+                    self.migrate_params.throttle_initial = v as u32;
+                }
+                if let Some(v) = get("cpu-throttle-increment") {
+                    self.migrate_params.throttle_increment = v as u32;
+                }
+                Ok(json!({}))
+            }
+            "query-migrate-parameters" => Ok(json!({
+                "cpu-throttle-initial": self.migrate_params.throttle_initial,
+                "cpu-throttle-increment": self.migrate_params.throttle_increment,
+                "max-cpu-throttle": crate::vcpu::MAX_THROTTLE_PCT,
+            })),
             "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c.name})).collect())),
             "query-status" => Ok(json!({"running": self.state == RunState::Running, "status": self.state.as_str()})),
             "query-name" => Ok(self.name.as_ref().map_or(json!({}), |n| json!({"name": n}))),
@@ -213,6 +268,9 @@ impl Controller {
                 });
                 if let Some(d) = s.get("downtime") {
                     v["downtime"] = json!(d.as_f64().unwrap_or(0.0).round() as u64);
+                }
+                if s["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0 {
+                    v["cpu-throttle-percentage"] = s["cpu-throttle-percentage"].clone();
                 }
                 if let Some(e) = s.get("error") {
                     v["error-desc"] = e.clone();

@@ -97,6 +97,7 @@ pub struct Controller {
     /// query-block's io-status of disks with held requests ("failed" or
     /// "nospace"); cleared by `cont` (which retries them) or a reset.
     io_status: std::collections::HashMap<String, &'static str>,
+    migrate_params: snapshot::MigrateParams,
 }
 
 impl Controller {
@@ -154,6 +155,7 @@ impl Controller {
             incoming: IncomingCtl { autostart: !opts.paused, ..Default::default() },
             stats: opts.stats.clone().unwrap_or_default(),
             io_status: Default::default(),
+            migrate_params: Default::default(),
         };
         if let Some(p) = pending {
             c.incoming.fatal = true;

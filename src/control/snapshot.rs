@@ -12,6 +12,21 @@ use crate::qmp::{QmpError, Request};
 use crate::snapshot::incoming::IncomingStatus;
 use crate::snapshot::{format, save, SaveShared, SaveState, StateSection};
 
+/// QEMU's migration capabilities and parameters that ringvm honours
+/// (`migrate-set-capabilities`, `migrate-set-parameters`).
+pub(super) struct MigrateParams {
+    pub(super) auto_converge: bool,
+    pub(super) throttle_initial: u32,
+    pub(super) throttle_increment: u32,
+}
+
+impl Default for MigrateParams {
+    fn default() -> Self {
+        // QEMU's defaults.
+        MigrateParams { auto_converge: false, throttle_initial: 20, throttle_increment: 10 }
+    }
+}
+
 /// The control thread's side of a running snapshot.
 #[derive(Default)]
 pub(super) struct SaveCtl {
@@ -83,6 +98,7 @@ impl Controller {
         if !(1.0..=600_000.0).contains(&final_timeout) {
             return Err(QmpError::generic("Parameter 'final-timeout-ms' must be between 1 and 600000"));
         }
+        let converge = self.converge_policy(req)?;
         let machine = self.vm.machine();
         let slots = machine.slots();
         let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
@@ -145,7 +161,8 @@ impl Controller {
         if let Some(d) = &dma {
             d.set_enabled(true);
         }
-        let params = save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some(), final_timeout_ms: final_timeout };
+        let params =
+            save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some(), final_timeout_ms: final_timeout, converge };
         let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
         if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
             let _ = machine.set_dirty_log(false);
@@ -154,6 +171,31 @@ impl Controller {
         }
         self.save = SaveCtl { shared, iothread: Some(io), clones, ..Default::default() };
         Ok(json!({}))
+    }
+
+    /// savevm-start's `converge` ("none", "auto"), or for `migrate` the
+    /// auto-converge capability; cpu-throttle-initial / -increment from
+    /// the arguments or migrate-set-parameters.
+    fn converge_policy(&self, req: &Request) -> std::result::Result<save::Converge, QmpError> {
+        let pct = |name: &str, dflt: u32, range: std::ops::RangeInclusive<u64>| -> std::result::Result<u32, QmpError> {
+            match req.arguments.get(name) {
+                None => Ok(dflt),
+                Some(v) => match v.as_u64().filter(|n| range.contains(n)) {
+                    Some(n) => Ok(n as u32),
+                    None => Err(QmpError::generic(format!("Parameter '{name}' expects a number from {} to {}", range.start(), range.end()))),
+                },
+            }
+        };
+        let initial = pct("cpu-throttle-initial", self.migrate_params.throttle_initial, 1..=99)?;
+        let increment = pct("cpu-throttle-increment", self.migrate_params.throttle_increment, 1..=99)?;
+        let auto = save::Converge::Auto { initial, increment };
+        match req.arguments.get("converge").and_then(Value::as_str) {
+            None if self.migrate_params.auto_converge => Ok(auto),
+            None | Some("none") => Ok(save::Converge::None),
+            Some("auto") => Ok(auto),
+            Some("dirty-limit") => Err(QmpError::generic("converge 'dirty-limit' is not implemented yet; use 'auto' (CPU throttling, QEMU's auto-converge)")),
+            Some(o) => Err(QmpError::generic(format!("Parameter 'converge' must be 'none' or 'auto', not '{o}'"))),
+        }
     }
 
     /// A reset reloaded the kernel through the VMM (not through KVM, so
@@ -184,6 +226,7 @@ impl Controller {
             "dirty-rate-mbps": s.dirty_rate_mbps,
             "direct-io": s.direct_io,
             "stalled": s.stalled,
+            "cpu-throttle-percentage": s.throttle_pct,
         });
         if let Some(d) = s.downtime_ms {
             v["downtime"] = json!(d);
@@ -298,7 +341,14 @@ impl Controller {
                     );
                 }
             }
+            SnapshotStep::Throttle(pct) => {
+                if self.save.iothread.is_some() {
+                    self.vm.vcpus().set_throttle(pct);
+                }
+            }
             SnapshotStep::Done => {
+                // The guest's full speed back the moment the snapshot ends.
+                self.vm.vcpus().set_throttle(0);
                 if let Err(e) = self.vm.machine().set_dirty_log(false) {
                     log::error!("cannot disable dirty logging: {e}");
                 }

@@ -33,6 +33,8 @@ pub struct SaveStatus {
     pub dirty_rate_mbps: f64,
     pub stalled: bool,
     pub direct_io: bool,
+    /// The vCPUs' CPU throttle (auto-converge), percent.
+    pub throttle_pct: u32,
     /// The unfinished file a failed or cancelled snapshot leaves, for the
     /// control side to remove off the iothread (an unlink waits behind
     /// writes a stalled target still holds).
