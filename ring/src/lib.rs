@@ -54,6 +54,9 @@
 //! and turn them back on there, looking once more for work that arrived
 //! in between.
 
+mod event;
+mod op;
+mod options;
 mod ring;
 mod thread;
 mod token;

@@ -4,40 +4,17 @@
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::event::Event;
 use crate::ring::{Ring, RingOptions, RingStats, SourceId};
 use crate::{Error, Result};
 
 type Task = Box<dyn FnOnce(&mut Ring) + Send>;
-
-/// A one-shot event a thread can wait on with a deadline.
-#[derive(Default)]
-pub struct Event {
-    set: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Event {
-    pub(crate) fn set(&self) {
-        *self.set.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_all();
-    }
-
-    fn wait(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        while !*g {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return false };
-            g = self.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        true
-    }
-}
 
 /// Resolves when a source has nothing in flight on its iothread.
 pub struct QuiesceWaiter(Arc<Event>);

@@ -3,6 +3,7 @@
 //! logging; a short pause writes what is left, and the vCPU and machine
 //! state. See docs/state-format.md.
 
+pub mod converge;
 pub mod format;
 pub mod fsprobe;
 pub mod incoming;
@@ -11,6 +12,7 @@ pub mod mapguard;
 pub mod pages;
 pub mod restore;
 pub mod save;
+mod target;
 
 use std::sync::Mutex;
 use std::time::Instant;

@@ -3,9 +3,7 @@
 //! on it), and the control thread answers by sending closures.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,9 +13,10 @@ use kvm_ioctls::VmFd;
 use ring::{Fd, Op, Ring};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+pub use super::converge::Converge;
 use super::format::{self, Completion, Header, PAGE};
-use super::fsprobe::blocks_inline;
 use super::pages::is_zero;
+use super::target::{open_target, publish, Target};
 use super::{SaveShared, SaveState};
 use crate::events::{EventQueue, SnapshotStep, VmEvent};
 use crate::nfs;
@@ -60,41 +59,6 @@ pub struct Params {
     pub converge: Converge,
 }
 
-/// Convergence policy (QEMU's capabilities of the same names).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Converge {
-    /// Today's behaviour: passes until the rest fits the downtime target or
-    /// MAX_PASSES, then the final pause, however long.
-    #[default]
-    None,
-    /// auto-converge: once the guest dirtied more than half of what a pass
-    /// wrote, twice, every vCPU is throttled to `initial` percent, then
-    /// `increment` more each time it happens again (up to 99).
-    Auto { initial: u32, increment: u32 },
-}
-
-impl Converge {
-    /// The throttle after a pass that wrote `written` bytes while the guest
-    /// dirtied `dirtied`, given the throttle now and the count of such
-    /// passes so far (QEMU's dirty_rate_high_cnt), which it updates.
-    pub fn next_throttle(self, now: u32, high_passes: &mut u32, written: u64, dirtied: u64) -> u32 {
-        let Converge::Auto { initial, increment } = self else { return 0 };
-        if dirtied.saturating_mul(2) <= written {
-            return now;
-        }
-        *high_passes += 1;
-        if *high_passes < 2 {
-            return now;
-        }
-        *high_passes = 0;
-        if now == 0 {
-            initial.min(crate::vcpu::MAX_THROTTLE_PCT)
-        } else {
-            (now + increment).min(crate::vcpu::MAX_THROTTLE_PCT)
-        }
-    }
-}
-
 struct Job {
     p: Params,
     vm: Arc<VmFd>,
@@ -125,107 +89,8 @@ struct Job {
 
 type J = Rc<RefCell<Job>>;
 
-/// Where the state goes.
-enum Target {
-    /// A local file (or a kernel NFS mount): O_DIRECT RAM writes from the
-    /// ring, buffered metadata.
-    /// `punt`: the filesystem may block on submission (see [`blocks_inline`]).
-    /// The state is written to `tmp`, a new file beside `dest`, renamed
-    /// over `dest` only once its completion record is durable: whatever
-    /// was at `dest` stays whole until then, and a failed or cancelled
-    /// snapshot removes `tmp` and leaves `dest` alone.
-    File { direct: File, buffered: File, punt: bool, tmp: std::path::PathBuf, dest: std::path::PathBuf },
-    /// `nfs://`: libnfs's socket driven by this ring, many WRITEs in flight.
-    /// As for a file, the state goes to `tmp` beside `dest` and an NFS
-    /// RENAME puts it in place once its completion record is committed.
-    Nfs { conn: Rc<RefCell<nfs::Conn>>, handler: Option<nfs::Handler>, tmp: nfs::NfsUri, dest: nfs::NfsUri },
-}
-
 thread_local! {
     static JOB: RefCell<Option<J>> = const { RefCell::new(None) };
-}
-
-/// Opens the target, sized and with its header written.
-fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Result<(Target, bool), String> {
-    if nfs::is_uri(path) {
-        // Synchronous (bounded by the RPC timeout): this iothread serves
-        // only the snapshot, and nobody waits on it.
-        let dest = nfs::NfsUri::parse(path)?;
-        let tmp = dest.with_file(&temp_name(&dest.file));
-        let mut n = nfs::Nfs::open_uri(&tmp, nfs::Open::CreateNew).map_err(|e| format!("statefile {path}: {e}"))?;
-        if let Err(e) = n.set_len(file_size).and_then(|()| n.write_all_at(header, 0)) {
-            drop(n);
-            let _ = nfs::Nfs::unlink(&tmp);
-            return Err(format!("statefile {path}: {e}"));
-        }
-        return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None, tmp, dest }, false));
-    }
-    let (direct, buffered, is_direct, tmp, dest) = open(path, nofollow).map_err(|e| format!("statefile {path}: open: {e}"))?;
-    if let Err(e) = buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("statefile {path}: {e}"));
-    }
-    let punt = blocks_inline(&direct);
-    Ok((Target::File { direct, buffered, punt, tmp, dest }, is_direct))
-}
-
-/// Where a snapshot to `path` lands: `path` itself, or with `nofollow` off
-/// the file a symlink there points at (as QEMU follows it); and a fresh
-/// temporary name beside it.
-fn destination(path: &str, nofollow: bool) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let p = std::path::Path::new(path);
-    let dest = match std::fs::symlink_metadata(p) {
-        Ok(m) if m.file_type().is_symlink() && !nofollow => std::fs::canonicalize(p)?,
-        _ => p.to_path_buf(),
-    };
-    let name = dest.file_name().ok_or_else(|| std::io::Error::other("no file name"))?.to_string_lossy().into_owned();
-    let tmp = dest.with_file_name(temp_name(&name));
-    Ok((dest, tmp))
-}
-
-/// A new temporary name beside `name`: `.NAME.ringvm-PID-N.tmp`.
-fn temp_name(name: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SERIAL: AtomicU64 = AtomicU64::new(0);
-    format!(".{name}.ringvm-{}-{}.tmp", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Creates the temporary file (never an existing one, never through a
-/// symlink), locked exclusively while it is written.
-fn open(path: &str, nofollow: bool) -> std::io::Result<(File, File, bool, std::path::PathBuf, std::path::PathBuf)> {
-    let (dest, tmp) = destination(path, nofollow)?;
-    let buffered = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
-    // SAFETY: flock on our own open fd.
-    if unsafe { libc::flock(buffered.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let direct = match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW).open(&tmp) {
-        Ok(d) => (d, true),
-        // No O_DIRECT here (some FUSE, older tmpfs): buffered writes.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match buffered.try_clone() {
-            Ok(b) => (b, false),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        },
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    Ok((direct.0, buffered, direct.1, tmp, dest))
-}
-
-/// Puts the finished file in place: rename over the destination (the old
-/// file, if any, stays whole until this instant, and a VM whose RAM maps
-/// it keeps its pages), then the directory entry made durable.
-fn publish(tmp: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
-    std::fs::rename(tmp, dest)?;
-    let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    File::open(dir)?.sync_all()
 }
 
 /// Starts a snapshot on the calling iothread. Failures end up in the
@@ -886,32 +751,4 @@ fn end(job: &J) {
     j.events.push(VmEvent::Snapshot(SnapshotStep::Done));
     drop(j);
     JOB.with(|s| *s.borrow_mut() = None);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Converge;
-
-    #[test]
-    fn auto_converge_raises_the_throttle_as_qemu_does() {
-        let auto = Converge::Auto { initial: 20, increment: 10 };
-        let mut high = 0;
-        // A pass the target kept up with: nothing changes.
-        assert_eq!(auto.next_throttle(0, &mut high, 100, 50), 0);
-        assert_eq!(high, 0);
-        // Out-dirtied once: wait for a second time.
-        assert_eq!(auto.next_throttle(0, &mut high, 100, 80), 0);
-        assert_eq!(auto.next_throttle(0, &mut high, 100, 80), 20);
-        assert_eq!(high, 0);
-        assert_eq!(auto.next_throttle(20, &mut high, 100, 80), 20);
-        assert_eq!(auto.next_throttle(20, &mut high, 100, 80), 30);
-        // Never past 99.
-        let mut t = 30;
-        for _ in 0..40 {
-            t = auto.next_throttle(t, &mut high, 100, 90);
-        }
-        assert_eq!(t, 99);
-        // `none` never throttles.
-        assert_eq!(Converge::None.next_throttle(0, &mut high, 1, 1000), 0);
-    }
 }
