@@ -365,3 +365,39 @@ fn qmp_shell_works_unchanged() {
     assert!(out.contains(r#"{"return": {"running": false, "status": "paused"}}"#), "{out}");
     assert_eq!(vm.wait(T).code(), 0);
 }
+
+/// QEMU's migration capability and parameter commands: query-commands
+/// lists them (the command table is the one list), values out of range
+/// and unknown capabilities are errors, and what is set reads back.
+#[test]
+fn migration_capabilities_and_parameters() {
+    if !require_kvm("migration_capabilities_and_parameters") {
+        return;
+    }
+    let dir = Scratch::new("qmp-migcaps");
+    let sock = dir.path("qmp.sock");
+    let p = start_vm(&dir, &sock, "1");
+    let mut q = Qmp::negotiated(&sock);
+    let names: Vec<String> = q.ok("query-commands", json!({})).as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    for n in ["migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters", "migrate", "savevm-start"] {
+        assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+    }
+    assert_eq!(q.ok("query-migrate-capabilities", json!({})), json!([{"capability": "auto-converge", "state": false}]));
+    q.ok("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": true}, {"capability": "xbzrle", "state": false}]}));
+    assert_eq!(q.ok("query-migrate-capabilities", json!({}))[0]["state"], true);
+    let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}));
+    assert!(error_of(&r).1.contains("postcopy-ram"), "{r}");
+    q.ok("migrate-set-parameters", json!({"cpu-throttle-initial": 30, "cpu-throttle-increment": 15, "downtime-limit": 50}));
+    let v = q.ok("query-migrate-parameters", json!({}));
+    assert_eq!((v["cpu-throttle-initial"].clone(), v["cpu-throttle-increment"].clone(), v["downtime-limit"].clone()), (json!(30), json!(15), json!(50)), "{v}");
+    let r = q.cmd(json!({"execute": "migrate-set-parameters", "arguments": {"cpu-throttle-initial": 100}}));
+    assert!(error_of(&r).1.contains("cpu-throttle-initial"), "{r}");
+    let r = q.cmd(json!({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444"}}));
+    assert!(error_of(&r).1.contains("Invalid URI"), "{r}");
+    let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": "nfs://srv:99999/e/f"}}));
+    assert!(error_of(&r).1.contains("port"), "{r}");
+    let r = q.cmd(json!({"execute": "qmp_capabilities"}));
+    assert_eq!(error_of(&r).0, "CommandNotFound", "{r}");
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(Duration::from_secs(60)).code(), 0);
+}

@@ -4,29 +4,46 @@ use serde_json::{json, Value};
 
 use super::{Controller, RunState};
 use crate::events::VmEvent;
-use crate::qmp::{self, opt, req, ArgType, CommandSpec, QmpError, Request};
+use crate::qmp::server::ClientId;
+use crate::qmp::{self, opt, req, Arg, ArgType, QmpError, Request};
 use crate::snapshot::incoming::IncomingStatus;
 use crate::snapshot::SaveState;
 use crate::vmm::Outcome;
 
-/// Every command ringvm implements, with its arguments. `query-commands`
-/// lists exactly these.
-pub const COMMANDS: &[CommandSpec] = &[
-    CommandSpec { name: "qmp_capabilities", args: &[opt("enable", ArgType::Array)] },
-    CommandSpec { name: "query-version", args: &[] },
-    CommandSpec { name: "query-commands", args: &[] },
-    CommandSpec { name: "query-status", args: &[] },
-    CommandSpec { name: "query-name", args: &[] },
-    CommandSpec { name: "query-kvm", args: &[] },
-    CommandSpec { name: "query-cpus-fast", args: &[] },
-    CommandSpec { name: "stop", args: &[] },
-    CommandSpec { name: "cont", args: &[] },
-    CommandSpec { name: "system_reset", args: &[] },
-    CommandSpec { name: "system_powerdown", args: &[] },
-    CommandSpec { name: "quit", args: &[] },
-    CommandSpec { name: "query-block", args: &[] },
-    CommandSpec { name: "device_del", args: &[req("id", ArgType::Str)] },
-    CommandSpec {
+/// What a command does: answer now, or later (its work runs off this
+/// thread; see migrate_incoming), with the client's other requests held.
+#[derive(Clone, Copy)]
+pub(super) enum Run {
+    Now(fn(&mut Controller, &Request) -> Result<Value, QmpError>),
+    Deferred(fn(&mut Controller, ClientId, &Request) -> Option<Result<Value, QmpError>>),
+}
+
+/// A QMP command: its name, its arguments (checked before it runs, with
+/// QEMU's error wording) and what runs it.
+pub struct Command {
+    pub name: &'static str,
+    pub args: &'static [Arg],
+    pub(super) run: Run,
+}
+
+/// Every command ringvm implements: the one list `query-commands` reports
+/// and the dispatcher runs (a command is in both or in neither).
+pub const COMMANDS: &[Command] = &[
+    Command { name: "qmp_capabilities", args: &[opt("enable", ArgType::Array)], run: Run::Now(cmd_qmp_capabilities) },
+    Command { name: "query-version", args: &[], run: Run::Now(cmd_query_version) },
+    Command { name: "query-commands", args: &[], run: Run::Now(cmd_query_commands) },
+    Command { name: "query-status", args: &[], run: Run::Now(cmd_query_status) },
+    Command { name: "query-name", args: &[], run: Run::Now(cmd_query_name) },
+    Command { name: "query-kvm", args: &[], run: Run::Now(cmd_query_kvm) },
+    Command { name: "query-cpus-fast", args: &[], run: Run::Now(cmd_query_cpus_fast) },
+    Command { name: "stop", args: &[], run: Run::Now(cmd_stop) },
+    Command { name: "cont", args: &[], run: Run::Now(cmd_cont) },
+    Command { name: "system_reset", args: &[], run: Run::Now(cmd_system_reset) },
+    Command { name: "system_powerdown", args: &[], run: Run::Now(cmd_system_powerdown) },
+    Command { name: "quit", args: &[], run: Run::Now(cmd_quit) },
+    Command { name: "query-block", args: &[], run: Run::Now(cmd_query_block) },
+    Command { name: "device_del", args: &[req("id", ArgType::Str)], run: Run::Now(cmd_device_del) },
+    Command {
         name: "savevm-start",
         args: &[
             req("statefile", ArgType::Str),
@@ -37,261 +54,35 @@ pub const COMMANDS: &[CommandSpec] = &[
             opt("cpu-throttle-initial", ArgType::Int),
             opt("cpu-throttle-increment", ArgType::Int),
         ],
+        run: Run::Now(cmd_savevm_start),
     },
-    CommandSpec { name: "query-savevm", args: &[] },
-    CommandSpec { name: "savevm-end", args: &[] },
-    CommandSpec { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)] },
-    CommandSpec { name: "query-migrate", args: &[] },
-    CommandSpec { name: "migrate_cancel", args: &[] },
-    CommandSpec { name: "migrate-set-capabilities", args: &[req("capabilities", ArgType::Array)] },
-    CommandSpec { name: "query-migrate-capabilities", args: &[] },
-    CommandSpec {
+    Command { name: "query-savevm", args: &[], run: Run::Now(cmd_query_savevm) },
+    Command { name: "savevm-end", args: &[], run: Run::Now(cmd_savevm_end) },
+    Command { name: "migrate", args: &[req("uri", ArgType::Str), opt("detach", ArgType::Bool), opt("resume", ArgType::Bool)], run: Run::Now(cmd_migrate) },
+    Command { name: "query-migrate", args: &[], run: Run::Now(cmd_query_migrate) },
+    Command { name: "migrate_cancel", args: &[], run: Run::Now(cmd_migrate_cancel) },
+    Command { name: "migrate-set-capabilities", args: &[req("capabilities", ArgType::Array)], run: Run::Now(cmd_migrate_set_capabilities) },
+    Command { name: "query-migrate-capabilities", args: &[], run: Run::Now(cmd_query_migrate_capabilities) },
+    Command {
         name: "migrate-set-parameters",
         args: &[opt("cpu-throttle-initial", ArgType::Int), opt("cpu-throttle-increment", ArgType::Int), opt("downtime-limit", ArgType::Int)],
+        run: Run::Now(cmd_migrate_set_parameters),
     },
-    CommandSpec { name: "query-migrate-parameters", args: &[] },
-    CommandSpec { name: "migrate-incoming", args: &[req("uri", ArgType::Str)] },
-    CommandSpec { name: "human-monitor-command", args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)] },
+    Command { name: "query-migrate-parameters", args: &[], run: Run::Now(cmd_query_migrate_parameters) },
+    Command { name: "migrate-incoming", args: &[req("uri", ArgType::Str)], run: Run::Deferred(Controller::migrate_incoming) },
+    Command {
+        name: "human-monitor-command",
+        args: &[req("command-line", ArgType::Str), opt("cpu-index", ArgType::Int)],
+        run: Run::Now(cmd_human_monitor_command),
+    },
 ];
 
 impl Controller {
-    pub(super) fn execute(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
-        match req.execute.as_str() {
-            "query-version" => Ok(qmp::version()),
-            "migrate-set-capabilities" => {
-                let caps = req.arguments.get("capabilities").and_then(Value::as_array).cloned().unwrap_or_default();
-                let mut auto = self.migrate_params.auto_converge;
-                for c in &caps {
-                    let (Some(name), Some(state)) = (c.get("capability").and_then(Value::as_str), c.get("state").and_then(Value::as_bool)) else {
-                        return Err(QmpError::generic("each capability is {\"capability\": NAME, \"state\": BOOL}"));
-                    };
-                    match name {
-                        "auto-converge" => auto = state,
-                        // Accepted as QEMU's off state; ringvm has no other mode.
-                        n if !state => log::debug!("capability {n} off"),
-                        n => return Err(QmpError::generic(format!("Capability '{n}' is not supported by ringvm (supported: auto-converge)"))),
-                    }
-                }
-                self.migrate_params.auto_converge = auto;
-                Ok(json!({}))
-            }
-            "query-migrate-capabilities" => Ok(json!([{"capability": "auto-converge", "state": self.migrate_params.auto_converge}])),
-            "migrate-set-parameters" => {
-                let get = |k: &str| req.arguments.get(k).and_then(Value::as_u64);
-                for k in ["cpu-throttle-initial", "cpu-throttle-increment"] {
-                    if let Some(v) = get(k) {
-                        if !(1..=99).contains(&v) {
-                            return Err(QmpError::generic(format!("Parameter '{k}' expects a number from 1 to 99")));
-                        }
-                    }
-                }
-                if let Some(v) = get("cpu-throttle-initial") {
-                    self.migrate_params.throttle_initial = v as u32;
-                }
-                if let Some(v) = get("cpu-throttle-increment") {
-                    self.migrate_params.throttle_increment = v as u32;
-                }
-                Ok(json!({}))
-            }
-            "query-migrate-parameters" => Ok(json!({
-                "cpu-throttle-initial": self.migrate_params.throttle_initial,
-                "cpu-throttle-increment": self.migrate_params.throttle_increment,
-                "max-cpu-throttle": crate::vcpu::MAX_THROTTLE_PCT,
-            })),
-            "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c.name})).collect())),
-            "query-status" => Ok(json!({"running": self.state == RunState::Running, "status": self.state.as_str()})),
-            "query-name" => Ok(self.name.as_ref().map_or(json!({}), |n| json!({"name": n}))),
-            "query-kvm" => Ok(json!({"enabled": true, "present": true})),
-            "query-cpus-fast" => {
-                let tids = self.vm.vcpus().control().thread_ids();
-                Ok(Value::Array(
-                    tids.iter()
-                        .enumerate()
-                        .map(|(i, tid)| {
-                            json!({
-                                "cpu-index": i,
-                                "qom-path": format!("/machine/unattached/device[{i}]"),
-                                "thread-id": tid,
-                                "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
-                                "target": "x86_64",
-                            })
-                        })
-                        .collect(),
-                ))
-            }
-            "stop" if self.state == RunState::InMigrate => {
-                // QEMU: stop before the incoming state is in means no autostart.
-                self.incoming.autostart = false;
-                Ok(json!({}))
-            }
-            "stop" if self.state == RunState::FinishMigrate => {
-                // The snapshot's final pause holds the vCPUs: they stay
-                // paused when it ends.
-                if self.save.resume_to == Some(RunState::Running) {
-                    self.save.resume_to = Some(RunState::Paused);
-                    self.save.paused_by_us = false;
-                    self.broadcast("STOP", None);
-                }
-                Ok(json!({}))
-            }
-            "cont" if self.state == RunState::FinishMigrate => {
-                // They run again as soon as the final pause ends (ms).
-                if matches!(self.save.resume_to, Some(RunState::Paused | RunState::Prelaunch)) {
-                    self.save.resume_to = Some(RunState::Running);
-                    self.save.paused_by_us = true;
-                    self.broadcast("RESUME", None);
-                }
-                Ok(json!({}))
-            }
-            "stop" => {
-                if matches!(self.state, RunState::Running) {
-                    self.vm.vcpus().pause().map_err(|e| QmpError::generic(format!("cannot pause the vCPUs: {e}")))?;
-                    self.state = RunState::Paused;
-                    self.broadcast("STOP", None);
-                } else if self.state == RunState::Prelaunch {
-                    self.state = RunState::Paused;
-                }
-                Ok(json!({}))
-            }
-            "cont" => match self.state {
-                RunState::Running => Ok(json!({})),
-                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
-                    if !self.io_status.is_empty() {
-                        // The admin fixed the storage: the held requests go
-                        // again before the guest runs.
-                        self.io_status.clear();
-                        self.vm.storage().retry_held();
-                    }
-                    self.vm.vcpus().resume();
-                    self.state = RunState::Running;
-                    self.broadcast("RESUME", None);
-                    Ok(json!({}))
-                }
-                RunState::Shutdown | RunState::InternalError => Err(QmpError::generic("Resetting the Virtual Machine is required")),
-                RunState::InMigrate => Err(QmpError::generic("Migration is not finished yet; wait for it or cancel it")),
-                s => Err(QmpError::generic(format!("cannot continue while the VM is in state '{}'", s.as_str()))),
-            },
-            "system_reset" if self.state == RunState::InMigrate => {
-                Err(QmpError::generic("the VM is waiting for its incoming state; system_reset is not possible yet"))
-            }
-            "system_reset" if self.state == RunState::FinishMigrate => Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment")),
-            "system_reset" => {
-                self.io_status.clear();
-                let resume = self.state == RunState::Running;
-                let written = self.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
-                self.snapshot_memory_rewritten(written);
-                self.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
-                Ok(json!({}))
-            }
-            "system_powerdown" if self.state == RunState::InMigrate => {
-                Err(QmpError::generic("the VM is waiting for its incoming state; system_powerdown is not possible yet"))
-            }
-            "system_powerdown" => {
-                // The ACPI power button, as QEMU presses it: the guest decides
-                // what to do (a Linux guest powers off through S5).
-                self.vm.press_power_button().map_err(|e| QmpError::generic(format!("system_powerdown: {e}")))?;
-                self.broadcast("POWERDOWN", None);
-                Ok(json!({}))
-            }
-            "quit" => {
-                self.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
-                self.finish(Ok(Outcome::Quit));
-                Ok(json!({}))
-            }
-            "query-block" => Ok(Value::Array(
-                self.vm
-                    .blocks()
-                    .iter()
-                    .filter(|b| !b.removed)
-                    .map(|b| {
-                        json!({
-                            "device": b.device,
-                            "qdev": format!("/machine/peripheral/scsi{}/virtio-backend", b.controller),
-                            "locked": false,
-                            "removable": false,
-                            "type": "unknown",
-                            "io-status": self.io_status.get(&b.device).copied().unwrap_or("ok"),
-                            "inserted": {
-                                "file": b.path,
-                                "ro": b.readonly,
-                                "drv": "raw",
-                                "image": {"filename": b.path, "format": "raw", "virtual-size": b.size},
-                                "cache": {"direct": b.direct, "writeback": true, "no-flush": false},
-                            },
-                            "ringvm": {"controller": b.controller, "lun": b.lun, "iothreads": b.iothreads},
-                        })
-                    })
-                    .collect(),
-            )),
-            "device_del" => self.device_del(req),
-            "savevm-start" => self.savevm_start(req),
-            // QEMU's spelling, same engine: file: and nfs:// URIs.
-            "migrate" => {
-                let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
-                let Some(path) = uri.strip_prefix("file:").or(crate::nfs::is_uri(uri).then_some(uri)) else {
-                    return Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm migrates to file:PATH or nfs://SERVER/EXPORT/FILE")));
-                };
-                let mut r = req.clone();
-                r.arguments = serde_json::Map::new();
-                r.arguments.insert("statefile".into(), json!(path));
-                self.savevm_start(&r)
-            }
-            "query-migrate" if self.incoming.status != IncomingStatus::None && self.save.shared.get().state == SaveState::None => {
-                let done = self.incoming.progress.load(std::sync::atomic::Ordering::Relaxed);
-                let ms = self.incoming.started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-                let mut v = json!({
-                    "status": self.incoming.status.as_str(),
-                    "total-time": ms as u64,
-                    "ram": {"transferred": done, "total": self.incoming.total, "remaining": self.incoming.total.saturating_sub(done),
-                            "mbps": if ms > 0.0 { done as f64 * 8.0 / ms / 1e3 } else { 0.0 }},
-                });
-                if let Some(e) = &self.incoming.error {
-                    v["error-desc"] = json!(e);
-                }
-                Ok(v)
-            }
-            "query-migrate" => {
-                let s = self.query_savevm();
-                if s.get("status").is_none() {
-                    return Ok(json!({}));
-                }
-                let mut v = json!({
-                    "status": s["status"],
-                    "total-time": s["total-time"],
-                    "ram": {
-                        "transferred": s["bytes"],
-                        "remaining": s["remaining"],
-                        "mbps": s["throughput-mbps"].as_f64().unwrap_or(0.0) * 8.0,
-                        "dirty-sync-count": s["iterations"],
-                        "dirty-pages-rate": s["dirty-rate-mbps"].as_f64().unwrap_or(0.0) * 1e6 / 4096.0,
-                    },
-                });
-                if let Some(d) = s.get("downtime") {
-                    v["downtime"] = json!(d.as_f64().unwrap_or(0.0).round() as u64);
-                }
-                if s["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0 {
-                    v["cpu-throttle-percentage"] = s["cpu-throttle-percentage"].clone();
-                }
-                if let Some(e) = s.get("error") {
-                    v["error-desc"] = e.clone();
-                }
-                Ok(v)
-            }
-            // QEMU: cancels a running migration; after the end it changes nothing
-            // (query-migrate still reports how it ended).
-            "migrate_cancel" => {
-                if self.save.shared.get().state == SaveState::Active {
-                    self.cancel_snapshot(None);
-                }
-                Ok(json!({}))
-            }
-            "query-savevm" => Ok(self.query_savevm()),
-            "savevm-end" => Ok(self.savevm_end()),
-            "human-monitor-command" => {
-                let line = req.arguments.get("command-line").and_then(Value::as_str).unwrap_or("");
-                self.hmp(line).map(Value::String)
-            }
-            other => Err(QmpError::not_found(format!("The command {other} has not been found"))),
+    /// Runs a command that answers at once (for HMP's aliases).
+    pub(super) fn execute(&mut self, req: &Request) -> Result<Value, QmpError> {
+        match COMMANDS.iter().find(|c| c.name == req.execute).map(|c| c.run) {
+            Some(Run::Now(run)) => run(self, req),
+            _ => Err(QmpError::not_found(format!("The command {} has not been found", req.execute))),
         }
     }
 
@@ -349,4 +140,304 @@ impl Controller {
         self.vm.unplug_disk(&id, move || events.push(VmEvent::DeviceDeleted(name))).map_err(QmpError::generic)?;
         Ok(json!({}))
     }
+}
+
+fn cmd_qmp_capabilities(_: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Err(QmpError::not_found("Capabilities negotiation is already complete, command ignored"))
+}
+
+fn cmd_query_version(_: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(qmp::version())
+}
+
+fn cmd_migrate_set_capabilities(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
+    let caps = req.arguments.get("capabilities").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut auto = c.migrate_params.auto_converge;
+    for c in &caps {
+        let (Some(name), Some(state)) = (c.get("capability").and_then(Value::as_str), c.get("state").and_then(Value::as_bool)) else {
+            return Err(QmpError::generic("each capability is {\"capability\": NAME, \"state\": BOOL}"));
+        };
+        match name {
+            "auto-converge" => auto = state,
+            // Accepted as QEMU's off state; ringvm has no other mode.
+            n if !state => log::debug!("capability {n} off"),
+            n => return Err(QmpError::generic(format!("Capability '{n}' is not supported by ringvm (supported: auto-converge)"))),
+        }
+    }
+    c.migrate_params.auto_converge = auto;
+    Ok(json!({}))
+}
+
+fn cmd_query_migrate_capabilities(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(json!([{"capability": "auto-converge", "state": c.migrate_params.auto_converge}]))
+}
+
+fn cmd_migrate_set_parameters(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
+    let get = |k: &str| req.arguments.get(k).and_then(Value::as_u64);
+    for k in ["cpu-throttle-initial", "cpu-throttle-increment"] {
+        if let Some(v) = get(k) {
+            if !(1..=99).contains(&v) {
+                return Err(QmpError::generic(format!("Parameter '{k}' expects a number from 1 to 99")));
+            }
+        }
+    }
+    if let Some(v) = get("cpu-throttle-initial") {
+        c.migrate_params.throttle_initial = v as u32;
+    }
+    if let Some(v) = get("cpu-throttle-increment") {
+        c.migrate_params.throttle_increment = v as u32;
+    }
+    if let Some(v) = get("downtime-limit") {
+        if v > 60_000 {
+            return Err(QmpError::generic("Parameter 'downtime-limit' expects a number from 0 to 60000 (ms)"));
+        }
+        c.migrate_params.downtime_limit_ms = Some(v);
+    }
+    Ok(json!({}))
+}
+
+fn cmd_query_migrate_parameters(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(json!({
+        "cpu-throttle-initial": c.migrate_params.throttle_initial,
+        "cpu-throttle-increment": c.migrate_params.throttle_increment,
+        "max-cpu-throttle": crate::vcpu::MAX_THROTTLE_PCT,
+        "downtime-limit": c.migrate_params.downtime_limit_ms.unwrap_or(crate::control::DEFAULT_DOWNTIME_MS as u64),
+    }))
+}
+
+fn cmd_query_commands(_: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c.name})).collect()))
+}
+
+fn cmd_query_status(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(json!({"running": c.state == RunState::Running, "status": c.state.as_str()}))
+}
+
+fn cmd_query_name(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(c.name.as_ref().map_or(json!({}), |n| json!({"name": n})))
+}
+
+fn cmd_query_kvm(_: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(json!({"enabled": true, "present": true}))
+}
+
+fn cmd_query_cpus_fast(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    let tids = c.vm.vcpus().control().thread_ids();
+    Ok(Value::Array(
+        tids.iter()
+            .enumerate()
+            .map(|(i, tid)| {
+                json!({
+                    "cpu-index": i,
+                    "qom-path": format!("/machine/unattached/device[{i}]"),
+                    "thread-id": tid,
+                    "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
+                    "target": "x86_64",
+                })
+            })
+            .collect(),
+    ))
+}
+
+fn cmd_stop(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    if c.state == RunState::InMigrate {
+        // QEMU: stop before the incoming state is in means no autostart.
+        c.incoming.autostart = false;
+        Ok(json!({}))
+    } else if c.state == RunState::FinishMigrate {
+        // The snapshot's final pause holds the vCPUs: they stay
+        // paused when it ends.
+        if c.save.resume_to == Some(RunState::Running) {
+            c.save.resume_to = Some(RunState::Paused);
+            c.save.paused_by_us = false;
+            c.broadcast("STOP", None);
+        }
+        Ok(json!({}))
+    } else {
+        if matches!(c.state, RunState::Running) {
+            c.vm.vcpus().pause().map_err(|e| QmpError::generic(format!("cannot pause the vCPUs: {e}")))?;
+            c.state = RunState::Paused;
+            c.broadcast("STOP", None);
+        } else if c.state == RunState::Prelaunch {
+            c.state = RunState::Paused;
+        }
+        Ok(json!({}))
+    }
+}
+
+fn cmd_cont(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    if c.state == RunState::FinishMigrate {
+        // They run again as soon as the final pause ends (ms).
+        if matches!(c.save.resume_to, Some(RunState::Paused | RunState::Prelaunch)) {
+            c.save.resume_to = Some(RunState::Running);
+            c.save.paused_by_us = true;
+            c.broadcast("RESUME", None);
+        }
+        Ok(json!({}))
+    } else {
+        match c.state {
+            RunState::Running => Ok(json!({})),
+            RunState::Paused | RunState::Prelaunch | RunState::IoError => {
+                if !c.io_status.is_empty() {
+                    // The admin fixed the storage: the held requests go
+                    // again before the guest runs.
+                    c.io_status.clear();
+                    c.vm.storage().retry_held();
+                }
+                c.vm.vcpus().resume();
+                c.state = RunState::Running;
+                c.broadcast("RESUME", None);
+                Ok(json!({}))
+            }
+            RunState::Shutdown | RunState::InternalError => Err(QmpError::generic("Resetting the Virtual Machine is required")),
+            RunState::InMigrate => Err(QmpError::generic("Migration is not finished yet; wait for it or cancel it")),
+            s => Err(QmpError::generic(format!("cannot continue while the VM is in state '{}'", s.as_str()))),
+        }
+    }
+}
+
+fn cmd_system_reset(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    if c.state == RunState::InMigrate {
+        Err(QmpError::generic("the VM is waiting for its incoming state; system_reset is not possible yet"))
+    } else if c.state == RunState::FinishMigrate {
+        Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment"))
+    } else {
+        c.io_status.clear();
+        let resume = c.state == RunState::Running;
+        let written = c.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
+        c.snapshot_memory_rewritten(written);
+        c.broadcast("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"})));
+        Ok(json!({}))
+    }
+}
+
+fn cmd_system_powerdown(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    if c.state == RunState::InMigrate {
+        Err(QmpError::generic("the VM is waiting for its incoming state; system_powerdown is not possible yet"))
+    } else {
+        // The ACPI power button, as QEMU presses it: the guest decides
+        // what to do (a Linux guest powers off through S5).
+        c.vm.press_power_button().map_err(|e| QmpError::generic(format!("system_powerdown: {e}")))?;
+        c.broadcast("POWERDOWN", None);
+        Ok(json!({}))
+    }
+}
+
+fn cmd_quit(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    c.broadcast("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
+    c.finish(Ok(Outcome::Quit));
+    Ok(json!({}))
+}
+
+fn cmd_query_block(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(Value::Array(
+        c.vm.blocks()
+            .iter()
+            .filter(|b| !b.removed)
+            .map(|b| {
+                json!({
+                    "device": b.device,
+                    "qdev": format!("/machine/peripheral/scsi{}/virtio-backend", b.controller),
+                    "locked": false,
+                    "removable": false,
+                    "type": "unknown",
+                    "io-status": c.io_status.get(&b.device).copied().unwrap_or("ok"),
+                    "inserted": {
+                        "file": b.path,
+                        "ro": b.readonly,
+                        "drv": "raw",
+                        "image": {"filename": b.path, "format": "raw", "virtual-size": b.size},
+                        "cache": {"direct": b.direct, "writeback": true, "no-flush": false},
+                    },
+                    "ringvm": {"controller": b.controller, "lun": b.lun, "iothreads": b.iothreads},
+                })
+            })
+            .collect(),
+    ))
+}
+
+fn cmd_device_del(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
+    c.device_del(req)
+}
+
+fn cmd_savevm_start(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
+    c.savevm_start(req)
+}
+
+// QEMU's spelling, same engine: file: and nfs:// URIs.
+fn cmd_migrate(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
+    let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
+    let path = crate::snapshot::uri::StateUri::from_migrate_uri(uri).map_err(QmpError::generic)?.to_name();
+    let mut r = req.clone();
+    r.arguments = serde_json::Map::new();
+    r.arguments.insert("statefile".into(), json!(path));
+    if let Some(ms) = c.migrate_params.downtime_limit_ms {
+        r.arguments.insert("downtime-ms".into(), json!(ms));
+    }
+    c.savevm_start(&r)
+}
+
+fn cmd_query_migrate(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    if c.incoming.status != IncomingStatus::None && c.save.shared.get().state == SaveState::None {
+        let done = c.incoming.progress.load(std::sync::atomic::Ordering::Relaxed);
+        let ms = c.incoming.started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        let mut v = json!({
+            "status": c.incoming.status.as_str(),
+            "total-time": ms as u64,
+            "ram": {"transferred": done, "total": c.incoming.total, "remaining": c.incoming.total.saturating_sub(done),
+                    "mbps": if ms > 0.0 { done as f64 * 8.0 / ms / 1e3 } else { 0.0 }},
+        });
+        if let Some(e) = &c.incoming.error {
+            v["error-desc"] = json!(e);
+        }
+        Ok(v)
+    } else {
+        let s = c.query_savevm();
+        if s.get("status").is_none() {
+            return Ok(json!({}));
+        }
+        let mut v = json!({
+            "status": s["status"],
+            "total-time": s["total-time"],
+            "ram": {
+                "transferred": s["bytes"],
+                "remaining": s["remaining"],
+                "mbps": s["throughput-mbps"].as_f64().unwrap_or(0.0) * 8.0,
+                "dirty-sync-count": s["iterations"],
+                "dirty-pages-rate": s["dirty-rate-mbps"].as_f64().unwrap_or(0.0) * 1e6 / 4096.0,
+            },
+        });
+        if let Some(d) = s.get("downtime") {
+            v["downtime"] = json!(d.as_f64().unwrap_or(0.0).round() as u64);
+        }
+        if s["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0 {
+            v["cpu-throttle-percentage"] = s["cpu-throttle-percentage"].clone();
+        }
+        if let Some(e) = s.get("error") {
+            v["error-desc"] = e.clone();
+        }
+        Ok(v)
+    }
+}
+
+// QEMU: cancels a running migration; after the end it changes nothing
+// (query-migrate still reports how it ended).
+fn cmd_migrate_cancel(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    if c.save.shared.get().state == SaveState::Active {
+        c.cancel_snapshot(None);
+    }
+    Ok(json!({}))
+}
+
+fn cmd_query_savevm(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(c.query_savevm())
+}
+
+fn cmd_savevm_end(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
+    Ok(c.savevm_end())
+}
+
+fn cmd_human_monitor_command(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
+    let line = req.arguments.get("command-line").and_then(Value::as_str).unwrap_or("");
+    c.hmp(line).map(Value::String)
 }

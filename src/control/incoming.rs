@@ -143,9 +143,11 @@ impl Controller {
             return Some(Err(QmpError::generic(why)));
         }
         let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
-        let Some(path) = uri.strip_prefix("file:").or(crate::nfs::is_uri(uri).then_some(uri)) else {
-            return Some(Err(QmpError::generic(format!("Invalid URI '{uri}': ringvm loads from file:PATH or nfs://SERVER/EXPORT/FILE"))));
+        let path = match crate::snapshot::uri::StateUri::from_migrate_uri(uri) {
+            Ok(u) => u.to_name(),
+            Err(e) => return Some(Err(QmpError::generic(e))),
         };
+        let path = path.as_str();
         if let Err(e) = self.check_statefile(path) {
             return Some(Err(e));
         }

@@ -381,14 +381,16 @@ impl Controller {
         }
         let r = match COMMANDS.iter().find(|c| c.name == req.execute) {
             None => Err(QmpError::not_found(format!("The command {} has not been found", req.execute))),
-            Some(spec) => match qmp::check_args(&req.arguments, spec.args) {
+            Some(cmd) => match qmp::check_args(&req.arguments, cmd.args) {
                 Err(e) => Err(e),
-                // Answered later (see migrate_incoming).
-                Ok(()) if req.execute == "migrate-incoming" => match self.migrate_incoming(client, &req) {
-                    None => return,
-                    Some(r) => r,
+                Ok(()) => match cmd.run {
+                    commands::Run::Now(run) => run(self, &req),
+                    // Answered later (see migrate_incoming).
+                    commands::Run::Deferred(run) => match run(self, client, &req) {
+                        None => return,
+                        Some(r) => r,
+                    },
                 },
-                Ok(()) => self.execute(&req),
             },
         };
         self.reply(client, req.id.as_ref(), r);

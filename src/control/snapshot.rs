@@ -18,12 +18,14 @@ pub(super) struct MigrateParams {
     pub(super) auto_converge: bool,
     pub(super) throttle_initial: u32,
     pub(super) throttle_increment: u32,
+    /// QEMU's downtime-limit (ms): `migrate`'s downtime target.
+    pub(super) downtime_limit_ms: Option<u64>,
 }
 
 impl Default for MigrateParams {
     fn default() -> Self {
         // QEMU's defaults.
-        MigrateParams { auto_converge: false, throttle_initial: 20, throttle_increment: 10 }
+        MigrateParams { auto_converge: false, throttle_initial: 20, throttle_increment: 10, downtime_limit_ms: None }
     }
 }
 
@@ -89,6 +91,8 @@ impl Controller {
         if path.is_empty() {
             return Err(QmpError::generic("Parameter 'statefile' must not be empty"));
         }
+        // A bad nfs:// URI is refused here, before anything starts.
+        let uri = crate::snapshot::uri::StateUri::from_statefile(&path).map_err(|e| QmpError::generic(format!("statefile {e}")))?;
         self.check_statefile(&path)?;
         let downtime = req.arguments.get("downtime-ms").and_then(Value::as_f64).unwrap_or(DEFAULT_DOWNTIME_MS);
         if !(0.0..=60_000.0).contains(&downtime) {
@@ -109,7 +113,7 @@ impl Controller {
         // now: a filesystem without reflink fails here, before anything runs.
         let clones: Vec<(String, String)> = match req.arguments.get("disks").and_then(Value::as_str) {
             None => Vec::new(),
-            Some("clone") if crate::nfs::is_uri(&path) => {
+            Some("clone") if uri.is_nfs() => {
                 return Err(QmpError::generic("disks=clone reflinks the disks next to the state file: it needs a local statefile, not nfs://"));
             }
             Some("clone") => {

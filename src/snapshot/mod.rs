@@ -13,6 +13,7 @@ pub mod pages;
 pub mod restore;
 pub mod save;
 mod target;
+pub mod uri;
 
 use std::sync::Mutex;
 use std::time::Instant;
