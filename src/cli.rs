@@ -37,6 +37,14 @@ pub enum StateCommand {
         /// The state file.
         file: PathBuf,
     },
+    /// Fold an incremental chain into one stand-alone state file (written
+    /// beside OUT, renamed into place once complete).
+    Merge {
+        /// The newest file of the chain.
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 impl MachineArgs {

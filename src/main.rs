@@ -58,6 +58,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(if r.ok { 0 } else { 1 })
         }
+        Command::State(ringvm::cli::StateCommand::Merge { file, out }) => {
+            let (files, bytes) = ringvm::snapshot::merge::merge(&file, &out).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}: {files} file(s) merged, {} MiB of RAM", out.display(), bytes >> 20);
+            Ok(0)
+        }
         Command::GuestImage { out } => {
             std::fs::write(&out, ringvm::TEST_GUEST_ELF).with_context(|| format!("cannot write {}", out.display()))?;
             Ok(0)

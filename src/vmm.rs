@@ -57,6 +57,8 @@ pub struct PendingRestore {
     pub path: PathBuf,
     pub checked: crate::snapshot::format::Checked,
     pub section: crate::snapshot::StateSection,
+    /// An incremental file's bases, newest first.
+    pub bases: Vec<(PathBuf, crate::snapshot::format::Checked)>,
 }
 
 /// Why the VM stopped.
@@ -152,9 +154,12 @@ impl Vm {
         if usize::from(config.cpus) > machine.max_vcpus() {
             return Err(Error::Config(format!("--cpus {} exceeds KVM's limit of {}", config.cpus, machine.max_vcpus())));
         }
+        let mut bases = Vec::new();
         let checked = match &config.restore {
             Some(p) => {
-                let c = crate::snapshot::format::open_checked(p).map_err(|e| Error::Config(format!("state file {}: {e}", p.display())))?;
+                let mut chain = crate::snapshot::format::open_chain(p).map_err(Error::Config)?;
+                let c = chain.remove(0).1;
+                bases = chain;
                 let h = &c.header.machine;
                 if h.cpus != config.cpus || h.mem_size != config.mem_size {
                     return Err(Error::Config(format!(
@@ -244,7 +249,7 @@ impl Vm {
                 // Every vCPU parked (and done with its power-on set-up, which
                 // writes boot tables into RAM) before RAM is loaded over it.
                 vcpus.pause()?;
-                Some(PendingRestore { path: path.clone(), checked: c, section })
+                Some(PendingRestore { path: path.clone(), checked: c, section, bases: std::mem::take(&mut bases) })
             }
             _ if config.incoming_defer => {
                 vcpus.pause()?;

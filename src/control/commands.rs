@@ -51,6 +51,9 @@ pub const COMMANDS: &[Command] = &[
             opt("final-timeout-ms", ArgType::Number),
             opt("disks", ArgType::Str),
             opt("converge", ArgType::Str),
+            opt("track", ArgType::Bool),
+            opt("base", ArgType::Str),
+            opt("base-fallback", ArgType::Str),
             opt("cpu-throttle-initial", ArgType::Int),
             opt("cpu-throttle-increment", ArgType::Int),
         ],
@@ -303,6 +306,7 @@ fn cmd_system_reset(c: &mut Controller, _: &Request) -> Result<Value, QmpError> 
         Err(QmpError::generic("a snapshot is finishing; retry system_reset in a moment"))
     } else {
         c.io_status.clear();
+        c.end_tracking("system_reset");
         let resume = c.state == RunState::Running;
         let written = c.vm.reset(resume).map_err(|e| QmpError::generic(format!("reset failed: {e}")))?;
         c.snapshot_memory_rewritten(written);

@@ -56,11 +56,34 @@ pub(super) const INCOMING_OPEN_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Controller {
     /// Starts the loader thread; the control loop keeps serving QMP.
-    pub(super) fn start_load(&mut self, path: std::path::PathBuf, checked: format::Checked, section: StateSection) -> std::result::Result<(), String> {
-        let total = crate::snapshot::restore::present_bytes(&checked);
+    pub(super) fn start_load(
+        &mut self,
+        path: std::path::PathBuf,
+        checked: format::Checked,
+        section: StateSection,
+        bases: Vec<(std::path::PathBuf, format::Checked)>,
+    ) -> std::result::Result<(), String> {
+        use crate::snapshot::restore::{self, RamMode};
+        let mut total = restore::present_bytes(&checked);
         let events = self.vm.events().clone();
         let shown = path.display().to_string();
-        if self.restore_ram == crate::snapshot::restore::RamMode::Lazy {
+        if !bases.is_empty() {
+            // An incremental chain: read mode (a mapping or a userfaultfd
+            // serves one file).
+            if matches!(self.restore_ram, RamMode::Map | RamMode::Lazy) {
+                return Err(format!(
+                    "state file {shown}: it is incremental ({} base file(s)); --restore-ram map and lazy need one file: merge it first (ringvm state merge) or restore with --restore-ram read",
+                    bases.len()
+                ));
+            }
+            let mut chain: Vec<(std::path::PathBuf, &format::Checked)> = vec![(path.clone(), &checked)];
+            chain.extend(bases.iter().map(|(p, c)| (p.clone(), c)));
+            total = restore::chain_present_bytes(&chain.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+            restore::spawn_chain_loader(&chain, &self.vm.machine().mem, self.incoming.progress.clone(), move |r| {
+                events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
+            })
+            .map_err(|e| format!("state file {}: {e}", path.display()))?;
+        } else if self.restore_ram == RamMode::Lazy {
             let ev2 = events.clone();
             crate::snapshot::lazy::spawn(
                 &path,
@@ -70,12 +93,13 @@ impl Controller {
                 move |r| events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}")))),
                 move |s| ev2.push(VmEvent::Streamed(s.bytes)),
             )
+            .map_err(|e| format!("state file {}: {e}", path.display()))?;
         } else {
-            crate::snapshot::restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.restore_ram, self.incoming.progress.clone(), move |r| {
+            restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.restore_ram, self.incoming.progress.clone(), move |r| {
                 events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
             })
+            .map_err(|e| format!("state file {}: {e}", path.display()))?;
         }
-        .map_err(|e| format!("state file {}: {e}", path.display()))?;
         self.incoming.section = Some(section);
         self.incoming.path = Some(path);
         self.incoming.total = total;
@@ -183,7 +207,7 @@ impl Controller {
         }
         let r = r.and_then(|o| {
             self.vm.adopt_boot(&o.checked.header.machine);
-            self.start_load(o.path, o.checked, o.section)
+            self.start_load(o.path, o.checked, o.section, o.bases)
         });
         if r.is_err() {
             self.incoming.status = IncomingStatus::None;

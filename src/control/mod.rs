@@ -98,6 +98,8 @@ pub struct Controller {
     /// "nospace"); cleared by `cont` (which retries them) or a reset.
     io_status: std::collections::HashMap<String, &'static str>,
     migrate_params: snapshot::MigrateParams,
+    /// Dirty tracking since a completed snapshot, for incremental ones.
+    tracking: Option<snapshot::Tracking>,
 }
 
 impl Controller {
@@ -156,10 +158,11 @@ impl Controller {
             stats: opts.stats.clone().unwrap_or_default(),
             io_status: Default::default(),
             migrate_params: Default::default(),
+            tracking: None,
         };
         if let Some(p) = pending {
             c.incoming.fatal = true;
-            c.start_load(p.path, p.checked, p.section).map_err(Error::Config)?;
+            c.start_load(p.path, p.checked, p.section, p.bases).map_err(Error::Config)?;
         }
         Ok(c)
     }
@@ -348,6 +351,7 @@ impl Controller {
     fn guest_reset(&mut self, data: Value) {
         // A device reset drops the held requests with the queues.
         self.io_status.clear();
+        self.end_tracking("the guest reset");
         self.broadcast("RESET", Some(data));
         let resume = self.state == RunState::Running;
         match self.vm.reset(resume) {

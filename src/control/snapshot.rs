@@ -45,6 +45,19 @@ pub(super) struct SaveCtl {
     pub(super) clones: Vec<(String, String)>,
     /// Says when the reaper removed an ended snapshot's unfinished file.
     pub(super) reaped: Option<std::sync::mpsc::Receiver<()>>,
+    /// `"track": true`: once complete, dirty logging stays on so the next
+    /// snapshot can be incremental against this one.
+    pub(super) track: bool,
+}
+
+/// Dirty tracking since a completed snapshot (`"track": true`): KVM's log
+/// and the DMA log stay on, so the pages changed since that file are
+/// known; an incremental snapshot against it writes only those.
+#[derive(Clone, Debug)]
+pub(super) struct Tracking {
+    /// The file (canonical path, or the nfs:// URI as given).
+    pub(super) path: String,
+    pub(super) base: format::BaseRef,
 }
 
 /// Default downtime target (ms) for the final pause.
@@ -103,6 +116,8 @@ impl Controller {
             return Err(QmpError::generic("Parameter 'final-timeout-ms' must be between 1 and 600000"));
         }
         let converge = self.converge_policy(req)?;
+        let track = req.arguments.get("track").and_then(Value::as_bool).unwrap_or(false);
+        let base = self.incremental_base(req)?;
         let machine = self.vm.machine();
         let slots = machine.slots();
         let ram: Vec<(u64, u64)> = slots.iter().map(|&(_, g, s)| (g, s)).collect();
@@ -148,12 +163,18 @@ impl Controller {
             initrd: boot.initrd.as_ref().map(|p| p.display().to_string()),
             cmdline: boot.cmdline.clone(),
         };
-        let header = format::Header::layout(desc, &ram);
+        let mut header = format::Header::layout(desc, &ram);
+        header.base = base.clone();
+        let incremental = base.is_some();
         let io = ring::IoThread::spawn("iothread-savevm", 256).map_err(|e| QmpError::generic(format!("cannot start the snapshot iothread: {e}")))?;
         io.remote()
             .send(|_| crate::seccomp::apply_or_exit(crate::seccomp::Role::Snapshot))
             .map_err(|e| QmpError::generic(format!("snapshot iothread: {e}")))?;
-        machine.set_dirty_log(true).map_err(|e| QmpError::generic(format!("cannot enable dirty logging: {e}")))?;
+        // Tracking since the last snapshot: the log is on and holds what
+        // changed since then (re-enabling it is not needed).
+        if self.tracking.is_none() {
+            machine.set_dirty_log(true).map_err(|e| QmpError::generic(format!("cannot enable dirty logging: {e}")))?;
+        }
         let shared = Arc::new(SaveShared::default());
         shared.update(|s| {
             s.state = SaveState::Active;
@@ -163,18 +184,69 @@ impl Controller {
         // What the disks' queues write into guest RAM, KVM does not see.
         let dma = (!self.vm.blocks().is_empty()).then(|| self.vm.storage().dirty.clone());
         if let Some(d) = &dma {
-            d.set_enabled(true);
+            if !d.enabled() {
+                d.set_enabled(true);
+            }
         }
-        let params =
-            save::Params { path, header, slots, downtime_ms: downtime, dma, nofollow: self.statefile_dir.is_some(), final_timeout_ms: final_timeout, converge };
+        let params = save::Params {
+            path,
+            header,
+            slots,
+            downtime_ms: downtime,
+            dma,
+            nofollow: self.statefile_dir.is_some(),
+            final_timeout_ms: final_timeout,
+            converge,
+            incremental,
+        };
         let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
         if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
             let _ = machine.set_dirty_log(false);
             self.vm.storage().dirty.set_enabled(false);
             return Err(QmpError::generic(format!("snapshot iothread: {e}")));
         }
-        self.save = SaveCtl { shared, iothread: Some(io), clones, ..Default::default() };
+        // This snapshot takes the tracked changes; tracking resumes from
+        // it only if it completes with "track".
+        self.tracking = None;
+        self.save = SaveCtl { shared, iothread: Some(io), clones, track, ..Default::default() };
         Ok(json!({}))
+    }
+
+    /// savevm-start's `"base": FILE`: the tracked snapshot it must be, or
+    /// with `"base-fallback": "full"` a full snapshot instead.
+    fn incremental_base(&self, req: &Request) -> std::result::Result<Option<format::BaseRef>, QmpError> {
+        let Some(base) = req.arguments.get("base").and_then(Value::as_str) else { return Ok(None) };
+        let fallback = match req.arguments.get("base-fallback").and_then(Value::as_str) {
+            None | Some("error") => false,
+            Some("full") => true,
+            Some(o) => return Err(QmpError::generic(format!("Parameter 'base-fallback' must be 'error' or 'full', not '{o}'"))),
+        };
+        let why = match &self.tracking {
+            None => "no changes are tracked since a snapshot (take one with \"track\": true first; a reset, a restore or a failed snapshot ends tracking)"
+                .to_string(),
+            Some(t) if same_state_file(&t.path, base) => return Ok(Some(t.base.clone())),
+            Some(t) => format!("the snapshot changes are tracked against is {}, not {base}", t.path),
+        };
+        if fallback {
+            log::info!("incremental snapshot against {base} not possible ({why}); taking a full one");
+            return Ok(None);
+        }
+        Err(QmpError::generic(format!("incremental snapshot refused: {why}")))
+    }
+
+    /// Ends dirty tracking (a reset, a failed snapshot): the next snapshot
+    /// is a full one.
+    pub(super) fn end_tracking(&mut self, why: &str) {
+        if self.tracking.take().is_some() {
+            log::info!("incremental tracking ended: {why}");
+            if self.save.iothread.is_none() {
+                if let Err(e) = self.vm.machine().set_dirty_log(false) {
+                    log::error!("cannot disable dirty logging: {e}");
+                }
+                self.vm.storage().dirty.set_enabled(false);
+            }
+        }
+        self.save.track = false;
     }
 
     /// savevm-start's `converge` ("none", "auto"), or for `migrate` the
@@ -353,10 +425,23 @@ impl Controller {
             SnapshotStep::Done => {
                 // The guest's full speed back the moment the snapshot ends.
                 self.vm.vcpus().set_throttle(0);
-                if let Err(e) = self.vm.machine().set_dirty_log(false) {
-                    log::error!("cannot disable dirty logging: {e}");
+                let done = self.save.shared.get();
+                if done.state == SaveState::Completed && self.save.track && done.file_id != 0 {
+                    // Logging stays on: the next snapshot may be incremental.
+                    let path = if crate::nfs::is_uri(&done.path) {
+                        done.path.clone()
+                    } else {
+                        std::fs::canonicalize(&done.path).map(|p| p.display().to_string()).unwrap_or_else(|_| done.path.clone())
+                    };
+                    let base = format::BaseRef { path: path.clone(), id: done.file_id, completion_crc: done.record_crc };
+                    self.tracking = Some(Tracking { path, base });
+                } else {
+                    self.tracking = None;
+                    if let Err(e) = self.vm.machine().set_dirty_log(false) {
+                        log::error!("cannot disable dirty logging: {e}");
+                    }
+                    self.vm.storage().dirty.set_enabled(false);
                 }
-                self.vm.storage().dirty.set_enabled(false);
                 let leftover = self.save.shared.get().leftover;
                 if let Some(mut io) = self.save.iothread.take() {
                     // Stopped off the control thread: a failed or cancelled
@@ -406,4 +491,16 @@ impl Controller {
         let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial, devices_version: 1, devices };
         serde_json::to_vec(&section).map_err(|e| e.to_string())
     }
+}
+
+/// Whether two names denote the same state file (nfs:// URIs by text,
+/// local files by canonical path).
+fn same_state_file(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    if crate::nfs::is_uri(a) || crate::nfs::is_uri(b) {
+        return false;
+    }
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }

@@ -88,6 +88,38 @@ pub struct Header {
     pub state_max: u64,
     pub completion_offset: u64,
     pub file_size: u64,
+    /// This file's unique id (random; 0 in files written before it).
+    #[serde(default)]
+    pub id: u64,
+    /// An incremental file: the file it builds on. Pages absent here come
+    /// from the base (newest file wins); a page present here that is zero
+    /// was written as zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+}
+
+/// The file an incremental snapshot builds on, and how to know it is the
+/// very same file: its id and the checksum of its completion record.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct BaseRef {
+    pub path: String,
+    pub id: u64,
+    pub completion_crc: u32,
+}
+
+/// Longest chain of incremental files a restore follows.
+pub const MAX_CHAIN: usize = 64;
+
+/// A new random file id.
+pub fn new_file_id() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills our local buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        return t ^ (u64::from(std::process::id()) << 32) | 1;
+    }
+    u64::from_le_bytes(b) | 1
 }
 
 fn align(v: u64, a: u64) -> u64 {
@@ -137,6 +169,8 @@ impl Header {
             state_max,
             completion_offset,
             file_size: completion_offset + PAGE,
+            id: new_file_id(),
+            base: None,
         }
     }
 
@@ -242,6 +276,12 @@ impl Completion {
         let crc = crc32c::crc32c(&b[0..32]);
         b[32..36].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// The checksum of this record (what an incremental file's base
+    /// reference names).
+    pub fn record_crc(&self) -> u32 {
+        crc32c::crc32c(&self.encode()[0..32])
     }
 
     pub fn decode(b: &[u8]) -> Result<Completion, String> {
@@ -438,6 +478,54 @@ pub fn open_checked(path: &Path) -> Result<Checked, String> {
     Ok(Checked { src, header, state_json, metas, completion, len })
 }
 
+/// `path` and, if it is incremental, every file it builds on, newest
+/// first, each fully checked and linked by id and completion checksum;
+/// all must describe the same machine. Every error names the file.
+pub fn open_chain(path: &Path) -> Result<Vec<(std::path::PathBuf, Checked)>, String> {
+    let mut chain: Vec<(std::path::PathBuf, Checked)> = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut next = Some(path.to_path_buf());
+    while let Some(p) = next.take() {
+        let c = open_checked(&p).map_err(|e| format!("state file {}: {e}", p.display()))?;
+        if let Some((child, cc)) = chain.last() {
+            let want = cc.header.base.as_ref().expect("a base was named");
+            if c.header.id != want.id || c.completion.record_crc() != want.completion_crc {
+                return Err(format!(
+                    "state file {}: its base {} is not the file it was taken from (id {:#x}, expected {:#x}); it was replaced or rewritten",
+                    child.display(),
+                    p.display(),
+                    c.header.id,
+                    want.id
+                ));
+            }
+            let same = |a: &Header, b: &Header| {
+                a.machine.mem_size == b.machine.mem_size
+                    && a.regions.iter().zip(&b.regions).all(|(x, y)| x.gpa == y.gpa && x.size == y.size)
+                    && a.regions.len() == b.regions.len()
+            };
+            if !same(&c.header, &cc.header) {
+                return Err(format!("state file {}: its base {} holds a guest of another size", child.display(), p.display()));
+            }
+        }
+        if !ids.insert(c.header.id) {
+            return Err(format!("state file {}: the chain of bases loops back to it", p.display()));
+        }
+        if chain.len() >= MAX_CHAIN {
+            return Err(format!("state file {}: the chain of incremental files is longer than {MAX_CHAIN}; merge it (ringvm state merge)", path.display()));
+        }
+        next = c.header.base.as_ref().map(|b| std::path::PathBuf::from(&b.path));
+        chain.push((p, c));
+    }
+    Ok(chain)
+}
+
+/// For a chain (newest first): which file each page comes from, per
+/// region (None: in no file, so zero).
+pub fn page_owners(chain: &[&Checked]) -> Vec<Vec<Option<u8>>> {
+    let regions = &chain[0].header.regions;
+    regions.iter().enumerate().map(|(ri, r)| (0..r.pages()).map(|p| chain.iter().position(|c| c.present(ri, p)).map(|i| i as u8)).collect()).collect()
+}
+
 /// What `state inspect` found.
 pub struct Report {
     pub header: Header,
@@ -456,6 +544,9 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
         format!("file: {} bytes on disk, {} bytes laid out", c.len, h.file_size),
         format!("state section: {} bytes at {:#x}, crc ok", c.state_json.len(), h.state_offset),
     ];
+    if let Some(b) = &h.base {
+        lines.push(format!("incremental: pages not in this file come from {} (id {:#x})", b.path, b.id));
+    }
     let mut ok = true;
     let mut page = vec![0u8; PAGE as usize];
     let mut total_present = 0u64;
@@ -479,6 +570,19 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
     }
     lines.push(format!("completion record: ok ({} RAM bytes written in all passes; {} MiB present)", c.completion.ram_bytes, (total_present * PAGE) >> 20));
     lines.push(format!("checksums: {}", if ok { "all ok" } else { "FAILED" }));
+    if h.base.is_some() {
+        drop(c);
+        match open_chain(path) {
+            Ok(chain) => {
+                let names: Vec<String> = chain.iter().map(|(p, _)| p.display().to_string()).collect();
+                lines.push(format!("chain: {} file(s), newest first: {}", chain.len(), names.join(" <- ")));
+            }
+            Err(e) => {
+                ok = false;
+                lines.push(format!("chain BROKEN: {e}"));
+            }
+        }
+    }
     Ok(Report { header: h, lines, ok })
 }
 

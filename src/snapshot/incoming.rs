@@ -65,6 +65,8 @@ pub struct Opened {
     pub path: PathBuf,
     pub checked: Checked,
     pub section: StateSection,
+    /// An incremental file's bases, newest first.
+    pub bases: Vec<(PathBuf, Checked)>,
 }
 
 /// Where the opener leaves its result: (attempt, outcome).
@@ -74,7 +76,8 @@ pub type Slot = Arc<Mutex<Option<(u64, Result<Opened, String>)>>>;
 /// could afford to wait. Every error names the file.
 pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
     let fail = |e: String| format!("state file {}: {e}", path.display());
-    let checked = format::open_checked(path).map_err(fail)?;
+    let mut chain = format::open_chain(path)?;
+    let checked = chain.remove(0).1;
     let m = &checked.header.machine;
     if m.cpus != target.cpus || m.mem_size != target.mem_size {
         return Err(fail(format!(
@@ -89,7 +92,7 @@ pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
     crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(fail)?;
     crate::snapshot::check_boot(m, &target.boot).map_err(fail)?;
     let section = crate::snapshot::parse_section(path, &checked).map_err(|e| e.to_string())?;
-    Ok(Opened { path: path.to_path_buf(), checked, section })
+    Ok(Opened { path: path.to_path_buf(), checked, section, bases: chain })
 }
 
 /// Runs [`open`] on a new thread; its result lands in `slot` tagged with

@@ -9,6 +9,7 @@ pub mod fsprobe;
 pub mod incoming;
 pub mod lazy;
 pub mod mapguard;
+pub mod merge;
 pub mod pages;
 pub mod restore;
 pub mod save;
@@ -38,6 +39,10 @@ pub struct SaveStatus {
     pub direct_io: bool,
     /// The vCPUs' CPU throttle (auto-converge), percent.
     pub throttle_pct: u32,
+    /// Once complete: the file's id and its completion record's checksum
+    /// (what an incremental snapshot against it names).
+    pub file_id: u64,
+    pub record_crc: u32,
     /// The unfinished file a failed or cancelled snapshot leaves, for the
     /// control side to remove off the iothread (an unlink waits behind
     /// writes a stalled target still holds).

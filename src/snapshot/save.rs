@@ -57,6 +57,11 @@ pub struct Params {
     /// How a snapshot whose guest dirties faster than the target writes
     /// is made to finish.
     pub converge: Converge,
+    /// An incremental snapshot (the header names its base): only pages
+    /// dirtied since the base (KVM's log and the DMA log kept on since
+    /// then) are written, zero ones included (absent means "as in the
+    /// base", not zero).
+    pub incremental: bool,
 }
 
 struct Job {
@@ -111,14 +116,15 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
     let n = p.header.regions.len();
     let present = p.header.regions.iter().map(|r| vec![0u64; r.pages().div_ceil(64) as usize]).collect();
     let crcs = p.header.regions.iter().map(|r| vec![0u32; r.pages() as usize]).collect();
-    // Pass 0: every page.
+    // Pass 0: every page (an incremental one: what changed since its base).
+    let incremental = p.incremental;
     let dirty = p
         .header
         .regions
         .iter()
         .map(|r| {
-            let mut v = vec![u64::MAX; r.pages().div_ceil(64) as usize];
-            if r.pages() % 64 != 0 {
+            let mut v = vec![if incremental { 0 } else { u64::MAX }; r.pages().div_ceil(64) as usize];
+            if !incremental && r.pages() % 64 != 0 {
                 let last = v.len() - 1;
                 v[last] = (1u64 << (r.pages() % 64)) - 1;
             }
@@ -164,6 +170,12 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
                 nfs_done(&job, ring, r);
             }
         }));
+    }
+    if incremental {
+        let r = job.borrow_mut().harvest();
+        if let Err(e) = r {
+            job.borrow_mut().fail(e);
+        }
     }
     JOB.with(|j| *j.borrow_mut() = Some(job.clone()));
     pump(&job, ring);
@@ -435,7 +447,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
             let p = first + k;
             // SAFETY: p < region pages; the region is mapped for the VM's life.
             let page = unsafe { std::slice::from_raw_parts(base.add((p * PAGE) as usize), PAGE as usize) };
-            if is_zero(page) {
+            if !j.p.incremental && is_zero(page) {
                 j.set_present(r, p, false);
                 j.crcs[r][p as usize] = 0;
                 k += 1;
@@ -446,7 +458,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
                 let p = first + k;
                 // SAFETY: as above.
                 let page = unsafe { std::slice::from_raw_parts(base.add((p * PAGE) as usize), PAGE as usize) };
-                if is_zero(page) {
+                if !j.p.incremental && is_zero(page) {
                     break;
                 }
                 j.crcs[r][p as usize] = crc32c::crc32c(page);
@@ -601,6 +613,11 @@ fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
         writes.push((crcs, co, "checksums"));
     }
     let record = comp.encode();
+    let (file_id, record_crc) = (j.p.header.id, comp.record_crc());
+    j.shared.update(|s| {
+        s.file_id = file_id;
+        s.record_crc = record_crc;
+    });
     let at = j.p.header.completion_offset;
     if let Target::Nfs { conn, .. } = &j.target {
         // Every RAM WRITE has been answered. The closing records go
