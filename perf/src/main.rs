@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bootbench;
+mod incbench;
 mod linuxbench;
 mod nfsbench;
 mod plot;
@@ -71,6 +72,8 @@ enum Which {
     Snapshot,
     /// Save and restore to a real NFS server (nfs-ganesha in a network namespace).
     Nfs,
+    /// Incremental snapshots against full ones, and chain restores.
+    Incremental,
     /// Every suite, in this order.
     All,
 }
@@ -85,6 +88,7 @@ impl Which {
             Which::Scsi => "scsi",
             Which::Snapshot => "snapshot",
             Which::Nfs => "nfs",
+            Which::Incremental => "incremental",
             Which::All => "all",
         }
     }
@@ -201,6 +205,7 @@ fn run_suite(w: Which, c: &Ctx, r: &mut Report) -> Result<()> {
         Which::Scsi => scsibench::suite(c, r),
         Which::Snapshot => snapbench::suite(c, r),
         Which::Nfs => nfsbench::suite(c, r),
+        Which::Incremental => incbench::suite(c, r),
         Which::All => unreachable!(),
     }
 }
@@ -247,7 +252,7 @@ fn main() -> Result<()> {
         r.log("fio unavailable: every fio column (the physical limit) is reported as skipped");
     }
     let suites = if cli.suite == Which::All {
-        vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs]
+        vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs, Which::Incremental]
     } else {
         vec![cli.suite]
     };

@@ -549,7 +549,7 @@ fn record_restore(r: &mut crate::report::Report, k: &str, sys: &str, ms: f64, fi
 /// as QEMU's plain stream, would otherwise be read back from memory while
 /// an O_DIRECT writer's is read from the disk). Memory filesystems keep
 /// their pages (that is where they live).
-fn uncache(file: &Path) {
+pub(crate) fn uncache(file: &Path) {
     if let Ok(f) = std::fs::File::open(file) {
         let _ = f.sync_all();
         // SAFETY: advice on an fd we own, over the whole file.

@@ -1,0 +1,152 @@
+//! `incremental`: incremental snapshots against a full one. A guest with
+//! 90% of its RAM in use rewrites 1%, 10% or 50% of it between a full
+//! snapshot (taken with `"track": true`) and an incremental one; the
+//! incremental one's time and bytes against the full one's, and restoring
+//! the chain against restoring the file `ringvm state merge` makes of it.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::report::{cell, ratio, Report, Stat};
+use crate::snapbench::{cmd, command, ok, qmp, reap, restore, savevm_completed, uncache};
+use crate::Ctx;
+
+/// The guest rewrites pages round-robin at this rate (MiB/s).
+const RATE: u64 = 100;
+
+struct One {
+    full_ms: f64,
+    full_mb: f64,
+    inc_ms: f64,
+    inc_mb: f64,
+    inc_file_mib: f64,
+    chain_restore_ms: f64,
+    merged_restore_ms: f64,
+}
+
+fn used_mib(p: &Path) -> f64 {
+    std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64 / (1 << 20) as f64
+}
+
+fn once(c: &Ctx, dir: &Path, mem_mib: u64, pct: u64) -> Result<One> {
+    let fill = mem_mib * 9 / 10;
+    let (full, inc, merged) = (dir.join("full.state"), dir.join("inc.state"), dir.join("merged.state"));
+    for f in [&full, &inc, &merged] {
+        let _ = std::fs::remove_file(f);
+    }
+    let sock = c.dir.join("inc.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = command(None, &c.bin)
+        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .arg(&c.guest)
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE}"), "--qmp"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains("fill done") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let r = (|| -> Result<One> {
+        rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
+        let mut q = qmp(&sock)?;
+        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": full, "track": true}}))?;
+        let f = savevm_completed(&mut q)?;
+        ok(&mut q, json!({"execute": "savevm-end"}))?;
+        // pct% of the RAM in use rewritten (round-robin at RATE MiB/s).
+        std::thread::sleep(Duration::from_secs_f64(fill as f64 * pct as f64 / 100.0 / RATE as f64));
+        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": inc, "base": full}}))?;
+        let i = savevm_completed(&mut q)?;
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        let ms = |v: &serde_json::Value| v["total-time"].as_f64().unwrap_or(0.0);
+        let mb = |v: &serde_json::Value| v["bytes"].as_f64().unwrap_or(0.0) / 1e6;
+        Ok(One {
+            full_ms: ms(&f),
+            full_mb: mb(&f),
+            inc_ms: ms(&i),
+            inc_mb: mb(&i),
+            inc_file_mib: used_mib(&inc),
+            chain_restore_ms: 0.0,
+            merged_restore_ms: 0.0,
+        })
+    })();
+    reap(child)?;
+    let mut one = r?;
+    let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(&inc).arg("--out").arg(&merged).output()?;
+    if !m.status.success() {
+        bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
+    }
+    for f in [&full, &inc, &merged] {
+        uncache(f);
+    }
+    one.chain_restore_ms = restore(None, &c.bin, &c.dir, &inc, &["--restore-ram", "read"])?.0;
+    one.merged_restore_ms = restore(None, &c.bin, &c.dir, &merged, &["--restore-ram", "read"])?.0;
+    Ok(one)
+}
+
+pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
+    let mem_mib = c.sizes.as_ref().and_then(|s| s.first().copied()).unwrap_or(if c.quick { 512 } else { 1024 });
+    let pcts = [1u64, 10, 50];
+    r.begin("incremental", (pcts.len() * c.reps) as u64);
+    let dir = c.scratch()?.join("incremental");
+    std::fs::create_dir_all(&dir)?;
+    for rep in 0..c.reps {
+        for &pct in &pcts {
+            if crate::stopping() {
+                break;
+            }
+            r.step(format!("{mem_mib} MiB guest, {pct}% rewritten, rep {rep}"));
+            let k = format!("{mem_mib}MiB-{pct}pct");
+            match once(c, &dir, mem_mib, pct) {
+                Ok(o) => {
+                    r.sample(&k, "full", "save_ms", "ms", o.full_ms);
+                    r.sample(&k, "full", "written_mb", "MB", o.full_mb);
+                    r.sample(&k, "incremental", "save_ms", "ms", o.inc_ms);
+                    r.sample(&k, "incremental", "written_mb", "MB", o.inc_mb);
+                    r.sample(&k, "incremental", "file_mib", "MiB", o.inc_file_mib);
+                    r.sample(&k, "chain", "restore_ms", "ms", o.chain_restore_ms);
+                    r.sample(&k, "merged", "restore_ms", "ms", o.merged_restore_ms);
+                }
+                Err(e) => r.log(format!("{k}: {e:#}")),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rows = Vec::new();
+    for &pct in &pcts {
+        let k = format!("{mem_mib}MiB-{pct}pct");
+        let s = |sys: &str, m: &str| -> Option<Stat> { r.stat(&k, sys, m) };
+        rows.push(vec![
+            format!("{pct}%"),
+            cell(s("full", "save_ms"), 0),
+            cell(s("incremental", "save_ms"), 0),
+            ratio(s("incremental", "save_ms"), s("full", "save_ms")),
+            cell(s("full", "written_mb"), 0),
+            cell(s("incremental", "written_mb"), 0),
+            cell(s("incremental", "file_mib"), 0),
+            cell(s("chain", "restore_ms"), 0),
+            cell(s("merged", "restore_ms"), 0),
+            ratio(s("chain", "restore_ms"), s("merged", "restore_ms")),
+        ]);
+    }
+    r.table(
+        &format!("Incremental snapshots, {mem_mib} MiB guest, 90% in use"),
+        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`.",
+        &["rewritten", "full save ms", "incremental save ms", "inc/full", "full MB", "incremental MB", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
+        &rows,
+    );
+    r.end();
+    Ok(())
+}
