@@ -204,3 +204,38 @@ fn nfs_port_in_the_uri_and_atomic_replace() {
     assert_eq!(o.code(), 1);
     assert!(o.stderr.contains("port '99999'"), "{}", o.stderr);
 }
+
+/// Incremental snapshots over nfs://: a full one with "track", then an
+/// increment against it, both on the server; the chain restores over NFS
+/// (the base named by its URI) and the guest verifies every page.
+#[test]
+fn incremental_chain_over_nfs() {
+    if !require_kvm("incremental_chain_over_nfs") {
+        return;
+    }
+    let dir = Scratch::new("nfs-incremental");
+    let ns = Netns::with_address("inc", "10.94.0.1");
+    let nfsd = Nfsd::start(&ns, &dir);
+    let g = guest_elf(&dir);
+    let (p, mut q) =
+        vm_in(&ns, &dir, &["run", "--kernel", g.to_str().unwrap(), "--memory", "192M", "--cmdline", "work=mem mib=96 secs=inf rate=10 beat=100"], "fill done");
+    let (full, inc) = (nfsd.uri("127.0.0.1", "full.state"), nfsd.uri("127.0.0.1", "inc.state"));
+    q.ok("savevm-start", json!({"statefile": full, "track": true}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.ok("savevm-end", json!({}));
+    std::thread::sleep(Duration::from_millis(500));
+    q.ok("savevm-start", json!({"statefile": inc, "base": full}));
+    assert_eq!(q.wait_savevm(T)["status"], "completed");
+    q.ok("savevm-end", json!({}));
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    use std::os::unix::fs::MetadataExt;
+    let (bf, bi) = (std::fs::metadata(nfsd.local("full.state")).unwrap().blocks(), std::fs::metadata(nfsd.local("inc.state")).unwrap().blocks());
+    assert!(bi * 2 < bf, "the increment is not small: {bi} blocks against {bf}");
+    let mut r = Proc::spawn_with_stdin(ns.command(ringvm_bin()).args(["run", "--loadstate", &inc]));
+    r.wait_for_output("ringvm-guest: beat", T);
+    r.type_serial(b"v");
+    let o = r.wait(T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("verify pages=24576 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
+}
