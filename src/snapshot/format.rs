@@ -18,6 +18,51 @@ pub const RAM_ALIGN: u64 = 1 << 20;
 pub const PAGE: u64 = 4096;
 const JSON_AT: usize = 32;
 
+/// What is wrong with a state file, as the format sees it (the callers
+/// add which file).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a ringvm state file (bad magic)")]
+    BadMagic,
+    #[error("state format version {0} is not supported (this ringvm reads version {VERSION})")]
+    Version(u32),
+    #[error("header of {0} bytes does not fit in {HEADER_SIZE}")]
+    HeaderTooBig(usize),
+    #[error("header length runs past the header block")]
+    HeaderLength,
+    #[error("header checksum mismatch")]
+    HeaderChecksum,
+    #[error("header: {0}")]
+    Header(String),
+    #[error("no completion record: the snapshot never finished")]
+    NoCompletion,
+    #[error("completion record checksum mismatch")]
+    CompletionChecksum,
+    #[error("completion record belongs to another header")]
+    CompletionHeader,
+    #[error("state section does not match the completion record")]
+    StateMismatch,
+    #[error("page bitmaps or checksums do not match the completion record")]
+    MetaMismatch,
+    #[error("device state of {size} bytes exceeds its section ({max})")]
+    StateTooBig { size: usize, max: u64 },
+    #[error("state section: {0}")]
+    StateSection(String),
+    #[error("state section checksum mismatch")]
+    StateChecksum,
+    #[error("file is truncated{0}")]
+    Truncated(String),
+    /// Reading the file failed (its errno or the NFS client's message).
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<FormatError> for String {
+    fn from(e: FormatError) -> String {
+        e.to_string()
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct DiskDesc {
     pub path: String,
@@ -175,10 +220,10 @@ impl Header {
     }
 
     /// The header block: magic, version, JSON length and crc, JSON.
-    pub fn encode(&self) -> Result<Vec<u8>, String> {
-        let json = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+    pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        let json = serde_json::to_vec(self).map_err(|e| FormatError::Header(e.to_string()))?;
         if JSON_AT + json.len() > HEADER_SIZE as usize {
-            return Err(format!("header of {} bytes does not fit in {HEADER_SIZE}", json.len()));
+            return Err(FormatError::HeaderTooBig(json.len()));
         }
         let mut b = vec![0u8; HEADER_SIZE as usize];
         b[0..8].copy_from_slice(MAGIC);
@@ -190,49 +235,49 @@ impl Header {
     }
 
     /// Parses and checks a header block (untrusted input).
-    pub fn decode(b: &[u8]) -> Result<(Header, u32), String> {
+    pub fn decode(b: &[u8]) -> Result<(Header, u32), FormatError> {
         if b.len() < JSON_AT || &b[0..8] != MAGIC {
-            return Err("not a ringvm state file (bad magic)".into());
+            return Err(FormatError::BadMagic);
         }
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
         if version != VERSION {
-            return Err(format!("state format version {version} is not supported (this ringvm reads version {VERSION})"));
+            return Err(FormatError::Version(version));
         }
         let len = u32::from_le_bytes(b[12..16].try_into().unwrap_or_default()) as usize;
         let crc = u32::from_le_bytes(b[16..20].try_into().unwrap_or_default());
-        let json = b.get(JSON_AT..JSON_AT + len).ok_or("header length runs past the header block")?;
+        let json = b.get(JSON_AT..JSON_AT + len).ok_or(FormatError::HeaderLength)?;
         if crc32c::crc32c(json) != crc {
-            return Err("header checksum mismatch".into());
+            return Err(FormatError::HeaderChecksum);
         }
-        let h: Header = serde_json::from_slice(json).map_err(|e| format!("header: {e}"))?;
+        let h: Header = serde_json::from_slice(json).map_err(|e| FormatError::Header(e.to_string()))?;
         h.validate()?;
         Ok((h, crc))
     }
 
     /// Internal consistency: every section inside the file, in order,
     /// aligned, non-overlapping.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FormatError> {
         if self.format != "ringvm-state" || self.version != VERSION {
-            return Err("header names another format".into());
+            return Err(FormatError::Header("names another format".into()));
         }
         if self.machine.cpus == 0 || self.regions.is_empty() {
-            return Err("header: no CPUs or no RAM regions".into());
+            return Err(FormatError::Header("no CPUs or no RAM regions".into()));
         }
         if self.regions.len() > 64 {
-            return Err("header: too many RAM regions".into());
+            return Err(FormatError::Header("too many RAM regions".into()));
         }
-        let total = self.regions.iter().try_fold(0u64, |a, r| a.checked_add(r.size)).ok_or("header: region sizes overflow")?;
+        let total = self.regions.iter().try_fold(0u64, |a, r| a.checked_add(r.size)).ok_or(FormatError::Header("region sizes overflow".into()))?;
         if total != self.machine.mem_size {
-            return Err(format!("header: regions total {total} bytes but memory is {}", self.machine.mem_size));
+            return Err(FormatError::Header(format!("regions total {total} bytes but memory is {}", self.machine.mem_size)));
         }
         let mut end = HEADER_SIZE;
         for r in &self.regions {
             if r.size % PAGE != 0 || r.offset % RAM_ALIGN != 0 || r.offset < end {
-                return Err(format!("header: region at {:#x} is misplaced", r.gpa));
+                return Err(FormatError::Header(format!("region at {:#x} is misplaced", r.gpa)));
             }
-            end = r.offset.checked_add(r.size).ok_or("header: region overflows")?;
+            end = r.offset.checked_add(r.size).ok_or(FormatError::Header("region overflows".into()))?;
         }
-        let bad = |what: String| Err(format!("header: {what} is misplaced"));
+        let bad = |what: String| Err(FormatError::Header(format!("{what} is misplaced")));
         for r in &self.regions {
             let bm_end = r.bitmap_offset.checked_add(r.bitmap_len());
             if r.bitmap_offset < end || bm_end.is_none_or(|e| r.crc_offset < e) {
@@ -284,13 +329,13 @@ impl Completion {
         crc32c::crc32c(&self.encode()[0..32])
     }
 
-    pub fn decode(b: &[u8]) -> Result<Completion, String> {
+    pub fn decode(b: &[u8]) -> Result<Completion, FormatError> {
         if b.len() < 36 || &b[0..8] != COMPLETE_MAGIC {
-            return Err("no completion record: the snapshot never finished".into());
+            return Err(FormatError::NoCompletion);
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
         if crc32c::crc32c(&b[0..32]) != u32_at(32) {
-            return Err("completion record checksum mismatch".into());
+            return Err(FormatError::CompletionChecksum);
         }
         Ok(Completion {
             header_crc: u32_at(12),
@@ -302,9 +347,9 @@ impl Completion {
 }
 
 /// The state section: magic, JSON length, crc, JSON.
-pub fn encode_state(json: &[u8], max: u64) -> Result<(Vec<u8>, u32), String> {
+pub fn encode_state(json: &[u8], max: u64) -> Result<(Vec<u8>, u32), FormatError> {
     if 24 + json.len() as u64 > max {
-        return Err(format!("device state of {} bytes exceeds its section ({max})", json.len()));
+        return Err(FormatError::StateTooBig { size: json.len(), max });
     }
     let crc = crc32c::crc32c(json);
     let mut b = Vec::with_capacity(24 + json.len());
@@ -316,19 +361,19 @@ pub fn encode_state(json: &[u8], max: u64) -> Result<(Vec<u8>, u32), String> {
     Ok((b, crc))
 }
 
-pub fn decode_state(b: &[u8], max: u64) -> Result<(Vec<u8>, u32), String> {
+pub fn decode_state(b: &[u8], max: u64) -> Result<(Vec<u8>, u32), FormatError> {
     if b.len() < 24 || &b[0..8] != STATE_MAGIC {
-        return Err("state section: bad magic".into());
+        return Err(FormatError::StateSection("bad magic".into()));
     }
     let len = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
     let crc = u32::from_le_bytes(b[16..20].try_into().unwrap_or_default());
     match len.checked_add(24) {
         Some(end) if end <= max && end <= b.len() as u64 => {}
-        _ => return Err(format!("state section: length {len} out of range")),
+        _ => return Err(FormatError::StateSection(format!("length {len} out of range"))),
     }
     let json = &b[24..24 + len as usize];
     if crc32c::crc32c(json) != crc {
-        return Err("state section checksum mismatch".into());
+        return Err(FormatError::StateChecksum);
     }
     Ok((json.to_vec(), crc))
 }
@@ -351,32 +396,34 @@ pub enum Source {
 
 /// Opens a local state file for reading without blocking (a FIFO named as
 /// a state file would hang the open); anything but a regular file is refused.
-pub fn open_regular(path: &Path) -> Result<File, String> {
-    crate::boot::open_regular("state file", path).map_err(|e| match e {
-        crate::error::Error::OpenFile { source, .. } => format!("cannot open: {source}"),
-        other => other.to_string(),
+pub fn open_regular(path: &Path) -> Result<File, FormatError> {
+    crate::boot::open_regular("state file", path).map_err(|e| {
+        FormatError::Io(match e {
+            crate::error::Error::OpenFile { source, .. } => format!("cannot open: {source}"),
+            other => other.to_string(),
+        })
     })
 }
 
 impl Source {
-    pub fn open(path: &Path) -> Result<Source, String> {
+    pub fn open(path: &Path) -> Result<Source, FormatError> {
         match path.to_str() {
-            Some(uri) if crate::nfs::is_uri(uri) => crate::nfs::Nfs::open(uri, false).map(Source::Nfs),
+            Some(uri) if crate::nfs::is_uri(uri) => crate::nfs::Nfs::open(uri, false).map(Source::Nfs).map_err(FormatError::Io),
             _ => open_regular(path).map(Source::File),
         }
     }
 
     /// The state file's size: fallible, so no `is_empty` beside it.
     #[allow(clippy::len_without_is_empty)]
-    pub fn len(&mut self) -> Result<u64, String> {
+    pub fn len(&mut self) -> Result<u64, FormatError> {
         match self {
-            Source::File(f) => f.metadata().map(|m| m.len()).map_err(|e| e.to_string()),
-            Source::Nfs(n) => n.len(),
+            Source::File(f) => f.metadata().map(|m| m.len()).map_err(|e| FormatError::Io(e.to_string())),
+            Source::Nfs(n) => n.len().map_err(FormatError::Io),
         }
     }
 
     /// Reads up to `buf.len()` bytes at `offset` (fewer only at the end).
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize, String> {
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize, FormatError> {
         match self {
             Source::File(f) => {
                 let mut done = 0;
@@ -385,19 +432,19 @@ impl Source {
                         Ok(0) => break,
                         Ok(n) => done += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e.to_string()),
+                        Err(e) => return Err(FormatError::Io(e.to_string())),
                     }
                 }
                 Ok(done)
             }
-            Source::Nfs(n) => n.read_at(buf, offset),
+            Source::Nfs(n) => n.read_at(buf, offset).map_err(FormatError::Io),
         }
     }
 
-    pub fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+    pub fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
         let n = self.read_at(buf, offset)?;
         if n < buf.len() {
-            return Err(format!("file is truncated: {} bytes at offset {offset:#x} missing", buf.len() - n));
+            return Err(FormatError::Truncated(format!(": {} bytes at offset {offset:#x} missing", buf.len() - n)));
         }
         Ok(())
     }
@@ -427,41 +474,41 @@ impl Checked {
 
 /// The checked header of an open state file (and the file's length): the
 /// machine it describes, without reading the rest.
-fn header_of(src: &mut Source) -> Result<(Header, u32, u64), String> {
+fn header_of(src: &mut Source) -> Result<(Header, u32, u64), FormatError> {
     let len = src.len()?;
     let mut hb = vec![0u8; HEADER_SIZE as usize];
     let n = src.read_at(&mut hb, 0)?;
     if n < JSON_AT {
-        return Err("file is truncated (no header)".into());
+        return Err(FormatError::Truncated(" (no header)".into()));
     }
     let (header, hcrc) = Header::decode(&hb[..n])?;
     if len < header.file_size {
-        return Err(format!("file is truncated: {len} bytes, its layout needs {}", header.file_size));
+        return Err(FormatError::Truncated(format!(": {len} bytes, its layout needs {}", header.file_size)));
     }
     Ok((header, hcrc, len))
 }
 
 /// Reads and checks only the header of `path` (what machine to build);
 /// [`open_checked`] does the full check before anything is loaded.
-pub fn read_header(path: &Path) -> Result<Header, String> {
+pub fn read_header(path: &Path) -> Result<Header, FormatError> {
     header_of(&mut Source::open(path)?).map(|h| h.0)
 }
 
 /// Opens `path` (a file or an `nfs://` URI) and checks everything but the RAM pages.
-pub fn open_checked(path: &Path) -> Result<Checked, String> {
+pub fn open_checked(path: &Path) -> Result<Checked, FormatError> {
     let mut src = Source::open(path)?;
     let (header, hcrc, len) = header_of(&mut src)?;
     let mut cb = vec![0u8; PAGE as usize];
     src.read_exact_at(&mut cb, header.completion_offset)?;
     let completion = Completion::decode(&cb)?;
     if completion.header_crc != hcrc {
-        return Err("completion record belongs to another header".into());
+        return Err(FormatError::CompletionHeader);
     }
     let mut sb = vec![0u8; header.state_max as usize];
     src.read_exact_at(&mut sb, header.state_offset)?;
     let (state_json, scrc) = decode_state(&sb, header.state_max)?;
     if scrc != completion.state_crc {
-        return Err("state section does not match the completion record".into());
+        return Err(FormatError::StateMismatch);
     }
     let mut metas = Vec::new();
     for r in &header.regions {
@@ -473,7 +520,7 @@ pub fn open_checked(path: &Path) -> Result<Checked, String> {
     }
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
     if meta_crc(&parts) != completion.meta_crc {
-        return Err("page bitmaps or checksums do not match the completion record".into());
+        return Err(FormatError::MetaMismatch);
     }
     Ok(Checked { src, header, state_json, metas, completion, len })
 }
@@ -612,11 +659,11 @@ mod tests {
     fn corrupt_headers_are_refused() {
         let mut b = header().encode().unwrap();
         b[40] ^= 1;
-        assert_eq!(Header::decode(&b).unwrap_err(), "header checksum mismatch");
+        assert_eq!(Header::decode(&b).unwrap_err(), FormatError::HeaderChecksum);
         let mut b = header().encode().unwrap();
         b[8] = 9;
-        assert!(Header::decode(&b).unwrap_err().contains("version 9"));
-        assert!(Header::decode(b"garbage").unwrap_err().contains("bad magic"));
+        assert_eq!(Header::decode(&b).unwrap_err(), FormatError::Version(9));
+        assert_eq!(Header::decode(b"garbage").unwrap_err(), FormatError::BadMagic);
         let mut h = header();
         h.regions[1].offset = h.regions[0].offset;
         assert!(h.validate().is_err());
@@ -632,7 +679,7 @@ mod tests {
         let mut b = c.encode();
         b[20] ^= 1;
         assert!(Completion::decode(&b).is_err());
-        assert!(Completion::decode(&[0u8; 4096]).unwrap_err().contains("never finished"));
+        assert_eq!(Completion::decode(&[0u8; 4096]).unwrap_err(), FormatError::NoCompletion);
         let (s, crc) = encode_state(b"{\"a\":1}", 4096).unwrap();
         assert_eq!(decode_state(&s, 4096).unwrap(), (b"{\"a\":1}".to_vec(), crc));
         let mut bad = s.clone();
@@ -642,6 +689,6 @@ mod tests {
         // Found by fuzzing (fuzz/state_file): a length that wraps 24 + len.
         let mut wrap = s.clone();
         wrap[8..16].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
-        assert!(decode_state(&wrap, 4096).unwrap_err().contains("out of range"));
+        assert!(matches!(decode_state(&wrap, 4096).unwrap_err(), FormatError::StateSection(m) if m.contains("out of range")));
     }
 }

@@ -133,7 +133,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
         .collect();
     let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size, p.nofollow) {
         Ok(t) => t,
-        Err(e) if e.contains(&p.path) => return fail(&shared, &events, e),
+        Err(e) if e.names_the_file() => return fail(&shared, &events, e.to_string()),
         Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
     };
     shared.update(|s| s.direct_io = is_direct);

@@ -27,24 +27,45 @@ pub(super) enum Target {
 }
 
 /// Opens the target, sized and with its header written.
-pub(super) fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Result<(Target, bool), String> {
+/// Why a state file could not be opened: the caller names the file,
+/// except for a bad URI, whose message already quotes it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TargetError {
+    #[error("{0}")]
+    BadUri(String),
+    #[error("open: {0}")]
+    Open(std::io::Error),
+    #[error("{0}")]
+    Nfs(String),
+    #[error("{0}")]
+    Write(std::io::Error),
+}
+
+impl TargetError {
+    /// The message already names the file.
+    pub(super) fn names_the_file(&self) -> bool {
+        matches!(self, TargetError::BadUri(_))
+    }
+}
+
+pub(super) fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: bool) -> Result<(Target, bool), TargetError> {
     if nfs::is_uri(path) {
         // Synchronous (bounded by the RPC timeout): this iothread serves
         // only the snapshot, and nobody waits on it.
-        let dest = nfs::NfsUri::parse(path)?;
+        let dest = nfs::NfsUri::parse(path).map_err(TargetError::BadUri)?;
         let tmp = dest.with_file(&temp_name(&dest.file));
-        let mut n = nfs::Nfs::open_uri(&tmp, nfs::Open::CreateNew).map_err(|e| format!("statefile {path}: {e}"))?;
+        let mut n = nfs::Nfs::open_uri(&tmp, nfs::Open::CreateNew).map_err(TargetError::Nfs)?;
         if let Err(e) = n.set_len(file_size).and_then(|()| n.write_all_at(header, 0)) {
             drop(n);
             let _ = nfs::Nfs::unlink(&tmp);
-            return Err(format!("statefile {path}: {e}"));
+            return Err(TargetError::Nfs(e));
         }
         return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None, tmp, dest }, false));
     }
-    let (direct, buffered, is_direct, tmp, dest) = open(path, nofollow).map_err(|e| format!("statefile {path}: open: {e}"))?;
+    let (direct, buffered, is_direct, tmp, dest) = open(path, nofollow).map_err(TargetError::Open)?;
     if let Err(e) = buffered.set_len(file_size).and_then(|_| buffered.write_all_at(header, 0)) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("statefile {path}: {e}"));
+        return Err(TargetError::Write(e));
     }
     let punt = blocks_inline(&direct);
     Ok((Target::File { direct, buffered, punt, tmp, dest }, is_direct))
