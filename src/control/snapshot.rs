@@ -224,7 +224,7 @@ impl Controller {
         let why = match &self.tracking {
             None => "no changes are tracked since a snapshot (take one with \"track\": true first; a reset, a restore or a failed snapshot ends tracking)"
                 .to_string(),
-            Some(t) if same_state_file(&t.path, base) => return Ok(Some(t.base.clone())),
+            Some(t) if crate::snapshot::same_file(&t.path, base) => return Ok(Some(t.base.clone())),
             Some(t) => format!("the snapshot changes are tracked against is {}, not {base}", t.path),
         };
         if fallback {
@@ -491,16 +491,4 @@ impl Controller {
         let section = StateSection { vcpus_version: 1, vcpus, machine_version: 1, machine, serial_version: 1, serial, devices_version: 1, devices };
         serde_json::to_vec(&section).map_err(|e| e.to_string())
     }
-}
-
-/// Whether two names denote the same state file (nfs:// URIs by text,
-/// local files by canonical path).
-fn same_state_file(a: &str, b: &str) -> bool {
-    if a == b {
-        return true;
-    }
-    if crate::nfs::is_uri(a) || crate::nfs::is_uri(b) {
-        return false;
-    }
-    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }

@@ -118,14 +118,20 @@ pub struct GivenBoot {
     pub cmdline: Option<String>,
 }
 
+/// Whether two names denote the same file: the same text, or the same
+/// canonical path (names that do not resolve, such as nfs:// URIs, only
+/// by text).
+pub fn same_file(a: impl AsRef<std::path::Path>, b: impl AsRef<std::path::Path>) -> bool {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 /// A restore started with the source's command line: each boot option
 /// given must name what the file was saved from (the kernel in RAM is the
 /// one that booted; a different file or command line means the wrong
 /// state file, or the wrong command line). Files saved without a record
 /// of one are not checked for it.
 pub fn check_boot(m: &format::MachineDesc, given: &GivenBoot) -> Result<(), String> {
-    let same_file =
-        |a: &str, b: &std::path::Path| std::path::Path::new(a) == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
     if let (Some(saved), Some(k)) = (m.kernel.as_deref().filter(|k| !k.is_empty()), &given.kernel) {
         if !same_file(saved, k) {
             return Err(format!("it was saved from a guest booted from {saved}; --kernel {} is another file", k.display()));
@@ -185,8 +191,7 @@ pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), St
             continue;
         }
         let want = s.clone.as_ref().unwrap_or(&s.path);
-        let same = want == h || matches!((std::fs::canonicalize(want), std::fs::canonicalize(h)), (Ok(a), Ok(b)) if a == b);
-        if !same {
+        if !same_file(want, h) {
             let what = if s.clone.is_some() { "its clone is" } else { "it was" };
             return Err(format!("disk {i}: {what} {want} when saved, here it is {h}"));
         }
