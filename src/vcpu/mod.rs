@@ -23,6 +23,11 @@ use crate::boot::{self, BootEntry};
 use crate::error::{kvm, Error, Result};
 use crate::events::{EventQueue, VmEvent};
 
+mod state;
+
+pub use state::VcpuState;
+use state::{apply_state, capture_state, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST};
+
 /// What the controller wants the vCPUs to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -45,21 +50,6 @@ struct CtlState {
     restore_epoch: u64,
     to_restore: Vec<Option<VcpuState>>,
     restored: Vec<Option<std::result::Result<(), String>>>,
-}
-
-/// Everything KVM holds for one vCPU, as saved in a state file.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct VcpuState {
-    pub id: u8,
-    pub regs: kvm_bindings::kvm_regs,
-    pub sregs: kvm_bindings::kvm_sregs,
-    pub xsave: kvm_bindings::kvm_xsave,
-    pub xcrs: kvm_bindings::kvm_xcrs,
-    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
-    pub lapic: kvm_bindings::kvm_lapic_state,
-    pub mp_state: kvm_bindings::kvm_mp_state,
-    pub events: kvm_bindings::kvm_vcpu_events,
-    pub debugregs: kvm_bindings::kvm_debugregs,
 }
 
 /// Shared between the controller and the vCPU threads.
@@ -324,6 +314,10 @@ pub struct Vcpu {
     save_seen: std::cell::Cell<u64>,
     /// The last restore request this vCPU answered.
     restore_seen: std::cell::Cell<u64>,
+    /// The state configured at power-on, loaded again on every reset, so a
+    /// reset leaves nothing of the last boot (an armed LAPIC timer, x2APIC
+    /// mode, pending events, FPU state) behind.
+    power_on: std::cell::OnceCell<VcpuState>,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -358,12 +352,51 @@ impl Vcpu {
         let cpuid = boot::cpuid::for_vcpu(supported, id, count);
         // CPUID must be set before the guest enables long mode, so set it now.
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-        Ok(Self { id, count, fd, pio, mmio, mem, events, msr_list, save_seen: std::cell::Cell::new(0), restore_seen: std::cell::Cell::new(0) })
+        Ok(Self {
+            id,
+            count,
+            fd,
+            pio,
+            mmio,
+            mem,
+            events,
+            msr_list,
+            save_seen: std::cell::Cell::new(0),
+            restore_seen: std::cell::Cell::new(0),
+            power_on: std::cell::OnceCell::new(),
+        })
     }
 
     /// Power-on state: MSRs, FPU, LAPIC LINT pins; the BSP gets the boot
     /// registers, APs wait for INIT/SIPI.
     fn configure(&self, boot: Option<&BootEntry>) -> Result<()> {
+        match self.power_on.get() {
+            Some(p) => apply_state(&self.fd, self.id, p)?,
+            None => {
+                self.power_on_setup()?;
+                // The guest's TSC runs on across a reset, as KVM keeps it.
+                let mut p = capture_state(&self.fd, self.id, &self.msr_list)?;
+                p.msrs.retain(|m| ![MSR_IA32_TSC, MSR_IA32_TSC_ADJUST].contains(&m.index));
+                let _ = self.power_on.set(p);
+            }
+        }
+        match (self.id, boot) {
+            (0, Some(b)) => {
+                let sregs = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+                let sregs = boot::regs::setup_sregs(&self.mem, b.mode, sregs)?;
+                self.fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+                self.fd.set_regs(&boot::regs::boot_regs(b.mode, b.entry, b.boot_info)).map_err(kvm("KVM_SET_REGS"))?;
+                self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm("KVM_SET_MP_STATE"))?;
+            }
+            _ => {
+                self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED }).map_err(kvm("KVM_SET_MP_STATE"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first configuration of a new vCPU: boot MSRs, FPU, LAPIC LINT pins.
+    fn power_on_setup(&self) -> Result<()> {
         let cpu = usize::from(self.id);
         // CPUID was set at creation; KVM refuses to change it after KVM_RUN.
         let entries: Vec<_> = [
@@ -399,18 +432,6 @@ impl Vcpu {
             }
         }
         self.fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-        match (self.id, boot) {
-            (0, Some(b)) => {
-                let sregs = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-                let sregs = boot::regs::setup_sregs(&self.mem, b.mode, sregs)?;
-                self.fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-                self.fd.set_regs(&boot::regs::boot_regs(b.mode, b.entry, b.boot_info)).map_err(kvm("KVM_SET_REGS"))?;
-                self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm("KVM_SET_MP_STATE"))?;
-            }
-            _ => {
-                self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED }).map_err(kvm("KVM_SET_MP_STATE"))?;
-            }
-        }
         Ok(())
     }
 
@@ -625,59 +646,11 @@ impl Vcpu {
     }
 
     fn capture(&self) -> Result<VcpuState> {
-        let f = &self.fd;
-        let msrs = self.read_msrs()?;
-        Ok(VcpuState {
-            id: self.id,
-            regs: f.get_regs().map_err(kvm("KVM_GET_REGS"))?,
-            sregs: f.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-            xsave: f.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
-            xcrs: f.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
-            msrs,
-            lapic: f.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
-            mp_state: f.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-            events: f.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
-            debugregs: f.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
-        })
+        capture_state(&self.fd, self.id, &self.msr_list)
     }
 
-    /// Loads a saved state (validated by KVM as it goes: a state it refuses
-    /// is an error, never a half-applied vCPU that runs).
     fn apply(&self, s: &VcpuState) -> Result<()> {
-        if s.id != self.id {
-            return Err(Error::Config(format!("state for vCPU {} given to vCPU {}", s.id, self.id)));
-        }
-        let f = &self.fd;
-        let msrs = kvm_bindings::Msrs::from_entries(&s.msrs).map_err(|_| Error::Config("too many MSRs in the state".into()))?;
-        let n = f.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-        if n != s.msrs.len() {
-            return Err(Error::Config(format!("KVM refused MSR {:#x} from the state", s.msrs[n].index)));
-        }
-        f.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        f.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
-        // SAFETY: the xsave area is a full kvm_xsave read back from KVM_GET_XSAVE.
-        unsafe { f.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
-        f.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
-        f.set_debug_regs(&s.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
-        f.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-        f.set_mp_state(s.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
-        f.set_vcpu_events(&s.events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
-    }
-
-    /// Every MSR KVM lists as saveable that this vCPU can read.
-    fn read_msrs(&self) -> Result<Vec<kvm_bindings::kvm_msr_entry>> {
-        let mut out = Vec::new();
-        let mut pending: Vec<u32> = self.msr_list.clone();
-        while !pending.is_empty() {
-            let entries: Vec<kvm_bindings::kvm_msr_entry> = pending.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
-            let mut msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| Error::Timeout("MSR list"))?;
-            let n = self.fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-            out.extend_from_slice(&msrs.as_slice()[..n]);
-            // The MSR at `n` could not be read: skip it and go on.
-            pending = pending.split_off((n + 1).min(pending.len()));
-        }
-        Ok(out)
+        apply_state(&self.fd, self.id, s)
     }
 
     /// After a fatal-but-recoverable exit: park until the controller acts.
