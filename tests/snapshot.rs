@@ -481,10 +481,16 @@ fn entries_after_cleanup(dir: &Path, pred: impl Fn(&str) -> bool) -> Vec<String>
     }
 }
 
-/// Pages per beat (100 ms) over the last `n` beats of the guest's output.
+/// Pages per beat (100 ms) over the last `n` beats of the guest's output
+/// (whole lines only: the serial port delivers a line a byte at a time).
 fn beat_rate(out: &str, n: usize) -> f64 {
-    let pages: Vec<u64> =
-        out.lines().filter_map(|l| l.split("beat ").nth(1)).filter_map(|r| r.split("pages=").nth(1)).filter_map(|p| p.trim().parse().ok()).collect();
+    let pages: Vec<u64> = out
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.split("beat ").nth(1))
+        .filter_map(|r| r.split("pages=").nth(1))
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
     let k = pages.len();
     assert!(k > n, "only {k} beats");
     (pages[k - 1] - pages[k - 1 - n]) as f64 / n as f64
@@ -514,7 +520,8 @@ fn auto_converge_finishes_against_a_slow_target() {
             .arg("--qmp")
             .arg(&sock),
     );
-    p.wait_for_output("ringvm-guest: beat 5", T);
+    // Beat 6 begun: beats 1 to 5 are whole lines.
+    p.wait_for_output("ringvm-guest: beat 6", T);
     let mut q = Qmp::negotiated(&sock);
     let before = beat_rate(&p.stdout(), 4);
     let file = fs.path("vm.state");

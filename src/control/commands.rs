@@ -371,7 +371,7 @@ fn cmd_savevm_start(c: &mut Controller, req: &Request) -> Result<Value, QmpError
 // QEMU's spelling, same engine: file: and nfs:// URIs.
 fn cmd_migrate(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
     let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
-    let path = crate::snapshot::uri::StateUri::from_migrate_uri(uri).map_err(QmpError::generic)?.to_name();
+    let path = crate::snapshot::uri::StateUri::from_migrate_uri(uri)?.to_name();
     let mut r = req.clone();
     r.arguments = serde_json::Map::new();
     r.arguments.insert("statefile".into(), json!(path));

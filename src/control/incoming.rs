@@ -169,7 +169,7 @@ impl Controller {
         let uri = req.arguments.get("uri").and_then(Value::as_str).unwrap_or_default();
         let path = match crate::snapshot::uri::StateUri::from_migrate_uri(uri) {
             Ok(u) => u.to_name(),
-            Err(e) => return Some(Err(QmpError::generic(e))),
+            Err(e) => return Some(Err(e.into())),
         };
         let path = path.as_str();
         if let Err(e) = self.check_statefile(path) {

@@ -30,6 +30,7 @@ use crate::vmm::{Outcome, Vm};
 use std::sync::Arc;
 
 mod commands;
+mod errors;
 mod incoming;
 mod runstate;
 mod signals;

@@ -454,7 +454,7 @@ impl Controller {
                     let _ = std::thread::Builder::new().name("savevm-reaper".into()).spawn(move || {
                         if let Some(p) = leftover {
                             let r = match p.to_str().filter(|p| crate::nfs::is_uri(p)) {
-                                Some(uri) => crate::nfs::NfsUri::parse(uri).and_then(|u| crate::nfs::Nfs::unlink(&u)),
+                                Some(uri) => crate::nfs::NfsUri::parse(uri).and_then(|u| crate::nfs::Nfs::unlink(&u)).map_err(|e| e.to_string()),
                                 None => std::fs::remove_file(&p).map_err(|e| e.to_string()),
                             };
                             if let Err(e) = r {

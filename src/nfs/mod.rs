@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use ring::{Op, OpId, Ring, SourceId};
 
+mod error;
 mod uri;
+pub use error::NfsError;
 pub use uri::NfsUri;
 
 /// RPC timeout: a stalled or vanished server fails an operation after this.
@@ -96,17 +98,17 @@ struct NfsStat64 {
     used: u64,
 }
 
-fn load() -> Result<Lib, String> {
+fn load() -> Result<Lib, NfsError> {
     let mut last = String::new();
     for name in ["libnfs.so.13", "libnfs.so.14"] {
         // SAFETY: loading libnfs runs only its ELF constructors (none that
         // touch process state beyond the library's own).
         match unsafe { libloading::Library::new(name) } {
-            Ok(lib) => return bind(lib).map_err(|e| format!("{name}: {e}")),
+            Ok(lib) => return bind(lib).map_err(|e| NfsError::Library(format!("{name}: {e}"))),
             Err(e) => last = e.to_string(),
         }
     }
-    Err(format!("nfs:// needs libnfs 4.x or 5.x (Debian: libnfs13): {last}"))
+    Err(NfsError::Library(last))
 }
 
 fn bind(lib: libloading::Library) -> Result<Lib, libloading::Error> {
@@ -149,8 +151,8 @@ fn bind(lib: libloading::Library) -> Result<Lib, libloading::Error> {
     })
 }
 
-fn lib() -> Result<&'static Lib, String> {
-    static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();
+fn lib() -> Result<&'static Lib, NfsError> {
+    static LIB: OnceLock<Result<Lib, NfsError>> = OnceLock::new();
     LIB.get_or_init(load).as_ref().map_err(Clone::clone)
 }
 
@@ -160,7 +162,7 @@ pub fn is_uri(s: &str) -> bool {
 }
 
 /// A finished asynchronous operation: its token and bytes or error.
-pub type Done = (u64, Result<usize, String>);
+pub type Done = (u64, Result<usize, NfsError>);
 
 /// What an async callback needs: where results go, and for a read, where
 /// the data goes.
@@ -170,6 +172,7 @@ pub type Done = (u64, Result<usize, String>);
 /// instead of freeing or writing through memory twice.
 struct Pending {
     token: u64,
+    what: &'static str,
     done: *const RefCell<Vec<Done>>,
     dest: *mut u8,
     cap: usize,
@@ -185,18 +188,18 @@ unsafe extern "C" fn on_done(err: c_int, _nfs: Ctx, data: *mut c_void, private: 
         return;
     }
     let r = if err < 0 {
-        let msg = if data.is_null() {
+        let detail = if data.is_null() {
             std::io::Error::from_raw_os_error(-err).to_string()
         } else {
             // SAFETY: on failure `data` is the library's NUL-terminated message.
             unsafe { CStr::from_ptr(data.cast()) }.to_string_lossy().into_owned()
         };
-        Err(msg)
+        Err(NfsError::Call { what: p.what.to_string(), detail, errno: -err })
     } else {
         let n = err as usize;
         if !p.dest.is_null() {
             if n > p.cap {
-                Err(format!("server returned {n} bytes for a {}-byte read", p.cap))
+                Err(NfsError::LongRead { got: n, want: p.cap })
             } else {
                 // SAFETY: `data` holds `n` bytes from the reply; `dest` is
                 // the caller's buffer of `cap` bytes (see `pread_async`).
@@ -262,34 +265,35 @@ pub struct Nfs {
 unsafe impl Send for Nfs {}
 
 impl Nfs {
-    fn err(&self, what: &str, rc: c_int) -> String {
+    fn err(&self, what: &str, rc: c_int) -> NfsError {
         // SAFETY: the context is live; the message is owned by it.
         let msg = unsafe { (self.lib.get_error)(self.ctx) };
-        let errno = std::io::Error::from_raw_os_error(-rc);
-        if msg.is_null() {
-            return format!("{what}: {errno}");
-        }
-        // SAFETY: NUL-terminated string owned by the context.
-        let detail = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
-        format!("{what}: {detail} ({errno})")
+        let os = std::io::Error::from_raw_os_error(-rc);
+        let detail = if msg.is_null() {
+            os.to_string()
+        } else {
+            // SAFETY: NUL-terminated string owned by the context.
+            format!("{} ({os})", unsafe { CStr::from_ptr(msg) }.to_string_lossy())
+        };
+        NfsError::Call { what: what.to_string(), detail, errno: -rc }
     }
 
     /// Connects and mounts the export named by `uri`, then opens its file
     /// (or, with `create`, creates it: a new file, never an existing one).
-    pub fn open(uri: &str, create: bool) -> Result<Nfs, String> {
+    pub fn open(uri: &str, create: bool) -> Result<Nfs, NfsError> {
         Nfs::open_uri(&NfsUri::parse(uri)?, if create { Open::CreateNew } else { Open::Read })
     }
 
     /// Connects and mounts the export holding `uri`'s file; `how` says what
     /// happens to the file.
-    pub fn open_uri(uri: &NfsUri, how: Open) -> Result<Nfs, String> {
+    pub fn open_uri(uri: &NfsUri, how: Open) -> Result<Nfs, NfsError> {
         let lib = lib()?;
         let url_text = uri.libnfs_url();
-        let c_uri = CString::new(url_text.as_str()).map_err(|_| format!("{uri}: NUL in URI"))?;
+        let c_uri = CString::new(url_text.as_str()).map_err(|_| NfsError::BadUri { uri: uri.to_string(), reason: "NUL in the URI".into() })?;
         // SAFETY: plain constructor; NULL on failure.
         let ctx = unsafe { (lib.init_context)() };
         if ctx.is_null() {
-            return Err(format!("{uri}: cannot create an NFS context"));
+            return Err(NfsError::Library(format!("{uri}: cannot create an NFS context")));
         }
         let mut n = Nfs { lib, ctx, fh: std::ptr::null_mut(), done: Box::new(RefCell::new(Vec::new())), outstanding: RefCell::new(Vec::new()) };
         // SAFETY: live context and NUL-terminated URL.
@@ -316,10 +320,10 @@ impl Nfs {
         // SAFETY: the URL came from parse_url_full and is not used again.
         unsafe { (lib.destroy_url)(url) };
         if rc < 0 {
-            let mut e = n.err(stage, rc);
-            if stage == "mount" {
+            let e = n.err(stage, rc);
+            if let (NfsError::Call { detail, .. }, "mount") = (&e, stage) {
                 if let Some(why) = unreachable(uri) {
-                    e = format!("{e}: {why}");
+                    return Err(NfsError::Unreachable { detail: detail.clone(), why });
                 }
             }
             return Err(e);
@@ -329,8 +333,8 @@ impl Nfs {
 
     /// Renames `from` to `to`, both names in the mounted directory (NFS
     /// RENAME replaces `to` atomically on the server).
-    pub fn rename(&self, from: &str, to: &str) -> Result<(), String> {
-        let c = |s: &str| CString::new(format!("/{s}")).map_err(|_| format!("{s}: NUL in name"));
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), NfsError> {
+        let c = |s: &str| CString::new(format!("/{s}")).map_err(|_| NfsError::BadUri { uri: s.to_string(), reason: "NUL in the name".into() });
         let (f, t) = (c(from)?, c(to)?);
         // SAFETY: live, mounted context; NUL-terminated names.
         let rc = unsafe { (self.lib.rename)(self.ctx, f.as_ptr(), t.as_ptr()) };
@@ -341,9 +345,9 @@ impl Nfs {
     }
 
     /// Removes `uri`'s file (its own connection; bounded by the RPC timeout).
-    pub fn unlink(uri: &NfsUri) -> Result<(), String> {
+    pub fn unlink(uri: &NfsUri) -> Result<(), NfsError> {
         let n = Nfs::open_uri(uri, Open::MountOnly)?;
-        let name = CString::new(format!("/{}", uri.file)).map_err(|_| format!("{uri}: NUL in name"))?;
+        let name = CString::new(format!("/{}", uri.file)).map_err(|_| NfsError::BadUri { uri: uri.to_string(), reason: "NUL in the name".into() })?;
         // SAFETY: live, mounted context; NUL-terminated name.
         let rc = unsafe { (n.lib.unlink)(n.ctx, name.as_ptr()) };
         if rc < 0 {
@@ -364,7 +368,7 @@ impl Nfs {
 
     /// The file's size (a GETATTR): fallible, so no `is_empty` beside it.
     #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> Result<u64, String> {
+    pub fn len(&self) -> Result<u64, NfsError> {
         let mut st = NfsStat64::default();
         // SAFETY: live context and file; `st` is a local of the right layout.
         let rc = unsafe { (self.lib.fstat64)(self.ctx, self.fh, &mut st) };
@@ -374,7 +378,7 @@ impl Nfs {
         Ok(st.size)
     }
 
-    pub fn set_len(&mut self, len: u64) -> Result<(), String> {
+    pub fn set_len(&mut self, len: u64) -> Result<(), NfsError> {
         // SAFETY: live context and file.
         let rc = unsafe { (self.lib.ftruncate)(self.ctx, self.fh, len) };
         if rc < 0 {
@@ -384,7 +388,7 @@ impl Nfs {
     }
 
     /// Writes all of `buf` at `offset` (UNSTABLE; [`Nfs::commit`] makes it durable).
-    pub fn write_all_at(&mut self, buf: &[u8], offset: u64) -> Result<(), String> {
+    pub fn write_all_at(&mut self, buf: &[u8], offset: u64) -> Result<(), NfsError> {
         let max = self.writemax();
         let mut done = 0;
         while done < buf.len() {
@@ -400,7 +404,7 @@ impl Nfs {
     }
 
     /// Reads as much of `buf` as the file has at `offset`.
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize, String> {
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize, NfsError> {
         let max = self.readmax();
         let mut done = 0;
         while done < buf.len() {
@@ -419,7 +423,7 @@ impl Nfs {
     }
 
     /// COMMIT: everything written so far is on the server's stable storage.
-    pub fn commit(&mut self) -> Result<(), String> {
+    pub fn commit(&mut self) -> Result<(), NfsError> {
         // SAFETY: live context and file.
         let rc = unsafe { (self.lib.fsync)(self.ctx, self.fh) };
         if rc < 0 {
@@ -428,14 +432,14 @@ impl Nfs {
         Ok(())
     }
 
-    fn pending(&self, token: u64, dest: *mut u8, cap: usize) -> *mut c_void {
-        let b = Box::new(Pending { token, done: &*self.done, dest, cap, fired: std::cell::Cell::new(false) });
+    fn pending(&self, token: u64, what: &'static str, dest: *mut u8, cap: usize) -> *mut c_void {
+        let b = Box::new(Pending { token, what, done: &*self.done, dest, cap, fired: std::cell::Cell::new(false) });
         let p: *const Pending = &*b;
         self.outstanding.borrow_mut().push(b);
         p.cast_mut().cast()
     }
 
-    fn queued(&self, what: &str, rc: c_int, p: *mut c_void) -> Result<(), String> {
+    fn queued(&self, what: &str, rc: c_int, p: *mut c_void) -> Result<(), NfsError> {
         if rc < 0 {
             // Not queued: its callback never runs.
             self.outstanding.borrow_mut().retain(|b| !std::ptr::eq(&**b, p.cast::<Pending>()));
@@ -450,8 +454,8 @@ impl Nfs {
     /// # Safety
     /// `ptr..ptr+len` must stay mapped until the result is delivered (the
     /// library encodes the data into its request when it queues it).
-    pub unsafe fn pwrite_async(&mut self, token: u64, ptr: *const u8, len: usize, offset: u64) -> Result<(), String> {
-        let p = self.pending(token, std::ptr::null_mut(), 0);
+    pub unsafe fn pwrite_async(&mut self, token: u64, ptr: *const u8, len: usize, offset: u64) -> Result<(), NfsError> {
+        let p = self.pending(token, "write", std::ptr::null_mut(), 0);
         // SAFETY: caller keeps the buffer valid; `p` is freed by on_done.
         let rc = unsafe { (self.lib.pwrite_async)(self.ctx, self.fh, offset, len as u64, ptr.cast(), on_done, p) };
         self.queued("write", rc, p)
@@ -462,16 +466,16 @@ impl Nfs {
     /// # Safety
     /// `dest..dest+len` must stay valid for writes, and not be accessed
     /// otherwise, until the result is delivered or the context is dropped.
-    pub unsafe fn pread_async(&mut self, token: u64, dest: *mut u8, len: usize, offset: u64) -> Result<(), String> {
-        let p = self.pending(token, dest, len);
+    pub unsafe fn pread_async(&mut self, token: u64, dest: *mut u8, len: usize, offset: u64) -> Result<(), NfsError> {
+        let p = self.pending(token, "read", dest, len);
         // SAFETY: caller keeps `dest` valid; `p` is freed by on_done.
         let rc = unsafe { (self.lib.pread_async)(self.ctx, self.fh, offset, len as u64, on_done, p) };
         self.queued("read", rc, p)
     }
 
     /// Queues a COMMIT.
-    pub fn commit_async(&mut self, token: u64) -> Result<(), String> {
-        let p = self.pending(token, std::ptr::null_mut(), 0);
+    pub fn commit_async(&mut self, token: u64) -> Result<(), NfsError> {
+        let p = self.pending(token, "commit", std::ptr::null_mut(), 0);
         // SAFETY: live context and file; `p` is freed by on_done.
         let rc = unsafe { (self.lib.fsync_async)(self.ctx, self.fh, on_done, p) };
         self.queued("commit", rc, p)
@@ -479,7 +483,7 @@ impl Nfs {
 
     /// Runs the library for `revents` (0: timeouts only) and returns the
     /// operations that finished (including any finished by sync calls).
-    pub fn service(&mut self, revents: c_int) -> Result<Vec<Done>, String> {
+    pub fn service(&mut self, revents: c_int) -> Result<Vec<Done>, NfsError> {
         // SAFETY: live context; callbacks only push to `self.done`.
         let rc = unsafe { (self.lib.service)(self.ctx, revents) };
         let done = std::mem::take(&mut *self.done.borrow_mut());
@@ -536,7 +540,7 @@ pub struct Conn {
     closed: bool,
 }
 
-pub type Handler = Rc<dyn Fn(&mut Ring, Result<Vec<Done>, String>)>;
+pub type Handler = Rc<dyn Fn(&mut Ring, Result<Vec<Done>, NfsError>)>;
 
 impl Conn {
     pub fn new(nfs: Nfs) -> Rc<RefCell<Conn>> {

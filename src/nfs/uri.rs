@@ -1,5 +1,7 @@
 //! `nfs://` URIs, parsed by ringvm (libnfs 4 cannot take a port).
 
+use super::NfsError;
+
 /// `nfs://SERVER[:PORT]/EXPORT/.../FILE[?OPTIONS]`, parsed here rather
 /// than by libnfs: libnfs 4 takes no `:PORT` (it would look `host:port` up
 /// as a host name), so the port becomes its `nfsport=` option; `[v6]`
@@ -17,8 +19,8 @@ pub struct NfsUri {
 }
 
 impl NfsUri {
-    pub fn parse(uri: &str) -> Result<NfsUri, String> {
-        let bad = |why: &str| format!("{uri}: {why} (want nfs://SERVER[:PORT]/EXPORT/FILE[?OPTION=VALUE&...])");
+    pub fn parse(uri: &str) -> Result<NfsUri, NfsError> {
+        let bad = |why: &str| NfsError::BadUri { uri: uri.to_string(), reason: why.to_string() };
         let rest = uri.strip_prefix("nfs://").ok_or_else(|| bad("not an nfs:// URI"))?;
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
@@ -112,6 +114,7 @@ impl std::fmt::Display for NfsUri {
 #[cfg(test)]
 mod tests {
     use super::NfsUri;
+    use crate::nfs::NfsError;
 
     #[test]
     fn a_port_becomes_libnfs_nfsport() {
@@ -124,7 +127,7 @@ mod tests {
         assert_eq!(plain.libnfs_url(), "nfs://10.0.0.1/export/vm.state");
         // Both spellings of the same port agree; different ones do not.
         assert!(NfsUri::parse("nfs://srv:2049/e/f?nfsport=2049").is_ok());
-        assert!(NfsUri::parse("nfs://srv:2049/e/f?nfsport=2050").unwrap_err().contains("disagree"));
+        assert!(matches!(NfsUri::parse("nfs://srv:2049/e/f?nfsport=2050"), Err(NfsError::BadUri { reason, .. }) if reason.contains("disagree")));
     }
 
     #[test]
@@ -152,7 +155,8 @@ mod tests {
             ("file:/x", "not an nfs://"),
         ] {
             let e = NfsUri::parse(uri).unwrap_err();
-            assert!(e.contains(why) && e.starts_with(uri), "{uri}: {e}");
+            assert!(matches!(&e, NfsError::BadUri { uri: u, reason } if u == uri && reason.contains(why)), "{uri}: {e:?}");
+            assert!(e.to_string().starts_with(uri), "{uri}: {e}");
         }
     }
 

@@ -52,9 +52,11 @@ pub enum FormatError {
     StateChecksum,
     #[error("file is truncated{0}")]
     Truncated(String),
-    /// Reading the file failed (its errno or the NFS client's message).
+    /// Reading the file failed (its errno).
     #[error("{0}")]
     Io(String),
+    #[error(transparent)]
+    Nfs(#[from] crate::nfs::NfsError),
 }
 
 impl From<FormatError> for String {
@@ -408,7 +410,7 @@ pub fn open_regular(path: &Path) -> Result<File, FormatError> {
 impl Source {
     pub fn open(path: &Path) -> Result<Source, FormatError> {
         match path.to_str() {
-            Some(uri) if crate::nfs::is_uri(uri) => crate::nfs::Nfs::open(uri, false).map(Source::Nfs).map_err(FormatError::Io),
+            Some(uri) if crate::nfs::is_uri(uri) => crate::nfs::Nfs::open(uri, false).map(Source::Nfs).map_err(FormatError::Nfs),
             _ => open_regular(path).map(Source::File),
         }
     }
@@ -418,7 +420,7 @@ impl Source {
     pub fn len(&mut self) -> Result<u64, FormatError> {
         match self {
             Source::File(f) => f.metadata().map(|m| m.len()).map_err(|e| FormatError::Io(e.to_string())),
-            Source::Nfs(n) => n.len().map_err(FormatError::Io),
+            Source::Nfs(n) => n.len().map_err(FormatError::Nfs),
         }
     }
 
@@ -437,7 +439,7 @@ impl Source {
                 }
                 Ok(done)
             }
-            Source::Nfs(n) => n.read_at(buf, offset).map_err(FormatError::Io),
+            Source::Nfs(n) => n.read_at(buf, offset).map_err(FormatError::Nfs),
         }
     }
 

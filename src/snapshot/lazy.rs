@@ -35,6 +35,7 @@ use ring::{Fd, Op, Ring};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::format::{Checked, PAGE};
+use super::load_error::LoadError;
 use super::restore::{plan, LoadStats, Run, RUN_PAGES};
 
 /// Background reads in flight at most.
@@ -109,17 +110,16 @@ struct UffdMsg {
 struct Uffd(OwnedFd);
 
 impl Uffd {
-    fn new() -> Result<Uffd, String> {
+    fn new() -> Result<Uffd, LoadError> {
         // SAFETY: the syscall takes flags only and returns a new fd.
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("userfaultfd: {e} (lazy restore needs it: root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"));
+            return Err(LoadError::last_os("userfaultfd (lazy restore needs it: root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"));
         }
         // SAFETY: a new fd that nothing else owns.
         let u = Uffd(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
         let mut api = UffdioApi { api: UFFD_API, ..Default::default() };
-        u.ioctl(UFFDIO_API, &mut api).map_err(|e| format!("UFFDIO_API: {e}"))?;
+        u.ioctl(UFFDIO_API, &mut api).map_err(LoadError::io("UFFDIO_API"))?;
         Ok(u)
     }
 
@@ -222,7 +222,7 @@ struct State {
     left: usize,
     bytes: u64,
     faults: u64,
-    err: Option<String>,
+    err: Option<LoadError>,
 }
 
 type St = Rc<RefCell<State>>;
@@ -249,7 +249,7 @@ impl State {
                 },
                 None => {
                     if let Err(e) = self.uffd.zero(addr) {
-                        self.err.get_or_insert(format!("zero page at host address {addr:#x}: {e}"));
+                        self.err.get_or_insert(LoadError::io(format!("zero page at host address {addr:#x}"))(e));
                     }
                 }
             }
@@ -275,13 +275,13 @@ impl State {
     }
 
     /// A run's read came back into buffer `b`: checked, then placed.
-    fn landed(&mut self, r: usize, b: usize, res: std::io::Result<usize>) -> Result<(), String> {
+    fn landed(&mut self, r: usize, b: usize, res: std::io::Result<usize>) -> Result<(), LoadError> {
         let (off, host, pages, ri, first) = self.runs[r];
         let len = (pages * PAGE) as usize;
         match res {
             Ok(n) if n == len => {}
-            Ok(n) => return Err(format!("short read at file offset {off:#x} ({n} of {len} bytes): the file is truncated")),
-            Err(e) => return Err(format!("read at file offset {off:#x}: {e}")),
+            Ok(n) => return Err(LoadError::ShortRead { offset: off, got: n, want: len }),
+            Err(e) => return Err(LoadError::io(format!("read at file offset {off:#x}"))(e)),
         }
         let buf = self.bufs + b * BUF_LEN;
         for k in 0..pages {
@@ -289,10 +289,10 @@ impl State {
             // read into it has completed.
             let page = unsafe { std::slice::from_raw_parts((buf + (k * PAGE) as usize) as *const u8, PAGE as usize) };
             if crc32c::crc32c(page) != self.crcs[ri][(first + k) as usize] {
-                return Err(format!("page at gpa {:#x} fails its checksum", self.gpas[ri] + (first + k) * PAGE));
+                return Err(LoadError::Checksum(self.gpas[ri] + (first + k) * PAGE));
             }
         }
-        self.uffd.copy(host, buf, len).map_err(|e| format!("UFFDIO_COPY at gpa {:#x}: {e}", self.gpas[ri] + first * PAGE))?;
+        self.uffd.copy(host, buf, len).map_err(LoadError::io(format!("UFFDIO_COPY at gpa {:#x}", self.gpas[ri] + first * PAGE)))?;
         self.state[r] = DONE;
         self.left -= 1;
         self.bytes += len as u64;
@@ -368,21 +368,21 @@ pub fn spawn(
     checked: &Checked,
     mem: &GuestMemoryMmap,
     progress: Arc<AtomicU64>,
-    ready: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
+    ready: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
     streamed: impl FnOnce(LoadStats) + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), LoadError> {
     if path.to_str().is_some_and(crate::nfs::is_uri) {
-        return Err("a lazy restore needs a local file, not nfs://".into());
+        return Err(LoadError::Unsupported("a lazy restore needs a local file, not nfs://"));
     }
     let (runs, crcs, gpas) = plan(checked, mem)?;
     let regions: Vec<(usize, usize)> = mem
         .iter()
         .map(|r| r.get_host_address(MemoryRegionAddress(0)).map(|h| (h as usize, r.len() as usize)))
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("guest memory: {e}"))?;
+        .map_err(|e| LoadError::GuestMemory { gpa: 0, reason: e.to_string() })?;
     let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => (f, true),
-        Err(_) => (OpenOptions::new().read(true).open(path).map_err(|e| format!("open: {e}"))?, false),
+        Err(_) => (OpenOptions::new().read(true).open(path).map_err(LoadError::io("open"))?, false),
     };
     let path: PathBuf = path.to_path_buf();
     std::thread::Builder::new()
@@ -396,7 +396,7 @@ pub fn spawn(
             let (mut ring, st) = st;
             crate::seccomp::apply_or_exit(crate::seccomp::Role::Faults);
             ready(Ok(LoadStats { bytes: 0, elapsed: t0.elapsed(), direct, mapped: false }));
-            let fatal = |e: String| -> ! {
+            let fatal = |e: LoadError| -> ! {
                 log::error!("state file {}: lazy restore: {e}", path.display());
                 eprintln!("ringvm: state file {}: lazy restore failed: {e}; the running guest cannot get this memory, stopping", path.display());
                 std::process::exit(1)
@@ -412,7 +412,7 @@ pub fn spawn(
                     break;
                 }
                 if let Err(e) = ring.run_once(true) {
-                    fatal(format!("fault thread ring: {e}"));
+                    fatal(LoadError::ring(e));
                 }
                 progress.store(st.borrow().bytes, Ordering::Relaxed);
             }
@@ -420,7 +420,7 @@ pub fn spawn(
             // pages, and whoever waits on one is woken.
             for &(h, l) in &regions {
                 if let Err(e) = st.borrow().uffd.unregister(h, l) {
-                    fatal(format!("UFFDIO_UNREGISTER: {e}"));
+                    fatal(LoadError::io("UFFDIO_UNREGISTER")(e));
                 }
             }
             if let Some(p) = poll.take() {
@@ -433,29 +433,29 @@ pub fn spawn(
             streamed(LoadStats { bytes, elapsed: t0.elapsed(), direct, mapped: false });
         })
         .map(|_| ())
-        .map_err(|e| format!("cannot start the fault thread: {e}"))
+        .map_err(LoadError::thread("fault"))
 }
 
 /// Drops whatever guest RAM holds, registers it with a new userfaultfd,
 /// and sets up the ring and the buffer pool.
-fn setup(file: File, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, regions: &[(usize, usize)]) -> Result<(Ring, St), String> {
+fn setup(file: File, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, regions: &[(usize, usize)]) -> Result<(Ring, St), LoadError> {
     let uffd = Uffd::new()?;
     for &(h, l) in regions {
         // SAFETY: guest RAM (private anonymous) of a VM whose vCPUs are
         // parked: dropped pages come back through the userfaultfd.
         if unsafe { libc::madvise(h as *mut libc::c_void, l, libc::MADV_DONTNEED) } != 0 {
-            return Err(format!("madvise(DONTNEED) on guest RAM: {}", std::io::Error::last_os_error()));
+            return Err(LoadError::last_os("madvise(DONTNEED) on guest RAM"));
         }
-        uffd.register(h, l).map_err(|e| format!("UFFDIO_REGISTER on guest RAM: {e}"))?;
+        uffd.register(h, l).map_err(LoadError::io("UFFDIO_REGISTER on guest RAM"))?;
     }
     let nbufs = BACKGROUND + RESERVED;
     // SAFETY: a new private anonymous mapping for the staging buffers; it
     // is never unmapped (one lazy restore per process).
     let bufs = unsafe { libc::mmap(std::ptr::null_mut(), nbufs * BUF_LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     if bufs == libc::MAP_FAILED {
-        return Err(format!("staging buffers: {}", std::io::Error::last_os_error()));
+        return Err(LoadError::last_os("staging buffers"));
     }
-    let mut ring = Ring::new(128, None).map_err(|e| e.to_string())?;
+    let mut ring = Ring::new(128, None).map_err(LoadError::ring)?;
     let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
     let punt = super::fsprobe::blocks_inline(&file);
     let mut index: Vec<(usize, usize, usize)> = runs.iter().enumerate().map(|(i, r)| (r.1, r.1 + (r.2 * PAGE) as usize, i)).collect();

@@ -8,11 +8,13 @@ pub mod format;
 pub mod fsprobe;
 pub mod incoming;
 pub mod lazy;
+pub mod load_error;
 pub mod mapguard;
 pub mod merge;
 pub mod pages;
 pub mod restore;
 pub mod save;
+pub mod save_error;
 mod target;
 pub mod uri;
 

@@ -27,6 +27,7 @@ use ring::{Fd, Op, Ring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::format::{self, Checked, PAGE};
+pub use super::load_error::LoadError;
 
 /// Reads in flight and pages per read. 64 x 2 MiB restored a 7.2 GiB
 /// state from this project's virtio disk in a median 2558 ms, against
@@ -68,16 +69,16 @@ pub enum RamMode {
 /// The reads, every page's checksum by region, and each region's gpa.
 pub(super) type Plan = (Vec<Run>, Vec<Vec<u32>>, Vec<u64>);
 
-pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, String> {
+pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, LoadError> {
     plan_where(checked, mem, |ri, p| checked.present(ri, p))
 }
 
 /// [`plan`] for the pages `take(region, page)` picks.
-fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, String> {
+fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, LoadError> {
     // Runs of present pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
-        let base = mem.get_host_address(GuestAddress(r.gpa)).map_err(|e| format!("guest memory at {:#x}: {e}", r.gpa))? as usize;
+        let base = mem.get_host_address(GuestAddress(r.gpa)).map_err(|e| LoadError::GuestMemory { gpa: r.gpa, reason: e.to_string() })? as usize;
         let mut p = 0;
         while p < r.pages() {
             if !take(ri, p) {
@@ -128,8 +129,8 @@ pub fn spawn_chain_loader(
     chain: &[(PathBuf, &Checked)],
     mem: &GuestMemoryMmap,
     progress: Arc<AtomicU64>,
-    done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
-) -> Result<(), String> {
+    done: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
+) -> Result<(), LoadError> {
     let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
     let owners = format::page_owners(&files);
     let mut plans = Vec::new();
@@ -158,14 +159,14 @@ pub fn spawn_chain_loader(
                         std::thread::Builder::new().name(format!("ringvm-loader{i}")).spawn_scoped(sc, move || {
                             crate::seccomp::apply_or_exit(crate::seccomp::Role::Loader);
                             background_priority();
-                            loader(&path, runs, crcs, gpas, progress).map_err(|e| format!("{}: {e}", path.display()))
+                            loader(&path, runs, crcs, gpas, progress).map_err(|e| LoadError::InFile { file: path.display().to_string(), source: Box::new(e) })
                         })
                     })
                     .collect();
                 for h in handles {
                     let r = match h {
-                        Ok(h) => h.join().unwrap_or_else(|_| Err("a loader thread panicked".into())),
-                        Err(e) => Err(format!("cannot start a loader thread: {e}")),
+                        Ok(h) => h.join().unwrap_or(Err(LoadError::Panicked)),
+                        Err(e) => Err(LoadError::thread("loader")(e)),
                     };
                     match r {
                         Ok(s) => {
@@ -185,7 +186,7 @@ pub fn spawn_chain_loader(
             done(Ok(total))
         })
         .map(|_| ())
-        .map_err(|e| format!("cannot start the loader thread: {e}"))
+        .map_err(LoadError::thread("loader"))
 }
 
 /// Starts the named loader thread; `done` runs on it with the result. The
@@ -197,15 +198,15 @@ pub fn spawn_loader(
     mem: &GuestMemoryMmap,
     mode: RamMode,
     progress: Arc<AtomicU64>,
-    done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
-) -> Result<(), String> {
+    done: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
+) -> Result<(), LoadError> {
     if mode == RamMode::Lazy {
-        return Err("a lazy restore starts with snapshot::lazy::spawn".into());
+        return Err(LoadError::Unsupported("a lazy restore starts with snapshot::lazy::spawn"));
     }
     let (runs, crcs, gpas) = plan(checked, mem)?;
     let nfs = path.to_str().is_some_and(crate::nfs::is_uri);
     if mode == RamMode::Map && nfs {
-        return Err("--restore-ram map needs a local file, not nfs://".into());
+        return Err(LoadError::Unsupported("--restore-ram map needs a local file, not nfs://"));
     }
     if !nfs && mode != RamMode::Read {
         let file = super::format::open_regular(path)?;
@@ -237,21 +238,21 @@ pub fn spawn_loader(
             done(loader(&path, runs, crcs, gpas, &progress))
         })
         .map(|_| ())
-        .map_err(|e| format!("cannot start the loader thread: {e}"))
+        .map_err(LoadError::thread("loader"))
 }
 
 /// (file offset, host address, pages, region, first page).
 pub(super) type Run = (u64, usize, u64, usize, u64);
 
 /// Checks every page of a run that is in guest RAM against its checksum.
-fn verify(run: &Run, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {
+fn verify(run: &Run, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), LoadError> {
     let &(_, host, pages, ri, first) = run;
     for k in 0..pages {
         // SAFETY: guest RAM inside the run, which nothing writes while the
         // load is in progress (vCPUs parked).
         let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
         if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
-            return Err(format!("page at gpa {:#x} fails its checksum", gpas[ri] + (first + k) * PAGE));
+            return Err(LoadError::Checksum(gpas[ri] + (first + k) * PAGE));
         }
     }
     Ok(())
@@ -277,8 +278,8 @@ fn spawn_mapped(
     crcs: Vec<Vec<u32>>,
     gpas: Vec<u64>,
     progress: Arc<AtomicU64>,
-    done: impl FnOnce(Result<LoadStats, String>) + Send + 'static,
-) -> Result<(), String> {
+    done: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
+) -> Result<(), LoadError> {
     let t0 = Instant::now();
     let spans: Vec<(u64, u64, u64)> = checked.header.regions.iter().map(|r| (r.gpa, r.pages() * PAGE, r.offset)).collect();
     let mapped = map_regions(&file, &spans, mem)?;
@@ -294,14 +295,14 @@ fn spawn_mapped(
         .enumerate()
         .map(|(ri, r)| (r.gpa, r.offset, r.pages(), (0..r.pages()).map(|p| checked.present(ri, p)).collect()))
         .collect();
-    type Done = Box<dyn FnOnce(Result<LoadStats, String>) + Send>;
+    type Done = Box<dyn FnOnce(Result<LoadStats, LoadError>) + Send>;
     struct Shared {
         runs: Vec<Run>,
         crcs: Vec<Vec<u32>>,
         gpas: Vec<u64>,
         next: AtomicUsize,
         stop: AtomicBool,
-        err: Mutex<Option<String>>,
+        err: Mutex<Option<LoadError>>,
         left: AtomicUsize,
         done: Mutex<Option<Done>>,
     }
@@ -315,7 +316,7 @@ fn spawn_mapped(
         left: AtomicUsize::new(MAP_VERIFIERS),
         done: Mutex::new(Some(Box::new(done))),
     });
-    let fail = |sh: &Shared, e: String| {
+    let fail = |sh: &Shared, e: LoadError| {
         sh.stop.store(true, Ordering::Relaxed);
         if let Ok(mut g) = sh.err.lock() {
             g.get_or_insert(e);
@@ -323,7 +324,7 @@ fn spawn_mapped(
     };
     let mem = mem.clone();
     for k in 0..MAP_VERIFIERS {
-        let (sh, progress, mem, file) = (sh.clone(), progress.clone(), mem.clone(), file.try_clone().map_err(|e| e.to_string())?);
+        let (sh, progress, mem, file) = (sh.clone(), progress.clone(), mem.clone(), file.try_clone().map_err(LoadError::io("dup of the state file"))?);
         let regions = if k == 0 { regions.clone() } else { Vec::new() };
         let name = if k == 0 { "ringvm-loader".to_string() } else { format!("ringvm-verify{k}") };
         std::thread::Builder::new()
@@ -357,7 +358,7 @@ fn spawn_mapped(
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+            .map_err(LoadError::thread("loader"))?;
     }
     Ok(())
 }
@@ -367,16 +368,16 @@ fn spawn_mapped(
 /// will not run).
 /// `regions`: (gpa, bytes, file offset) each.
 /// Returns the host ranges (address, bytes) now backed by the file.
-fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize)>, String> {
-    let len = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
+fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) -> Result<Vec<(usize, usize)>, LoadError> {
+    let len = file.metadata().map_err(LoadError::io("stat"))?.len();
     let mut spans = Vec::new();
     for &(gpa, size, offset) in regions {
         let end = offset.saturating_add(size);
         if offset % PAGE != 0 || size % PAGE != 0 || end > len {
-            return Err(format!("the RAM region at gpa {gpa:#x} (file bytes {offset:#x}..{end:#x}) lies outside the file ({len} bytes): truncated"));
+            return Err(LoadError::RegionOutsideFile { gpa, offset, end, len });
         }
         // One host mapping must hold the whole region.
-        let slice = mem.get_slice(GuestAddress(gpa), size as usize).map_err(|e| format!("guest memory at {gpa:#x}: {e}"))?;
+        let slice = mem.get_slice(GuestAddress(gpa), size as usize).map_err(|e| LoadError::GuestMemory { gpa, reason: e.to_string() })?;
         spans.push((slice.ptr_guard_mut().as_ptr() as usize, size as usize, offset));
     }
     for (i, &(host, size, off)) in spans.iter().enumerate() {
@@ -410,7 +411,7 @@ fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) 
                     )
                 };
             }
-            return Err(format!("mmap of the RAM region at gpa {:#x}: {e}", regions[i].0));
+            return Err(LoadError::io(format!("mmap of the RAM region at gpa {:#x}", regions[i].0))(e));
         }
     }
     Ok(spans.iter().map(|&(h, s, _)| (h, s)).collect())
@@ -420,7 +421,7 @@ fn map_regions(file: &File, regions: &[(u64, u64, u64)], mem: &GuestMemoryMmap) 
 /// page was written by one pass and found zero by a later one: those are
 /// cleared in guest RAM (a private copy). Only the file's data extents
 /// (SEEK_DATA) are looked at, so holes are never faulted in.
-fn clear_stale(file: &File, mem: &GuestMemoryMmap, regions: &[(u64, u64, u64, Vec<bool>)]) -> Result<(), String> {
+fn clear_stale(file: &File, mem: &GuestMemoryMmap, regions: &[(u64, u64, u64, Vec<bool>)]) -> Result<(), LoadError> {
     let fd = file.as_raw_fd();
     let zero = [0u8; PAGE as usize];
     for (gpa, offset, pages, present) in regions {
@@ -441,11 +442,11 @@ fn clear_stale(file: &File, mem: &GuestMemoryMmap, regions: &[(u64, u64, u64, Ve
                     continue;
                 }
                 let addr = GuestAddress(gpa + p * PAGE);
-                let slice = mem.get_slice(addr, PAGE as usize).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
+                let slice = mem.get_slice(addr, PAGE as usize).map_err(|e| LoadError::GuestMemory { gpa: addr.0, reason: e.to_string() })?;
                 // SAFETY: one page of guest RAM (vCPUs parked), only read.
                 let page = unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), PAGE as usize) };
                 if !super::pages::is_zero(page) {
-                    mem.write_slice(&zero, addr).map_err(|e| format!("guest memory at {:#x}: {e}", addr.0))?;
+                    mem.write_slice(&zero, addr).map_err(|e| LoadError::GuestMemory { gpa: addr.0, reason: e.to_string() })?;
                 }
             }
             at = hole.max(at + PAGE);
@@ -461,7 +462,7 @@ struct Loads {
     inflight: usize,
     bytes: u64,
     /// The first error; no new reads once set.
-    err: Option<String>,
+    err: Option<LoadError>,
 }
 
 impl Loads {
@@ -476,7 +477,7 @@ impl Loads {
     }
 
     /// A read came back: checked by [`landed`] into `bytes` or `err`.
-    fn finish(&mut self, run: &Run, r: Result<usize, String>, crcs: &[Vec<u32>], gpas: &[u64]) {
+    fn finish(&mut self, run: &Run, r: Result<usize, LoadError>, crcs: &[Vec<u32>], gpas: &[u64]) {
         self.inflight = self.inflight.saturating_sub(1);
         match landed(run, r, crcs, gpas) {
             Ok(()) => self.bytes += run.2 * PAGE,
@@ -484,11 +485,11 @@ impl Loads {
         }
     }
 
-    fn fail(&mut self, e: String) {
+    fn fail(&mut self, e: LoadError) {
         self.err.get_or_insert(e);
     }
 
-    fn stats(&self, t0: Instant, direct: bool) -> Result<LoadStats, String> {
+    fn stats(&self, t0: Instant, direct: bool) -> Result<LoadStats, LoadError> {
         match &self.err {
             Some(e) => Err(e.clone()),
             None => Ok(LoadStats { bytes: self.bytes, elapsed: t0.elapsed(), direct, mapped: false }),
@@ -497,20 +498,20 @@ impl Loads {
 }
 
 /// Checks a run that was read: whole, and every page's checksum.
-fn landed(run: &Run, r: Result<usize, String>, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), String> {
+fn landed(run: &Run, r: Result<usize, LoadError>, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), LoadError> {
     let &(off, _, pages, _, _) = run;
     let len = (pages * PAGE) as usize;
     match r {
         Ok(n) if n == len => {}
-        Ok(n) => return Err(format!("short read at file offset {off:#x} ({n} of {len} bytes): the file is truncated")),
-        Err(e) => return Err(format!("read at file offset {off:#x}: {e}")),
+        Ok(n) => return Err(LoadError::ShortRead { offset: off, got: n, want: len }),
+        Err(e) => return Err(e),
     }
     verify(run, crcs, gpas)
 }
 
 /// Loads from `nfs://`: many READs in flight on one connection, driven by
 /// this thread's ring; each reply is copied into guest memory as it lands.
-fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, String> {
+fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, LoadError> {
     let t0 = Instant::now();
     let n = crate::nfs::Nfs::open(uri, false)?;
     // One READ per run, no larger than the server's rsize.
@@ -526,7 +527,7 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
     }
     log::info!("{uri}: {} READs of up to {} KiB", reads.len(), max_pages * PAGE / 1024);
     let conn = crate::nfs::Conn::new(n);
-    let mut ring = Ring::new(64, None).map_err(|e| e.to_string())?;
+    let mut ring = Ring::new(64, None).map_err(LoadError::ring)?;
     let st = Rc::new(RefCell::new(Loads::default()));
     let reads = Rc::new(reads);
     let issue = {
@@ -540,21 +541,22 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
             let r = unsafe { conn.borrow_mut().nfs.pread_async(i as u64, host as *mut u8, (pages * PAGE) as usize, off) };
             if let Err(e) = r {
                 s.inflight -= 1;
-                s.fail(e);
+                s.fail(e.into());
             }
         }
     };
     let handler: crate::nfs::Handler = {
         let (st, reads) = (st.clone(), reads.clone());
-        Rc::new(move |_: &mut Ring, r: Result<Vec<crate::nfs::Done>, String>| {
+        Rc::new(move |_: &mut Ring, r: Result<Vec<crate::nfs::Done>, crate::nfs::NfsError>| {
             let mut s = st.borrow_mut();
             match r {
                 Ok(done) => {
                     for (i, res) in done {
-                        s.finish(&reads[i as usize], res, &crcs, &gpas);
+                        let off = reads[i as usize].0;
+                        s.finish(&reads[i as usize], res.map_err(|source| LoadError::NfsRead { offset: off, source }), &crcs, &gpas);
                     }
                 }
-                Err(e) => s.fail(e),
+                Err(e) => s.fail(e.into()),
             }
         })
     };
@@ -567,7 +569,7 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
             }
         }
         crate::nfs::Conn::kick(&conn, &mut ring, ring::SourceId::fixed(1), &handler);
-        ring.run_once(true).map_err(|e| e.to_string())?;
+        ring.run_once(true).map_err(LoadError::ring)?;
         progress.store(st.borrow().bytes, Ordering::Relaxed);
     }
     crate::nfs::Conn::close(&conn, &mut ring);
@@ -576,16 +578,16 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
     stats
 }
 
-fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, String> {
+fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, LoadError> {
     if let Some(uri) = path.to_str().filter(|p| crate::nfs::is_uri(p)) {
         return nfs_loader(uri, runs, crcs, gpas, progress);
     }
     let t0 = Instant::now();
     let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => (f, true),
-        Err(_) => (OpenOptions::new().read(true).open(path).map_err(|e| e.to_string())?, false),
+        Err(_) => (OpenOptions::new().read(true).open(path).map_err(LoadError::io("open"))?, false),
     };
-    let mut ring = Ring::new(64, None).map_err(|e| e.to_string())?;
+    let mut ring = Ring::new(64, None).map_err(LoadError::ring)?;
     let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
     let st = Rc::new(RefCell::new(Loads::default()));
     let runs = Rc::new(runs);
@@ -605,7 +607,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
             let op = unsafe { Op::readv(fd, iov, off) };
             let (st2, runs2, crcs2, gpas2) = (st.clone(), runs.clone(), crcs.clone(), gpas.clone());
             let done = move |ring: &mut Ring, c: ring::Completion| {
-                st2.borrow_mut().finish(&runs2[i], c.result.map_err(|e| e.to_string()), &crcs2, &gpas2);
+                st2.borrow_mut().finish(&runs2[i], c.result.map_err(LoadError::io(format!("read at file offset {:#x}", runs2[i].0))), &crcs2, &gpas2);
                 issue(ring, &st2, &runs2, &crcs2, &gpas2, fd, punt);
             };
             if punt {
@@ -617,7 +619,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
     }
     issue(&mut ring, &st, &runs, &crcs, &gpas, fd, punt);
     while ring.in_flight() > 0 {
-        ring.run_once(true).map_err(|e| e.to_string())?;
+        ring.run_once(true).map_err(LoadError::ring)?;
         progress.store(st.borrow().bytes, Ordering::Relaxed);
     }
     let stats = st.borrow().stats(t0, direct);
@@ -677,7 +679,8 @@ mod tests {
         assert_eq!(b, [0x77; 4]);
         // A region reaching past the end of the file is refused.
         let e = map_regions(&f, &[(gpa, pages * PAGE, off + PAGE)], &mem).unwrap_err();
-        assert!(e.contains("truncated"), "{e}");
+        assert!(matches!(e, super::LoadError::RegionOutsideFile { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

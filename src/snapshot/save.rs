@@ -16,6 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub use super::converge::Converge;
 use super::format::{self, Completion, Header, PAGE};
 use super::pages::is_zero;
+pub use super::save_error::SaveError;
 use super::target::{open_target, publish, Target};
 use super::{SaveShared, SaveState};
 use crate::events::{EventQueue, SnapshotStep, VmEvent};
@@ -101,7 +102,8 @@ thread_local! {
 /// Starts a snapshot on the calling iothread. Failures end up in the
 /// shared status (and a `Done` event), never in the caller.
 pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Arc<SaveShared>, events: Arc<EventQueue>) {
-    let fail = |shared: &SaveShared, events: &EventQueue, msg: String| {
+    let fail = |shared: &SaveShared, events: &EventQueue, e: SaveError| {
+        let msg = if e.names_the_file() { e.to_string() } else { format!("statefile {}: {e}", p.path) };
         shared.update(|s| {
             s.state = SaveState::Failed;
             s.error = Some(msg);
@@ -110,7 +112,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
     };
     let header = match p.header.encode() {
         Ok(h) => h,
-        Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
+        Err(e) => return fail(&shared, &events, e.into()),
     };
     let header_crc = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
     let n = p.header.regions.len();
@@ -133,8 +135,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
         .collect();
     let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size, p.nofollow) {
         Ok(t) => t,
-        Err(e) if e.names_the_file() => return fail(&shared, &events, e.to_string()),
-        Err(e) => return fail(&shared, &events, format!("statefile {}: {e}", p.path)),
+        Err(e) => return fail(&shared, &events, e.into()),
     };
     shared.update(|s| s.direct_io = is_direct);
     let job = Rc::new(RefCell::new(Job {
@@ -165,7 +166,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
     if let Target::Nfs { handler, .. } = &mut job.borrow_mut().target {
         // Results of the NFS requests come back through the ring's poll.
         let weak = Rc::downgrade(&job);
-        *handler = Some(Rc::new(move |ring: &mut Ring, r: Result<Vec<nfs::Done>, String>| {
+        *handler = Some(Rc::new(move |ring: &mut Ring, r: Result<Vec<nfs::Done>, nfs::NfsError>| {
             if let Some(job) = weak.upgrade() {
                 nfs_done(&job, ring, r);
             }
@@ -202,7 +203,7 @@ pub fn final_phase(ring: &mut Ring) {
                 j.final_timer = None;
                 let fire = j.phase == Phase::Final && c.result.as_ref().err().and_then(|e| e.raw_os_error()) != Some(libc::ECANCELED);
                 if fire {
-                    j.fail(format!("the final pause exceeded {limit} ms (final-timeout-ms; the target is too slow): the guest was resumed"));
+                    j.fail(SaveError::PauseTimeout(limit));
                 }
                 fire
             };
@@ -262,15 +263,15 @@ pub fn close(ring: &mut Ring, state_json: Vec<u8>) {
 }
 
 impl Job {
-    fn fail(&mut self, msg: String) {
+    fn fail(&mut self, e: SaveError) {
         if !self.failed {
             self.failed = true;
-            log::warn!("snapshot failed: {msg}");
-            let path = self.p.path.clone();
+            log::warn!("snapshot failed: {e}");
+            let msg = if e.names_the_file() { e.to_string() } else { format!("statefile {}: {e}", self.p.path) };
             self.shared.update(|s| {
                 // The control thread may have failed it first, with the reason.
                 if s.state != SaveState::Failed || s.error.is_none() {
-                    s.error = Some(if msg.contains(&path) { msg } else { format!("statefile {path}: {msg}") });
+                    s.error = Some(msg);
                 }
                 s.state = SaveState::Failed;
             });
@@ -290,28 +291,28 @@ impl Job {
     /// replaced under the snapshot, not truncated (RAM precedes the
     /// metadata, which is written only at the end, so a truncation shows as
     /// a short file until then).
-    fn check_file(&self) -> Result<(), String> {
+    fn check_file(&self) -> Result<(), SaveError> {
         let Target::File { direct, tmp, .. } = &self.target else { return Ok(()) };
-        let m = direct.metadata().map_err(|e| format!("fstat: {e}"))?;
+        let m = direct.metadata().map_err(SaveError::io("fstat"))?;
         if std::os::unix::fs::MetadataExt::nlink(&m) == 0 {
-            return Err("the file was deleted during the snapshot".into());
+            return Err(SaveError::Deleted);
         }
         match std::fs::symlink_metadata(tmp) {
             Ok(p)
                 if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m)
                     && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
-            _ => return Err("the file was replaced or moved during the snapshot".into()),
+            _ => return Err(SaveError::Replaced),
         }
         if m.len() < self.p.header.file_size {
-            return Err(format!("the file was truncated during the snapshot ({} bytes, {} laid out)", m.len(), self.p.header.file_size));
+            return Err(SaveError::Truncated { len: m.len(), laid_out: self.p.header.file_size });
         }
         Ok(())
     }
 
     /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy).
-    fn harvest(&mut self) -> Result<(), String> {
+    fn harvest(&mut self) -> Result<(), SaveError> {
         for (i, &(slot, gpa, size)) in self.p.slots.iter().enumerate() {
-            let bm = self.vm.get_dirty_log(slot, size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+            let bm = self.vm.get_dirty_log(slot, size as usize).map_err(SaveError::DirtyLog)?;
             for (d, b) in self.dirty[i].iter_mut().zip(bm) {
                 *d |= b;
             }
@@ -375,7 +376,7 @@ fn pump(job: &J, ring: &mut Ring) {
 }
 
 /// The NFS requests that finished (or the connection's failure).
-fn nfs_done(job: &J, ring: &mut Ring, r: Result<Vec<nfs::Done>, String>) {
+fn nfs_done(job: &J, ring: &mut Ring, r: Result<Vec<nfs::Done>, nfs::NfsError>) {
     {
         let mut j = job.borrow_mut();
         match r {
@@ -387,11 +388,11 @@ fn nfs_done(job: &J, ring: &mut Ring, r: Result<Vec<nfs::Done>, String>) {
                             j.ram_bytes += b as u64;
                             j.pass_bytes += b as u64;
                         }
-                        Err(e) => j.fail(format!("write: {e}")),
+                        Err(e) => j.fail(e.into()),
                     }
                 }
             }
-            Err(e) => j.fail(e),
+            Err(e) => j.fail(e.into()),
         }
     }
     pump(job, ring);
@@ -404,7 +405,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
         let mut j = job.borrow_mut();
         if j.failed || j.shared.cancel.load(Ordering::Relaxed) {
             if !j.failed {
-                j.fail("cancelled by savevm-end".into());
+                j.fail(SaveError::Cancelled);
             }
             // No waiting for what is in flight: a stalled target (a hung
             // NFS server, a stuck FUSE filesystem) must not hold the
@@ -436,7 +437,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
         let base = match j.mem.get_host_address(GuestAddress(region.gpa)) {
             Ok(b) => b,
             Err(e) => {
-                j.fail(format!("guest memory: {e}"));
+                j.fail(SaveError::GuestMemory(e.to_string()));
                 continue;
             }
         };
@@ -483,7 +484,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
                         // SAFETY: guest RAM stays mapped for the VM's life.
                         let r = unsafe { conn.borrow_mut().nfs.pwrite_async(0, host.add(off), chunk, at + off as u64) };
                         if let Err(e) = r {
-                            j.fail(e);
+                            j.fail(e.into());
                             break;
                         }
                         j.inflight += 1;
@@ -510,7 +511,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
                             j.ram_bytes += b as u64;
                             j.pass_bytes += b as u64;
                         }
-                        Err(e) => j.fail(format!("write: {e}")),
+                        Err(e) => j.fail(SaveError::io("write")(e)),
                     }
                 }
                 pump(&job2, ring);
@@ -596,7 +597,7 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
 }
 
 /// State section, metadata, fdatasync, completion record, fdatasync.
-fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
+fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), SaveError> {
     let j = job.borrow_mut();
     let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
     let mut writes = vec![(state, j.p.header.state_offset, "state")];
@@ -639,7 +640,7 @@ fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
         end(job);
         return Ok(());
     }
-    let Target::File { buffered, punt, .. } = &j.target else { return Err("no state file".into()) };
+    let Target::File { buffered, punt, .. } = &j.target else { unreachable!("the NFS target returned above") };
     let (fd, punt) = (Fd::Raw(buffered.as_raw_fd()), *punt);
     drop(j);
     // State and metadata through the ring too (punted where the filesystem
@@ -650,7 +651,7 @@ fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), String> {
         let (job2, pending2, mut record) = (job.clone(), pending.clone(), record.clone());
         let done = move |ring: &mut Ring, c: ring::Completion| {
             if let Err(e) = c.result {
-                job2.borrow_mut().fail(format!("write {what}: {e}"));
+                job2.borrow_mut().fail(SaveError::io(what)(e));
             }
             pending2.set(pending2.get() - 1);
             if pending2.get() == 0 {
@@ -691,7 +692,7 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
                 Op::Fsync { fd, datasync: true },
                 Box::new(move |_: &mut Ring, c: ring::Completion| {
                     if let Err(e) = c.result {
-                        j1.borrow_mut().fail(format!("fdatasync: {e}"));
+                        j1.borrow_mut().fail(SaveError::io("fdatasync")(e));
                     }
                 }),
             ),
@@ -700,7 +701,7 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
                 Box::new(move |_: &mut Ring, c: ring::Completion| {
                     if let Err(e) = c.result {
                         if e.raw_os_error() != Some(libc::ECANCELED) {
-                            j2.borrow_mut().fail(format!("write completion record: {e}"));
+                            j2.borrow_mut().fail(SaveError::io("write completion record")(e));
                         }
                     }
                 }),
@@ -710,7 +711,7 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
                 Box::new(move |_: &mut Ring, c: ring::Completion| {
                     if let Err(e) = c.result {
                         if e.raw_os_error() != Some(libc::ECANCELED) {
-                            j3.borrow_mut().fail(format!("fdatasync: {e}"));
+                            j3.borrow_mut().fail(SaveError::io("fdatasync")(e));
                         }
                     }
                     end(&j3);
@@ -735,7 +736,7 @@ fn end(job: &J) {
             if j.failed {
                 leftover = Some(tmp);
             } else if let Err(e) = publish(&tmp, &dest) {
-                j.fail(format!("rename {} to {}: {e}", tmp.display(), dest.display()));
+                j.fail(SaveError::Publish { from: tmp.display().to_string(), to: dest.display().to_string(), source: e });
                 leftover = Some(tmp);
             }
         }
@@ -745,7 +746,7 @@ fn end(job: &J) {
             if j.failed {
                 leftover = Some(tmp.to_string().into());
             } else if let Err(e) = conn.borrow().nfs.rename(&tmp.file, &dest.file) {
-                j.fail(format!("statefile {dest}: {e}"));
+                j.fail(e.into());
                 leftover = Some(tmp.to_string().into());
             }
         }

@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::rc::Rc;
 
 use super::fsprobe::blocks_inline;
-use crate::nfs;
+use crate::nfs::{self, NfsError};
 
 /// Where the state goes.
 pub(super) enum Target {
@@ -30,13 +30,13 @@ pub(super) enum Target {
 /// Why a state file could not be opened: the caller names the file,
 /// except for a bad URI, whose message already quotes it.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum TargetError {
-    #[error("{0}")]
-    BadUri(String),
+pub enum TargetError {
+    #[error(transparent)]
+    BadUri(NfsError),
     #[error("open: {0}")]
     Open(std::io::Error),
-    #[error("{0}")]
-    Nfs(String),
+    #[error(transparent)]
+    Nfs(NfsError),
     #[error("{0}")]
     Write(std::io::Error),
 }

@@ -8,7 +8,20 @@
 
 use std::path::PathBuf;
 
-use crate::nfs::NfsUri;
+use crate::nfs::{NfsError, NfsUri};
+
+/// A state file name or migration URI that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("the state file name is empty")]
+    Empty,
+    #[error("Invalid URI '{0}': no path after file:")]
+    NoPath(String),
+    #[error("Invalid URI '{0}': ringvm uses file:PATH or nfs://SERVER[:PORT]/EXPORT/FILE")]
+    Scheme(String),
+    #[error(transparent)]
+    Nfs(#[from] NfsError),
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StateUri {
@@ -19,28 +32,28 @@ pub enum StateUri {
 impl StateUri {
     /// A state file name: a bare path, or an `nfs://` URI (checked now, so
     /// a bad one is an error before anything starts).
-    pub fn from_statefile(s: &str) -> Result<StateUri, String> {
+    pub fn from_statefile(s: &str) -> Result<StateUri, UriError> {
         if s.is_empty() {
-            return Err("the state file name is empty".into());
+            return Err(UriError::Empty);
         }
         if crate::nfs::is_uri(s) {
-            return NfsUri::parse(s).map(StateUri::Nfs);
+            return Ok(StateUri::Nfs(NfsUri::parse(s)?));
         }
         Ok(StateUri::File(PathBuf::from(s)))
     }
 
     /// QEMU's migration URI: `file:PATH` or `nfs://...`.
-    pub fn from_migrate_uri(s: &str) -> Result<StateUri, String> {
+    pub fn from_migrate_uri(s: &str) -> Result<StateUri, UriError> {
         if let Some(p) = s.strip_prefix("file:") {
             if p.is_empty() {
-                return Err(format!("Invalid URI '{s}': no path after file:"));
+                return Err(UriError::NoPath(s.into()));
             }
             return Ok(StateUri::File(PathBuf::from(p)));
         }
         if crate::nfs::is_uri(s) {
-            return NfsUri::parse(s).map(StateUri::Nfs);
+            return Ok(StateUri::Nfs(NfsUri::parse(s)?));
         }
-        Err(format!("Invalid URI '{s}': ringvm uses file:PATH or nfs://SERVER[:PORT]/EXPORT/FILE"))
+        Err(UriError::Scheme(s.into()))
     }
 
     pub fn is_nfs(&self) -> bool {
@@ -70,10 +83,11 @@ mod tests {
         assert!(n.is_nfs());
         assert_eq!(n.to_name(), "nfs://srv:2049/export/vm.state");
         assert_eq!(StateUri::from_statefile("nfs://srv:2049/export/vm.state").unwrap(), n);
-        assert!(StateUri::from_migrate_uri("/a/b.state").unwrap_err().contains("Invalid URI"));
-        assert!(StateUri::from_migrate_uri("tcp:host:4444").unwrap_err().contains("Invalid URI"));
-        assert!(StateUri::from_migrate_uri("file:").is_err());
-        assert!(StateUri::from_statefile("").is_err());
-        assert!(StateUri::from_statefile("nfs://srv:0/e/f").unwrap_err().contains("port"));
+        assert_eq!(StateUri::from_migrate_uri("/a/b.state"), Err(UriError::Scheme("/a/b.state".into())));
+        assert_eq!(StateUri::from_migrate_uri("tcp:host:4444"), Err(UriError::Scheme("tcp:host:4444".into())));
+        assert!(StateUri::from_migrate_uri("tcp:host:4444").unwrap_err().to_string().starts_with("Invalid URI 'tcp:host:4444'"));
+        assert_eq!(StateUri::from_migrate_uri("file:"), Err(UriError::NoPath("file:".into())));
+        assert_eq!(StateUri::from_statefile(""), Err(UriError::Empty));
+        assert!(matches!(StateUri::from_statefile("nfs://srv:0/e/f"), Err(UriError::Nfs(NfsError::BadUri { reason, .. })) if reason.contains("port")));
     }
 }
