@@ -157,7 +157,7 @@ impl Vm {
         let mut bases = Vec::new();
         let checked = match &config.restore {
             Some(p) => {
-                let mut chain = crate::snapshot::format::open_chain(p).map_err(Error::Config)?;
+                let mut chain = crate::snapshot::chain::open_chain(p).map_err(|e| Error::Config(e.to_string()))?;
                 let c = chain.remove(0).1;
                 bases = chain;
                 let h = &c.header.machine;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bootbench;
+mod fio;
 mod incbench;
 mod linuxbench;
 mod nfsbench;

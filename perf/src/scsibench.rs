@@ -118,7 +118,9 @@ pub fn fio(file: &Path, job: Job, jobs: u32, secs: u64) -> Result<f64> {
         "read" => "read",
         _ => "write",
     };
+    let huge = crate::fio::HugeBuffers::reserve(job.bs, job.qd, jobs);
     let out = Command::new("fio")
+        .arg(crate::fio::HugeBuffers::iomem(&huge))
         .args([
             "--name=job",
             "--ioengine=io_uring",
@@ -215,7 +217,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     }
     r.table(
         "scsi: virtio-scsi, the test guest's scsi-bench",
-        &format!("The guest's own polling virtio-scsi driver in ringvm (one iothread per queue, io_uring) and QEMU 10 (`virtio-scsi-pci,iothread=io0`, `aio=io_uring`, `cache=none`), and fio (io_uring, O_DIRECT; one job per queue) on the host, all on the same {} MiB file in {}; {secs} s runs. The 2-queue rows run 2 vCPUs and 2 iothreads (QEMU: `iothread-vq-mapping`, one iothread per queue) on this machine's 2 cores.", size >> 20, file.display()),
+        &format!("The guest's own polling virtio-scsi driver in ringvm (one iothread per queue, io_uring) and QEMU 10 (`virtio-scsi-pci,iothread=io0`, `aio=io_uring`, `cache=none`), and fio (io_uring, O_DIRECT, one job per queue, huge-page buffers `--iomem=shmhuge` as ringvm's THP-backed guest RAM has) on the host, all on the same {} MiB file in {}; {secs} s runs. The 2-queue rows run 2 vCPUs and 2 iothreads (QEMU: `iothread-vq-mapping`, one iothread per queue) on this machine's 2 cores.", size >> 20, file.display()),
         &["job", "ringvm MB/s", "ringvm IOPS", "QEMU MB/s", "host fio MB/s", "ringvm/fio", "ringvm/QEMU"],
         &rows,
     );

@@ -250,9 +250,7 @@ fn cmd_stop(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
     } else if c.state == RunState::FinishMigrate {
         // The snapshot's final pause holds the vCPUs: they stay
         // paused when it ends.
-        if c.save.resume_to == Some(RunState::Running) {
-            c.save.resume_to = Some(RunState::Paused);
-            c.save.paused_by_us = false;
+        if c.save.job.stop() {
             c.broadcast("STOP", None);
         }
         Ok(json!({}))
@@ -271,9 +269,7 @@ fn cmd_stop(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
 fn cmd_cont(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
     if c.state == RunState::FinishMigrate {
         // They run again as soon as the final pause ends (ms).
-        if matches!(c.save.resume_to, Some(RunState::Paused | RunState::Prelaunch)) {
-            c.save.resume_to = Some(RunState::Running);
-            c.save.paused_by_us = true;
+        if c.save.job.cont() {
             c.broadcast("RESUME", None);
         }
         Ok(json!({}))

@@ -68,21 +68,32 @@ impl Controller {
         let events = self.vm.events().clone();
         let shown = path.display().to_string();
         if !bases.is_empty() {
-            // An incremental chain: read mode (a mapping or a userfaultfd
-            // serves one file).
-            if matches!(self.restore_ram, RamMode::Map | RamMode::Lazy) {
+            // An incremental chain: read, or lazily (a mapping is of one file).
+            if self.restore_ram == RamMode::Map {
                 return Err(format!(
-                    "state file {shown}: it is incremental ({} base file(s)); --restore-ram map and lazy need one file: merge it first (ringvm state merge) or restore with --restore-ram read",
+                    "state file {shown}: it is incremental ({} base file(s)); --restore-ram map maps one file: merge it first (ringvm state merge) or restore with --restore-ram read or lazy",
                     bases.len()
                 ));
             }
             let mut chain: Vec<(std::path::PathBuf, &format::Checked)> = vec![(path.clone(), &checked)];
             chain.extend(bases.iter().map(|(p, c)| (p.clone(), c)));
             total = restore::chain_present_bytes(&chain.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-            restore::spawn_chain_loader(&chain, &self.vm.machine().mem, self.incoming.progress.clone(), move |r| {
-                events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
-            })
-            .map_err(|e| format!("state file {}: {e}", path.display()))?;
+            if self.restore_ram == RamMode::Lazy {
+                let ev2 = events.clone();
+                crate::snapshot::lazy::spawn_chain(
+                    &chain,
+                    &self.vm.machine().mem,
+                    self.incoming.progress.clone(),
+                    move |r| events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}")))),
+                    move |s| ev2.push(VmEvent::Streamed(s.bytes)),
+                )
+                .map_err(|e| format!("state file {}: {e}", path.display()))?;
+            } else {
+                restore::spawn_chain_loader(&chain, &self.vm.machine().mem, self.incoming.progress.clone(), move |r| {
+                    events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
+                })
+                .map_err(|e| format!("state file {}: {e}", path.display()))?;
+            }
         } else if self.restore_ram == RamMode::Lazy {
             let ev2 = events.clone();
             crate::snapshot::lazy::spawn(

@@ -33,6 +33,7 @@ mod commands;
 mod errors;
 mod incoming;
 mod runstate;
+mod savejob;
 mod signals;
 mod snapshot;
 

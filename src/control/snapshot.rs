@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::savejob::{Effect, SaveJob};
 use super::{Controller, RunState};
 use crate::events::{SnapshotStep, VmEvent};
 use crate::qmp::{QmpError, Request};
@@ -34,11 +35,8 @@ impl Default for MigrateParams {
 pub(super) struct SaveCtl {
     pub(super) shared: Arc<SaveShared>,
     pub(super) iothread: Option<ring::IoThread>,
-    /// The vCPUs were paused by the snapshot's final phase.
-    pub(super) paused_by_us: bool,
-    /// The state to return to after the final phase.
-    pub(super) resume_to: Option<RunState>,
-    pub(super) pause_started: Option<Instant>,
+    /// The final pause's state machine.
+    pub(super) job: SaveJob,
     /// Guest events that arrived during the final pause.
     pub(super) deferred: Vec<VmEvent>,
     /// (disk, reflink) pairs to take during the final pause.
@@ -343,64 +341,18 @@ impl Controller {
                 if self.save.iothread.is_none() {
                     return;
                 }
-                // The downtime starts as the vCPUs are asked to stop (as
-                // QEMU counts it from vm_stop): their way out of KVM_RUN
-                // and the disks' quiesce are part of the pause.
-                let pause_started = Instant::now();
-                if self.state == RunState::Running {
-                    if let Err(e) = self.vm.vcpus().pause() {
-                        self.cancel_snapshot(Some(format!("cannot pause the vCPUs: {e}")));
-                        return;
-                    }
-                    self.save.paused_by_us = true;
-                }
-                // Disks next: their iothreads finish what is in flight (so
-                // its data and used entries are in RAM and in the dirty
-                // log) and take nothing new until the resume.
-                if let Err(e) = self.vm.storage().pause() {
-                    self.release_snapshot_pause();
-                    self.cancel_snapshot(Some(format!("cannot quiesce the disks: {e}")));
-                    return;
-                }
-                // Quiesced: the disks' content is the RAM's. Reflinks are
-                // metadata operations (the kernel flushes dirty data first).
-                let clone_err = self.save.clones.iter().find_map(|(src, dst)| crate::disk::reflink(src, dst).err());
-                if let Some(e) = clone_err {
-                    self.vm.storage().resume();
-                    self.release_snapshot_pause();
-                    self.cancel_snapshot(Some(format!("disks=clone: {e}")));
-                    return;
-                }
-                self.save.resume_to = Some(self.state);
-                self.state = RunState::FinishMigrate;
-                self.save.pause_started = Some(pause_started);
-                if let Some(io) = &self.save.iothread {
-                    let _ = io.remote().send(save::final_phase);
-                }
+                let clone = !self.save.clones.is_empty();
+                let effects = self.save.job.pause(self.state, Instant::now(), clone);
+                self.run_effects(effects);
             }
             SnapshotStep::Resume => {
-                let Some(back) = self.save.resume_to.take() else { return };
+                if !self.save.job.is_paused() {
+                    return;
+                }
                 // Capture vCPU and machine state while they are still out.
                 let state = if self.save.shared.get().state == SaveState::Active { Some(self.capture_state()) } else { None };
-                self.vm.storage().resume();
-                self.release_snapshot_pause();
-                self.state = back;
-                if let Some(t) = self.save.pause_started.take() {
-                    let ms = t.elapsed().as_secs_f64() * 1e3;
-                    self.save.shared.update(|s| s.downtime_ms = Some(ms));
-                }
-                for ev in std::mem::take(&mut self.save.deferred) {
-                    self.on_vm_event(ev);
-                }
-                match state {
-                    Some(Ok(json)) => {
-                        if let Some(io) = &self.save.iothread {
-                            let _ = io.remote().send(move |ring| save::close(ring, json));
-                        }
-                    }
-                    Some(Err(e)) => self.cancel_snapshot(Some(format!("cannot save vCPU/device state: {e}"))),
-                    None => {}
-                }
+                let effects = self.save.job.resume(state, Instant::now());
+                self.run_effects(effects);
             }
             SnapshotStep::Pass => {
                 let s = self.save.shared.get();
@@ -475,12 +427,54 @@ impl Controller {
         }
     }
 
-    /// Resumes the vCPUs if the snapshot's final pause stopped them.
-    pub(super) fn release_snapshot_pause(&mut self) {
-        if self.save.paused_by_us {
-            self.vm.vcpus().resume();
-            self.save.paused_by_us = false;
+    /// Carries out the save job's effects in order; a failed one is
+    /// reported back and the job's undo runs instead of the rest.
+    fn run_effects(&mut self, effects: Vec<Effect>) {
+        let mut queue: std::collections::VecDeque<Effect> = effects.into();
+        while let Some(e) = queue.pop_front() {
+            if let Err(why) = self.do_effect(&e) {
+                queue = self.save.job.failed(&e, &why).into();
+            }
         }
+    }
+
+    fn do_effect(&mut self, e: &Effect) -> std::result::Result<(), String> {
+        match e {
+            Effect::PauseVcpus => self.vm.vcpus().pause().map_err(|e| e.to_string())?,
+            Effect::QuiesceDisks => self.vm.storage().pause().map_err(|e| e.to_string())?,
+            // Quiesced: the disks' content is the RAM's. Reflinks are
+            // metadata operations (the kernel flushes dirty data first).
+            Effect::CloneDisks => {
+                if let Some(e) = self.save.clones.iter().find_map(|(src, dst)| crate::disk::reflink(src, dst).err()) {
+                    return Err(e.to_string());
+                }
+            }
+            Effect::ResumeDisks => self.vm.storage().resume(),
+            Effect::ResumeVcpus => self.vm.vcpus().resume(),
+            Effect::SetRunState(s) => self.state = *s,
+            Effect::FinalPhase => {
+                if let Some(io) = &self.save.iothread {
+                    let _ = io.remote().send(save::final_phase);
+                }
+            }
+            Effect::RecordDowntime { ms } => {
+                let ms = *ms;
+                self.save.shared.update(|s| s.downtime_ms = Some(ms));
+            }
+            Effect::ReplayDeferred => {
+                for ev in std::mem::take(&mut self.save.deferred) {
+                    self.on_vm_event(ev);
+                }
+            }
+            Effect::Close(json) => {
+                if let Some(io) = &self.save.iothread {
+                    let json = json.clone();
+                    let _ = io.remote().send(move |ring| save::close(ring, json));
+                }
+            }
+            Effect::Cancel(why) => self.cancel_snapshot(Some(why.clone())),
+        }
+        Ok(())
     }
 
     pub(super) fn capture_state(&self) -> std::result::Result<Vec<u8>, String> {

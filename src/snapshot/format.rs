@@ -59,12 +59,6 @@ pub enum FormatError {
     Nfs(#[from] crate::nfs::NfsError),
 }
 
-impl From<FormatError> for String {
-    fn from(e: FormatError) -> String {
-        e.to_string()
-    }
-}
-
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct DiskDesc {
     pub path: String,
@@ -153,9 +147,6 @@ pub struct BaseRef {
     pub id: u64,
     pub completion_crc: u32,
 }
-
-/// Longest chain of incremental files a restore follows.
-pub const MAX_CHAIN: usize = 64;
 
 /// A new random file id.
 pub fn new_file_id() -> u64 {
@@ -527,54 +518,6 @@ pub fn open_checked(path: &Path) -> Result<Checked, FormatError> {
     Ok(Checked { src, header, state_json, metas, completion, len })
 }
 
-/// `path` and, if it is incremental, every file it builds on, newest
-/// first, each fully checked and linked by id and completion checksum;
-/// all must describe the same machine. Every error names the file.
-pub fn open_chain(path: &Path) -> Result<Vec<(std::path::PathBuf, Checked)>, String> {
-    let mut chain: Vec<(std::path::PathBuf, Checked)> = Vec::new();
-    let mut ids = std::collections::HashSet::new();
-    let mut next = Some(path.to_path_buf());
-    while let Some(p) = next.take() {
-        let c = open_checked(&p).map_err(|e| format!("state file {}: {e}", p.display()))?;
-        if let Some((child, cc)) = chain.last() {
-            let want = cc.header.base.as_ref().expect("a base was named");
-            if c.header.id != want.id || c.completion.record_crc() != want.completion_crc {
-                return Err(format!(
-                    "state file {}: its base {} is not the file it was taken from (id {:#x}, expected {:#x}); it was replaced or rewritten",
-                    child.display(),
-                    p.display(),
-                    c.header.id,
-                    want.id
-                ));
-            }
-            let same = |a: &Header, b: &Header| {
-                a.machine.mem_size == b.machine.mem_size
-                    && a.regions.iter().zip(&b.regions).all(|(x, y)| x.gpa == y.gpa && x.size == y.size)
-                    && a.regions.len() == b.regions.len()
-            };
-            if !same(&c.header, &cc.header) {
-                return Err(format!("state file {}: its base {} holds a guest of another size", child.display(), p.display()));
-            }
-        }
-        if !ids.insert(c.header.id) {
-            return Err(format!("state file {}: the chain of bases loops back to it", p.display()));
-        }
-        if chain.len() >= MAX_CHAIN {
-            return Err(format!("state file {}: the chain of incremental files is longer than {MAX_CHAIN}; merge it (ringvm state merge)", path.display()));
-        }
-        next = c.header.base.as_ref().map(|b| std::path::PathBuf::from(&b.path));
-        chain.push((p, c));
-    }
-    Ok(chain)
-}
-
-/// For a chain (newest first): which file each page comes from, per
-/// region (None: in no file, so zero).
-pub fn page_owners(chain: &[&Checked]) -> Vec<Vec<Option<u8>>> {
-    let regions = &chain[0].header.regions;
-    regions.iter().enumerate().map(|(ri, r)| (0..r.pages()).map(|p| chain.iter().position(|c| c.present(ri, p)).map(|i| i as u8)).collect()).collect()
-}
-
 /// What `state inspect` found.
 pub struct Report {
     pub header: Header,
@@ -584,7 +527,7 @@ pub struct Report {
 
 /// Reads `path` and checks every checksum: header, completion record,
 /// state section, metadata, and every present page.
-pub fn inspect(path: &Path) -> Result<Report, String> {
+pub fn inspect(path: &Path) -> Result<Report, FormatError> {
     let mut c = open_checked(path)?;
     let h = c.header.clone();
     let mut lines = vec![
@@ -621,7 +564,7 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
     lines.push(format!("checksums: {}", if ok { "all ok" } else { "FAILED" }));
     if h.base.is_some() {
         drop(c);
-        match open_chain(path) {
+        match super::chain::open_chain(path) {
             Ok(chain) => {
                 let names: Vec<String> = chain.iter().map(|(p, _)| p.display().to_string()).collect();
                 lines.push(format!("chain: {} file(s), newest first: {}", chain.len(), names.join(" <- ")));
@@ -638,93 +581,6 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Writes a complete state file of `mem` bytes of RAM (every page
-    /// present, filled with `fill`) naming `base`; returns its header.
-    fn write_file(path: &Path, mem: u64, fill: u8, base: Option<BaseRef>) -> (Header, Completion) {
-        use std::os::unix::fs::FileExt;
-        let mut h = Header::layout(
-            MachineDesc { cpus: 1, mem_size: mem, disks: vec![], kernel: None, initrd: None, cmdline: String::new(), scsi_queues: 0, iothreads: 0 },
-            &[(0, mem)],
-        );
-        h.base = base;
-        let hb = h.encode().unwrap();
-        let hcrc = u32::from_le_bytes(hb[16..20].try_into().unwrap());
-        let f = File::create(path).unwrap();
-        f.set_len(h.file_size).unwrap();
-        f.write_all_at(&hb, 0).unwrap();
-        let r = &h.regions[0];
-        let page = vec![fill; PAGE as usize];
-        let mut bm = vec![0u8; r.bitmap_len() as usize];
-        let mut crcs = Vec::new();
-        for p in 0..r.pages() {
-            f.write_all_at(&page, r.offset + p * PAGE).unwrap();
-            bm[(p / 8) as usize] |= 1 << (p % 8);
-            crcs.extend_from_slice(&crc32c::crc32c(&page).to_le_bytes());
-        }
-        f.write_all_at(&bm, r.bitmap_offset).unwrap();
-        f.write_all_at(&crcs, r.crc_offset).unwrap();
-        let (state, state_crc) = encode_state(b"{}", h.state_max).unwrap();
-        f.write_all_at(&state, h.state_offset).unwrap();
-        let c = Completion { header_crc: hcrc, state_crc, meta_crc: meta_crc(&[(&bm, &crcs)]), ram_bytes: mem };
-        f.write_all_at(&c.encode(), h.completion_offset).unwrap();
-        (h, c)
-    }
-
-    fn chain_err(r: Result<Vec<(std::path::PathBuf, Checked)>, String>) -> String {
-        match r {
-            Err(e) => e,
-            Ok(c) => panic!("a bad chain of {} file(s) opened", c.len()),
-        }
-    }
-
-    fn link(path: &Path, h: &Header, c: &Completion) -> BaseRef {
-        BaseRef { path: path.display().to_string(), id: h.id, completion_crc: c.record_crc() }
-    }
-
-    /// The chain rules, on small hand-made files: a good chain opens newest
-    /// first and the newest page wins; a missing base, a replaced base, a
-    /// base of another size and a chain past the limit are each one error
-    /// naming the file. (A loop needs two files each carrying the other's
-    /// completion checksum, which a checksum collision alone could make;
-    /// the id check stops one anyway.)
-    #[test]
-    fn chains_follow_their_links_and_refuse_bad_ones() {
-        let dir = std::env::temp_dir().join(format!("ringvm-chain-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = |n: &str| dir.join(n);
-        let (hb, cb) = write_file(&p("base"), 1 << 20, 1, None);
-        let (hi, ci) = write_file(&p("inc"), 1 << 20, 2, Some(link(&p("base"), &hb, &cb)));
-        let chain = open_chain(&p("inc")).unwrap();
-        assert_eq!(chain.len(), 2);
-        assert_eq!(chain[0].1.header.id, hi.id);
-        let owners = page_owners(&chain.iter().map(|(_, c)| c).collect::<Vec<_>>());
-        assert!(owners[0].iter().all(|o| *o == Some(0)), "the newest file's pages win");
-        // A base that is not the file the increment was taken from.
-        write_file(&p("inc2"), 1 << 20, 3, Some(link(&p("inc"), &hi, &ci)));
-        write_file(&p("inc"), 1 << 20, 2, Some(link(&p("base"), &hb, &cb)));
-        let e = chain_err(open_chain(&p("inc2")));
-        assert!(e.contains("inc2") && e.contains("not the file it was taken from"), "{e}");
-        // Missing base.
-        write_file(&p("orphan"), 1 << 20, 4, Some(BaseRef { path: p("gone").display().to_string(), id: 7, completion_crc: 7 }));
-        let e = chain_err(open_chain(&p("orphan")));
-        assert!(e.contains("gone") && e.contains("cannot open"), "{e}");
-        // A base of another size.
-        let (hs, cs) = write_file(&p("small"), 2 << 20, 5, None);
-        write_file(&p("mixed"), 1 << 20, 6, Some(link(&p("small"), &hs, &cs)));
-        let e = chain_err(open_chain(&p("mixed")));
-        assert!(e.contains("another size"), "{e}");
-        // Too long: 65 files.
-        let mut prev = write_file(&p("c0"), 1 << 20, 0, None);
-        for i in 1..=MAX_CHAIN {
-            let base = link(&p(&format!("c{}", i - 1)), &prev.0, &prev.1);
-            prev = write_file(&p(&format!("c{i}")), 1 << 20, i as u8, Some(base));
-        }
-        let e = chain_err(open_chain(&p(&format!("c{MAX_CHAIN}"))));
-        assert!(e.contains("longer than 64") && e.contains("merge"), "{e}");
-        assert!(open_chain(&p(&format!("c{}", MAX_CHAIN - 1))).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     fn header() -> Header {
         Header::layout(

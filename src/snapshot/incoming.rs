@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::events::{EventQueue, VmEvent};
-use crate::snapshot::format::{self, Checked};
+use crate::snapshot::format::Checked;
 use crate::snapshot::StateSection;
 
 /// QEMU's MigrationStatus values an incoming VM goes through.
@@ -76,7 +76,7 @@ pub type Slot = Arc<Mutex<Option<(u64, Result<Opened, String>)>>>;
 /// could afford to wait. Every error names the file.
 pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
     let fail = |e: String| format!("state file {}: {e}", path.display());
-    let mut chain = format::open_chain(path)?;
+    let mut chain = super::chain::open_chain(path).map_err(|e| e.to_string())?;
     let checked = chain.remove(0).1;
     let m = &checked.header.machine;
     if m.cpus != target.cpus || m.mem_size != target.mem_size {

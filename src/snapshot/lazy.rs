@@ -36,7 +36,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRe
 
 use super::format::{Checked, PAGE};
 use super::load_error::LoadError;
-use super::restore::{plan, LoadStats, Run, RUN_PAGES};
+use super::restore::{plan_where, LoadStats, Run, RUN_PAGES};
 
 /// Background reads in flight at most.
 const BACKGROUND: usize = 32;
@@ -204,13 +204,23 @@ const QUEUED: u8 = 1;
 const READING: u8 = 2;
 const DONE: u8 = 3;
 
-struct State {
-    uffd: Uffd,
+/// One file of what is loaded (one, or each of an incremental chain).
+struct Source {
+    /// Named in errors when there are several.
+    name: String,
     fd: Fd,
     _file: File,
     punt: bool,
-    runs: Vec<Run>,
+    /// Every page's checksum, by region.
     crcs: Vec<Vec<u32>>,
+}
+
+struct State {
+    uffd: Uffd,
+    sources: Vec<Source>,
+    runs: Vec<Run>,
+    /// The source each run is read from.
+    run_source: Vec<usize>,
     gpas: Vec<u64>,
     /// (host start, host end, run) by host address.
     index: Vec<(usize, usize, usize)>,
@@ -276,7 +286,19 @@ impl State {
 
     /// A run's read came back into buffer `b`: checked, then placed.
     fn landed(&mut self, r: usize, b: usize, res: std::io::Result<usize>) -> Result<(), LoadError> {
+        let e = match self.place(r, b, res) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        Err(match self.sources.len() {
+            1 => e,
+            _ => LoadError::InFile { file: self.sources[self.run_source[r]].name.clone(), source: Box::new(e) },
+        })
+    }
+
+    fn place(&mut self, r: usize, b: usize, res: std::io::Result<usize>) -> Result<(), LoadError> {
         let (off, host, pages, ri, first) = self.runs[r];
+        let crcs = &self.sources[self.run_source[r]].crcs;
         let len = (pages * PAGE) as usize;
         match res {
             Ok(n) if n == len => {}
@@ -288,7 +310,7 @@ impl State {
             // SAFETY: inside buffer `b` of the pool this thread mapped; the
             // read into it has completed.
             let page = unsafe { std::slice::from_raw_parts((buf + (k * PAGE) as usize) as *const u8, PAGE as usize) };
-            if crc32c::crc32c(page) != self.crcs[ri][(first + k) as usize] {
+            if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
                 return Err(LoadError::Checksum(self.gpas[ri] + (first + k) * PAGE));
             }
         }
@@ -314,7 +336,8 @@ fn issue(ring: &mut Ring, st: &St) {
             };
             s.state[r] = READING;
             let (off, _, pages, _, _) = s.runs[r];
-            (r, b, s.fd, s.punt, off, (pages * PAGE) as usize, s.bufs + b * BUF_LEN)
+            let src = &s.sources[s.run_source[r]];
+            (r, b, src.fd, src.punt, off, (pages * PAGE) as usize, s.bufs + b * BUF_LEN)
         };
         let iov = vec![libc::iovec { iov_base: buf as *mut libc::c_void, iov_len: len }];
         // SAFETY: buffer `b` belongs to this read until its completion
@@ -371,25 +394,50 @@ pub fn spawn(
     ready: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
     streamed: impl FnOnce(LoadStats) + Send + 'static,
 ) -> Result<(), LoadError> {
-    if path.to_str().is_some_and(crate::nfs::is_uri) {
-        return Err(LoadError::Unsupported("a lazy restore needs a local file, not nfs://"));
+    spawn_chain(&[(path.to_path_buf(), checked)], mem, progress, ready, streamed)
+}
+
+/// [`spawn`] for an incremental chain (newest first): a fault, or the
+/// stream, reads each page from the newest file that has it; pages in no
+/// file are zero.
+pub fn spawn_chain(
+    chain: &[(PathBuf, &Checked)],
+    mem: &GuestMemoryMmap,
+    progress: Arc<AtomicU64>,
+    ready: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
+    streamed: impl FnOnce(LoadStats) + Send + 'static,
+) -> Result<(), LoadError> {
+    if chain.iter().any(|(p, _)| p.to_str().is_some_and(crate::nfs::is_uri)) {
+        return Err(LoadError::Unsupported("a lazy restore needs local files, not nfs://"));
     }
-    let (runs, crcs, gpas) = plan(checked, mem)?;
+    let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
+    let owners = super::chain::page_owners(&files);
+    let (mut runs, mut run_source, mut plans) = (Vec::new(), Vec::new(), Vec::new());
+    let mut gpas = Vec::new();
+    let mut direct = true;
+    for (i, (path, c)) in chain.iter().enumerate() {
+        let (r, crcs, g) = plan_where(c, mem, |ri, p| owners[ri][p as usize] == Some(i as u8))?;
+        run_source.extend(std::iter::repeat_n(i, r.len()));
+        runs.extend(r);
+        gpas = g;
+        let (file, d) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => (f, true),
+            Err(_) => (OpenOptions::new().read(true).open(path).map_err(LoadError::io(format!("open {}", path.display())))?, false),
+        };
+        direct &= d;
+        plans.push((path.display().to_string(), file, crcs));
+    }
     let regions: Vec<(usize, usize)> = mem
         .iter()
         .map(|r| r.get_host_address(MemoryRegionAddress(0)).map(|h| (h as usize, r.len() as usize)))
         .collect::<Result<_, _>>()
         .map_err(|e| LoadError::GuestMemory { gpa: 0, reason: e.to_string() })?;
-    let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => (f, true),
-        Err(_) => (OpenOptions::new().read(true).open(path).map_err(LoadError::io("open"))?, false),
-    };
-    let path: PathBuf = path.to_path_buf();
+    let path = chain[0].0.clone();
     std::thread::Builder::new()
         .name("ringvm-uffd".into())
         .spawn(move || {
             let t0 = Instant::now();
-            let st = match setup(file, runs, crcs, gpas, &regions) {
+            let st = match setup(plans, runs, run_source, gpas, &regions) {
                 Ok(s) => s,
                 Err(e) => return ready(Err(e)),
             };
@@ -438,7 +486,13 @@ pub fn spawn(
 
 /// Drops whatever guest RAM holds, registers it with a new userfaultfd,
 /// and sets up the ring and the buffer pool.
-fn setup(file: File, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, regions: &[(usize, usize)]) -> Result<(Ring, St), LoadError> {
+fn setup(
+    files: Vec<(String, File, Vec<Vec<u32>>)>,
+    runs: Vec<Run>,
+    run_source: Vec<usize>,
+    gpas: Vec<u64>,
+    regions: &[(usize, usize)],
+) -> Result<(Ring, St), LoadError> {
     let uffd = Uffd::new()?;
     for &(h, l) in regions {
         // SAFETY: guest RAM (private anonymous) of a VM whose vCPUs are
@@ -456,18 +510,22 @@ fn setup(file: File, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, region
         return Err(LoadError::last_os("staging buffers"));
     }
     let mut ring = Ring::new(128, None).map_err(LoadError::ring)?;
-    let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
-    let punt = super::fsprobe::blocks_inline(&file);
+    let sources = files
+        .into_iter()
+        .map(|(name, file, crcs)| {
+            let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
+            let punt = super::fsprobe::blocks_inline(&file);
+            Source { name, fd, _file: file, punt, crcs }
+        })
+        .collect();
     let mut index: Vec<(usize, usize, usize)> = runs.iter().enumerate().map(|(i, r)| (r.1, r.1 + (r.2 * PAGE) as usize, i)).collect();
     index.sort_unstable();
     let n = runs.len();
     let st = State {
         uffd,
-        fd,
-        _file: file,
-        punt,
+        sources,
         runs,
-        crcs,
+        run_source,
         gpas,
         index,
         state: vec![PENDING; n],

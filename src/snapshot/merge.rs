@@ -6,50 +6,81 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::format::{self, Completion, PAGE};
+use super::chain::ChainError;
+use super::format::{self, Completion, FormatError, PAGE};
+
+/// Why a merge failed; every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("{file}: {source}")]
+    Format {
+        file: String,
+        #[source]
+        source: FormatError,
+    },
+    #[error("{file}: {what}: {source}")]
+    Io {
+        file: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: page at gpa {gpa:#x} fails its checksum")]
+    Checksum { file: String, gpa: u64 },
+    #[error("{0}: not a file name")]
+    NotAFileName(String),
+}
 
 /// Pages read per request while copying.
 const RUN_PAGES: u64 = 256;
 
 /// Merges the chain ending in `path` into `out`; returns (files merged,
 /// bytes of RAM in the result).
-pub fn merge(path: &Path, out: &Path) -> Result<(usize, u64), String> {
-    let mut chain = format::open_chain(path)?;
+pub fn merge(path: &Path, out: &Path) -> Result<(usize, u64), MergeError> {
+    let mut chain = super::chain::open_chain(path)?;
     let owners = {
         let files: Vec<&format::Checked> = chain.iter().map(|(_, c)| c).collect();
-        format::page_owners(&files)
+        super::chain::page_owners(&files)
     };
     let mut header = chain[0].1.header.clone();
     header.base = None;
     header.id = format::new_file_id();
-    let hbytes = header.encode()?;
+    let shown = out.display().to_string();
+    let hbytes = header.encode().map_err(|source| MergeError::Format { file: shown.clone(), source })?;
     let hcrc = u32::from_le_bytes(hbytes[16..20].try_into().unwrap_or_default());
-    let name = out.file_name().ok_or_else(|| format!("{}: not a file name", out.display()))?.to_string_lossy().into_owned();
+    let name = out.file_name().ok_or_else(|| MergeError::NotAFileName(shown.clone()))?.to_string_lossy().into_owned();
     let tmp = out.with_file_name(format!(".{name}.ringvm-merge-{}.tmp", std::process::id()));
-    let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let r = write(&f, &mut chain, &owners, &header, &hbytes, hcrc);
+    let io = |file: &Path, what: &'static str| {
+        let file = file.display().to_string();
+        move |source| MergeError::Io { file, what, source }
+    };
+    let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp, "create"))?;
+    let r = write(&f, &tmp, &mut chain, &owners, &header, &hbytes, hcrc);
     let r = r.and_then(|bytes| {
-        f.sync_all().map_err(|e| format!("fsync: {e}"))?;
-        std::fs::rename(&tmp, out).map_err(|e| format!("rename to {}: {e}", out.display()))?;
+        f.sync_all().map_err(io(&tmp, "fsync"))?;
+        std::fs::rename(&tmp, out).map_err(io(out, "rename into place"))?;
         let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("fsync {}: {e}", dir.display()))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "fsync"))?;
         Ok(bytes)
     });
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r.map(|bytes| (chain.len(), bytes)).map_err(|e| format!("{}: {e}", out.display()))
+    r.map(|bytes| (chain.len(), bytes))
 }
 
 fn write(
     f: &File,
+    tmp: &Path,
     chain: &mut [(std::path::PathBuf, format::Checked)],
     owners: &[Vec<Option<u8>>],
     header: &format::Header,
     hbytes: &[u8],
     hcrc: u32,
-) -> Result<u64, String> {
-    let io = |e: std::io::Error| format!("write: {e}");
+) -> Result<u64, MergeError> {
+    let io = |source: std::io::Error| MergeError::Io { file: tmp.display().to_string(), what: "write", source };
     f.set_len(header.file_size).map_err(io)?;
     f.write_all_at(hbytes, 0).map_err(io)?;
     let mut metas = Vec::new();
@@ -72,12 +103,12 @@ fn write(
             let n = p - start;
             let (src_path, src) = &mut chain[usize::from(i)];
             let b = &mut buf[..(n * PAGE) as usize];
-            src.src.read_exact_at(b, r.offset + start * PAGE).map_err(|e| format!("{}: {e}", src_path.display()))?;
+            src.src.read_exact_at(b, r.offset + start * PAGE).map_err(|source| MergeError::Format { file: src_path.display().to_string(), source })?;
             for k in 0..n {
                 let page = &b[(k * PAGE) as usize..((k + 1) * PAGE) as usize];
                 let want = src.crc(ri, start + k);
                 if crc32c::crc32c(page) != want {
-                    return Err(format!("{}: page at gpa {:#x} fails its checksum", src_path.display(), r.gpa + (start + k) * PAGE));
+                    return Err(MergeError::Checksum { file: src_path.display().to_string(), gpa: r.gpa + (start + k) * PAGE });
                 }
                 let q = start + k;
                 bm[(q / 8) as usize] |= 1 << (q % 8);
@@ -90,12 +121,13 @@ fn write(
         f.write_all_at(&crcs, r.crc_offset).map_err(io)?;
         metas.push((bm, crcs));
     }
-    let (state, state_crc) = format::encode_state(&chain[0].1.state_json, header.state_max)?;
+    let (state, state_crc) =
+        format::encode_state(&chain[0].1.state_json, header.state_max).map_err(|source| MergeError::Format { file: tmp.display().to_string(), source })?;
     f.write_all_at(&state, header.state_offset).map_err(io)?;
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
     let comp = Completion { header_crc: hcrc, state_crc, meta_crc: format::meta_crc(&parts), ram_bytes: pages * PAGE };
     // Everything durable before the record that makes the file valid.
-    f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+    f.sync_data().map_err(|source| MergeError::Io { file: tmp.display().to_string(), what: "fdatasync", source })?;
     f.write_all_at(&comp.encode(), header.completion_offset).map_err(io)?;
     Ok(pages * PAGE)
 }

@@ -3,6 +3,7 @@
 //! logging; a short pause writes what is left, and the vCPU and machine
 //! state. See docs/state-format.md.
 
+pub mod chain;
 pub mod converge;
 pub mod format;
 pub mod fsprobe;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ring::{Fd, Op, Ring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::format::{self, Checked, PAGE};
+use super::format::{Checked, PAGE};
 pub use super::load_error::LoadError;
 
 /// Reads in flight and pages per read. 64 x 2 MiB restored a 7.2 GiB
@@ -74,7 +74,7 @@ pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, Loa
 }
 
 /// [`plan`] for the pages `take(region, page)` picks.
-fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, LoadError> {
+pub(super) fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, LoadError> {
     // Runs of present pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
@@ -118,7 +118,7 @@ pub fn present_bytes(checked: &Checked) -> u64 {
 
 /// Bytes a chain restore reads: every page from the newest file that has it.
 pub fn chain_present_bytes(chain: &[&Checked]) -> u64 {
-    format::page_owners(chain).iter().flatten().filter(|o| o.is_some()).count() as u64 * PAGE
+    super::chain::page_owners(chain).iter().flatten().filter(|o| o.is_some()).count() as u64 * PAGE
 }
 
 /// Restores an incremental chain (newest first): every page is read once,
@@ -132,7 +132,7 @@ pub fn spawn_chain_loader(
     done: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
 ) -> Result<(), LoadError> {
     let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
-    let owners = format::page_owners(&files);
+    let owners = super::chain::page_owners(&files);
     let mut plans = Vec::new();
     for (i, (path, c)) in chain.iter().enumerate() {
         let (runs, crcs, gpas) = plan_where(c, mem, |ri, p| owners[ri][p as usize] == Some(i as u8))?;

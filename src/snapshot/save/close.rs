@@ -1,0 +1,187 @@
+//! The end of a snapshot: state section, metadata, fdatasync, completion
+//! record, fdatasync, then the rename that publishes the file.
+
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use ring::{Fd, Op, Ring};
+
+use super::{nfs, Phase, SaveError, SaveState, Target, J, JOB, SNAPSHOT_SOURCE};
+use crate::events::{SnapshotStep, VmEvent};
+use crate::snapshot::format::{self, Completion};
+use crate::snapshot::target::publish;
+
+/// State section, metadata, fdatasync, completion record, fdatasync.
+pub(super) fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), SaveError> {
+    let j = job.borrow_mut();
+    let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
+    let mut writes = vec![(state, j.p.header.state_offset, "state")];
+    let mut metas = Vec::new();
+    for (r, region) in j.p.header.regions.iter().enumerate() {
+        let bm: Vec<u8> = j.present[r].iter().flat_map(|w| w.to_le_bytes()).take(region.bitmap_len() as usize).collect();
+        let crcs: Vec<u8> = j.crcs[r].iter().flat_map(|c| c.to_le_bytes()).collect();
+        metas.push((bm, crcs, region.bitmap_offset, region.crc_offset));
+    }
+    let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b, _, _)| (a.as_slice(), b.as_slice())).collect();
+    let comp = Completion { header_crc: j.header_crc, state_crc, meta_crc: format::meta_crc(&parts), ram_bytes: j.ram_bytes };
+    for (bm, crcs, bo, co) in metas {
+        writes.push((bm, bo, "bitmap"));
+        writes.push((crcs, co, "checksums"));
+    }
+    let record = comp.encode();
+    let (file_id, record_crc) = (j.p.header.id, comp.record_crc());
+    j.shared.update(|s| {
+        s.file_id = file_id;
+        s.record_crc = record_crc;
+    });
+    let at = j.p.header.completion_offset;
+    if let Target::Nfs { conn, .. } = &j.target {
+        // Every RAM WRITE has been answered. The closing records go
+        // synchronously (a few MiB); the ring stops watching the socket
+        // first so it never services a reply these calls take.
+        nfs::Conn::close(conn, ring);
+        let conn = conn.clone();
+        let mut c = conn.borrow_mut();
+        for (b, off, _) in &writes {
+            c.nfs.write_all_at(b, *off)?;
+        }
+        // COMMIT the UNSTABLE writes, then the record, then COMMIT it: a
+        // file without a durable record is never loadable.
+        c.nfs.commit()?;
+        c.nfs.write_all_at(&record, at)?;
+        c.nfs.commit()?;
+        drop(c);
+        drop(j);
+        end(job);
+        return Ok(());
+    }
+    let Target::File { buffered, punt, .. } = &j.target else { unreachable!("the NFS target returned above") };
+    let (fd, punt) = (Fd::Raw(buffered.as_raw_fd()), *punt);
+    drop(j);
+    // State and metadata through the ring too (punted where the filesystem
+    // would block the submitter): the iothread stays free to take a cancel
+    // while a slow target works through them.
+    let pending = Rc::new(std::cell::Cell::new(writes.len()));
+    for (b, off, what) in writes {
+        let (job2, pending2, mut record) = (job.clone(), pending.clone(), record.clone());
+        let done = move |ring: &mut Ring, c: ring::Completion| {
+            if let Err(e) = c.result {
+                job2.borrow_mut().fail(SaveError::io(what)(e));
+            }
+            pending2.set(pending2.get() - 1);
+            if pending2.get() == 0 {
+                commit(&job2, ring, fd, std::mem::take(&mut record), at);
+            }
+        };
+        if punt {
+            ring.submit_async(SNAPSHOT_SOURCE, Op::write(fd, b, off), done);
+        } else {
+            ring.submit(SNAPSHOT_SOURCE, Op::write(fd, b, off), done);
+        }
+    }
+    Ok(())
+}
+
+/// The metadata is written: fdatasync, completion record, fdatasync.
+fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
+    {
+        let j = job.borrow();
+        if j.failed || j.phase == Phase::Done {
+            drop(j);
+            return end(job);
+        }
+    }
+    // Deleted or replaced while closing: no completion record.
+    let checked = job.borrow().check_file();
+    if let Err(e) = checked {
+        job.borrow_mut().fail(e);
+        return end(job);
+    }
+    // Durable data first, then the record, then the record durable: a file
+    // without a durable record is never loadable.
+    let (j1, j2, j3) = (job.clone(), job.clone(), job.clone());
+    ring.submit_linked(
+        SNAPSHOT_SOURCE,
+        vec![
+            (
+                Op::Fsync { fd, datasync: true },
+                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                    if let Err(e) = c.result {
+                        j1.borrow_mut().fail(SaveError::io("fdatasync")(e));
+                    }
+                }),
+            ),
+            (
+                Op::write(fd, record, at),
+                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                    if let Err(e) = c.result {
+                        if e.raw_os_error() != Some(libc::ECANCELED) {
+                            j2.borrow_mut().fail(SaveError::io("write completion record")(e));
+                        }
+                    }
+                }),
+            ),
+            (
+                Op::Fsync { fd, datasync: true },
+                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                    if let Err(e) = c.result {
+                        if e.raw_os_error() != Some(libc::ECANCELED) {
+                            j3.borrow_mut().fail(SaveError::io("fdatasync")(e));
+                        }
+                    }
+                    end(&j3);
+                }),
+            ),
+        ],
+    );
+}
+
+/// Final status and the Done event; the job is dropped.
+pub(super) fn end(job: &J) {
+    let mut j = job.borrow_mut();
+    if j.phase == Phase::Done {
+        return;
+    }
+    let was_paused = j.phase == Phase::Final || j.phase == Phase::WaitPause;
+    j.phase = Phase::Done;
+    let mut leftover = None;
+    match &j.target {
+        Target::File { tmp, dest, .. } => {
+            let (tmp, dest) = (tmp.clone(), dest.clone());
+            if j.failed {
+                leftover = Some(tmp);
+            } else if let Err(e) = publish(&tmp, &dest) {
+                j.fail(SaveError::Publish { from: tmp.display().to_string(), to: dest.display().to_string(), source: e });
+                leftover = Some(tmp);
+            }
+        }
+        Target::Nfs { conn, tmp, dest, .. } => {
+            let (conn, tmp, dest) = (conn.clone(), tmp.clone(), dest.clone());
+            // (The NFS URI travels as a path; the reaper knows the scheme.)
+            if j.failed {
+                leftover = Some(tmp.to_string().into());
+            } else if let Err(e) = conn.borrow().nfs.rename(&tmp.file, &dest.file) {
+                j.fail(e.into());
+                leftover = Some(tmp.to_string().into());
+            }
+        }
+    }
+    let (failed, ram) = (j.failed, j.ram_bytes);
+    j.shared.update(|s| {
+        s.leftover = leftover;
+        if !failed {
+            s.state = SaveState::Completed;
+        }
+        s.bytes = ram;
+        if let Some(t) = s.started {
+            s.total_ms = t.elapsed().as_millis() as u64;
+        }
+    });
+    if was_paused {
+        // The control thread may be holding the vCPUs for us.
+        j.events.push(VmEvent::Snapshot(SnapshotStep::Resume));
+    }
+    j.events.push(VmEvent::Snapshot(SnapshotStep::Done));
+    drop(j);
+    JOB.with(|s| *s.borrow_mut() = None);
+}
