@@ -343,7 +343,7 @@ impl Vm {
         self.machine.restore_state(&section.machine)?;
         self.vcpus.restore_state(section.vcpus)?;
         if let Some(v) = &section.serial {
-            self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(v).map_err(Error::Config)?;
+            self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(v).map_err(|e| Error::Config(e.to_string()))?;
         }
         self.storage.restore_state(&section.devices).map_err(Error::Config)
     }

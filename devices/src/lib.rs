@@ -9,6 +9,7 @@ pub mod bus;
 pub mod dirty;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod ratelimit;
 pub mod scsi;
 pub mod virtio;

@@ -4,7 +4,7 @@
 //! incremental one's time and bytes against the full one's, and restoring
 //! the chain against restoring the file `ringvm state merge` makes of it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -18,13 +18,13 @@ use crate::Ctx;
 /// The guest rewrites pages round-robin at this rate (MiB/s).
 const RATE: u64 = 100;
 
-struct One {
-    full_ms: f64,
-    full_mb: f64,
-    inc_ms: f64,
-    inc_mb: f64,
-    inc_file_mib: f64,
-    chain_restore_ms: f64,
+pub struct One {
+    pub full_ms: f64,
+    pub full_mb: f64,
+    pub inc_ms: f64,
+    pub inc_mb: f64,
+    pub inc_file_mib: f64,
+    pub chain_restore_ms: f64,
     merged_restore_ms: f64,
     /// Pages the guest rewrote per second, untracked and while tracked.
     rate_untracked: f64,
@@ -50,15 +50,27 @@ fn used_mib(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
-fn once(c: &Ctx, dir: &Path, mem_mib: u64, pct: u64) -> Result<One> {
+/// Where [`once`] puts its files: the full and incremental state files
+/// (local paths or `nfs://` URIs), the local file behind each (for its
+/// size and to drop it from the page cache), the merged file's local path
+/// (None: no merge), and the network namespace ringvm runs in.
+pub struct Target<'a> {
+    pub full: PathBuf,
+    pub inc: PathBuf,
+    pub on_disk: &'a dyn Fn(&Path) -> PathBuf,
+    pub merged: Option<PathBuf>,
+    pub ns: Option<&'a str>,
+}
+
+pub fn once(c: &Ctx, t: &Target, mem_mib: u64, pct: u64) -> Result<One> {
     let fill = mem_mib * 9 / 10;
-    let (full, inc, merged) = (dir.join("full.state"), dir.join("inc.state"), dir.join("merged.state"));
-    for f in [&full, &inc, &merged] {
+    let (full, inc) = (&t.full, &t.inc);
+    for f in [full, inc].into_iter().map(|f| (t.on_disk)(f)).chain(t.merged.clone()) {
         let _ = std::fs::remove_file(f);
     }
     let sock = c.dir.join("inc.sock");
     let _ = std::fs::remove_file(&sock);
-    let mut child = command(None, &c.bin)
+    let mut child = command(t.ns, &c.bin)
         .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
         .arg(&c.guest)
         .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE} beat=100"), "--qmp"])
@@ -106,7 +118,7 @@ fn once(c: &Ctx, dir: &Path, mem_mib: u64, pct: u64) -> Result<One> {
             full_mb: mb(&f),
             inc_ms: ms(&i),
             inc_mb: mb(&i),
-            inc_file_mib: used_mib(&inc),
+            inc_file_mib: used_mib(&(t.on_disk)(inc)),
             chain_restore_ms: 0.0,
             merged_restore_ms: 0.0,
             rate_untracked,
@@ -115,22 +127,100 @@ fn once(c: &Ctx, dir: &Path, mem_mib: u64, pct: u64) -> Result<One> {
     })();
     reap(child)?;
     let mut one = r?;
-    let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(&inc).arg("--out").arg(&merged).output()?;
-    if !m.status.success() {
-        bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
+    if let Some(merged) = &t.merged {
+        let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(inc).arg("--out").arg(merged).output()?;
+        if !m.status.success() {
+            bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
+        }
+        uncache(merged);
     }
-    for f in [&full, &inc, &merged] {
-        uncache(f);
+    for f in [full, inc] {
+        uncache(&(t.on_disk)(f));
     }
-    one.chain_restore_ms = restore(None, &c.bin, &c.dir, &inc, &["--restore-ram", "read"])?.0;
-    one.merged_restore_ms = restore(None, &c.bin, &c.dir, &merged, &["--restore-ram", "read"])?.0;
+    one.chain_restore_ms = restore(t.ns, &c.bin, &c.dir, inc, &["--restore-ram", "read"])?.0;
+    if let Some(merged) = &t.merged {
+        one.merged_restore_ms = restore(None, &c.bin, &c.dir, merged, &["--restore-ram", "read"])?.0;
+    }
+    for f in [full, inc].into_iter().map(|f| (t.on_disk)(f)).chain(t.merged.clone()) {
+        let _ = std::fs::remove_file(f);
+    }
     Ok(one)
+}
+
+/// A chain `depth` increments deep: a full snapshot with `"track": true`,
+/// then `depth` increments each against the last, the guest rewriting 1%
+/// of its RAM in use before each. Restoring the chain vs the merged file,
+/// for each of `depths` (every one at most the last).
+fn deep_once(c: &Ctx, dir: &Path, mem_mib: u64, depths: &[usize]) -> Result<Vec<(usize, f64, f64)>> {
+    let fill = mem_mib * 9 / 10;
+    let deepest = depths.iter().copied().max().unwrap_or(1);
+    let name = |i: usize| dir.join(if i == 0 { "d-full.state".to_string() } else { format!("d-inc{i}.state") });
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let sock = c.dir.join("deep.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = command(None, &c.bin)
+        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .arg(&c.guest)
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE}"), "--qmp"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains("fill done") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let r = (|| -> Result<()> {
+        rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
+        let mut q = qmp(&sock)?;
+        for i in 0..=deepest {
+            let args = match i {
+                0 => json!({"statefile": name(0), "track": true}),
+                _ => json!({"statefile": name(i), "base": name(i - 1), "track": true}),
+            };
+            ok(&mut q, json!({"execute": "savevm-start", "arguments": args}))?;
+            savevm_completed(&mut q)?;
+            ok(&mut q, json!({"execute": "savevm-end"}))?;
+            std::thread::sleep(Duration::from_secs_f64(fill as f64 * 0.01 / RATE as f64));
+        }
+        let _ = cmd(&mut q, json!({"execute": "quit"}));
+        Ok(())
+    })();
+    reap(child)?;
+    r?;
+    let mut rows = Vec::new();
+    for &d in depths {
+        let merged = dir.join(format!("d-merged{d}.state"));
+        let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(name(d)).arg("--out").arg(&merged).output()?;
+        if !m.status.success() {
+            bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
+        }
+        for i in 0..=d {
+            uncache(&name(i));
+        }
+        uncache(&merged);
+        let chain = restore(None, &c.bin, &c.dir, &name(d), &["--restore-ram", "read"])?.0;
+        let one = restore(None, &c.bin, &c.dir, &merged, &["--restore-ram", "read"])?.0;
+        rows.push((d, chain, one));
+        let _ = std::fs::remove_file(&merged);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(rows)
 }
 
 pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     let mem_mib = c.sizes.as_ref().and_then(|s| s.first().copied()).unwrap_or(if c.quick { 512 } else { 1024 });
     let pcts = [1u64, 10, 50];
-    r.begin("incremental", (pcts.len() * c.reps) as u64);
+    let depths: &[usize] = if c.quick { &[4] } else { &[4, 16] };
+    r.begin("incremental", ((pcts.len() + 1) * c.reps) as u64);
     let dir = c.scratch()?.join("incremental");
     std::fs::create_dir_all(&dir)?;
     for rep in 0..c.reps {
@@ -140,7 +230,9 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
             }
             r.step(format!("{mem_mib} MiB guest, {pct}% rewritten, rep {rep}"));
             let k = format!("{mem_mib}MiB-{pct}pct");
-            match once(c, &dir, mem_mib, pct) {
+            let local = |p: &Path| p.to_path_buf();
+            let t = Target { full: dir.join("full.state"), inc: dir.join("inc.state"), on_disk: &local, merged: Some(dir.join("merged.state")), ns: None };
+            match once(c, &t, mem_mib, pct) {
                 Ok(o) => {
                     r.sample(&k, "full", "save_ms", "ms", o.full_ms);
                     r.sample(&k, "full", "written_mb", "MB", o.full_mb);
@@ -154,6 +246,20 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                 }
                 Err(e) => r.log(format!("{k}: {e:#}")),
             }
+        }
+        if crate::stopping() {
+            break;
+        }
+        r.step(format!("{mem_mib} MiB guest, chains of {depths:?} increments, rep {rep}"));
+        match deep_once(c, &dir.join("deep"), mem_mib, depths) {
+            Ok(rows) => {
+                for (d, chain, merged) in rows {
+                    let k = format!("{mem_mib}MiB-depth{d}");
+                    r.sample(&k, "chain", "restore_ms", "ms", chain);
+                    r.sample(&k, "merged", "restore_ms", "ms", merged);
+                }
+            }
+            Err(e) => r.log(format!("deep chains: {e:#}")),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -179,6 +285,18 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
         "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`.",
         &["rewritten", "full save ms", "incremental save ms", "inc/full", "full MB", "incremental MB", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
         &rows,
+    );
+    let mut deep_rows = Vec::new();
+    for &d in depths {
+        let k = format!("{mem_mib}MiB-depth{d}");
+        let (ch, m) = (r.stat(&k, "chain", "restore_ms"), r.stat(&k, "merged", "restore_ms"));
+        deep_rows.push(vec![format!("{d} increments ({} files)", d + 1), cell(ch, 0), cell(m, 0), ratio(ch, m)]);
+    }
+    r.table(
+        &format!("Restoring deep chains, {mem_mib} MiB guest, 90% in use"),
+        "A full snapshot with `\"track\": true`, then increments each against the last, the guest rewriting 1% of its RAM in use (at 100 MiB/s) before each. `run -S --loadstate` (`--restore-ram read`: one loader thread per file, each page read once from the newest file that has it) of the chain ending at the given increment vs of the file `ringvm state merge` makes of it, every file dropped from the page cache first; process start until `paused`.",
+        &["chain", "chain restore ms", "merged restore ms", "chain/merged"],
+        &deep_rows,
     );
     let t = |sys: &str| r.stat("tracking", sys, "pages_per_s");
     let (u, tr) = (t("untracked"), t("tracked"));

@@ -220,7 +220,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     // RINGVM_PERF_NFS_DELAY_US: the injected one-way delay (default 500 us).
     let delay_us: u64 = std::env::var("RINGVM_PERF_NFS_DELAY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     let targets: [(&str, Option<u16>); 3] = [("local disk", None), ("nfs:// loopback", Some(NFS_PORT)), ("nfs:// + delay", Some(PROXY_PORT))];
-    r.begin("nfs", (sizes.len() * c.reps * targets.len()) as u64 + 1);
+    r.begin("nfs", (sizes.len() * c.reps * targets.len() + c.reps) as u64 + 1);
     r.step("starting nfs-ganesha in a network namespace");
     let sdir = c.dir.join("nfs");
     std::fs::create_dir_all(&sdir)?;
@@ -268,7 +268,58 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
             }
         }
     }
+    // Incremental snapshots over nfs://, through the delaying proxy: a full
+    // snapshot with "track", 1% of the RAM in use rewritten, then an
+    // increment against it; the chain restored from the server.
+    let mib = sizes[0];
+    for rep in 0..c.reps {
+        if crate::stopping() {
+            break;
+        }
+        r.step(format!("incremental over nfs:// + delay, {mib} MiB, repetition {}/{}", rep + 1, c.reps));
+        let export = server.export.clone();
+        let on_disk = move |p: &Path| {
+            let uri = p.to_string_lossy();
+            let path = uri.split('?').next().unwrap_or_default();
+            export.join(path.rsplit('/').next().unwrap_or_default())
+        };
+        let t = crate::incbench::Target {
+            full: PathBuf::from(server.uri(&format!("full-{rep}.state"), PROXY_PORT)),
+            inc: PathBuf::from(server.uri(&format!("inc-{rep}.state"), PROXY_PORT)),
+            on_disk: &on_disk,
+            merged: None,
+            ns: Some(server.ns.as_str()),
+        };
+        match crate::incbench::once(c, &t, mib, 1) {
+            Ok(o) => {
+                let k = format!("incremental {mib}MiB");
+                r.sample(&k, "full", "save_ms", "ms", o.full_ms);
+                r.sample(&k, "full", "written_mb", "MB", o.full_mb);
+                r.sample(&k, "incremental", "save_ms", "ms", o.inc_ms);
+                r.sample(&k, "incremental", "written_mb", "MB", o.inc_mb);
+                r.sample(&k, "chain", "restore_ms", "ms", o.chain_restore_ms);
+            }
+            Err(e) => r.log(format!("incremental over nfs://: {e:#}")),
+        }
+    }
     drop(server);
+    let k = format!("incremental {mib}MiB");
+    let s = |sys: &str, m: &str| r.stat(&k, sys, m);
+    let inc_row = vec![
+        format!("{} GiB, 1% rewritten", mib as f64 / 1024.0),
+        cell(s("full", "save_ms"), 0),
+        cell(s("full", "written_mb"), 0),
+        cell(s("incremental", "save_ms"), 0),
+        cell(s("incremental", "written_mb"), 0),
+        ratio(s("incremental", "save_ms"), s("full", "save_ms")),
+        cell(s("chain", "restore_ms"), 0),
+    ];
+    r.table(
+        "nfs: incremental snapshots over nfs:// + delay",
+        &format!("The same server through the {delay_us} us proxy. A full snapshot with `\"track\": true` to `nfs://`, the guest rewrites 1% of its RAM in use (at 100 MiB/s), then `savevm-start {{\"base\": full}}` to `nfs://`; then a fresh ringvm restores the two-file chain from the server (`--restore-ram read`, to a paused VM)."),
+        &["guest", "full save ms", "full MB", "incremental save ms", "incremental MB", "inc/full", "chain restore ms"],
+        &[inc_row],
+    );
     let mut rows = vec![];
     for &mib in &sizes {
         for (tname, port) in targets {

@@ -3,7 +3,29 @@
 use std::io::{self, Write};
 
 use crate::bus::BusDevice;
+use crate::persist::{DeviceState, PersistError};
 use crate::Interrupt;
+
+/// The UART in a snapshot: its registers by their 16550 names and the
+/// receive FIFO.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SerialSaved {
+    dll: u8,
+    dlh: u8,
+    ier: u8,
+    iir: u8,
+    lcr: u8,
+    lsr: u8,
+    mcr: u8,
+    msr: u8,
+    scr: u8,
+    fifo: Vec<u8>,
+}
+
+impl DeviceState for SerialSaved {
+    const DEVICE: &'static str = "serial";
+}
 
 /// Where the guest's serial output goes.
 pub enum SerialOutput {
@@ -65,40 +87,43 @@ impl Serial {
     /// The UART's registers and receive FIFO, for a snapshot (version 1).
     pub fn save(&self) -> serde_json::Value {
         let s = self.uart.state();
-        serde_json::json!({
-            "dll": s.baud_divisor_low, "dlh": s.baud_divisor_high, "ier": s.interrupt_enable,
-            "iir": s.interrupt_identification, "lcr": s.line_control, "lsr": s.line_status,
-            "mcr": s.modem_control, "msr": s.modem_status, "scr": s.scratch, "fifo": s.in_buffer,
-        })
+        SerialSaved {
+            dll: s.baud_divisor_low,
+            dlh: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            fifo: s.in_buffer,
+        }
+        .to_value()
     }
 
     /// Loads what [`Serial::save`] produced (untrusted input); the output
     /// stays where it goes now.
-    pub fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
-        let reg = |k: &str| -> Result<u8, String> {
-            v.get(k).and_then(serde_json::Value::as_u64).and_then(|x| u8::try_from(x).ok()).ok_or_else(|| format!("serial state: '{k}' missing or not a byte"))
-        };
-        let fifo: Vec<u8> = match v.get("fifo").and_then(serde_json::Value::as_array) {
-            Some(a) if a.len() <= 64 => {
-                a.iter().map(|x| x.as_u64().and_then(|b| u8::try_from(b).ok())).collect::<Option<_>>().ok_or("serial state: bad FIFO byte")?
-            }
-            _ => return Err("serial state: 'fifo' missing or longer than 64 bytes".into()),
-        };
+    pub fn restore(&mut self, v: &serde_json::Value) -> Result<(), PersistError> {
+        let s = SerialSaved::from_value(v)?;
+        if s.fifo.len() > 64 {
+            return Err(SerialSaved::invalid(format!("a receive FIFO of {} bytes (at most 64)", s.fifo.len())));
+        }
         let state = vm_superio::serial::SerialState {
-            baud_divisor_low: reg("dll")?,
-            baud_divisor_high: reg("dlh")?,
-            interrupt_enable: reg("ier")?,
-            interrupt_identification: reg("iir")?,
-            line_control: reg("lcr")?,
-            line_status: reg("lsr")?,
-            modem_control: reg("mcr")?,
-            modem_status: reg("msr")?,
-            scratch: reg("scr")?,
-            in_buffer: fifo,
+            baud_divisor_low: s.dll,
+            baud_divisor_high: s.dlh,
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scr,
+            in_buffer: s.fifo,
         };
-        let irq = self.uart.interrupt_evt().try_clone().map_err(|e| format!("serial: {e}"))?;
+        let irq = self.uart.interrupt_evt().try_clone().map_err(|e| SerialSaved::invalid(format!("its interrupt eventfd: {e}")))?;
         let mut uart = vm_superio::Serial::from_state(&state, irq, vm_superio::serial::NoEvents, OutWriter(SerialOutput::Sink))
-            .map_err(|e| format!("serial state: {e:?}"))?;
+            .map_err(|e| SerialSaved::invalid(format!("{e:?}")))?;
         std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
         self.uart = uart;
         Ok(())
@@ -164,9 +189,13 @@ mod tests {
         let mut bad = saved.clone();
         bad["fifo"] = serde_json::json!(vec![0; 65]);
         assert!(b.restore(&bad).is_err());
-        bad = saved;
+        bad = saved.clone();
         bad["lcr"] = serde_json::json!(300);
-        assert!(b.restore(&bad).is_err());
+        assert!(matches!(b.restore(&bad), Err(PersistError::Parse { device: "serial", .. })));
+        bad = saved;
+        bad["thr"] = serde_json::json!(1);
+        let e = b.restore(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("serial state: unknown field `thr`"), "{e}");
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub trait VirtioDevice: Send {
         serde_json::Value::Null
     }
     /// Loads what [`VirtioDevice::save`] produced; untrusted input.
-    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), crate::persist::PersistError> {
         Ok(())
     }
     /// The device found a broken queue (DEVICE_NEEDS_RESET).

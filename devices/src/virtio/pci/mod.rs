@@ -302,7 +302,7 @@ impl VirtioPci {
             return Err("the device is already running".into());
         }
         self.config.restore(&st.config)?;
-        self.dev.restore(&st.device)?;
+        self.dev.restore(&st.device).map_err(|e| e.to_string())?;
         self.status = st.status;
         self.generation = st.generation;
         self.device_feature_select = st.device_feature_select;

@@ -2,6 +2,19 @@
 //! queue on its iothread), reset, quiesce and saved state.
 
 use super::*;
+use crate::persist::{DeviceState, PersistError};
+
+/// virtio-scsi's own state in a snapshot: the config fields the driver sets.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScsiState {
+    sense_size: u32,
+    cdb_size: u32,
+}
+
+impl DeviceState for ScsiState {
+    const DEVICE: &'static str = "virtio-scsi";
+}
 
 pub struct VirtioScsi {
     pub(super) disks: Arc<Vec<Disk>>,
@@ -193,17 +206,16 @@ impl VirtioDevice for VirtioScsi {
     }
 
     fn save(&self) -> serde_json::Value {
-        serde_json::json!({ "sense_size": self.sense_size, "cdb_size": self.cdb_size })
+        ScsiState { sense_size: self.sense_size, cdb_size: self.cdb_size }.to_value()
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let get = |k: &str| state.get(k).and_then(serde_json::Value::as_u64).ok_or_else(|| format!("virtio-scsi state: '{k}' missing"));
-        let (sense, cdb) = (get("sense_size")?, get("cdb_size")?);
-        if sense > u64::from(MAX_SENSE_SIZE) || !(6..=u64::from(MAX_CDB_SIZE)).contains(&cdb) {
-            return Err(format!("virtio-scsi state: sense_size {sense} or cdb_size {cdb} out of range"));
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), PersistError> {
+        let s = ScsiState::from_value(state)?;
+        if s.sense_size > MAX_SENSE_SIZE || !(6..=MAX_CDB_SIZE).contains(&s.cdb_size) {
+            return Err(ScsiState::invalid(format!("sense_size {} or cdb_size {} out of range", s.sense_size, s.cdb_size)));
         }
-        self.sense_size = sense as u32;
-        self.cdb_size = cdb as u32;
+        self.sense_size = s.sense_size;
+        self.cdb_size = s.cdb_size;
         Ok(())
     }
 
