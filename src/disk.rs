@@ -11,6 +11,44 @@ use devices::scsi::Lun;
 use devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE};
 use devices::virtio::scsi::{disk_size, Disk, ErrorAction, ErrorControl, Hotplug, VirtioScsi};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
+
+/// What can go wrong with the VM's disks after start-up (reflinks for a
+/// snapshot, unplugging, loading their controllers' saved state).
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reflink {src} to {dst}: the filesystem does not support it ({source}); use XFS or Btrfs, or leave 'disks' out")]
+    ReflinkUnsupported {
+        src: String,
+        dst: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reflink {src} to {dst}: {source}")]
+    Reflink {
+        src: String,
+        dst: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Device '{0}' not found")]
+    NotFound(String),
+    #[error("device_del {device}: {source}")]
+    Unplug {
+        device: String,
+        #[source]
+        source: devices::Error,
+    },
+    #[error("{found} virtio-scsi controller(s) in the state, {have} here")]
+    Controllers { found: usize, have: usize },
+    #[error("virtio-scsi controller {index}: {reason}")]
+    ControllerState { index: usize, reason: String },
+}
 use ring::{IoThread, Remote};
 
 use crate::error::{self, Error, Result};
@@ -196,12 +234,12 @@ impl Storage {
     }
 
     /// Loads saved controller states (after guest RAM was loaded).
-    pub fn restore_state(&self, states: &[VirtioPciState]) -> std::result::Result<(), String> {
+    pub fn restore_state(&self, states: &[VirtioPciState]) -> std::result::Result<(), DiskError> {
         if states.len() != self.controllers.len() {
-            return Err(format!("{} virtio-scsi controller(s) in the state, {} here", states.len(), self.controllers.len()));
+            return Err(DiskError::Controllers { found: states.len(), have: self.controllers.len() });
         }
         for (i, (c, st)) in self.controllers.iter().zip(states).enumerate() {
-            c.lock().unwrap_or_else(|e| e.into_inner()).restore_state(st).map_err(|e| format!("virtio-scsi controller {i}: {e}"))?;
+            c.lock().unwrap_or_else(|e| e.into_inner()).restore_state(st).map_err(|reason| DiskError::ControllerState { index: i, reason })?;
         }
         Ok(())
     }
@@ -210,10 +248,10 @@ impl Storage {
     /// [`Hotplug::unplug_async`]; `done` runs when it is complete. The
     /// disk is gone from `blocks` (and from snapshots' disk lists, as an
     /// empty slot) from now on.
-    pub fn unplug(&mut self, device: &str, done: impl FnOnce() + Send + 'static) -> std::result::Result<BlockInfo, String> {
-        let i = self.blocks.iter().position(|b| b.device == device && !b.removed).ok_or_else(|| format!("Device '{device}' not found"))?;
+    pub fn unplug(&mut self, device: &str, done: impl FnOnce() + Send + 'static) -> std::result::Result<BlockInfo, DiskError> {
+        let i = self.blocks.iter().position(|b| b.device == device && !b.removed).ok_or_else(|| DiskError::NotFound(device.to_string()))?;
         let b = &self.blocks[i];
-        self.hotplug[b.controller].unplug_async(b.lun, done).map_err(|e| format!("device_del {device}: {e}"))?;
+        self.hotplug[b.controller].unplug_async(b.lun, done).map_err(|source| DiskError::Unplug { device: device.to_string(), source })?;
         self.blocks[i].removed = true;
         Ok(self.blocks[i].clone())
     }
@@ -231,19 +269,22 @@ impl Storage {
 }
 
 /// Makes `dst` a reflink (FICLONE) of `src`: same content, shared extents.
-pub fn reflink(src: &str, dst: &str) -> std::result::Result<(), String> {
+pub fn reflink(src: &str, dst: &str) -> std::result::Result<(), DiskError> {
     use std::os::fd::AsRawFd;
-    let s = File::open(src).map_err(|e| format!("{src}: {e}"))?;
-    let d = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(dst).map_err(|e| format!("{dst}: {e}"))?;
+    let open_err = |path: &str| {
+        let path = path.to_string();
+        move |source| DiskError::Open { path, source }
+    };
+    let s = File::open(src).map_err(open_err(src))?;
+    let d = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(dst).map_err(open_err(dst))?;
     // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
     let r = unsafe { libc::ioctl(d.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) };
     if r != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {
-                format!("cannot reflink {src} to {dst}: the filesystem does not support it ({e}); use XFS or Btrfs, or leave 'disks' out")
-            }
-            _ => format!("reflink {src} to {dst}: {e}"),
+        let source = std::io::Error::last_os_error();
+        let (src, dst) = (src.to_string(), dst.to_string());
+        return Err(match source.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) => DiskError::ReflinkUnsupported { src, dst, source },
+            _ => DiskError::Reflink { src, dst, source },
         });
     }
     Ok(())

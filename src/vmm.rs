@@ -345,13 +345,13 @@ impl Vm {
         if let Some(v) = &section.serial {
             self.machine.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(v).map_err(|e| Error::Config(e.to_string()))?;
         }
-        self.storage.restore_state(&section.devices).map_err(Error::Config)
+        self.storage.restore_state(&section.devices).map_err(|e| Error::Config(e.to_string()))
     }
 
     /// Starts unplugging a disk by its query-block name; `done` runs
     /// (on an iothread) once its requests in flight are done and its file
     /// is closed.
-    pub fn unplug_disk(&mut self, device: &str, done: impl FnOnce() + Send + 'static) -> std::result::Result<crate::disk::BlockInfo, String> {
+    pub fn unplug_disk(&mut self, device: &str, done: impl FnOnce() + Send + 'static) -> std::result::Result<crate::disk::BlockInfo, crate::disk::DiskError> {
         self.storage.unplug(device, done)
     }
 

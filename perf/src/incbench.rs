@@ -50,6 +50,43 @@ fn used_mib(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
+/// The test guest in ringvm with `mem_mib` of RAM, 90% of it filled and
+/// then rewritten round-robin at [`RATE`], a heartbeat every 100 ms, QMP on
+/// `sock`: the child, a receiver that fires once the fill is done, and the
+/// heartbeat lines seen so far.
+type Beats = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn start_guest(c: &Ctx, ns: Option<&str>, sock: &Path, mem_mib: u64) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
+    let fill = mem_mib * 9 / 10;
+    let mut child = command(ns, &c.bin)
+        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .arg(&c.guest)
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE} beat=100"), "--qmp"])
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = Beats::default();
+    let seen = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains("fill done") {
+                let _ = tx.send(());
+            }
+            if l.contains("beat") {
+                if let Ok(mut v) = seen.lock() {
+                    v.push(l);
+                }
+            }
+        }
+    });
+    Ok((child, rx, lines))
+}
+
 /// Where [`once`] puts its files: the full and incremental state files
 /// (local paths or `nfs://` URIs), the local file behind each (for its
 /// size and to drop it from the page cache), the merged file's local path
@@ -70,32 +107,7 @@ pub fn once(c: &Ctx, t: &Target, mem_mib: u64, pct: u64) -> Result<One> {
     }
     let sock = c.dir.join("inc.sock");
     let _ = std::fs::remove_file(&sock);
-    let mut child = command(t.ns, &c.bin)
-        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
-        .arg(&c.guest)
-        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE} beat=100"), "--qmp"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = lines.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if l.contains("fill done") {
-                let _ = tx.send(());
-            }
-            if l.contains("beat") {
-                if let Ok(mut v) = seen.lock() {
-                    v.push(l);
-                }
-            }
-        }
-    });
+    let (child, rx, lines) = start_guest(c, t.ns, &sock, mem_mib)?;
     let r = (|| -> Result<One> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
@@ -159,25 +171,7 @@ fn deep_once(c: &Ctx, dir: &Path, mem_mib: u64, depths: &[usize]) -> Result<Vec<
     std::fs::create_dir_all(dir)?;
     let sock = c.dir.join("deep.sock");
     let _ = std::fs::remove_file(&sock);
-    let mut child = command(None, &c.bin)
-        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
-        .arg(&c.guest)
-        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE}"), "--qmp"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if l.contains("fill done") {
-                let _ = tx.send(());
-            }
-        }
-    });
+    let (child, rx, _) = start_guest(c, None, &sock, mem_mib)?;
     let r = (|| -> Result<()> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;

@@ -140,7 +140,7 @@ impl Controller {
         // its file closed). The control loop never waits for it.
         let events = self.vm.events().clone();
         let name = id.clone();
-        self.vm.unplug_disk(&id, move || events.push(VmEvent::DeviceDeleted(name))).map_err(QmpError::generic)?;
+        self.vm.unplug_disk(&id, move || events.push(VmEvent::DeviceDeleted(name)))?;
         Ok(json!({}))
     }
 }

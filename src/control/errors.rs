@@ -5,8 +5,9 @@
 //! (the classes QEMU uses for other cases, such as DeviceNotFound, are
 //! chosen where those cases are found).
 
+use crate::disk::DiskError;
 use crate::nfs::NfsError;
-use crate::qmp::QmpError;
+use crate::qmp::{ErrorClass, QmpError};
 use crate::snapshot::format::FormatError;
 use crate::snapshot::load_error::LoadError;
 use crate::snapshot::uri::UriError;
@@ -22,3 +23,13 @@ macro_rules! generic {
 }
 
 generic!(UriError, NfsError, FormatError, LoadError);
+
+impl From<DiskError> for QmpError {
+    fn from(e: DiskError) -> QmpError {
+        let class = match e {
+            DiskError::NotFound(_) => ErrorClass::DeviceNotFound,
+            _ => ErrorClass::GenericError,
+        };
+        QmpError { class, desc: e.to_string() }
+    }
+}

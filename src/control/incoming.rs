@@ -67,50 +67,30 @@ impl Controller {
         let mut total = restore::present_bytes(&checked);
         let events = self.vm.events().clone();
         let shown = path.display().to_string();
-        if !bases.is_empty() {
-            // An incremental chain: read, or lazily (a mapping is of one file).
-            if self.restore_ram == RamMode::Map {
-                return Err(format!(
-                    "state file {shown}: it is incremental ({} base file(s)); --restore-ram map maps one file: merge it first (ringvm state merge) or restore with --restore-ram read or lazy",
-                    bases.len()
-                ));
-            }
-            let mut chain: Vec<(std::path::PathBuf, &format::Checked)> = vec![(path.clone(), &checked)];
-            chain.extend(bases.iter().map(|(p, c)| (p.clone(), c)));
-            total = restore::chain_present_bytes(&chain.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-            if self.restore_ram == RamMode::Lazy {
-                let ev2 = events.clone();
-                crate::snapshot::lazy::spawn_chain(
-                    &chain,
-                    &self.vm.machine().mem,
-                    self.incoming.progress.clone(),
-                    move |r| events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}")))),
-                    move |s| ev2.push(VmEvent::Streamed(s.bytes)),
-                )
-                .map_err(|e| format!("state file {}: {e}", path.display()))?;
-            } else {
-                restore::spawn_chain_loader(&chain, &self.vm.machine().mem, self.incoming.progress.clone(), move |r| {
-                    events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
-                })
-                .map_err(|e| format!("state file {}: {e}", path.display()))?;
-            }
-        } else if self.restore_ram == RamMode::Lazy {
-            let ev2 = events.clone();
-            crate::snapshot::lazy::spawn(
-                &path,
-                &checked,
-                &self.vm.machine().mem,
-                self.incoming.progress.clone(),
-                move |r| events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}")))),
-                move |s| ev2.push(VmEvent::Streamed(s.bytes)),
-            )
-            .map_err(|e| format!("state file {}: {e}", path.display()))?;
-        } else {
-            restore::spawn_loader(&path, &checked, &self.vm.machine().mem, self.restore_ram, self.incoming.progress.clone(), move |r| {
-                events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))));
-            })
-            .map_err(|e| format!("state file {}: {e}", path.display()))?;
+        // An incremental chain: read, or lazily (a mapping is of one file).
+        if !bases.is_empty() && self.restore_ram == RamMode::Map {
+            return Err(format!(
+                "state file {shown}: it is incremental ({} base file(s)); --restore-ram map maps one file: merge it first (ringvm state merge) or restore with --restore-ram read or lazy",
+                bases.len()
+            ));
         }
+        let mut chain: Vec<(std::path::PathBuf, &format::Checked)> = vec![(path.clone(), &checked)];
+        chain.extend(bases.iter().map(|(p, c)| (p.clone(), c)));
+        if chain.len() > 1 {
+            total = restore::chain_present_bytes(&chain.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+        }
+        let ev2 = events.clone();
+        let restored = move |r: std::result::Result<restore::LoadStats, restore::LoadError>| {
+            events.push(VmEvent::Restored(r.map(|s| s.bytes).map_err(|e| format!("state file {shown}: {e}"))))
+        };
+        let mem = &self.vm.machine().mem;
+        let progress = self.incoming.progress.clone();
+        match self.restore_ram {
+            RamMode::Lazy => crate::snapshot::lazy::spawn(&chain, mem, progress, restored, move |s| ev2.push(VmEvent::Streamed(s.bytes))),
+            _ if chain.len() > 1 => restore::spawn_chain_loader(&chain, mem, progress, restored),
+            mode => restore::spawn_loader(&path, &checked, mem, mode, progress, restored),
+        }
+        .map_err(|e| format!("state file {}: {e}", path.display()))?;
         self.incoming.section = Some(section);
         self.incoming.path = Some(path);
         self.incoming.total = total;

@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -381,26 +381,15 @@ fn arm(ring: &mut Ring, st: &St, poll: &Rc<std::cell::Cell<Option<ring::OpId>>>)
     poll.set(Some(id));
 }
 
-/// Starts a lazy restore of `path` into `mem` (the vCPUs parked, guest RAM
-/// untouched since it was mapped). `ready` runs on the fault thread once
-/// faults are served: the VM may apply its state and run. `streamed` runs
-/// once every page is in and the file is no longer needed. A failure after
-/// `ready` ends the process (see the module comment).
+/// Starts a lazy restore of `chain` (one file, or an incremental chain
+/// newest first) into `mem` (the vCPUs parked, guest RAM untouched since
+/// it was mapped). A fault, or the stream, reads each page from the newest
+/// file that has it; pages in no file are zero. `ready` runs on the fault
+/// thread once faults are served: the VM may apply its state and run.
+/// `streamed` runs once every page is in and the files are no longer
+/// needed. A failure after `ready` ends the process (see the module
+/// comment).
 pub fn spawn(
-    path: &Path,
-    checked: &Checked,
-    mem: &GuestMemoryMmap,
-    progress: Arc<AtomicU64>,
-    ready: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
-    streamed: impl FnOnce(LoadStats) + Send + 'static,
-) -> Result<(), LoadError> {
-    spawn_chain(&[(path.to_path_buf(), checked)], mem, progress, ready, streamed)
-}
-
-/// [`spawn`] for an incremental chain (newest first): a fault, or the
-/// stream, reads each page from the newest file that has it; pages in no
-/// file are zero.
-pub fn spawn_chain(
     chain: &[(PathBuf, &Checked)],
     mem: &GuestMemoryMmap,
     progress: Arc<AtomicU64>,
