@@ -32,13 +32,13 @@ pub struct One {
 }
 
 /// The guest's page count from its last heartbeat line.
-fn last_beat_pages(lines: &std::sync::Mutex<Vec<String>>) -> Option<u64> {
+pub(crate) fn last_beat_pages(lines: &std::sync::Mutex<Vec<String>>) -> Option<u64> {
     let l = lines.lock().ok()?;
     l.iter().rev().find_map(|l| l.split("pages=").nth(1)).and_then(|p| p.trim().parse().ok())
 }
 
 /// Pages the guest rewrote per second over `secs` of heartbeats.
-fn rewrite_rate(lines: &std::sync::Mutex<Vec<String>>, secs: f64) -> f64 {
+pub(crate) fn rewrite_rate(lines: &std::sync::Mutex<Vec<String>>, secs: f64) -> f64 {
     let t0 = std::time::Instant::now();
     let a = last_beat_pages(lines).unwrap_or(0);
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -50,23 +50,36 @@ fn used_mib(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
-/// The test guest in ringvm with `mem_mib` of RAM, 90% of it filled and
-/// then rewritten round-robin at [`RATE`], a heartbeat every 100 ms, QMP on
-/// `sock`: the child, a receiver that fires once the fill is done, and the
-/// heartbeat lines seen so far.
-type Beats = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+/// The heartbeat lines a guest printed so far.
+pub(crate) type Beats = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
-fn start_guest(c: &Ctx, ns: Option<&str>, sock: &Path, mem_mib: u64) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
+/// The test guest in ringvm with `mem_mib` of RAM, 90% of it filled and
+/// then rewritten round-robin at `rate` MiB/s (0: as fast as it can), a
+/// heartbeat every 100 ms, QMP on `sock`: the child, a receiver that fires
+/// once the fill is done, and the heartbeat lines seen so far.
+pub(crate) fn start_guest(
+    c: &Ctx,
+    ns: Option<&str>,
+    sock: &Path,
+    mem_mib: u64,
+    rate: u64,
+) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
     let fill = mem_mib * 9 / 10;
-    let mut child = command(ns, &c.bin)
+    let child = command(ns, &c.bin)
         .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
         .arg(&c.guest)
-        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={RATE} beat=100"), "--qmp"])
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate} beat=100"), "--qmp"])
         .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
+    watch_beats(child)
+}
+
+/// Reads a guest's serial output in the background: the fill's end and
+/// its heartbeats.
+pub(crate) fn watch_beats(mut child: std::process::Child) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
     let out = child.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     let lines = Beats::default();
@@ -107,7 +120,7 @@ pub fn once(c: &Ctx, t: &Target, mem_mib: u64, pct: u64) -> Result<One> {
     }
     let sock = c.dir.join("inc.sock");
     let _ = std::fs::remove_file(&sock);
-    let (child, rx, lines) = start_guest(c, t.ns, &sock, mem_mib)?;
+    let (child, rx, lines) = start_guest(c, t.ns, &sock, mem_mib, RATE)?;
     let r = (|| -> Result<One> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
@@ -171,7 +184,7 @@ fn deep_once(c: &Ctx, dir: &Path, mem_mib: u64, depths: &[usize]) -> Result<Vec<
     std::fs::create_dir_all(dir)?;
     let sock = c.dir.join("deep.sock");
     let _ = std::fs::remove_file(&sock);
-    let (child, rx, _) = start_guest(c, None, &sock, mem_mib)?;
+    let (child, rx, _) = start_guest(c, None, &sock, mem_mib, RATE)?;
     let r = (|| -> Result<()> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;

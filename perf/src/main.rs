@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bootbench;
+mod convbench;
 mod fio;
 mod incbench;
 mod linuxbench;
@@ -75,6 +76,9 @@ enum Which {
     Nfs,
     /// Incremental snapshots against full ones, and chain restores.
     Incremental,
+    /// Snapshots of a guest dirtying faster than a slow target: ringvm
+    /// with and without auto-converge vs QEMU with and without.
+    Converge,
     /// Every suite, in this order.
     All,
 }
@@ -90,6 +94,7 @@ impl Which {
             Which::Snapshot => "snapshot",
             Which::Nfs => "nfs",
             Which::Incremental => "incremental",
+            Which::Converge => "converge",
             Which::All => "all",
         }
     }
@@ -207,6 +212,7 @@ fn run_suite(w: Which, c: &Ctx, r: &mut Report) -> Result<()> {
         Which::Snapshot => snapbench::suite(c, r),
         Which::Nfs => nfsbench::suite(c, r),
         Which::Incremental => incbench::suite(c, r),
+        Which::Converge => convbench::suite(c, r),
         Which::All => unreachable!(),
     }
 }
@@ -253,7 +259,7 @@ fn main() -> Result<()> {
         r.log("fio unavailable: every fio column (the physical limit) is reported as skipped");
     }
     let suites = if cli.suite == Which::All {
-        vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs, Which::Incremental]
+        vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs, Which::Incremental, Which::Converge]
     } else {
         vec![cli.suite]
     };

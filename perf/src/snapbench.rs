@@ -344,7 +344,7 @@ impl QemuMode {
 /// does the same filling and dirtying.
 /// QEMU 10 with the test guest, one vCPU, `mem_mib` of RAM and QMP on
 /// `sock`; the caller adds the rest.
-fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
+pub(crate) fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
         .arg(guest)
@@ -356,7 +356,7 @@ fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
 }
 
 /// mapped-ram + multifd (4 channels) + direct-io, on both ends.
-fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) -> Result<()> {
+pub(crate) fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) -> Result<()> {
     if mode == QemuMode::MappedRam {
         let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
         ok(q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
@@ -443,13 +443,13 @@ pub fn qemu_restore(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, mode: Q
 
 /// ringvm-faultfs mounted as an NFS stand-in: a FUSE passthrough to a
 /// directory on the local disk that answers every read and write late.
-struct Fuse {
+pub(crate) struct Fuse {
     child: std::process::Child,
     mnt: std::path::PathBuf,
 }
 
 impl Fuse {
-    fn mount(faultfs: &Path, back: &Path, mnt: &Path, delay_us: u64) -> Result<Fuse> {
+    pub(crate) fn mount(faultfs: &Path, back: &Path, mnt: &Path, delay_us: u64) -> Result<Fuse> {
         let _ = Command::new("umount").arg("-l").arg(mnt).output();
         std::fs::create_dir_all(back)?;
         std::fs::create_dir_all(mnt)?;
