@@ -8,15 +8,14 @@
 //! pause, and what the guest kept of its speed meanwhile.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::incbench::{last_beat_pages, rewrite_rate, start_guest, watch_beats, Beats};
+use crate::incbench::{last_beat_pages, rewrite_rate, start_guest};
 use crate::report::{cell, Report};
-use crate::snapbench::{cmd, ok, qemu_command, qemu_set_mode, qmp, reap, Fuse, QemuMode};
+use crate::snapbench::{cmd, ok, qemu_guest, qemu_set_mode, qmp, reap, Beats, Fuse, QemuMode};
 use crate::Ctx;
 
 const SYSTEMS: [&str; 4] = ["ringvm", "ringvm auto", "QEMU mapped-ram", "QEMU mapped-ram + auto-converge"];
@@ -92,12 +91,7 @@ fn qemu(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Result
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * 9 / 10;
-    let child = qemu_command(&c.guest, mem_mib, &sock)
-        .args(["-append", &format!("work=mem mib={fill} secs=inf rate=0 beat=100"), "-serial", "stdio"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("qemu-system-x86_64")?;
-    let (child, rx, beats) = watch_beats(child)?;
+    let (child, rx, beats) = qemu_guest(&c.guest, mem_mib, &sock, &format!("work=mem mib={fill} secs=inf rate=0 beat=100"))?;
     let r = (|| -> Result<Run> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
         let mut q = qmp(&sock)?;

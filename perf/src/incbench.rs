@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::report::{cell, ratio, Report, Stat};
-use crate::snapbench::{cmd, command, ok, qmp, reap, restore, savevm_completed, uncache};
+use crate::snapbench::{cmd, command, ok, qmp, reap, restore, savevm_completed, uncache, watch_fill, Beats};
 use crate::Ctx;
 
 /// The guest rewrites pages round-robin at this rate (MiB/s).
@@ -50,9 +50,6 @@ fn used_mib(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
-/// The heartbeat lines a guest printed so far.
-pub(crate) type Beats = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
 /// The test guest in ringvm with `mem_mib` of RAM, 90% of it filled and
 /// then rewritten round-robin at `rate` MiB/s (0: as fast as it can), a
 /// heartbeat every 100 ms, QMP on `sock`: the child, a receiver that fires
@@ -65,7 +62,7 @@ pub(crate) fn start_guest(
     rate: u64,
 ) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
     let fill = mem_mib * 9 / 10;
-    let child = command(ns, &c.bin)
+    let mut child = command(ns, &c.bin)
         .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
         .arg(&c.guest)
         .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate} beat=100"), "--qmp"])
@@ -74,30 +71,17 @@ pub(crate) fn start_guest(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    watch_beats(child)
+    let (rx, beats) = watch_fill(&mut child);
+    Ok((child, rx, beats))
 }
 
-/// Reads a guest's serial output in the background: the fill's end and
-/// its heartbeats.
-pub(crate) fn watch_beats(mut child: std::process::Child) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
-    let out = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = Beats::default();
-    let seen = lines.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if l.contains("fill done") {
-                let _ = tx.send(());
-            }
-            if l.contains("beat") {
-                if let Ok(mut v) = seen.lock() {
-                    v.push(l);
-                }
-            }
-        }
-    });
-    Ok((child, rx, lines))
+/// `ringvm state merge CHAIN --out OUT`.
+fn merge(c: &Ctx, chain: &Path, out: &Path) -> Result<()> {
+    let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(chain).arg("--out").arg(out).output()?;
+    if !m.status.success() {
+        bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
+    }
+    Ok(())
 }
 
 /// Where [`once`] puts its files: the full and incremental state files
@@ -153,10 +137,7 @@ pub fn once(c: &Ctx, t: &Target, mem_mib: u64, pct: u64) -> Result<One> {
     reap(child)?;
     let mut one = r?;
     if let Some(merged) = &t.merged {
-        let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(inc).arg("--out").arg(merged).output()?;
-        if !m.status.success() {
-            bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
-        }
+        merge(c, inc, merged)?;
         uncache(merged);
     }
     for f in [full, inc] {
@@ -206,10 +187,7 @@ fn deep_once(c: &Ctx, dir: &Path, mem_mib: u64, depths: &[usize]) -> Result<Vec<
     let mut rows = Vec::new();
     for &d in depths {
         let merged = dir.join(format!("d-merged{d}.state"));
-        let m = std::process::Command::new(&c.bin).args(["state", "merge"]).arg(name(d)).arg("--out").arg(&merged).output()?;
-        if !m.status.success() {
-            bail!("state merge: {}", String::from_utf8_lossy(&m.stderr));
-        }
+        merge(c, &name(d), &merged)?;
         for i in 0..=d {
             uncache(&name(i));
         }

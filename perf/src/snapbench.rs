@@ -94,19 +94,30 @@ pub(crate) fn reap(mut child: std::process::Child) -> Result<()> {
     Ok(())
 }
 
-/// Reads the guest's stdout in the background; the receiver gets one
-/// message when the guest says its fill is done.
-fn watch_fill(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<()> {
+/// The heartbeat lines a guest printed so far.
+pub(crate) type Beats = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Reads the guest's stdout in the background: the receiver gets one
+/// message when the guest says its fill is done, and its heartbeat lines
+/// are kept.
+pub(crate) fn watch_fill(child: &mut std::process::Child) -> (std::sync::mpsc::Receiver<()>, Beats) {
     let out = child.stdout.take().expect("stdout piped");
     let (tx, rx) = std::sync::mpsc::channel();
+    let beats = Beats::default();
+    let seen = beats.clone();
     std::thread::spawn(move || {
         for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
             if l.contains("fill done") {
                 let _ = tx.send(());
             }
+            if l.contains("beat") {
+                if let Ok(mut v) = seen.lock() {
+                    v.push(l);
+                }
+            }
         }
     });
-    rx
+    (rx, beats)
 }
 
 /// `bin`, run inside network namespace `netns` if given.
@@ -139,7 +150,7 @@ pub fn ringvm(netns: Option<&str>, bin: &Path, guest: &Path, dir: &Path, file: &
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let rx = watch_fill(&mut child);
+    let (rx, _) = watch_fill(&mut child);
     let res = (|| -> Result<Result1> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
@@ -344,7 +355,7 @@ impl QemuMode {
 /// does the same filling and dirtying.
 /// QEMU 10 with the test guest, one vCPU, `mem_mib` of RAM and QMP on
 /// `sock`; the caller adds the rest.
-pub(crate) fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
+fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
         .arg(guest)
@@ -353,6 +364,15 @@ pub(crate) fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
         .stdin(Stdio::null())
         .stderr(Stdio::null());
     c
+}
+
+/// The test guest running `cmdline` under QEMU 10, its serial output
+/// watched (see [`watch_fill`]).
+pub(crate) fn qemu_guest(guest: &Path, mem_mib: u64, sock: &Path, cmdline: &str) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
+    let mut child =
+        qemu_command(guest, mem_mib, sock).args(["-append", cmdline, "-serial", "stdio"]).stdout(Stdio::piped()).spawn().context("qemu-system-x86_64")?;
+    let (rx, beats) = watch_fill(&mut child);
+    Ok((child, rx, beats))
 }
 
 /// mapped-ram + multifd (4 channels) + direct-io, on both ends.
@@ -387,12 +407,7 @@ pub fn qemu(guest: &Path, dir: &Path, file: &Path, mem_mib: u64, rate: u64, fill
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * fill_pct / 100;
-    let mut child = qemu_command(guest, mem_mib, &sock)
-        .args(["-append", &format!("work=mem mib={fill} secs=inf rate={rate}"), "-serial", "stdio"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("qemu-system-x86_64")?;
-    let rx = watch_fill(&mut child);
+    let (child, rx, _) = qemu_guest(guest, mem_mib, &sock, &format!("work=mem mib={fill} secs=inf rate={rate}"))?;
     let res = (|| -> Result<Result1> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
         let mut q = qmp(&sock)?;

@@ -15,9 +15,10 @@ use std::time::Instant;
 use super::RunState;
 
 /// Where the final pause stands.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(super) enum Phase {
     /// No pause: no snapshot, or one whose RAM passes run beside the guest.
+    #[default]
     Live,
     /// The final pause, entered at `since`: the vCPUs are out (stopped by
     /// the snapshot if `resume_vcpus`), the disks quiesced, the run state
@@ -53,14 +54,9 @@ pub(super) enum Effect {
 }
 
 /// The control side of one snapshot's final pause.
+#[derive(Default)]
 pub(super) struct SaveJob {
     phase: Phase,
-}
-
-impl Default for SaveJob {
-    fn default() -> Self {
-        SaveJob { phase: Phase::Live }
-    }
 }
 
 impl SaveJob {

@@ -22,9 +22,8 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +35,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRe
 
 use super::format::{Checked, PAGE};
 use super::load_error::LoadError;
-use super::restore::{plan_where, LoadStats, Run, RUN_PAGES};
+use super::restore::{open_for_loading, plan_chain, LoadStats, Run, RUN_PAGES};
 
 /// Background reads in flight at most.
 const BACKGROUND: usize = 32;
@@ -399,20 +398,15 @@ pub fn spawn(
     if chain.iter().any(|(p, _)| p.to_str().is_some_and(crate::nfs::is_uri)) {
         return Err(LoadError::Unsupported("a lazy restore needs local files, not nfs://"));
     }
-    let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
-    let owners = super::chain::page_owners(&files);
     let (mut runs, mut run_source, mut plans) = (Vec::new(), Vec::new(), Vec::new());
     let mut gpas = Vec::new();
     let mut direct = true;
-    for (i, (path, c)) in chain.iter().enumerate() {
-        let (r, crcs, g) = plan_where(c, mem, |ri, p| owners[ri][p as usize] == Some(i as u8))?;
+    for (i, ((path, _), (r, crcs, g))) in chain.iter().zip(plan_chain(chain, mem)?).enumerate() {
         run_source.extend(std::iter::repeat_n(i, r.len()));
         runs.extend(r);
+        // Every file of a chain has the same regions.
         gpas = g;
-        let (file, d) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => (f, true),
-            Err(_) => (OpenOptions::new().read(true).open(path).map_err(LoadError::io(format!("open {}", path.display())))?, false),
-        };
+        let (file, d) = open_for_loading(path).map_err(LoadError::io(format!("open {}", path.display())))?;
         direct &= d;
         plans.push((path.display().to_string(), file, crcs));
     }

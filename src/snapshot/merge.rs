@@ -33,6 +33,14 @@ pub enum MergeError {
     NotAFileName(String),
 }
 
+impl MergeError {
+    /// For `map_err`: an I/O error on `file` while doing `what`.
+    fn io(file: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> MergeError {
+        let file = file.display().to_string();
+        move |source| MergeError::Io { file, what, source }
+    }
+}
+
 /// Pages read per request while copying.
 const RUN_PAGES: u64 = 256;
 
@@ -52,10 +60,7 @@ pub fn merge(path: &Path, out: &Path) -> Result<(usize, u64), MergeError> {
     let hcrc = u32::from_le_bytes(hbytes[16..20].try_into().unwrap_or_default());
     let name = out.file_name().ok_or_else(|| MergeError::NotAFileName(shown.clone()))?.to_string_lossy().into_owned();
     let tmp = out.with_file_name(format!(".{name}.ringvm-merge-{}.tmp", std::process::id()));
-    let io = |file: &Path, what: &'static str| {
-        let file = file.display().to_string();
-        move |source| MergeError::Io { file, what, source }
-    };
+    let io = MergeError::io;
     let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp, "create"))?;
     let r = write(&f, &tmp, &mut chain, &owners, &header, &hbytes, hcrc);
     let r = r.and_then(|bytes| {
@@ -80,7 +85,7 @@ fn write(
     hbytes: &[u8],
     hcrc: u32,
 ) -> Result<u64, MergeError> {
-    let io = |source: std::io::Error| MergeError::Io { file: tmp.display().to_string(), what: "write", source };
+    let io = |source| MergeError::io(tmp, "write")(source);
     f.set_len(header.file_size).map_err(io)?;
     f.write_all_at(hbytes, 0).map_err(io)?;
     let mut metas = Vec::new();
@@ -127,7 +132,7 @@ fn write(
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
     let comp = Completion { header_crc: hcrc, state_crc, meta_crc: format::meta_crc(&parts), ram_bytes: pages * PAGE };
     // Everything durable before the record that makes the file valid.
-    f.sync_data().map_err(|source| MergeError::Io { file: tmp.display().to_string(), what: "fdatasync", source })?;
+    f.sync_data().map_err(MergeError::io(tmp, "fdatasync"))?;
     f.write_all_at(&comp.encode(), header.completion_offset).map_err(io)?;
     Ok(pages * PAGE)
 }

@@ -73,8 +73,25 @@ pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, Loa
     plan_where(checked, mem, |ri, p| checked.present(ri, p))
 }
 
+/// For each file of an incremental chain (newest first), the plan of the
+/// pages it is the newest to hold.
+pub(super) fn plan_chain(chain: &[(PathBuf, &Checked)], mem: &GuestMemoryMmap) -> Result<Vec<Plan>, LoadError> {
+    let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
+    let owners = super::chain::page_owners(&files);
+    chain.iter().enumerate().map(|(i, (_, c))| plan_where(c, mem, |ri, p| owners[ri][p as usize] == Some(i as u8))).collect()
+}
+
+/// Opens a state file for loading: O_DIRECT where the filesystem takes it
+/// (true), else buffered.
+pub(super) fn open_for_loading(path: &Path) -> std::io::Result<(File, bool)> {
+    match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Ok((f, true)),
+        Err(_) => OpenOptions::new().read(true).open(path).map(|f| (f, false)),
+    }
+}
+
 /// [`plan`] for the pages `take(region, page)` picks.
-pub(super) fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, LoadError> {
+fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, LoadError> {
     // Runs of present pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
@@ -131,11 +148,8 @@ pub fn spawn_chain_loader(
     progress: Arc<AtomicU64>,
     done: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
 ) -> Result<(), LoadError> {
-    let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
-    let owners = super::chain::page_owners(&files);
     let mut plans = Vec::new();
-    for (i, (path, c)) in chain.iter().enumerate() {
-        let (runs, crcs, gpas) = plan_where(c, mem, |ri, p| owners[ri][p as usize] == Some(i as u8))?;
+    for ((path, _), (runs, crcs, gpas)) in chain.iter().zip(plan_chain(chain, mem)?) {
         if !runs.is_empty() {
             plans.push((path.clone(), runs, crcs, gpas));
         }
@@ -583,10 +597,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
         return nfs_loader(uri, runs, crcs, gpas, progress);
     }
     let t0 = Instant::now();
-    let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => (f, true),
-        Err(_) => (OpenOptions::new().read(true).open(path).map_err(LoadError::io("open"))?, false),
-    };
+    let (file, direct) = open_for_loading(path).map_err(LoadError::io("open"))?;
     let mut ring = Ring::new(64, None).map_err(LoadError::ring)?;
     let fd = ring.register_fd(file.as_raw_fd()).unwrap_or(Fd::Raw(file.as_raw_fd()));
     let st = Rc::new(RefCell::new(Loads::default()));

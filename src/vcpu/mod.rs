@@ -26,7 +26,7 @@ use crate::events::{EventQueue, VmEvent};
 mod state;
 
 pub use state::VcpuState;
-use state::{apply_state, capture_state, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST};
+use state::{apply_state, capture_state, lapic_reg, set_lapic_reg, MSR_IA32_TSC, MSR_IA32_TSC_ADJUST};
 
 /// What the controller wants the vCPUs to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -422,14 +422,8 @@ impl Vcpu {
         self.fd.set_fpu(&boot::regs::boot_fpu()).map_err(kvm("KVM_SET_FPU"))?;
         let mut lapic = self.fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
         for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-            let mut b = [0u8; 4];
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = lapic.regs[off + i] as u8;
-            }
-            let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
-            for (i, x) in v.to_le_bytes().iter().enumerate() {
-                lapic.regs[off + i] = *x as libc::c_char;
-            }
+            let v = (lapic_reg(&lapic, off) & !0x700) | (mode << 8);
+            set_lapic_reg(&mut lapic, off, v);
         }
         self.fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
         Ok(())

@@ -99,10 +99,21 @@ fn read_msrs(fd: &VcpuFd, msr_list: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_
     Ok(out)
 }
 
+/// A 32-bit LAPIC register of a KVM_GET_LAPIC image.
+pub(super) fn lapic_reg(l: &kvm_bindings::kvm_lapic_state, off: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| l.regs[off + i] as u8))
+}
+
+pub(super) fn set_lapic_reg(l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+        l.regs[off + i] = b as libc::c_char;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::{kvm_lapic_state, KVM_MAX_CPUID_ENTRIES};
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
     use kvm_ioctls::{Kvm, VmFd};
 
     use crate::boot;
@@ -131,16 +142,6 @@ mod tests {
         (vm, fd)
     }
 
-    fn reg(l: &kvm_lapic_state, off: usize) -> u32 {
-        u32::from_le_bytes(std::array::from_fn(|i| l.regs[off + i] as u8))
-    }
-
-    fn set_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
-        for (i, b) in v.to_le_bytes().into_iter().enumerate() {
-            l.regs[off + i] = b as libc::c_char;
-        }
-    }
-
     fn msr(fd: &VcpuFd, index: u32) -> u64 {
         let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).unwrap();
         assert_eq!(fd.get_msrs(&mut m).unwrap(), 1, "MSR {index:#x}");
@@ -151,9 +152,9 @@ mod tests {
     /// guest idling until its next tick has it; returns the deadline.
     fn arm_deadline_timer(fd: &VcpuFd) -> u64 {
         let mut l = fd.get_lapic().unwrap();
-        let spiv = reg(&l, APIC_SPIV);
-        set_reg(&mut l, APIC_SPIV, spiv | 0x1ff);
-        set_reg(&mut l, APIC_LVTT, 0xec | LVTT_TSC_DEADLINE);
+        let spiv = lapic_reg(&l, APIC_SPIV);
+        set_lapic_reg(&mut l, APIC_SPIV, spiv | 0x1ff);
+        set_lapic_reg(&mut l, APIC_LVTT, 0xec | LVTT_TSC_DEADLINE);
         fd.set_lapic(&l).unwrap();
         let deadline = msr(fd, MSR_IA32_TSC) + (1 << 50);
         write_msrs(fd, &[kvm_bindings::kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: deadline, ..Default::default() }]).unwrap();
@@ -174,7 +175,7 @@ mod tests {
         let saved = capture_state(&fd, 0, &msr_list).unwrap();
         let (_vm2, fd2) = new_vcpu(&kvm);
         apply_state(&fd2, 0, &saved).unwrap();
-        assert_eq!(reg(&fd2.get_lapic().unwrap(), APIC_LVTT), 0xec | LVTT_TSC_DEADLINE);
+        assert_eq!(lapic_reg(&fd2.get_lapic().unwrap(), APIC_LVTT), 0xec | LVTT_TSC_DEADLINE);
         assert_eq!(msr(&fd2, MSR_IA32_TSC_DEADLINE), deadline, "the restored vCPU lost its armed timer");
     }
 
@@ -188,7 +189,7 @@ mod tests {
         let power_on = capture_state(&fd, 0, &msr_list).unwrap();
         arm_deadline_timer(&fd);
         apply_state(&fd, 0, &power_on).unwrap();
-        assert_eq!(reg(&fd.get_lapic().unwrap(), APIC_LVTT), reg(&power_on.lapic, APIC_LVTT));
+        assert_eq!(lapic_reg(&fd.get_lapic().unwrap(), APIC_LVTT), lapic_reg(&power_on.lapic, APIC_LVTT));
         assert_eq!(msr(&fd, MSR_IA32_TSC_DEADLINE), 0, "a reset left the timer armed");
     }
 }
