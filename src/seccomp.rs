@@ -189,8 +189,9 @@ const CONTROL: &[i64] = &[
     libc::SYS_mkdirat,
     // The snapshot iothread, spawned here, inherits this filter: what its
     // own allows must be allowed here too (a new state file locked while
-    // written, renamed into place).
+    // written, linked and renamed into place).
     libc::SYS_flock,
+    libc::SYS_linkat,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
@@ -212,11 +213,20 @@ fn syscalls(role: Role) -> (Vec<i64>, &'static [u64]) {
         Role::Snapshot => {
             v.extend(RING);
             v.extend(FILES_AND_NET);
-            // The state goes to a new file beside the destination, locked
-            // while written, renamed over it once complete (the directory
-            // entry made durable); a failed one is removed by the control
-            // side's reaper thread.
-            v.extend([libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_flock, libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2, libc::SYS_getcwd]);
+            // The state goes to a new file (unnamed, or beside the
+            // destination), locked while written, linked and renamed over
+            // it once complete (the directory entry made durable); a failed
+            // named one is removed by the control side's reaper thread.
+            v.extend([
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_flock,
+                libc::SYS_linkat,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
+                libc::SYS_getcwd,
+            ]);
             &[KVM_IOCTL, TTY_SOCK_IOCTL]
         }
         Role::Loader => {

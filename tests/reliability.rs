@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -41,31 +42,43 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// `kill -9` while RAM is being written over an earlier good snapshot of
 /// the same name: the good file is untouched (a snapshot writes a new file
-/// and renames it into place only once complete); the half-written one has
-/// no completion record, so `state inspect` and `--loadstate` refuse it
-/// and no guest ever runs from it.
+/// and puts it in place only once complete). On a local filesystem the new
+/// file has no name (O_TMPFILE), so nothing at all is left behind. Where
+/// the filesystem has no unnamed files (FUSE here, like NFS mounts) the
+/// half-written one stays under its temporary name, has no completion
+/// record, and `state inspect` and `--loadstate` refuse it: no guest ever
+/// runs from it.
 #[test]
 fn kill_9_mid_snapshot_leaves_a_file_that_is_refused() {
     if !require_kvm("kill_9_mid_snapshot_leaves_a_file_that_is_refused") {
         return;
     }
+    // Kills ringvm mid-snapshot over a good file in `at`; returns what the
+    // snapshot left beside it.
+    fn kill_mid_snapshot(dir: &Scratch, at: &Path) -> Vec<PathBuf> {
+        let (p, mut q) = vm(dir, "768M", "work=mem mib=640 secs=inf rate=300", "fill done");
+        let good = at.join("vm.state");
+        q.savevm_completes(&good, T);
+        q.ok("savevm-end", json!({}));
+        let good_bytes = std::fs::read(&good).unwrap();
+        q.ok("savevm-start", json!({"statefile": good.to_str().unwrap(), "downtime-ms": 0}));
+        q.wait_savevm_bytes(64 << 20, T);
+        p.kill();
+        assert!(std::fs::read(&good).unwrap() == good_bytes, "the earlier snapshot was changed");
+        assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
+        std::fs::read_dir(at).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap() != "vm.state").collect()
+    }
     let dir = Scratch::new("rel-kill9");
-    let (p, mut q) = vm(&dir, "768M", "work=mem mib=640 secs=inf rate=300", "fill done");
-    let good = dir.path("vm.state");
-    q.savevm_completes(&good, T);
-    q.ok("savevm-end", json!({}));
-    let good_bytes = std::fs::read(&good).unwrap();
-    q.ok("savevm-start", json!({"statefile": good.to_str().unwrap(), "downtime-ms": 0}));
-    q.wait_savevm_bytes(64 << 20, T);
-    p.kill();
-    assert!(std::fs::read(&good).unwrap() == good_bytes, "the earlier snapshot was changed");
-    assert_eq!(ringvm(&["state", "inspect", good.to_str().unwrap()], T).code(), 0);
-    // The half-written one, under its temporary name beside it.
-    let file = std::fs::read_dir(&dir.0)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".vm.state.ringvm-"))
-        .expect("the half-written file");
+    let left = kill_mid_snapshot(&dir, &dir.0);
+    let left: Vec<_> = left.iter().filter(|p| p.to_string_lossy().contains("vm.state")).collect();
+    assert!(left.is_empty(), "a killed snapshot left files on a local filesystem: {left:?}");
+
+    let dir = Scratch::new("rel-kill9-fuse");
+    let fs = FaultFs::mount(&dir, "fuse", &[]);
+    let left = kill_mid_snapshot(&dir, &fs.mnt);
+    assert_eq!(left.len(), 1, "{left:?}");
+    let file = &left[0];
+    assert!(file.file_name().unwrap().to_string_lossy().starts_with(".vm.state.ringvm-"), "{left:?}");
     let o = ringvm(&["state", "inspect", file.to_str().unwrap()], T);
     assert_eq!(o.code(), 1, "{}", o.stdout);
     assert!(o.stderr.contains(".vm.state.ringvm-") && o.stderr.contains("never finished"), "{}", o.stderr);
@@ -484,28 +497,41 @@ fn statefile_dir_confines_qmp_paths() {
 
 /// The state file is truncated, or deleted, while RAM is being written:
 /// the snapshot fails saying so (never "completed"), the VM runs on, and
-/// the next snapshot completes.
+/// the next snapshot completes. On the local filesystem the file being
+/// written has no name (O_TMPFILE), so it is truncated through ringvm's
+/// descriptor in /proc; a file with a name to delete is written where the
+/// filesystem has no unnamed files (FUSE).
 #[test]
 fn state_file_truncated_or_deleted_under_the_snapshot() {
     if !require_kvm("state_file_truncated_or_deleted_under_the_snapshot") {
         return;
     }
     let dir = Scratch::new("rel-trunc");
+    let fs = FaultFs::mount(&dir, "fuse", &[]);
     let (p, mut q) = vm(&dir, "768M", "work=mem mib=640 secs=inf rate=300", "fill done");
-    for (what, expect) in [("truncate", "truncated"), ("delete", "deleted")] {
-        let file = dir.path(&format!("{what}.state"));
+    for (what, at, expect) in [("truncate", &dir.0, "truncated"), ("delete", &fs.mnt, "deleted")] {
+        let file = at.join(format!("{what}.state"));
         q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
         q.wait_savevm_bytes(64 << 20, T);
-        // The file being written: the new one beside the name.
-        let prefix = format!(".{what}.state.ringvm-");
-        let written = std::fs::read_dir(&dir.0)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
-            .expect("the snapshot's file");
-        match what {
-            "truncate" => std::fs::OpenOptions::new().write(true).open(&written).unwrap().set_len(0).unwrap(),
-            _ => std::fs::remove_file(&written).unwrap(),
+        if what == "truncate" {
+            // The unnamed file: a descriptor of ringvm's on `#INODE (deleted)` in this directory.
+            let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|f| std::fs::read_link(f).is_ok_and(|l| l.starts_with(&dir.0) && l.to_string_lossy().ends_with(" (deleted)")))
+                .collect();
+            assert!(!fds.is_empty(), "no unnamed state file is open");
+            let names: Vec<_> = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert!(!names.iter().any(|n| n.to_string_lossy().contains("truncate.state")), "the file being written has a name: {names:?}");
+            std::fs::OpenOptions::new().write(true).open(&fds[0]).unwrap().set_len(0).unwrap();
+        } else {
+            let prefix = format!(".{what}.state.ringvm-");
+            let written = std::fs::read_dir(at)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+                .expect("the snapshot's file");
+            std::fs::remove_file(&written).unwrap();
         }
         let s = q.wait_savevm(T);
         assert_eq!(s["status"], "failed", "{what}: {s}");

@@ -440,16 +440,28 @@ fn an_unfinished_snapshot_never_touches_the_file_at_its_name() {
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
 }
 
-/// `quit` while a snapshot writes to a slow (not stalled) target cancels
-/// it as savevm-end would: the VM exits within its 0.9 s cancel window (it
-/// waited out the iothread's 10 s stop deadline before) and nothing is
-/// at the state file's name; an unfinished file may be left under its
-/// temporary name when the target cannot drain in time (known gap).
+/// `quit` while a snapshot runs cancels it as savevm-end would. On a
+/// local filesystem the file being written has no name (O_TMPFILE), so
+/// nothing is left. To a slow (not stalled) FUSE target the VM exits
+/// within its 0.9 s cancel window (it waited out the iothread's 10 s stop
+/// deadline before) and nothing is at the state file's name; FUSE has no
+/// unnamed files, and an unfinished file may stay under its temporary
+/// name when the target cannot drain in time.
 #[test]
 fn quit_during_a_snapshot_cancels_it() {
     if !require_kvm("quit_during_a_snapshot_cancels_it") {
         return;
     }
+    let local = Scratch::new("snap-quit-local");
+    let (p, mut q) = vm(&local, "1", "256M", "work=mem mib=192 secs=inf rate=50");
+    let file = local.path("vm.state");
+    q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "downtime-ms": 0}));
+    q.wait_savevm_bytes(4 << 20, T);
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(Duration::from_secs(5)).code(), 0);
+    let left: Vec<String> = std::fs::read_dir(&local.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!left.iter().any(|n| n.contains("vm.state")), "a cancelled local snapshot left {left:?}");
+
     let dir = Scratch::new("snap-quit");
     let (p, mut q) = vm(&dir, "1", "512M", "work=mem mib=384 secs=inf rate=50");
     let slow = FaultFs::mount(&dir, "slow", &["--delay-us", "3000"]);

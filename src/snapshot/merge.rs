@@ -2,12 +2,13 @@
 //! state file (every page from the newest file that has it), written
 //! beside the output name and renamed into place once complete.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use super::chain::ChainError;
 use super::format::{self, Completion, FormatError, PAGE};
+use super::target::NewFile;
 
 /// Why a merge failed; every message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -58,20 +59,20 @@ pub fn merge(path: &Path, out: &Path) -> Result<(usize, u64), MergeError> {
     let shown = out.display().to_string();
     let hbytes = header.encode().map_err(|source| MergeError::Format { file: shown.clone(), source })?;
     let hcrc = u32::from_le_bytes(hbytes[16..20].try_into().unwrap_or_default());
-    let name = out.file_name().ok_or_else(|| MergeError::NotAFileName(shown.clone()))?.to_string_lossy().into_owned();
-    let tmp = out.with_file_name(format!(".{name}.ringvm-merge-{}.tmp", std::process::id()));
+    if out.file_name().is_none() {
+        return Err(MergeError::NotAFileName(shown));
+    }
     let io = MergeError::io;
-    let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp, "create"))?;
-    let r = write(&f, &tmp, &mut chain, &owners, &header, &hbytes, hcrc);
+    let new = NewFile::create(out).map_err(io(out, "create"))?;
+    let tmp = PathBuf::from(new.shown());
+    let r = write(&new.file, &tmp, &mut chain, &owners, &header, &hbytes, hcrc);
     let r = r.and_then(|bytes| {
-        f.sync_all().map_err(io(&tmp, "fsync"))?;
-        std::fs::rename(&tmp, out).map_err(io(out, "rename into place"))?;
-        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "fsync"))?;
+        new.file.sync_all().map_err(io(&tmp, "fsync"))?;
+        new.publish().map_err(io(out, "put into place"))?;
         Ok(bytes)
     });
     if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        new.discard();
     }
     r.map(|bytes| (chain.len(), bytes))
 }

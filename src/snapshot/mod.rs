@@ -16,7 +16,7 @@ pub mod pages;
 pub mod restore;
 pub mod save;
 pub mod save_error;
-mod target;
+pub mod target;
 pub mod uri;
 
 use std::sync::Mutex;

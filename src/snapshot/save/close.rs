@@ -9,7 +9,7 @@ use ring::{Fd, Op, Ring};
 use super::{nfs, Phase, SaveError, SaveState, Target, J, JOB, SNAPSHOT_SOURCE};
 use crate::events::{SnapshotStep, VmEvent};
 use crate::snapshot::format::{self, Completion};
-use crate::snapshot::target::publish;
+use crate::snapshot::target::NewFile;
 
 /// State section, metadata, fdatasync, completion record, fdatasync.
 pub(super) fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), SaveError> {
@@ -55,7 +55,7 @@ pub(super) fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<()
         end(job);
         return Ok(());
     }
-    let Target::File { buffered, punt, .. } = &j.target else { unreachable!("the NFS target returned above") };
+    let Target::File { new: NewFile { file: buffered, .. }, punt, .. } = &j.target else { unreachable!("the NFS target returned above") };
     let (fd, punt) = (Fd::Raw(buffered.as_raw_fd()), *punt);
     drop(j);
     // State and metadata through the ring too (punted where the filesystem
@@ -146,13 +146,13 @@ pub(super) fn end(job: &J) {
     j.phase = Phase::Done;
     let mut leftover = None;
     match &j.target {
-        Target::File { tmp, dest, .. } => {
-            let (tmp, dest) = (tmp.clone(), dest.clone());
+        Target::File { new, .. } => {
             if j.failed {
-                leftover = Some(tmp);
-            } else if let Err(e) = publish(&tmp, &dest) {
-                j.fail(SaveError::Publish { from: tmp.display().to_string(), to: dest.display().to_string(), source: e });
-                leftover = Some(tmp);
+                leftover = new.leftover();
+            } else if let Err(e) = new.publish() {
+                let (from, to) = (new.shown(), new.dest.display().to_string());
+                leftover = new.leftover();
+                j.fail(SaveError::Publish { from, to, source: e });
             }
         }
         Target::Nfs { conn, tmp, dest, .. } => {

@@ -295,16 +295,24 @@ impl Job {
     /// metadata, which is written only at the end, so a truncation shows as
     /// a short file until then).
     fn check_file(&self) -> Result<(), SaveError> {
-        let Target::File { direct, tmp, .. } = &self.target else { return Ok(()) };
-        let m = direct.metadata().map_err(SaveError::io("fstat"))?;
-        if std::os::unix::fs::MetadataExt::nlink(&m) == 0 {
-            return Err(SaveError::Deleted);
-        }
-        match std::fs::symlink_metadata(tmp) {
-            Ok(p)
-                if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m)
-                    && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
-            _ => return Err(SaveError::Replaced),
+        let Target::File { direct, new, .. } = &self.target else { return Ok(()) };
+        let m = match direct.metadata() {
+            Ok(m) => m,
+            // What network and FUSE filesystems answer for a removed file.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE)) => return Err(SaveError::Deleted),
+            Err(e) => return Err(SaveError::io("fstat")(e)),
+        };
+        // (An unnamed file has no name to lose.)
+        if let Some(tmp) = &new.name {
+            if std::os::unix::fs::MetadataExt::nlink(&m) == 0 {
+                return Err(SaveError::Deleted);
+            }
+            match std::fs::symlink_metadata(tmp) {
+                Ok(p)
+                    if std::os::unix::fs::MetadataExt::ino(&p) == std::os::unix::fs::MetadataExt::ino(&m)
+                        && std::os::unix::fs::MetadataExt::dev(&p) == std::os::unix::fs::MetadataExt::dev(&m) => {}
+                _ => return Err(SaveError::Replaced),
+            }
         }
         if m.len() < self.p.header.file_size {
             return Err(SaveError::Truncated { len: m.len(), laid_out: self.p.header.file_size });
