@@ -446,7 +446,8 @@ fn resets_during_disk_io() {
 
 /// `--statefile-dir`: QMP may name state files only directly inside it; a
 /// symlink planted there (pointing anywhere) is refused, as are other
-/// directories, `..` and nfs://.
+/// directories, `..` and nfs://; a hard link planted there is replaced,
+/// not written through.
 #[test]
 fn statefile_dir_confines_qmp_paths() {
     if !require_kvm("statefile_dir_confines_qmp_paths") {
@@ -488,6 +489,14 @@ fn statefile_dir_confines_qmp_paths() {
         assert!(r.get("error").is_some(), "migrate to {bad} was accepted: {r}");
     }
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    // A hard link planted at the name (to a file outside): the snapshot
+    // replaces the name, never writes through the link.
+    let linked = states.join("hard.state");
+    std::fs::hard_link(&victim, &linked).unwrap();
+    q.savevm_completes(&linked, T);
+    q.ok("savevm-end", json!({}));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the snapshot wrote through a hard link");
+    assert_eq!(ringvm(&["state", "inspect", linked.to_str().unwrap()], T).code(), 0);
     let good = states.join("vm.state");
     q.savevm_completes(&good, T);
     q.ok("quit", json!({}));
