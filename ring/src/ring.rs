@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, register::Restriction, squeue, types, IoUring, Probe};
 use slab::Slab;
 
+mod owned;
 mod poll;
 mod register;
 mod sqe;
@@ -127,6 +128,8 @@ pub struct Ring {
     poll_paused_until: Option<Instant>,
     /// One bit per recent poll window: was the thread preempted in it.
     poll_preempted: u16,
+    /// State this thread owns for its sources (see [`Ring::adopt`]).
+    owned: HashMap<SourceId, std::rc::Rc<dyn std::any::Any>>,
 }
 
 /// A check an iothread runs while it polls instead of sleeping: it looks
@@ -200,6 +203,7 @@ impl Ring {
             eager: opts.eager_submit,
             pollers: Vec::new(),
             sleep_checks: Vec::new(),
+            owned: HashMap::new(),
             polling: false,
             unpolled: Vec::new(),
             poll_paused_until: None,

@@ -260,7 +260,7 @@ impl VirtioScsi {
                 log::error!("virtio-scsi: queue source {source:?} did not quiesce: {e}");
                 result = Err(e.into());
             }
-            let _ = remote.send(move |_| Worker::forget(source));
+            let _ = remote.send(move |ring| Worker::forget(ring, source));
         }
         result
     }

@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// The event queue (5.6.6.3), on the control queue's iothread: events
-/// wait in `pending` until the driver has posted a buffer.
+/// The event queue (5.6.6.3), kept by the control queue's iothread's ring
+/// under its own source: events wait in `pending` until the driver has
+/// posted a buffer.
 pub(super) struct EventQ {
     pub(super) queue: Queue,
     pub(super) mem: Arc<GuestMemoryMmap>,
@@ -15,10 +16,6 @@ pub(super) struct EventQ {
     pub(super) missed: bool,
     pub(super) stopped: bool,
     pub(super) poll: Option<OpId>,
-}
-
-thread_local! {
-    pub(super) static EVENTQS: RefCell<HashMap<SourceId, Rc<RefCell<EventQ>>>> = RefCell::new(HashMap::new());
 }
 
 impl EventQ {
@@ -33,11 +30,11 @@ impl EventQ {
             }
         });
         e.borrow_mut().poll = Some(poll);
-        EVENTQS.with(|m| m.borrow_mut().insert(source, e));
+        ring.adopt(source, e);
     }
 
     pub(super) fn stop(ring: &mut Ring, source: SourceId) {
-        let Some(e) = EVENTQS.with(|m| m.borrow().get(&source).cloned()) else { return };
+        let Some(e) = ring.owned::<RefCell<EventQ>>(source) else { return };
         let poll = {
             let mut e = e.borrow_mut();
             e.stopped = true;
@@ -48,8 +45,8 @@ impl EventQ {
         }
     }
 
-    pub(super) fn post(_ring: &mut Ring, source: SourceId, event: [u8; 16]) {
-        let Some(e) = EVENTQS.with(|m| m.borrow().get(&source).cloned()) else { return };
+    pub(super) fn post(ring: &mut Ring, source: SourceId, event: [u8; 16]) {
+        let Some(e) = ring.owned::<RefCell<EventQ>>(source) else { return };
         let mut e = e.borrow_mut();
         if e.pending.len() >= MAX_PENDING_EVENTS {
             e.missed = true;

@@ -31,7 +31,7 @@ impl Hotplug {
             let (token, disks) = (last.clone(), self.disks.clone());
             // Each iothread runs this after whatever request it is in the
             // middle of: from then on it sees the LUN removed.
-            let _ = remote.send(move |_| Worker::drain_lun(&disks, lun as u16, Box::new(move || drop(token))));
+            let _ = remote.send(move |ring| Worker::drain_lun(ring, &disks, lun as u16, Box::new(move || drop(token))));
         }
         Ok(())
     }
@@ -85,8 +85,8 @@ impl Worker {
     /// On an iothread: `reply` runs once no request queue of the
     /// controller owning `disks` on this thread has a request for `lun`
     /// in flight (at once if none has).
-    pub(super) fn drain_lun(disks: &Arc<Vec<Disk>>, lun: u16, reply: Box<dyn FnOnce() + Send>) {
-        let workers: Vec<W> = WORKERS.with(|m| m.borrow().values().filter(|w| Arc::ptr_eq(&w.borrow().s.disks, disks)).cloned().collect());
+    pub(super) fn drain_lun(ring: &Ring, disks: &Arc<Vec<Disk>>, lun: u16, reply: Box<dyn FnOnce() + Send>) {
+        let workers: Vec<W> = Worker::all(ring).into_iter().filter(|w| Arc::ptr_eq(&w.borrow().s.disks, disks)).collect();
         let left = Rc::new(RefCell::new((1usize, Some(reply))));
         type Left = Rc<RefCell<(usize, Option<Box<dyn FnOnce() + Send>>)>>;
         let one_done = |left: &Left| {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ring::{Completion, Fd, Op, Remote, Ring};
 
-use super::{iovecs, Req, Worker, W, WORKERS};
+use super::{iovecs, Req, Worker, W};
 use crate::scsi::{self, Sense};
 
 /// What a host I/O error on a LUN does.
@@ -226,7 +226,7 @@ fn errno_of(e: std::io::Error) -> i32 {
 
 /// Issues every request held on this iothread again (its workers').
 pub fn retry_held(ring: &mut Ring) {
-    let workers: Vec<W> = WORKERS.with(|m| m.borrow().values().cloned().collect());
+    let workers: Vec<W> = Worker::all(ring);
     for w in workers {
         let held = std::mem::take(&mut w.borrow_mut().held);
         for (r, io, in_len) in held {

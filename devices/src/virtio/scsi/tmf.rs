@@ -11,7 +11,7 @@ impl Worker {
     /// them has completed (answered ABORTED, or normally if the kernel
     /// finished first). `reply` gets how many there were.
     pub(super) fn tmf_scan(ring: &mut Ring, source: SourceId, lun: Option<u16>, tag: Option<u64>, cancel: bool, reply: Box<dyn FnOnce(u64) + Send>) {
-        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return reply(0) };
+        let Some(w) = Worker::of(ring, source) else { return reply(0) };
         let (heads, ops): (Vec<u16>, Vec<OpId>) = {
             let wk = w.borrow();
             let hit: Vec<(u16, &Track)> = wk.in_flight_tracks().filter(|(_, t)| lun.is_none_or(|l| l == t.lun) && tag.is_none_or(|g| g == t.tag)).collect();
@@ -28,8 +28,7 @@ impl Worker {
     }
 
     /// On the control queue's iothread: one request queue answered.
-    pub(super) fn tmf_part_done(source: SourceId, id: u64, found: u64) {
-        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return };
+    pub(super) fn tmf_part_done(w: &W, id: u64, found: u64) {
         let ready = {
             let mut wk = w.borrow_mut();
             let Some(p) = wk.tmfs.get_mut(&id) else { return };
@@ -42,7 +41,7 @@ impl Worker {
         };
         if let Some(p) = ready {
             let response = if p.query && p.found > 0 { S_FUNCTION_SUCCEEDED } else { 0 };
-            Worker::control_reply(&w, p.head, &p.wr, &[response]);
+            Worker::control_reply(w, p.head, &p.wr, &[response]);
         }
     }
 
@@ -91,14 +90,18 @@ impl Worker {
         for (remote, peer) in peers {
             let back = own.clone();
             let reply: Box<dyn FnOnce(u64) + Send> = Box::new(move |found| {
-                let _ = back.send(move |_| Worker::tmf_part_done(source, id, found));
+                let _ = back.send(move |ring| {
+                    if let Some(w) = Worker::of(ring, source) {
+                        Worker::tmf_part_done(&w, id, found);
+                    }
+                });
             });
             if remote.send(move |ring| Worker::tmf_scan(ring, peer, lf, tf, cancel, reply)).is_err() {
-                Worker::tmf_part_done(source, id, 0);
+                Worker::tmf_part_done(w, id, 0);
             }
         }
         // Our own share (the control queue holds no SCSI commands).
-        Worker::tmf_part_done(source, id, 0);
+        Worker::tmf_part_done(w, id, 0);
     }
 
     /// Control queue: task management and asynchronous notification.

@@ -81,11 +81,9 @@ pub(super) struct Worker {
     pub(super) held: Vec<(Req, Io, u64)>,
 }
 
-thread_local! {
-    /// The workers this iothread owns, by source id.
-    pub(super) static WORKERS: RefCell<HashMap<SourceId, Rc<RefCell<Worker>>>> = RefCell::new(HashMap::new());
-}
-
+/// A worker, as its iothread's ring keeps it ([`Ring::adopt`] under the
+/// queue's source): other threads reach it only by sending that ring a
+/// closure through its `Remote`, which finds it with [`Worker::of`].
 pub(super) type W = Rc<RefCell<Worker>>;
 
 /// Guest memory segments of a chain; a request rarely has more than four,
@@ -218,13 +216,23 @@ impl Worker {
         // never left waiting.
         let w4 = w.clone();
         ring.add_sleep_check(source, move |ring| Worker::arm(&w4, ring));
-        WORKERS.with(|m| m.borrow_mut().insert(source, w.clone()));
+        ring.adopt(source, w.clone());
         // Requests queued before DRIVER_OK reached us.
         Worker::process(&w, ring);
     }
 
+    /// The worker this thread's ring keeps for `source`.
+    pub(super) fn of(ring: &Ring, source: SourceId) -> Option<W> {
+        ring.owned::<RefCell<Worker>>(source)
+    }
+
+    /// Every worker this thread's ring keeps.
+    pub(super) fn all(ring: &Ring) -> Vec<W> {
+        ring.all_owned::<RefCell<Worker>>()
+    }
+
     pub(super) fn stop(ring: &mut Ring, source: SourceId) {
-        let Some(w) = WORKERS.with(|m| m.borrow().get(&source).cloned()) else { return EventQ::stop(ring, source) };
+        let Some(w) = Worker::of(ring, source) else { return EventQ::stop(ring, source) };
         let poll = {
             let mut w = w.borrow_mut();
             w.stopped = true;
@@ -236,9 +244,9 @@ impl Worker {
         ring.remove_pollers(source);
     }
 
-    pub(super) fn forget(source: SourceId) {
-        WORKERS.with(|m| m.borrow_mut().remove(&source));
-        EVENTQS.with(|m| m.borrow_mut().remove(&source));
+    /// Drops the queue (a worker or the event queue) kept for `source`.
+    pub(super) fn forget(ring: &mut Ring, source: SourceId) {
+        ring.disown(source);
     }
 
     /// The used ring (flags, idx, entries, avail_event) was written.
