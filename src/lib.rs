@@ -8,7 +8,7 @@
 //!   iothreads), `events` (vCPU/device/worker events to the control thread);
 //! - `control`: the control thread, which runs a built VM: its io_uring
 //!   loop, run state, signals, the QMP command table, and the control
-//!   sides of snapshots and restores; `qmp` (protocol, socket server);
+//!   sides of snapshots and restores; `qmp` (protocol, socket server, and the blocking client the demo, perf and tests share);
 //! - `snapshot`: the state file format, the saving iothread (`save`), the
 //!   loaders (`restore`, `lazy`), `incoming` (opening and checking a file
 //!   off the control thread), `mapguard` (a mapped file that shrinks);

@@ -207,31 +207,14 @@ fn demo_type(input: &ringvm::vmm::SerialInput, mut bytes: &[u8]) {
 }
 
 fn demo_savevm(sock: &std::path::Path, statefile: &std::path::Path, deadline: Instant) -> anyhow::Result<serde_json::Value> {
-    use std::io::{BufRead, BufReader};
-    use std::os::unix::net::UnixStream;
-    let s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    let mut cmd = |c: serde_json::Value| -> anyhow::Result<serde_json::Value> {
-        w.write_all(format!("{c}\n").as_bytes())?;
-        loop {
-            let mut line = String::new();
-            anyhow::ensure!(r.read_line(&mut line)? > 0, "QMP closed");
-            let v: serde_json::Value = serde_json::from_str(&line)?;
-            if v.get("event").is_none() && v.get("QMP").is_none() {
-                return Ok(v);
-            }
-        }
-    };
-    cmd(serde_json::json!({"execute": "qmp_capabilities"}))?;
-    let r0 = cmd(serde_json::json!({"execute": "savevm-start", "arguments": {"statefile": statefile}}))?;
-    anyhow::ensure!(r0.get("return").is_some(), "savevm-start: {r0}");
+    use ringvm::qmp::client::Client;
+    use serde_json::{json, Value};
+    let mut q = Client::negotiated(sock, Duration::from_secs(60))?;
+    q.execute("savevm-start", json!({"statefile": statefile}))?;
     loop {
-        let q = cmd(serde_json::json!({"execute": "query-savevm"}))?;
-        let st = q["return"].clone();
+        let st = q.execute("query-savevm", Value::Null)?;
         if st["status"] != "active" {
-            cmd(serde_json::json!({"execute": "savevm-end"}))?;
+            q.execute("savevm-end", Value::Null)?;
             return Ok(st);
         }
         anyhow::ensure!(Instant::now() < deadline, "snapshot did not finish");

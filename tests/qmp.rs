@@ -150,7 +150,7 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
     // 16 MiB of garbage without a break: an error, then a disconnect.
     let mut g = Qmp::negotiated(&sock);
     let junk: Vec<u8> = (0..16u32 << 20).map(|i| b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26).collect();
-    let w = g.w.try_clone().unwrap();
+    let w = g.streams().1.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let mut w = w;
         let _ = w.write_all(&junk); // fails with EPIPE once ringvm hangs up
@@ -161,7 +161,7 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
     writer.join().unwrap();
     // The same inside an unterminated object.
     let mut h = Qmp::negotiated(&sock);
-    let w = h.w.try_clone().unwrap();
+    let w = h.streams().1.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let mut w = w;
         let _ = w.write_all(b"{\"execute\": \"");
@@ -212,7 +212,7 @@ fn a_client_that_never_reads_is_dropped_and_others_are_served() {
     let mut good = Qmp::negotiated(&sock);
     // Pipeline many commands and never read the replies: ringvm's output
     // for this client grows to its bound, then it is disconnected.
-    let w = lazy.w.try_clone().unwrap();
+    let w = lazy.streams().1.try_clone().unwrap();
     let spam = std::thread::spawn(move || {
         let mut w = w;
         let one = b"{\"execute\":\"query-cpus-fast\"}";
@@ -230,7 +230,7 @@ fn a_client_that_never_reads_is_dropped_and_others_are_served() {
     // Its socket is closed: reading drains what was sent (the last reply
     // may be cut), then EOF.
     let mut rest = Vec::new();
-    let _ = lazy.r.read_to_end(&mut rest);
+    let _ = lazy.streams().0.read_to_end(&mut rest);
     assert_eq!(good.exec("query-status")["status"], "running");
     // Many connects and disconnects.
     for _ in 0..300 {

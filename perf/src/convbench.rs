@@ -34,12 +34,7 @@ struct Run {
 /// Polls a status query every 50 ms until `done` says it ended or `cap`
 /// passed: (ended, the last status, the highest throttle seen, the guest's
 /// pages per second meanwhile).
-fn watch(
-    q: &mut (std::io::BufReader<std::os::unix::net::UnixStream>, std::os::unix::net::UnixStream),
-    query: &str,
-    beats: &Beats,
-    cap: Duration,
-) -> Result<(bool, serde_json::Value, f64, f64)> {
+fn watch(q: &mut crate::snapbench::Qmp, query: &str, beats: &Beats, cap: Duration) -> Result<(bool, serde_json::Value, f64, f64)> {
     let (t0, p0) = (Instant::now(), last_beat_pages(beats).unwrap_or(0));
     let mut max_throttle = 0f64;
     loop {

@@ -2,8 +2,7 @@
 //! to the local disk and /dev/shm, against fio writing the same number of
 //! bytes sequentially with O_DIRECT on the same filesystem.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,41 +18,22 @@ pub struct Result1 {
     pub file_mib: f64,
 }
 
-pub(crate) fn qmp(sock: &Path) -> Result<(BufReader<UnixStream>, UnixStream)> {
-    let t0 = Instant::now();
-    let s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(e) if t0.elapsed() > Duration::from_secs(60) => bail!("connect: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    let mut l = String::new();
-    r.read_line(&mut l)?;
-    let mut q = (r, w);
-    cmd(&mut q, json!({"execute": "qmp_capabilities"}))?;
-    Ok(q)
+/// ringvm's own QMP client (QEMU answers it too).
+pub(crate) type Qmp = ringvm::qmp::client::Client;
+
+/// Connects (waiting up to 120 s for the socket) and negotiates; every
+/// later read has the same deadline.
+pub(crate) fn qmp(sock: &Path) -> Result<Qmp> {
+    Ok(Qmp::negotiated(sock, Duration::from_secs(120))?)
 }
 
-pub(crate) fn cmd(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
-    q.1.write_all(format!("{c}\n").as_bytes())?;
-    loop {
-        let mut l = String::new();
-        if q.0.read_line(&mut l)? == 0 {
-            bail!("QMP closed");
-        }
-        let v: Value = serde_json::from_str(&l)?;
-        if v.get("event").is_none() {
-            return Ok(v);
-        }
-    }
+/// Sends `c`; the reply as it came (events skipped).
+pub(crate) fn cmd(q: &mut Qmp, c: Value) -> Result<Value> {
+    Ok(q.cmd(&c)?)
 }
 
 /// A command that must succeed: its `return` value.
-pub(crate) fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Result<Value> {
+pub(crate) fn ok(q: &mut Qmp, c: Value) -> Result<Value> {
     let r = cmd(q, c.clone())?;
     match r.get("return") {
         Some(v) => Ok(v.clone()),
@@ -64,7 +44,7 @@ pub(crate) fn ok(q: &mut (BufReader<UnixStream>, UnixStream), c: Value) -> Resul
 /// Waits (10 s) for a child that was told to quit, then kills it.
 /// Polls query-savevm (every 2 ms, 600 s at most) until the snapshot
 /// ends; its status object if it completed.
-pub(crate) fn savevm_completed(q: &mut (BufReader<UnixStream>, UnixStream)) -> Result<Value> {
+pub(crate) fn savevm_completed(q: &mut Qmp) -> Result<Value> {
     let t0 = Instant::now();
     loop {
         let s = cmd(q, json!({"execute": "query-savevm"}))?["return"].clone();
@@ -376,7 +356,7 @@ pub(crate) fn qemu_guest(guest: &Path, mem_mib: u64, sock: &Path, cmdline: &str)
 }
 
 /// mapped-ram + multifd (4 channels) + direct-io, on both ends.
-pub(crate) fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: QemuMode) -> Result<()> {
+pub(crate) fn qemu_set_mode(q: &mut Qmp, mode: QemuMode) -> Result<()> {
     if mode == QemuMode::MappedRam {
         let caps = json!([{"capability": "mapped-ram", "state": true}, {"capability": "multifd", "state": true}]);
         ok(q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}}))?;
@@ -387,7 +367,7 @@ pub(crate) fn qemu_set_mode(q: &mut (BufReader<UnixStream>, UnixStream), mode: Q
 
 /// Polls query-migrate until `completed` (its status object), within
 /// 600 s of `t0`.
-pub(crate) fn qemu_wait(q: &mut (BufReader<UnixStream>, UnixStream), t0: Instant, poll: Duration) -> Result<Value> {
+pub(crate) fn qemu_wait(q: &mut Qmp, t0: Instant, poll: Duration) -> Result<Value> {
     loop {
         let s = ok(q, json!({"execute": "query-migrate"}))?;
         match s["status"].as_str() {

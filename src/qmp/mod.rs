@@ -5,6 +5,7 @@
 //! formats replies and events, [`server`] serves sockets from an io_uring
 //! loop. Command semantics live with the controller that owns the VM.
 
+pub mod client;
 pub mod server;
 pub mod stream;
 

@@ -1,41 +1,29 @@
-//! A small QMP client for the integration tests: every read has a
-//! deadline (socket timeouts), events are kept aside for `wait_event`.
+//! The integration tests' QMP client: ringvm's own client
+//! (`ringvm::qmp::client`) with every failure a panic naming it, plus the
+//! snapshot waits the tests share. Every read has a deadline.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ringvm::qmp::client::Client;
 use serde_json::{json, Value};
 
 const IO: Duration = Duration::from_secs(30);
 
 pub struct Qmp {
-    pub r: BufReader<UnixStream>,
-    pub w: UnixStream,
-    pub events: Vec<Value>,
+    c: Client,
 }
 
 impl Qmp {
     /// Connects and reads the greeting (not negotiated yet).
     pub fn connect(sock: &Path) -> Qmp {
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(t0.elapsed() < IO, "connect {}: {e}", sock.display());
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        };
-        s.set_read_timeout(Some(IO)).unwrap();
-        s.set_write_timeout(Some(IO)).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, events: vec![] };
-        let g = q.read().expect("greeting");
+        let c = Client::connect(sock, IO).unwrap_or_else(|e| panic!("{e}"));
+        let g = &c.greeting;
         assert!(g["QMP"]["version"]["package"].as_str().unwrap().starts_with("ringvm"), "{g}");
         assert_eq!(g["QMP"]["capabilities"], json!([]));
-        q
+        Qmp { c }
     }
 
     pub fn negotiated(sock: &Path) -> Qmp {
@@ -46,60 +34,38 @@ impl Qmp {
 
     /// Next message, or None at EOF.
     pub fn read(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.r.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON from ringvm {line:?}: {e}"))),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => None,
-            Err(e) => panic!("read: {e}"),
-        }
+        self.c.read().unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn send_raw(&mut self, b: &[u8]) {
-        self.w.write_all(b).unwrap();
+        self.c.send_raw(b).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The next reply (events are collected on the side).
     pub fn reply(&mut self) -> Value {
-        loop {
-            let v = self.read().expect("connection closed while waiting for a reply");
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
+        self.c.reply().unwrap_or_else(|e| panic!("while waiting for a reply: {e}"))
     }
 
     pub fn cmd(&mut self, c: Value) -> Value {
-        let mut b = serde_json::to_vec(&c).unwrap();
-        b.push(b'\n');
-        self.send_raw(&b);
-        self.reply()
+        self.c.cmd(&c).unwrap_or_else(|e| panic!("{c}: {e}"))
     }
 
     pub fn exec(&mut self, name: &str) -> Value {
-        let r = self.cmd(json!({"execute": name}));
-        r.get("return").cloned().unwrap_or_else(|| panic!("{name}: {r}"))
+        self.c.execute(name, Value::Null).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn wait_event(&mut self, name: &str) -> Value {
-        let deadline = Instant::now() + IO;
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return self.events.remove(i);
-            }
-            assert!(Instant::now() < deadline, "no {name} event");
-            let v = self.read().expect("closed while waiting for an event");
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            self.events.push(v);
-        }
+        self.c.wait_event(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The raw socket, for tests of what a misbehaving client does.
+    pub fn streams(&mut self) -> (&mut BufReader<UnixStream>, &mut UnixStream) {
+        self.c.streams()
     }
 
     /// `execute` with arguments; panics on an error reply.
     pub fn ok(&mut self, name: &str, args: Value) -> Value {
-        let r = self.cmd(json!({"execute": name, "arguments": args}));
-        r.get("return").cloned().unwrap_or_else(|| panic!("{name}: {r}"))
+        self.c.execute(name, args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Polls query-savevm until at least `min` bytes are written; the
