@@ -55,6 +55,11 @@ struct Cli {
     /// ringvm first; suites whose peer is missing are reported as skipped.
     #[arg(long)]
     no_install: bool,
+    /// Measure this ringvm binary instead of target/release/ringvm (an
+    /// older build, for a same-day before/after; the test guest and
+    /// ringvm-faultfs still come from this tree).
+    #[arg(long)]
+    ringvm: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -224,7 +229,7 @@ fn main() -> Result<()> {
     if !cli.no_install {
         prepare(&root)?;
     }
-    let bin = root.join("target/release/ringvm");
+    let bin = cli.ringvm.clone().unwrap_or_else(|| root.join("target/release/ringvm"));
     let faultfs = root.join("target/release/ringvm-faultfs");
     if !bin.exists() {
         bail!("{} is missing: run without --no-install, or cargo build --release", bin.display());
@@ -232,7 +237,7 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("ringvm-perf-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let guest = dir.join("guest.elf");
-    let st = Command::new(&bin).args(["guest-image", "--out"]).arg(&guest).status()?;
+    let st = Command::new(root.join("target/release/ringvm")).args(["guest-image", "--out"]).arg(&guest).status()?;
     if !st.success() {
         bail!("ringvm guest-image failed");
     }

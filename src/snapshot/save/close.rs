@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use ring::{Fd, Op, Ring};
 
-use super::{nfs, Phase, SaveError, SaveState, Target, J, JOB, SNAPSHOT_SOURCE};
+use super::{nfs, Phase, SaveError, SaveState, Target, J, SNAPSHOT_SOURCE};
 use crate::events::{SnapshotStep, VmEvent};
 use crate::snapshot::format::{self, Completion};
 use crate::snapshot::target::NewFile;
@@ -52,7 +52,7 @@ pub(super) fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<()
         c.nfs.commit()?;
         drop(c);
         drop(j);
-        end(job);
+        end(job, ring);
         return Ok(());
     }
     let Target::File { new: NewFile { file: buffered, .. }, punt, .. } = &j.target else { unreachable!("the NFS target returned above") };
@@ -88,14 +88,14 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
         let j = job.borrow();
         if j.failed || j.phase == Phase::Done {
             drop(j);
-            return end(job);
+            return end(job, ring);
         }
     }
     // Deleted or replaced while closing: no completion record.
     let checked = job.borrow().check_file();
     if let Err(e) = checked {
         job.borrow_mut().fail(e);
-        return end(job);
+        return end(job, ring);
     }
     // Durable data first, then the record, then the record durable: a file
     // without a durable record is never loadable.
@@ -123,13 +123,13 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
             ),
             (
                 Op::Fsync { fd, datasync: true },
-                Box::new(move |_: &mut Ring, c: ring::Completion| {
+                Box::new(move |ring: &mut Ring, c: ring::Completion| {
                     if let Err(e) = c.result {
                         if e.raw_os_error() != Some(libc::ECANCELED) {
                             j3.borrow_mut().fail(SaveError::io("fdatasync")(e));
                         }
                     }
-                    end(&j3);
+                    end(&j3, ring);
                 }),
             ),
         ],
@@ -137,7 +137,7 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
 }
 
 /// Final status and the Done event; the job is dropped.
-pub(super) fn end(job: &J) {
+pub(super) fn end(job: &J, ring: &mut Ring) {
     let mut j = job.borrow_mut();
     if j.phase == Phase::Done {
         return;
@@ -183,5 +183,5 @@ pub(super) fn end(job: &J) {
     }
     j.events.push(VmEvent::Snapshot(SnapshotStep::Done));
     drop(j);
-    JOB.with(|s| *s.borrow_mut() = None);
+    ring.disown(SNAPSHOT_SOURCE);
 }

@@ -70,7 +70,7 @@ pub struct Params {
 
 struct Job {
     p: Params,
-    vm: Arc<VmFd>,
+    vm: Arc<dyn DirtyLog + Send + Sync>,
     mem: GuestMemoryMmap,
     shared: Arc<SaveShared>,
     events: Arc<EventQueue>,
@@ -96,15 +96,32 @@ struct Job {
     high_passes: u32,
 }
 
+/// The job, as its iothread's ring keeps it (under [`SNAPSHOT_SOURCE`]):
+/// the control thread reaches it only through closures sent to that ring.
 type J = Rc<RefCell<Job>>;
 
-thread_local! {
-    static JOB: RefCell<Option<J>> = const { RefCell::new(None) };
+/// The job this thread's ring keeps, if one runs.
+fn job_of(ring: &Ring) -> Option<J> {
+    ring.owned::<RefCell<Job>>(SNAPSHOT_SOURCE)
+}
+
+/// Where the job reads which pages the guest dirtied: KVM's dirty log
+/// (KVM_GET_DIRTY_LOG, which also clears it), or a test's stand-in.
+pub trait DirtyLog {
+    /// The bitmap of `slot` (`size` bytes of RAM), one bit per page, and
+    /// the log cleared.
+    fn dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, kvm_ioctls::Error>;
+}
+
+impl DirtyLog for VmFd {
+    fn dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, kvm_ioctls::Error> {
+        self.get_dirty_log(slot, size)
+    }
 }
 
 /// Starts a snapshot on the calling iothread. Failures end up in the
 /// shared status (and a `Done` event), never in the caller.
-pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Arc<SaveShared>, events: Arc<EventQueue>) {
+pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, mem: GuestMemoryMmap, shared: Arc<SaveShared>, events: Arc<EventQueue>) {
     let fail = |shared: &SaveShared, events: &EventQueue, e: SaveError| {
         let msg = if e.names_the_file() { e.to_string() } else { format!("statefile {}: {e}", p.path) };
         shared.update(|s| {
@@ -181,13 +198,13 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<VmFd>, mem: GuestMemoryMmap, sh
             job.borrow_mut().fail(e);
         }
     }
-    JOB.with(|j| *j.borrow_mut() = Some(job.clone()));
+    ring.adopt(SNAPSHOT_SOURCE, job.clone());
     pump(&job, ring);
 }
 
 /// Called (as a closure sent by the control thread) once the vCPUs are out.
 pub fn final_phase(ring: &mut Ring) {
-    let Some(job) = JOB.with(|j| j.borrow().clone()) else { return };
+    let Some(job) = job_of(ring) else { return };
     {
         let mut j = job.borrow_mut();
         if j.phase != Phase::WaitPause {
@@ -221,7 +238,7 @@ pub fn final_phase(ring: &mut Ring) {
 
 /// Wakes the job (after a cancel request).
 pub fn poke(ring: &mut Ring) {
-    if let Some(job) = JOB.with(|j| j.borrow().clone()) {
+    if let Some(job) = job_of(ring) {
         pump(&job, ring);
     }
 }
@@ -229,7 +246,7 @@ pub fn poke(ring: &mut Ring) {
 /// The VMM wrote guest memory behind KVM's back (a reset reloaded the
 /// kernel): those pages are dirty again.
 pub fn mark_dirty(ring: &mut Ring, ranges: &[(u64, u64)]) {
-    let Some(job) = JOB.with(|j| j.borrow().clone()) else { return };
+    let Some(job) = job_of(ring) else { return };
     {
         let mut j = job.borrow_mut();
         if !matches!(j.phase, Phase::Live | Phase::WaitPause | Phase::Final) {
@@ -257,11 +274,11 @@ pub fn mark_dirty(ring: &mut Ring, ranges: &[(u64, u64)]) {
 
 /// Called once the control thread resumed the vCPUs, with the state.
 pub fn close(ring: &mut Ring, state_json: Vec<u8>) {
-    let Some(job) = JOB.with(|j| j.borrow().clone()) else { return };
+    let Some(job) = job_of(ring) else { return };
     job.borrow_mut().phase = Phase::Closing;
     if let Err(e) = finish(&job, ring, state_json) {
         job.borrow_mut().fail(e);
-        end(&job);
+        end(&job, ring);
     }
 }
 
@@ -323,7 +340,7 @@ impl Job {
     /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy).
     fn harvest(&mut self) -> Result<(), SaveError> {
         for (i, &(slot, gpa, size)) in self.p.slots.iter().enumerate() {
-            let bm = self.vm.get_dirty_log(slot, size as usize).map_err(SaveError::DirtyLog)?;
+            let bm = self.vm.dirty_log(slot, size as usize).map_err(SaveError::DirtyLog)?;
             for (d, b) in self.dirty[i].iter_mut().zip(bm) {
                 *d |= b;
             }
@@ -428,7 +445,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
             }
             j.inflight = 0;
             drop(j);
-            end(job);
+            end(job, ring);
             return;
         }
         if !matches!(j.phase, Phase::Live | Phase::Final) {
@@ -606,3 +623,6 @@ fn end_of_pass(job: &J, ring: &mut Ring) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests;
