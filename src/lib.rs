@@ -13,7 +13,7 @@
 //!   loaders (`restore`, `lazy`), `incoming` (opening and checking a file
 //!   off the control thread), `mapguard` (a mapped file that shrinks);
 //!   `nfs` (libnfs for nfs:// state files);
-//! - `seccomp` (per-thread filters), `cli` (command line), `error`.
+//! - `seccomp` (per-thread filters), `cli` (command line), `demo` (the `ringvm demo` main job), `error`.
 //!
 //! Device models live in the `ringvm-devices` crate and the io_uring event
 //! loop in `ringvm-ring`.
@@ -21,6 +21,7 @@
 pub mod boot;
 pub mod cli;
 pub mod control;
+pub mod demo;
 pub mod disk;
 pub mod error;
 pub mod events;

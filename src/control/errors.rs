@@ -9,6 +9,7 @@ use crate::disk::DiskError;
 use crate::nfs::NfsError;
 use crate::qmp::{ErrorClass, QmpError};
 use crate::snapshot::format::FormatError;
+use crate::snapshot::incoming::OpenError;
 use crate::snapshot::load_error::LoadError;
 use crate::snapshot::uri::UriError;
 
@@ -22,7 +23,7 @@ macro_rules! generic {
     };
 }
 
-generic!(UriError, NfsError, FormatError, LoadError);
+generic!(UriError, NfsError, FormatError, LoadError, OpenError);
 
 impl From<DiskError> for QmpError {
     fn from(e: DiskError) -> QmpError {

@@ -196,14 +196,14 @@ impl Controller {
             // A late answer for an attempt that already timed out.
             return;
         }
-        let r = r.and_then(|o| {
+        let r = r.map_err(QmpError::from).and_then(|o| {
             self.vm.adopt_boot(&o.checked.header.machine);
-            self.start_load(o.path, o.checked, o.section, o.bases)
+            self.start_load(o.path, o.checked, o.section, o.bases).map_err(QmpError::generic)
         });
         if r.is_err() {
             self.incoming.status = IncomingStatus::None;
         }
-        self.answer_incoming(r.map(|()| json!({})).map_err(QmpError::generic));
+        self.answer_incoming(r.map(|()| json!({})));
     }
 
     /// The deadline of the open in progress passed.

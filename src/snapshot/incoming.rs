@@ -69,29 +69,35 @@ pub struct Opened {
     pub bases: Vec<(PathBuf, Checked)>,
 }
 
+/// Why a state file cannot be loaded into this VM.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The file (or a base of it) is unreadable or malformed; the message
+    /// names the file.
+    #[error(transparent)]
+    Chain(#[from] super::chain::ChainError),
+    #[error("state file {file}: {source}")]
+    Mismatch { file: String, source: super::Mismatch },
+    /// The state section does not parse or has another version.
+    #[error(transparent)]
+    Section(crate::Error),
+}
+
 /// Where the opener leaves its result: (attempt, outcome).
-pub type Slot = Arc<Mutex<Option<(u64, Result<Opened, String>)>>>;
+pub type Slot = Arc<Mutex<Option<(u64, Result<Opened, OpenError>)>>>;
 
 /// Opens and checks `path` for `target`, as the control thread would if it
 /// could afford to wait. Every error names the file.
-pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, String> {
-    let fail = |e: String| format!("state file {}: {e}", path.display());
-    let mut chain = super::chain::open_chain(path).map_err(|e| e.to_string())?;
+pub fn open(path: &std::path::Path, target: &Target) -> Result<Opened, OpenError> {
+    let mismatch = |source| OpenError::Mismatch { file: path.display().to_string(), source };
+    let mut chain = super::chain::open_chain(path)?;
     let checked = chain.remove(0).1;
     let m = &checked.header.machine;
-    if m.cpus != target.cpus || m.mem_size != target.mem_size {
-        return Err(fail(format!(
-            "the file holds {} vCPU(s) and {} MiB, this VM has {} and {} MiB",
-            m.cpus,
-            m.mem_size >> 20,
-            target.cpus,
-            target.mem_size >> 20
-        )));
-    }
-    crate::snapshot::check_disks(&m.disks, &target.disks).map_err(fail)?;
-    crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(fail)?;
-    crate::snapshot::check_boot(m, &target.boot).map_err(fail)?;
-    let section = crate::snapshot::parse_section(path, &checked).map_err(|e| e.to_string())?;
+    crate::snapshot::check_machine(m, target.cpus, target.mem_size).map_err(mismatch)?;
+    crate::snapshot::check_disks(&m.disks, &target.disks).map_err(mismatch)?;
+    crate::snapshot::check_disk_media(&m.disks, &target.media).map_err(mismatch)?;
+    crate::snapshot::check_boot(m, &target.boot).map_err(mismatch)?;
+    let section = crate::snapshot::parse_section(path, &checked).map_err(OpenError::Section)?;
     Ok(Opened { path: path.to_path_buf(), checked, section, bases: chain })
 }
 
@@ -130,6 +136,7 @@ mod tests {
     fn a_missing_file_is_an_error_naming_it() {
         let t = Target { cpus: 1, mem_size: 64 << 20, disks: vec![], media: vec![], boot: Default::default() };
         let Err(e) = open(std::path::Path::new("/nonexistent/ringvm.state"), &t) else { panic!("opened a missing file") };
+        let e = e.to_string();
         assert!(e.starts_with("state file /nonexistent/ringvm.state: "), "{e}");
     }
 

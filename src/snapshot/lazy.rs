@@ -234,7 +234,7 @@ struct State {
     err: Option<LoadError>,
 }
 
-type St = Rc<RefCell<State>>;
+type StateRef = Rc<RefCell<State>>;
 
 impl State {
     fn run_at(&self, addr: usize) -> Option<usize> {
@@ -321,7 +321,7 @@ impl State {
     }
 }
 
-fn issue(ring: &mut Ring, st: &St) {
+fn issue(ring: &mut Ring, st: &StateRef) {
     loop {
         let (r, b, fd, punt, off, len, buf) = {
             let mut s = st.borrow_mut();
@@ -365,7 +365,7 @@ fn issue(ring: &mut Ring, st: &St) {
 
 /// Watches the userfaultfd for faults (a multishot poll, armed again if
 /// the kernel ends it while pages are still missing).
-fn arm(ring: &mut Ring, st: &St, poll: &Rc<std::cell::Cell<Option<ring::OpId>>>) {
+fn arm(ring: &mut Ring, st: &StateRef, poll: &Rc<std::cell::Cell<Option<ring::OpId>>>) {
     let ufd = st.borrow().uffd.0.as_raw_fd();
     let (st2, poll2) = (st.clone(), poll.clone());
     let id = ring.submit(ring::SourceId::fixed(2), Op::Poll { fd: ufd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
@@ -475,7 +475,7 @@ fn setup(
     run_source: Vec<usize>,
     gpas: Vec<u64>,
     regions: &[(usize, usize)],
-) -> Result<(Ring, St), LoadError> {
+) -> Result<(Ring, StateRef), LoadError> {
     let uffd = Uffd::new()?;
     for &(h, l) in regions {
         // SAFETY: guest RAM (private anonymous) of a VM whose vCPUs are

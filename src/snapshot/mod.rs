@@ -12,6 +12,7 @@ pub mod lazy;
 pub mod load_error;
 pub mod mapguard;
 pub mod merge;
+pub mod mismatch;
 pub mod pages;
 pub mod restore;
 pub mod save;
@@ -129,78 +130,7 @@ pub fn same_file(a: impl AsRef<std::path::Path>, b: impl AsRef<std::path::Path>)
     a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
-/// A restore started with the source's command line: each boot option
-/// given must name what the file was saved from (the kernel in RAM is the
-/// one that booted; a different file or command line means the wrong
-/// state file, or the wrong command line). Files saved without a record
-/// of one are not checked for it.
-pub fn check_boot(m: &format::MachineDesc, given: &GivenBoot) -> Result<(), String> {
-    if let (Some(saved), Some(k)) = (m.kernel.as_deref().filter(|k| !k.is_empty()), &given.kernel) {
-        if !same_file(saved, k) {
-            return Err(format!("it was saved from a guest booted from {saved}; --kernel {} is another file", k.display()));
-        }
-    }
-    match (m.initrd.as_deref(), &given.initrd) {
-        (Some(saved), Some(i)) if !same_file(saved, i) => {
-            return Err(format!("it was saved from a guest booted with initrd {saved}; --initrd {} is another file", i.display()))
-        }
-        (None, Some(i)) if m.kernel.is_some() => return Err(format!("it was saved from a guest booted without an initrd; --initrd {} was given", i.display())),
-        _ => {}
-    }
-    if let Some(c) = &given.cmdline {
-        if m.kernel.is_some() && *c != m.cmdline {
-            return Err(format!("it was saved from a guest booted with --cmdline {:?}; this one gives {c:?}", m.cmdline));
-        }
-    }
-    Ok(())
-}
-
-/// The disks a state file names against the media a VM has opened, in
-/// order ((bytes, read-only) each): a disk that changed size, or whose
-/// read-only setting differs from the one the guest saw, is refused (the
-/// guest's idea of it would be wrong).
-pub fn check_disk_media(saved: &[format::DiskDesc], have: &[(u64, bool)]) -> Result<(), String> {
-    for (i, (s, &(size, readonly))) in saved.iter().zip(have).enumerate() {
-        if s.removed {
-            continue;
-        }
-        let path = s.clone.as_ref().unwrap_or(&s.path);
-        if let Some(want) = s.size.filter(|&w| w != size) {
-            let how = if size < want { "truncated" } else { "grown" };
-            return Err(format!("disk {i} ({path}): {want} bytes when saved, {size} now ({how}); a restore needs the disk as it was saved"));
-        }
-        if s.readonly != readonly {
-            let on = |b: bool| if b { "on" } else { "off" };
-            return Err(format!(
-                "disk {i} ({path}): readonly={} when saved, readonly={} now; the guest would see its disk change",
-                on(s.readonly),
-                on(readonly)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The disks a state file names against the ones a VM has (by path, in
-/// order): a VM must come back on the very files it was saved with.
-pub fn check_disks(saved: &[format::DiskDesc], have: &[String]) -> Result<(), String> {
-    if saved.len() != have.len() {
-        let gone = saved.iter().filter(|d| d.removed).count();
-        let how = if gone > 0 { format!(" ({gone} of them unplugged: restore it with --loadstate, which keeps their LUN slots)") } else { String::new() };
-        return Err(format!("the file holds a VM with {} disk(s){how}, this one has {}", saved.len(), have.len()));
-    }
-    for (i, (s, h)) in saved.iter().zip(have).enumerate() {
-        if s.removed {
-            continue;
-        }
-        let want = s.clone.as_ref().unwrap_or(&s.path);
-        if !same_file(want, h) {
-            let what = if s.clone.is_some() { "its clone is" } else { "it was" };
-            return Err(format!("disk {i}: {what} {want} when saved, here it is {h}"));
-        }
-    }
-    Ok(())
-}
+pub use mismatch::{check_boot, check_disk_media, check_disks, check_machine, Mismatch};
 
 /// Parses and version-checks a state section.
 pub fn parse_section(path: &std::path::Path, c: &format::Checked) -> crate::Result<StateSection> {

@@ -6,13 +6,13 @@ use std::rc::Rc;
 
 use ring::{Fd, Op, Ring};
 
-use super::{nfs, Phase, SaveError, SaveState, Target, J, SNAPSHOT_SOURCE};
+use super::{nfs, JobRef, Phase, SaveError, SaveState, Target, SNAPSHOT_SOURCE};
 use crate::events::{SnapshotStep, VmEvent};
 use crate::snapshot::format::{self, Completion};
 use crate::snapshot::target::NewFile;
 
 /// State section, metadata, fdatasync, completion record, fdatasync.
-pub(super) fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), SaveError> {
+pub(super) fn finish(job: &JobRef, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), SaveError> {
     let j = job.borrow_mut();
     let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
     let mut writes = vec![(state, j.p.header.state_offset, "state")];
@@ -83,7 +83,7 @@ pub(super) fn finish(job: &J, ring: &mut Ring, state_json: Vec<u8>) -> Result<()
 }
 
 /// The metadata is written: fdatasync, completion record, fdatasync.
-fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
+fn commit(job: &JobRef, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
     {
         let j = job.borrow();
         if j.failed || j.phase == Phase::Done {
@@ -137,7 +137,7 @@ fn commit(job: &J, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
 }
 
 /// Final status and the Done event; the job is dropped.
-pub(super) fn end(job: &J, ring: &mut Ring) {
+pub(super) fn end(job: &JobRef, ring: &mut Ring) {
     let mut j = job.borrow_mut();
     if j.phase == Phase::Done {
         return;

@@ -98,10 +98,10 @@ struct Job {
 
 /// The job, as its iothread's ring keeps it (under [`SNAPSHOT_SOURCE`]):
 /// the control thread reaches it only through closures sent to that ring.
-type J = Rc<RefCell<Job>>;
+type JobRef = Rc<RefCell<Job>>;
 
 /// The job this thread's ring keeps, if one runs.
-fn job_of(ring: &Ring) -> Option<J> {
+fn job_of(ring: &Ring) -> Option<JobRef> {
     ring.owned::<RefCell<Job>>(SNAPSHOT_SOURCE)
 }
 
@@ -389,7 +389,7 @@ impl Job {
     }
 }
 
-fn pump(job: &J, ring: &mut Ring) {
+fn pump(job: &JobRef, ring: &mut Ring) {
     let mut queued_nfs = false;
     fill(job, ring, &mut queued_nfs);
     if queued_nfs {
@@ -404,7 +404,7 @@ fn pump(job: &J, ring: &mut Ring) {
 }
 
 /// The NFS requests that finished (or the connection's failure).
-fn nfs_done(job: &J, ring: &mut Ring, r: Result<Vec<nfs::Done>, nfs::NfsError>) {
+fn nfs_done(job: &JobRef, ring: &mut Ring, r: Result<Vec<nfs::Done>, nfs::NfsError>) {
     {
         let mut j = job.borrow_mut();
         match r {
@@ -428,7 +428,7 @@ fn nfs_done(job: &J, ring: &mut Ring, r: Result<Vec<nfs::Done>, nfs::NfsError>) 
 
 /// Queues writes while there is room; `queued_nfs` tells the caller to
 /// send what was queued on an NFS connection.
-fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
+fn fill(job: &JobRef, ring: &mut Ring, queued_nfs: &mut bool) {
     loop {
         let mut j = job.borrow_mut();
         if j.failed || j.shared.cancel.load(Ordering::Relaxed) {
@@ -553,7 +553,7 @@ fn fill(job: &J, ring: &mut Ring, queued_nfs: &mut bool) {
     }
 }
 
-fn end_of_pass(job: &J, ring: &mut Ring) {
+fn end_of_pass(job: &JobRef, ring: &mut Ring) {
     let mut j = job.borrow_mut();
     if let Err(e) = j.check_file() {
         j.fail(e);

@@ -86,7 +86,7 @@ impl Worker {
     /// controller owning `disks` on this thread has a request for `lun`
     /// in flight (at once if none has).
     pub(super) fn drain_lun(ring: &Ring, disks: &Arc<Vec<Disk>>, lun: u16, reply: Box<dyn FnOnce() + Send>) {
-        let workers: Vec<W> = Worker::all(ring).into_iter().filter(|w| Arc::ptr_eq(&w.borrow().s.disks, disks)).collect();
+        let workers: Vec<WorkerRef> = Worker::all(ring).into_iter().filter(|w| Arc::ptr_eq(&w.borrow().setup.disks, disks)).collect();
         let left = Rc::new(RefCell::new((1usize, Some(reply))));
         type Left = Rc<RefCell<(usize, Option<Box<dyn FnOnce() + Send>>)>>;
         let one_done = |left: &Left| {

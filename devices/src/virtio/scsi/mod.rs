@@ -26,6 +26,7 @@ mod device;
 mod eventq;
 mod hotplug;
 mod policy;
+mod request;
 mod tmf;
 mod worker;
 
@@ -37,33 +38,36 @@ use eventq::*;
 pub use hotplug::Hotplug;
 use policy::Io;
 pub use policy::{retry_held, ErrorAction, ErrorControl, ErrorSink, IoError};
+use request::{layout, total, Chain, Layout, Req};
 use worker::*;
 
-pub const DEVICE_TYPE: u16 = 8;
+use virtio_bindings::virtio_scsi as vs;
+
+pub const DEVICE_TYPE: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_SCSI as u16;
 pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = 254;
-pub const DEFAULT_CDB_SIZE: u32 = 32;
-pub const DEFAULT_SENSE_SIZE: u32 = 96;
+pub const DEFAULT_CDB_SIZE: u32 = vs::VIRTIO_SCSI_CDB_DEFAULT_SIZE;
+pub const DEFAULT_SENSE_SIZE: u32 = vs::VIRTIO_SCSI_SENSE_DEFAULT_SIZE;
 const MAX_CDB_SIZE: u32 = 256;
 const MAX_SENSE_SIZE: u32 = 256;
 /// How long a reset waits for in-flight requests.
 const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
 
-// virtio-scsi response codes.
-pub const S_OK: u8 = 0;
-pub const S_ABORTED: u8 = 2;
-pub const S_FUNCTION_SUCCEEDED: u8 = 10;
-pub const S_FUNCTION_REJECTED: u8 = 11;
-pub const S_INCORRECT_LUN: u8 = 12;
-pub const S_BAD_TARGET: u8 = 3;
-pub const S_FAILURE: u8 = 9;
+// virtio-scsi response codes (virtio-bindings' virtio_scsi.h).
+pub const S_OK: u8 = vs::VIRTIO_SCSI_S_OK as u8;
+pub const S_ABORTED: u8 = vs::VIRTIO_SCSI_S_ABORTED as u8;
+pub const S_FUNCTION_SUCCEEDED: u8 = vs::VIRTIO_SCSI_S_FUNCTION_SUCCEEDED as u8;
+pub const S_FUNCTION_REJECTED: u8 = vs::VIRTIO_SCSI_S_FUNCTION_REJECTED as u8;
+pub const S_INCORRECT_LUN: u8 = vs::VIRTIO_SCSI_S_INCORRECT_LUN as u8;
+pub const S_BAD_TARGET: u8 = vs::VIRTIO_SCSI_S_BAD_TARGET as u8;
+pub const S_FAILURE: u8 = vs::VIRTIO_SCSI_S_FAILURE as u8;
 
 /// The driver may be told of LUNs coming and going (5.6.3).
-pub const VIRTIO_SCSI_F_HOTPLUG: u64 = 1 << 1;
+pub const VIRTIO_SCSI_F_HOTPLUG: u64 = 1 << vs::VIRTIO_SCSI_F_HOTPLUG;
 /// virtio_scsi_event.event values and the reason of a removal.
-pub const T_TRANSPORT_RESET: u32 = 1;
-pub const T_EVENTS_MISSED: u32 = 0x8000_0000;
-pub const EVT_RESET_REMOVED: u32 = 2;
+pub const T_TRANSPORT_RESET: u32 = vs::VIRTIO_SCSI_T_TRANSPORT_RESET;
+pub const T_EVENTS_MISSED: u32 = vs::VIRTIO_SCSI_T_EVENTS_MISSED;
+pub const EVT_RESET_REMOVED: u32 = vs::VIRTIO_SCSI_EVT_RESET_REMOVED;
 /// Events kept for a driver that has no event buffer posted; beyond
 /// this the next one delivered carries EVENTS_MISSED.
 const MAX_PENDING_EVENTS: usize = 64;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ring::{Completion, Fd, Op, Remote, Ring};
 
-use super::{iovecs, Req, Worker, W};
+use super::{iovecs, Req, Worker, WorkerRef};
 use crate::scsi::{self, Sense};
 
 /// What a host I/O error on a LUN does.
@@ -102,10 +102,10 @@ impl Io {
 
 impl Worker {
     /// Issues `io` for request `r` (again, for a retry).
-    pub(super) fn submit_io(w: &W, ring: &mut Ring, r: Req, io: Io, in_len: u64) {
+    pub(super) fn submit_io(w: &WorkerRef, ring: &mut Ring, r: Req, io: Io, in_len: u64) {
         let (source, head, mem, fd) = {
             let wk = w.borrow();
-            (wk.s.source, r.head, wk.s.mem.clone(), wk.s.disks.get(io.lun()).and_then(|d| d.fd()))
+            (wk.setup.source, r.head, wk.setup.mem.clone(), wk.setup.disks.get(io.lun()).and_then(|d| d.fd()))
         };
         // Unplugged while the request was held: answered as for an absent LUN.
         let Some(fd) = fd.map(Fd::Raw) else { return Worker::respond(w, &r, super::S_BAD_TARGET, scsi::GOOD, None, 0, in_len) };
@@ -171,7 +171,7 @@ impl Worker {
 
     /// A request's file I/O finished: respond, or apply the LUN's error
     /// policy.
-    fn io_finished(w: &W, r: Req, io: Io, result: Result<usize, i32>, in_len: u64) {
+    fn io_finished(w: &WorkerRef, r: Req, io: Io, result: Result<usize, i32>, in_len: u64) {
         let write = io.is_write();
         let want = match &io {
             Io::Read { len, .. } => *len,
@@ -193,7 +193,7 @@ impl Worker {
         };
         let policy = {
             let wk = w.borrow();
-            wk.s.disks.get(io.lun()).map_or(ErrorAction::Report, |d| if write { d.werror } else { d.rerror })
+            wk.setup.disks.get(io.lun()).map_or(ErrorAction::Report, |d| if write { d.werror } else { d.rerror })
         };
         match policy.resolve(errno) {
             ErrorAction::Ignore => {
@@ -205,7 +205,7 @@ impl Worker {
                 let sink = {
                     let mut wk = w.borrow_mut();
                     wk.held.push((r, io, in_len));
-                    wk.s.errors.clone()
+                    wk.setup.errors.clone()
                 };
                 match sink {
                     Some(sink) => sink(IoError { lun, write, errno }),
@@ -226,7 +226,7 @@ fn errno_of(e: std::io::Error) -> i32 {
 
 /// Issues every request held on this iothread again (its workers').
 pub fn retry_held(ring: &mut Ring) {
-    let workers: Vec<W> = Worker::all(ring);
+    let workers: Vec<WorkerRef> = Worker::all(ring);
     for w in workers {
         let held = std::mem::take(&mut w.borrow_mut().held);
         for (r, io, in_len) in held {

@@ -28,7 +28,7 @@ impl Worker {
     }
 
     /// On the control queue's iothread: one request queue answered.
-    pub(super) fn tmf_part_done(w: &W, id: u64, found: u64) {
+    pub(super) fn tmf_part_done(w: &WorkerRef, id: u64, found: u64) {
         let ready = {
             let mut wk = w.borrow_mut();
             let Some(p) = wk.tmfs.get_mut(&id) else { return };
@@ -45,17 +45,17 @@ impl Worker {
         }
     }
 
-    pub(super) fn control_reply(w: &W, head: u16, wr: &[(GuestAddress, usize)], reply: &[u8]) {
-        let mem = w.borrow().s.mem.clone();
+    pub(super) fn control_reply(w: &WorkerRef, head: u16, wr: &[(GuestAddress, usize)], reply: &[u8]) {
+        let mem = w.borrow().setup.mem.clone();
         let used = if write_segs(&mem, wr, reply) { reply.len() as u32 } else { 0 };
-        w.borrow().s.mark(wr);
+        w.borrow().setup.mark(wr);
         Worker::finish(w, head, used);
     }
 
     /// A task management function (virtio_scsi_ctrl_tmf_req: type,
     /// subtype, lun[8], tag). Aborts and resets cancel the matching
     /// requests on every request queue and answer once they are done.
-    pub(super) fn tmf(w: &W, head: u16, req: &[u8], wr: &[(GuestAddress, usize)]) {
+    pub(super) fn tmf(w: &WorkerRef, head: u16, req: &[u8], wr: &[(GuestAddress, usize)]) {
         let subtype = u32::from_le_bytes(req[4..8].try_into().unwrap_or_default());
         let lun = &req[8..16];
         let tag = u64::from_le_bytes(req[16..24].try_into().unwrap_or_default());
@@ -63,22 +63,25 @@ impl Worker {
             return Worker::control_reply(w, head, wr, &[S_BAD_TARGET]);
         }
         let lun_id = u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff;
-        if w.borrow().s.disks.get(usize::from(lun_id)).is_none_or(Disk::is_removed) {
+        if w.borrow().setup.disks.get(usize::from(lun_id)).is_none_or(Disk::is_removed) {
             return Worker::control_reply(w, head, wr, &[S_INCORRECT_LUN]);
         }
         // (lun filter, tag filter, cancel, query)
         let (lf, tf, cancel, query) = match subtype {
-            0 => (Some(lun_id), Some(tag), true, false),                            // ABORT TASK
-            1 | 3 | 5 => (Some(lun_id), None, true, false),                         // ABORT/CLEAR TASK SET, LOGICAL UNIT RESET
-            4 => (None, None, true, false),                                         // I_T NEXUS RESET
-            6 => (Some(lun_id), Some(tag), false, true),                            // QUERY TASK
-            7 => (Some(lun_id), None, false, true),                                 // QUERY TASK SET
-            _ => return Worker::control_reply(w, head, wr, &[S_FUNCTION_REJECTED]), // CLEAR ACA (no ACA), unknown
+            vs::VIRTIO_SCSI_T_TMF_ABORT_TASK => (Some(lun_id), Some(tag), true, false),
+            vs::VIRTIO_SCSI_T_TMF_ABORT_TASK_SET | vs::VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET | vs::VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET => {
+                (Some(lun_id), None, true, false)
+            }
+            vs::VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET => (None, None, true, false),
+            vs::VIRTIO_SCSI_T_TMF_QUERY_TASK => (Some(lun_id), Some(tag), false, true),
+            vs::VIRTIO_SCSI_T_TMF_QUERY_TASK_SET => (Some(lun_id), None, false, true),
+            // CLEAR ACA (there is no ACA), unknown functions.
+            _ => return Worker::control_reply(w, head, wr, &[S_FUNCTION_REJECTED]),
         };
         let (peers, own, source) = {
             let wk = w.borrow();
-            let peers = wk.s.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            (peers, wk.s.own.clone(), wk.s.source)
+            let peers = wk.setup.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            (peers, wk.setup.own.clone(), wk.setup.source)
         };
         let id = {
             let mut wk = w.borrow_mut();
@@ -105,19 +108,19 @@ impl Worker {
     }
 
     /// Control queue: task management and asynchronous notification.
-    pub(super) fn control(w: &W, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
-        let mem = w.borrow().s.mem.clone();
+    pub(super) fn control(w: &WorkerRef, _ring: &mut Ring, head: u16, rd: &[(GuestAddress, usize)], wr: &[(GuestAddress, usize)]) {
+        let mem = w.borrow().setup.mem.clone();
         let Some(t) = read_segs(&mem, rd, 4) else { return Worker::finish(w, head, 0) };
         let kind = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
-        if kind == 0 {
+        if kind == vs::VIRTIO_SCSI_T_TMF {
             return match read_segs(&mem, rd, 24) {
                 Some(req) => Worker::tmf(w, head, &req, wr),
                 None => Worker::control_reply(w, head, wr, &[S_FAILURE]),
             };
         }
         let reply: Vec<u8> = match kind {
-            1 | 2 => {
-                let mut v = vec![0u8; 5]; // AN query/subscribe: no events supported
+            vs::VIRTIO_SCSI_T_AN_QUERY | vs::VIRTIO_SCSI_T_AN_SUBSCRIBE => {
+                let mut v = vec![0u8; 5]; // no asynchronous notifications supported
                 v[4] = S_OK;
                 v
             }

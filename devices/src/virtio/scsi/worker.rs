@@ -62,7 +62,7 @@ pub(super) struct PendingTmf {
 
 /// One queue, owned by one iothread.
 pub(super) struct Worker {
-    pub(super) s: WorkerSetup,
+    pub(super) setup: WorkerSetup,
     pub(super) poll: Option<OpId>,
     pub(super) stopped: bool,
     pub(super) broken: bool,
@@ -84,42 +84,7 @@ pub(super) struct Worker {
 /// A worker, as its iothread's ring keeps it ([`Ring::adopt`] under the
 /// queue's source): other threads reach it only by sending that ring a
 /// closure through its `Remote`, which finds it with [`Worker::of`].
-pub(super) type W = Rc<RefCell<Worker>>;
-
-/// Guest memory segments of a chain; a request rarely has more than four,
-/// so they stay off the heap.
-pub(super) type Segs = SmallVec<[(GuestAddress, usize); 4]>;
-
-/// Where a request's pieces are in guest memory.
-#[derive(Clone)]
-pub(super) struct Req {
-    pub(super) head: u16,
-    pub(super) resp: Segs,
-    pub(super) data_out: Segs,
-    pub(super) data_in: Segs,
-}
-
-pub(super) fn total(segs: &[(GuestAddress, usize)]) -> u64 {
-    segs.iter().map(|s| s.1 as u64).sum()
-}
-
-/// Splits `segs` at byte `at`: (first part, rest).
-pub(super) fn split(segs: &[(GuestAddress, usize)], mut at: usize) -> (Segs, Segs) {
-    let (mut a, mut b) = (Segs::new(), Segs::new());
-    for &(addr, len) in segs {
-        if at >= len {
-            a.push((addr, len));
-            at -= len;
-        } else if at > 0 {
-            a.push((addr, at));
-            b.push((GuestAddress(addr.0 + at as u64), len - at));
-            at = 0;
-        } else {
-            b.push((addr, len));
-        }
-    }
-    (a, b)
-}
+pub(super) type WorkerRef = Rc<RefCell<Worker>>;
 
 pub(super) fn read_segs(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], len: usize) -> Option<Vec<u8>> {
     let mut out = vec![0u8; len];
@@ -172,8 +137,8 @@ impl Worker {
         let source = s.source;
         let fd = s.notify.as_raw_fd();
         let size = s.queue.size() as usize;
-        let w: W = Rc::new(RefCell::new(Worker {
-            s,
+        let w: WorkerRef = Rc::new(RefCell::new(Worker {
+            setup: s,
             poll: None,
             stopped: false,
             broken: false,
@@ -189,7 +154,7 @@ impl Worker {
         let w2 = w.clone();
         let poll = ring.submit(source.companion(), Op::Poll { fd, events: libc::POLLIN as u32, multishot: true }, move |ring, c| {
             if c.result.is_ok() {
-                let _ = w2.borrow().s.notify.read();
+                let _ = w2.borrow().setup.notify.read();
                 Worker::process(&w2, ring);
             }
         });
@@ -203,7 +168,7 @@ impl Worker {
                 let wk = w3.borrow();
                 !wk.stopped
                     && !wk.broken
-                    && wk.s.queue.avail_idx(&*wk.s.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.s.queue.next_avail())
+                    && wk.setup.queue.avail_idx(&*wk.setup.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != wk.setup.queue.next_avail())
             };
             if ready {
                 Worker::process(&w3, ring);
@@ -222,12 +187,12 @@ impl Worker {
     }
 
     /// The worker this thread's ring keeps for `source`.
-    pub(super) fn of(ring: &Ring, source: SourceId) -> Option<W> {
+    pub(super) fn of(ring: &Ring, source: SourceId) -> Option<WorkerRef> {
         ring.owned::<RefCell<Worker>>(source)
     }
 
     /// Every worker this thread's ring keeps.
-    pub(super) fn all(ring: &Ring) -> Vec<W> {
+    pub(super) fn all(ring: &Ring) -> Vec<WorkerRef> {
         ring.all_owned::<RefCell<Worker>>()
     }
 
@@ -251,31 +216,31 @@ impl Worker {
 
     /// The used ring (flags, idx, entries, avail_event) was written.
     pub(super) fn mark_used_ring(&self) {
-        if let Some(d) = &self.s.dirty {
-            d.mark(self.s.queue.used_ring(), 6 + 8 * u64::from(self.s.queue.size()));
+        if let Some(d) = &self.setup.dirty {
+            d.mark(self.setup.queue.used_ring(), 6 + 8 * u64::from(self.setup.queue.size()));
         }
     }
 
     pub(super) fn mark_broken(&mut self, why: &str) {
         if !self.broken {
-            crate::warn_limited!("virtio-scsi: queue {}: {why}; device needs reset", self.s.index);
+            crate::warn_limited!("virtio-scsi: queue {}: {why}; device needs reset", self.setup.index);
             self.broken = true;
-            self.s.needs_reset.store(true, Ordering::Relaxed);
+            self.setup.needs_reset.store(true, Ordering::Relaxed);
         }
     }
 
     /// Takes every available chain, leaving the driver's notifications off
     /// (the iothread is awake; [`Worker::arm`] turns them on before it
     /// sleeps).
-    pub(super) fn process(w: &W, ring: &mut Ring) {
-        let mem = w.borrow().s.mem.clone();
+    pub(super) fn process(w: &WorkerRef, ring: &mut Ring) {
+        let mem = w.borrow().setup.mem.clone();
         let chains = {
             let mut wk = w.borrow_mut();
             if wk.stopped || wk.broken {
                 return;
             }
             if !wk.notify_off {
-                if let Err(e) = wk.s.queue.disable_notification(&*mem) {
+                if let Err(e) = wk.setup.queue.disable_notification(&*mem) {
                     wk.mark_broken(&format!("disable notification: {e}"));
                     return;
                 }
@@ -283,7 +248,7 @@ impl Worker {
                 wk.mark_used_ring();
             }
             let mut chains = Vec::new();
-            match wk.s.queue.iter(&*mem) {
+            match wk.setup.queue.iter(&*mem) {
                 Ok(it) => chains.extend(it),
                 Err(e) => {
                     wk.mark_broken(&format!("bad avail index: {e}"));
@@ -300,14 +265,14 @@ impl Worker {
     /// The iothread's sleep check: notifications back on, then one more
     /// look (a request posted while they were off would otherwise wait).
     /// Whether it found work.
-    pub(super) fn arm(w: &W, ring: &mut Ring) -> bool {
+    pub(super) fn arm(w: &WorkerRef, ring: &mut Ring) -> bool {
         let more = {
             let mut wk = w.borrow_mut();
             if wk.stopped || wk.broken || !wk.notify_off {
                 return false;
             }
-            let mem = wk.s.mem.clone();
-            let re_enabled = wk.s.queue.enable_notification(&*mem);
+            let mem = wk.setup.mem.clone();
+            let re_enabled = wk.setup.queue.enable_notification(&*mem);
             wk.notify_off = false;
             wk.mark_used_ring();
             match re_enabled {
@@ -324,21 +289,11 @@ impl Worker {
         more
     }
 
-    pub(super) fn handle(w: &W, ring: &mut Ring, chain: DescriptorChain<&GuestMemoryMmap>) {
+    pub(super) fn handle(w: &WorkerRef, ring: &mut Ring, chain: DescriptorChain<&GuestMemoryMmap>) {
         let head = chain.head_index();
-        let (mut rd, mut wr) = (Segs::new(), Segs::new());
-        let mut bad_order = false;
-        let mut n = 0u32;
+        let mut segs = Chain::new();
         for d in chain {
-            n += 1;
-            if d.is_write_only() {
-                wr.push((d.addr(), d.len() as usize));
-            } else {
-                if !wr.is_empty() {
-                    bad_order = true;
-                }
-                rd.push((d.addr(), d.len() as usize));
-            }
+            segs.push(d.addr(), d.len() as usize, d.is_write_only());
         }
         {
             let mut wk = w.borrow_mut();
@@ -352,37 +307,30 @@ impl Worker {
         }
         let (control, sense_size, cdb_size, mem) = {
             let wk = w.borrow();
-            (wk.s.control, wk.s.sense_size as usize, wk.s.cdb_size as usize, wk.s.mem.clone())
+            (wk.setup.control, wk.setup.sense_size as usize, wk.setup.cdb_size as usize, wk.setup.mem.clone())
         };
         if control {
-            return Worker::control(w, ring, head, &rd, &wr);
+            return Worker::control(w, ring, head, &segs.rd, &segs.wr);
         }
-        let resp_len = 12 + sense_size;
-        let (resp, data_in) = split(&wr, resp_len);
-        if total(&resp) < resp_len as u64 {
-            // Nowhere to say anything: give the head back, zero bytes.
-            log::debug!("virtio-scsi: head {head}: response buffer too short");
-            return Worker::finish(w, head, 0);
-        }
-        let req_len = 19 + cdb_size;
-        let (hdr_segs, data_out) = split(&rd, req_len);
-        let r = Req { head, resp, data_out, data_in };
-        let fail = |w: &W, r: &Req, code: u8| Worker::respond(w, r, code, scsi::GOOD, None, 0, 0);
-        if bad_order || n > SEG_MAX + 2 {
-            return fail(w, &r, S_FAILURE);
-        }
-        let Some(hdr) = read_segs(&mem, &hdr_segs, req_len) else { return fail(w, &r, S_FAILURE) };
-        let lun = &hdr[0..8];
-        if lun[0] != 1 || lun[1] != 0 {
-            return fail(w, &r, S_BAD_TARGET);
-        }
-        let lun_id = usize::from(u16::from_be_bytes([lun[2], lun[3]]) & 0x3fff);
-        let tag = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let fail = |w: &WorkerRef, r: &Req, code: u8| Worker::respond(w, r, code, scsi::GOOD, None, 0, 0);
+        let (hdr_segs, r) = match layout(head, &segs, cdb_size, sense_size) {
+            Layout::Ok { header, req } => (header, req),
+            Layout::NoResponse => {
+                // Nowhere to say anything: give the head back, zero bytes.
+                log::debug!("virtio-scsi: head {head}: response buffer too short");
+                return Worker::finish(w, head, 0);
+            }
+            Layout::Failure(r) => return fail(w, &r, S_FAILURE),
+        };
+        let Some(hdr) = read_segs(&mem, &hdr_segs, 19 + cdb_size) else { return fail(w, &r, S_FAILURE) };
+        let (lun_id, tag, cdb) = match request::header(&hdr, cdb_size) {
+            Ok(h) => (usize::from(h.lun), h.tag, h.cdb),
+            Err(code) => return fail(w, &r, code),
+        };
         if let Some(t) = w.borrow_mut().tracked.get_mut(usize::from(head)) {
             *t = Some(Track { lun: lun_id as u16, tag, ops: SmallVec::new() });
         }
-        let cdb = &hdr[19..19 + cdb_size];
-        let disks = w.borrow().s.disks.clone();
+        let disks = w.borrow().setup.disks.clone();
         // An unplugged LUN answers as absent; with none left, so does the
         // target (as QEMU's bus does).
         let disk = disks.get(lun_id).and_then(|d| d.fd().map(|fd| (d, fd)));
@@ -402,7 +350,7 @@ impl Worker {
             Vec::new()
         };
         let action = scsi::execute(&Target { lun: disk.map(|d| &d.0.lun), luns: &luns }, cdb, out_len, in_len, &params);
-        let source = w.borrow().s.source;
+        let source = w.borrow().setup.source;
         let Some((_, fd)) = disk else {
             return Worker::done(w, &r, action);
         };
@@ -442,8 +390,8 @@ impl Worker {
     }
 
     /// Completes a request the target answered without file I/O.
-    pub(super) fn done(w: &W, r: &Req, a: Action) {
-        let mem = w.borrow().s.mem.clone();
+    pub(super) fn done(w: &WorkerRef, r: &Req, a: Action) {
+        let mem = w.borrow().setup.mem.clone();
         let in_len = total(&r.data_in);
         match a {
             Action::Done { status, sense, data } => {
@@ -458,10 +406,10 @@ impl Worker {
     }
 
     /// Writes the virtio_scsi_cmd_resp and completes the head.
-    pub(super) fn respond(w: &W, r: &Req, response: u8, status: u8, sense: Option<Sense>, data_in: u64, in_len: u64) {
+    pub(super) fn respond(w: &WorkerRef, r: &Req, response: u8, status: u8, sense: Option<Sense>, data_in: u64, in_len: u64) {
         let (mem, sense_size) = {
             let wk = w.borrow();
-            (wk.s.mem.clone(), wk.s.sense_size as usize)
+            (wk.setup.mem.clone(), wk.setup.sense_size as usize)
         };
         let mut buf = [0u8; 12 + MAX_SENSE_SIZE as usize];
         let resp = &mut buf[..12 + sense_size];
@@ -478,16 +426,16 @@ impl Worker {
         let used = if write_segs(&mem, &r.resp, resp) { resp.len() as u64 + data_in } else { 0 };
         {
             let wk = w.borrow();
-            wk.s.mark(&r.data_in);
-            wk.s.mark(&r.resp);
+            wk.setup.mark(&r.data_in);
+            wk.setup.mark(&r.resp);
         }
         Worker::finish(w, r.head, used as u32);
     }
 
     /// Puts `head` in the used ring and signals if the driver wants it.
-    pub(super) fn finish(w: &W, head: u16, used: u32) {
+    pub(super) fn finish(w: &WorkerRef, head: u16, used: u32) {
         let mut wk = w.borrow_mut();
-        let mem = wk.s.mem.clone();
+        let mem = wk.setup.mem.clone();
         if let Some(f) = wk.in_flight.get_mut(head as usize) {
             *f = false;
         }
@@ -504,14 +452,14 @@ impl Worker {
             }
         }
         wk.completed += 1;
-        if let Err(e) = wk.s.queue.add_used(&*mem, head, used) {
+        if let Err(e) = wk.setup.queue.add_used(&*mem, head, used) {
             wk.mark_broken(&format!("add_used: {e}"));
             return;
         }
         wk.mark_used_ring();
-        match wk.s.queue.needs_notification(&*mem) {
+        match wk.setup.queue.needs_notification(&*mem) {
             Ok(true) => {
-                if let Some(irq) = &wk.s.irq {
+                if let Some(irq) = &wk.setup.irq {
                     let _ = irq.write(1);
                 }
             }
@@ -525,7 +473,7 @@ impl Worker {
         self.tracked.iter().enumerate().filter_map(|(h, t)| t.as_ref().map(|t| (h as u16, t)))
     }
 
-    pub(super) fn track(w: &W, head: u16, ids: &[OpId]) {
+    pub(super) fn track(w: &WorkerRef, head: u16, ids: &[OpId]) {
         if let Some(Some(t)) = w.borrow_mut().tracked.get_mut(usize::from(head)) {
             t.ops.extend_from_slice(ids);
         }
