@@ -2,19 +2,7 @@
 //! queue on its iothread), reset, quiesce and saved state.
 
 use super::*;
-use crate::persist::{DeviceState, PersistError};
-
-/// virtio-scsi's own state in a snapshot: the config fields the driver sets.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScsiState {
-    sense_size: u32,
-    cdb_size: u32,
-}
-
-impl DeviceState for ScsiState {
-    const DEVICE: &'static str = "virtio-scsi";
-}
+use crate::persist::PersistError;
 
 pub struct VirtioScsi {
     pub(super) disks: Arc<Vec<Disk>>,
@@ -206,17 +194,11 @@ impl VirtioDevice for VirtioScsi {
     }
 
     fn save(&self) -> serde_json::Value {
-        ScsiState { sense_size: self.sense_size, cdb_size: self.cdb_size }.to_value()
+        self.saved_state()
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), PersistError> {
-        let s = ScsiState::from_value(state)?;
-        if s.sense_size > MAX_SENSE_SIZE || !(6..=MAX_CDB_SIZE).contains(&s.cdb_size) {
-            return Err(ScsiState::invalid(format!("sense_size {} or cdb_size {} out of range", s.sense_size, s.cdb_size)));
-        }
-        self.sense_size = s.sense_size;
-        self.cdb_size = s.cdb_size;
-        Ok(())
+        self.restore_state(state)
     }
 
     fn needs_reset(&self) -> bool {

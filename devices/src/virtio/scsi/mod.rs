@@ -25,6 +25,7 @@ use super::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_I
 mod device;
 mod eventq;
 mod hotplug;
+mod persist;
 mod policy;
 mod request;
 mod tmf;
