@@ -154,6 +154,12 @@ pub fn spawn_chain_loader(
             plans.push((path.clone(), runs, crcs, gpas));
         }
     }
+    // One thread faults in every file's destination pages: without it
+    // the loaders fault them in from their reads, and loaders whose pages
+    // share a 2 MiB huge page race to fault it, each zeroing a huge page
+    // of which all but one are thrown away (a 17-file chain zeroed several
+    // times the guest's RAM that way).
+    prefault(plans.iter().flat_map(|p| p.1.iter()));
     std::thread::Builder::new()
         .name("ringvm-chain".into())
         .spawn(move || {
@@ -228,21 +234,7 @@ pub fn spawn_loader(
             return spawn_mapped(path, file, checked, mem, runs, crcs, gpas, progress, done);
         }
     }
-    // Fault the destination pages in on a second thread, ahead of the
-    // reads: a page the loader already filled is left as it is, so this
-    // only moves the cost of first touch off the I/O path.
-    let prefault: Vec<(usize, usize)> = runs.iter().map(|r| (r.1, (r.2 * PAGE) as usize)).collect();
-    let _ = std::thread::Builder::new().name("ringvm-prefault".into()).spawn(move || {
-        crate::seccomp::apply_or_exit(crate::seccomp::Role::Helper);
-        background_priority();
-        for (addr, len) in prefault {
-            // SAFETY: advice on guest RAM we own; MADV_POPULATE_WRITE only
-            // faults pages in and never changes their contents.
-            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } != 0 {
-                return; // an older kernel: the reads fault the pages in
-            }
-        }
-    });
+    prefault(runs.iter());
     let path: PathBuf = path.to_path_buf();
     std::thread::Builder::new()
         .name("ringvm-loader".into())
@@ -253,6 +245,25 @@ pub fn spawn_loader(
         })
         .map(|_| ())
         .map_err(LoadError::thread("loader"))
+}
+
+/// Faults the destination pages of `runs` in on a thread of its own,
+/// ahead of the reads (MADV_POPULATE_WRITE): a page a loader already
+/// filled is left as it is, so this only moves the cost of first touch
+/// (zeroing fresh RAM) off the I/O path.
+fn prefault<'a>(runs: impl Iterator<Item = &'a Run>) {
+    let spans: Vec<(usize, usize)> = runs.map(|r| (r.1, (r.2 * PAGE) as usize)).collect();
+    let _ = std::thread::Builder::new().name("ringvm-prefault".into()).spawn(move || {
+        crate::seccomp::apply_or_exit(crate::seccomp::Role::Helper);
+        background_priority();
+        for (addr, len) in spans {
+            // SAFETY: advice on guest RAM we own; MADV_POPULATE_WRITE only
+            // faults pages in and never changes their contents.
+            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } != 0 {
+                return; // an older kernel: the reads fault the pages in
+            }
+        }
+    });
 }
 
 /// (file offset, host address, pages, region, first page).
