@@ -46,6 +46,8 @@ pub(super) struct SaveCtl {
     /// `"track": true`: once complete, dirty logging stays on so the next
     /// snapshot can be incremental against this one.
     pub(super) track: bool,
+    /// The base of the running snapshot, if it is incremental.
+    pub(super) base: Option<format::BaseRef>,
 }
 
 /// Dirty tracking since a completed snapshot (`"track": true`): KVM's log
@@ -206,7 +208,7 @@ impl Controller {
         // This snapshot takes the tracked changes; tracking resumes from
         // it only if it completes with "track".
         self.tracking = None;
-        self.save = SaveCtl { shared, iothread: Some(io), clones, track, ..Default::default() };
+        self.save = SaveCtl { shared, iothread: Some(io), clones, track, base: base.clone(), ..Default::default() };
         Ok(json!({}))
     }
 
@@ -385,7 +387,11 @@ impl Controller {
                     } else {
                         std::fs::canonicalize(&done.path).map(|p| p.display().to_string()).unwrap_or_else(|_| done.path.clone())
                     };
-                    let base = format::BaseRef { path: path.clone(), id: done.file_id, completion_crc: done.record_crc };
+                    // The files an increment on this one builds on, newest
+                    // first (so a restore can read all their headers at once).
+                    let ancestors =
+                        self.save.base.as_ref().map(|b| std::iter::once(b.path.clone()).chain(b.ancestors.iter().cloned()).collect()).unwrap_or_default();
+                    let base = format::BaseRef { path: path.clone(), id: done.file_id, completion_crc: done.record_crc, ancestors };
                     self.tracking = Some(Tracking { path, base });
                 } else {
                     self.tracking = None;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::format::{open_checked, Checked, FormatError, Header};
+use super::format::{self, Checked, FormatError, Header};
 
 /// The most files a chain may have; a longer one is merged first.
 pub const MAX_CHAIN: usize = 64;
@@ -31,11 +31,40 @@ pub enum ChainError {
 /// first, each fully checked and linked by id and completion checksum;
 /// all must describe the same machine. Every error names the file.
 pub fn open_chain(path: &Path) -> Result<Vec<(PathBuf, Checked)>, ChainError> {
-    let mut chain: Vec<(PathBuf, Checked)> = Vec::new();
+    // First every file's header, following the base links (the id each
+    // names is checked at once, so a replaced base is not followed); each
+    // open starts the reads of that file's metadata. Then each file's full
+    // check, its metadata in memory or on its way by then.
+    let mut opening: Vec<(PathBuf, format::Opening)> = Vec::new();
     let mut ids = std::collections::HashSet::new();
     let mut next = Some(path.to_path_buf());
     while let Some(p) = next.take() {
-        let c = open_checked(&p).map_err(|source| ChainError::File { file: p.display().to_string(), source })?;
+        let o = format::open_header(&p).map_err(|source| ChainError::File { file: p.display().to_string(), source })?;
+        if opening.is_empty() {
+            if let Some(b) = &o.header.base {
+                // Every header the chain will need, read from now on.
+                let names: Vec<&str> = std::iter::once(b.path.as_str()).chain(b.ancestors.iter().map(String::as_str)).take(MAX_CHAIN).collect();
+                format::prefetch_headers(&names);
+            }
+        }
+        if let Some((child, co)) = opening.last() {
+            let want = co.header.base.as_ref().expect("a base was named");
+            if o.header.id != want.id {
+                return Err(ChainError::NotItsBase { child: child.display().to_string(), base: p.display().to_string(), found: o.header.id, want: want.id });
+            }
+        }
+        if !ids.insert(o.header.id) {
+            return Err(ChainError::Loop(p.display().to_string()));
+        }
+        if opening.len() >= MAX_CHAIN {
+            return Err(ChainError::TooLong(path.display().to_string()));
+        }
+        next = o.header.base.as_ref().map(|b| PathBuf::from(&b.path));
+        opening.push((p, o));
+    }
+    let mut chain: Vec<(PathBuf, Checked)> = Vec::new();
+    for (p, o) in opening {
+        let c = o.check().map_err(|source| ChainError::File { file: p.display().to_string(), source })?;
         if let Some((child, cc)) = chain.last() {
             let want = cc.header.base.as_ref().expect("a base was named");
             if c.header.id != want.id || c.completion.record_crc() != want.completion_crc {
@@ -50,13 +79,6 @@ pub fn open_chain(path: &Path) -> Result<Vec<(PathBuf, Checked)>, ChainError> {
                 return Err(ChainError::OtherSize { child: child.display().to_string(), base: p.display().to_string() });
             }
         }
-        if !ids.insert(c.header.id) {
-            return Err(ChainError::Loop(p.display().to_string()));
-        }
-        if chain.len() >= MAX_CHAIN {
-            return Err(ChainError::TooLong(path.display().to_string()));
-        }
-        next = c.header.base.as_ref().map(|b| PathBuf::from(&b.path));
         chain.push((p, c));
     }
     Ok(chain)
@@ -116,7 +138,7 @@ mod tests {
     }
 
     fn link(path: &Path, h: &Header, c: &Completion) -> BaseRef {
-        BaseRef { path: path.display().to_string(), id: h.id, completion_crc: c.record_crc() }
+        BaseRef { path: path.display().to_string(), id: h.id, completion_crc: c.record_crc(), ancestors: vec![] }
     }
 
     /// The chain rules, on small hand-made files: a good chain opens newest
@@ -137,13 +159,20 @@ mod tests {
         assert_eq!(chain[0].1.header.id, hi.id);
         let owners = page_owners(&chain.iter().map(|(_, c)| c).collect::<Vec<_>>());
         assert!(owners[0].iter().all(|o| *o == Some(0)), "the newest file's pages win");
+        // The ancestors list is a read-ahead hint only: wrong or missing
+        // names in it change nothing.
+        let mut hint = link(&p("inc"), &hi, &ci);
+        hint.ancestors = vec![p("gone").display().to_string(), p("inc").display().to_string()];
+        write_file(&p("hinted"), 1 << 20, 7, Some(hint));
+        let chain = open_chain(&p("hinted")).unwrap();
+        assert_eq!(chain.iter().map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>(), ["hinted", "inc", "base"]);
         // A base that is not the file the increment was taken from.
         write_file(&p("inc2"), 1 << 20, 3, Some(link(&p("inc"), &hi, &ci)));
         write_file(&p("inc"), 1 << 20, 2, Some(link(&p("base"), &hb, &cb)));
         let e = chain_err(open_chain(&p("inc2")));
         assert!(e.contains("inc2") && e.contains("not the file it was taken from"), "{e}");
         // Missing base.
-        write_file(&p("orphan"), 1 << 20, 4, Some(BaseRef { path: p("gone").display().to_string(), id: 7, completion_crc: 7 }));
+        write_file(&p("orphan"), 1 << 20, 4, Some(BaseRef { path: p("gone").display().to_string(), id: 7, completion_crc: 7, ancestors: vec![] }));
         let e = chain_err(open_chain(&p("orphan")));
         assert!(e.contains("gone") && e.contains("cannot open"), "{e}");
         // A base of another size.
