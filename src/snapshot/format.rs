@@ -523,11 +523,12 @@ pub struct Opening {
     len: u64,
 }
 
-/// Starts reading the headers of local state files `names` (paths that do
-/// not open are skipped: the walk that follows reports them).
+/// Starts reading the headers of local state files `names` (names that do
+/// not open as regular files are skipped, at once: a FIFO never blocks
+/// here, and the walk that follows reports what is wrong).
 pub fn prefetch_headers(names: &[&str]) {
     for n in names.iter().filter(|n| !crate::nfs::is_uri(n)) {
-        if let Ok(f) = File::open(n) {
+        if let Ok(f) = open_regular(Path::new(n)) {
             Source::File(f).prefetch(&[(0, HEADER_SIZE)]);
         }
     }

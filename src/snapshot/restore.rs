@@ -157,8 +157,7 @@ pub fn spawn_chain_loader(
     // One thread faults in every file's destination pages: without it
     // the loaders fault them in from their reads, and loaders whose pages
     // share a 2 MiB huge page race to fault it, each zeroing a huge page
-    // of which all but one are thrown away (a 17-file chain zeroed several
-    // times the guest's RAM that way).
+    // of which all but one are thrown away.
     prefault(plans.iter().flat_map(|p| p.1.iter()));
     std::thread::Builder::new()
         .name("ringvm-chain".into())
