@@ -122,6 +122,8 @@ const COMMON: &[i64] = &[
 /// Files and sockets (state files, NFS, name resolution).
 const FILES_AND_NET: &[i64] = &[
     libc::SYS_openat,
+    // Read-ahead of a state file's header and metadata (posix_fadvise).
+    libc::SYS_fadvise64,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_preadv,

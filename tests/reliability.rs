@@ -225,8 +225,10 @@ fn seccomp_filters_every_thread_role() {
     let mut seen = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
         let t = t.unwrap().path();
-        let comm = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_string();
-        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        // A thread may end while we look (the finished snapshot's
+        // iothread and reaper do): only the ones still there count.
+        let (Ok(comm), Ok(status)) = (std::fs::read_to_string(t.join("comm")), std::fs::read_to_string(t.join("status"))) else { continue };
+        let comm = comm.trim().to_string();
         if comm.starts_with("kvm-") {
             continue; // KVM's own worker
         }

@@ -13,6 +13,25 @@ pub fn is_zero(page: &[u8]) -> bool {
     })
 }
 
+/// Faults guest RAM spans (host address, bytes) in on a thread of its
+/// own (MADV_POPULATE_WRITE), ahead of a loader's reads into them: a page
+/// a loader already filled is left as it is, so this only moves the cost
+/// of first touch (zeroing fresh RAM) off the I/O path. `setup` runs first
+/// on that thread (its priority).
+pub fn prefault(spans: Vec<(usize, usize)>, setup: fn()) {
+    let _ = std::thread::Builder::new().name("ringvm-prefault".into()).spawn(move || {
+        crate::seccomp::apply_or_exit(crate::seccomp::Role::Helper);
+        setup();
+        for (addr, len) in spans {
+            // SAFETY: advice on guest RAM we own; MADV_POPULATE_WRITE only
+            // faults pages in and never changes their contents.
+            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } != 0 {
+                return; // an older kernel: the reads fault the pages in
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_zero;

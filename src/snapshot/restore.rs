@@ -246,23 +246,10 @@ pub fn spawn_loader(
         .map_err(LoadError::thread("loader"))
 }
 
-/// Faults the destination pages of `runs` in on a thread of its own,
-/// ahead of the reads (MADV_POPULATE_WRITE): a page a loader already
-/// filled is left as it is, so this only moves the cost of first touch
-/// (zeroing fresh RAM) off the I/O path.
+/// Faults the destination pages of `runs` in ahead of the reads (see
+/// [`super::pages::prefault`]).
 fn prefault<'a>(runs: impl Iterator<Item = &'a Run>) {
-    let spans: Vec<(usize, usize)> = runs.map(|r| (r.1, (r.2 * PAGE) as usize)).collect();
-    let _ = std::thread::Builder::new().name("ringvm-prefault".into()).spawn(move || {
-        crate::seccomp::apply_or_exit(crate::seccomp::Role::Helper);
-        background_priority();
-        for (addr, len) in spans {
-            // SAFETY: advice on guest RAM we own; MADV_POPULATE_WRITE only
-            // faults pages in and never changes their contents.
-            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } != 0 {
-                return; // an older kernel: the reads fault the pages in
-            }
-        }
-    });
+    super::pages::prefault(runs.map(|r| (r.1, (r.2 * PAGE) as usize)).collect(), background_priority);
 }
 
 /// (file offset, host address, pages, region, first page).
