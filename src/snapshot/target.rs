@@ -65,16 +65,7 @@ pub(super) fn open_target(path: &str, header: &[u8], file_size: u64, nofollow: b
         return Ok((Target::Nfs { conn: nfs::Conn::new(n), handler: None, tmp, dest }, false));
     }
     let new = destination(path, nofollow).and_then(|dest| NewFile::create(&dest)).map_err(TargetError::Open)?;
-    let direct = match new.open_direct() {
-        Ok(Some(d)) => Some(d),
-        Ok(None) => None,
-        Err(e) => {
-            new.discard();
-            return Err(TargetError::Open(e));
-        }
-    };
-    let is_direct = direct.is_some();
-    let direct = match direct.map_or_else(|| new.file.try_clone(), Ok) {
+    let (direct, is_direct) = match new.open_direct() {
         Ok(d) => d,
         Err(e) => {
             new.discard();
@@ -150,9 +141,10 @@ impl NewFile {
         Ok(nf)
     }
 
-    /// A second descriptor of the file with O_DIRECT, or None where the
-    /// filesystem has no O_DIRECT (some FUSE, older tmpfs).
-    pub fn open_direct(&self) -> std::io::Result<Option<File>> {
+    /// A second descriptor of the file for the RAM writes: with O_DIRECT
+    /// (true), or where the filesystem has none (some FUSE, older tmpfs)
+    /// a buffered one (false).
+    pub fn open_direct(&self) -> std::io::Result<(File, bool)> {
         let path = match &self.name {
             Some(n) => n.clone(),
             None => proc_fd(&self.file),
@@ -160,8 +152,8 @@ impl NewFile {
         // (The /proc link of an unnamed file is a symlink to follow.)
         let nofollow = if self.name.is_some() { libc::O_NOFOLLOW } else { 0 };
         match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | nofollow).open(path) {
-            Ok(d) => Ok(Some(d)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Ok(d) => Ok((d, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((self.file.try_clone()?, false)),
             Err(e) => Err(e),
         }
     }
