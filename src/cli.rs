@@ -81,6 +81,13 @@ pub struct MachineArgs {
     /// pages whenever a snapshot turns dirty logging on.
     #[arg(long)]
     pub no_thp: bool,
+    /// Entries in each vCPU's KVM dirty ring (a power of two, at least
+    /// 256), or 0 for KVM's dirty bitmap. The ring tells which vCPU
+    /// dirtied each page, which a snapshot's dirty-limit needs to slow
+    /// only the vCPUs that dirty. Default: 1024 where KVM has dirty rings
+    /// (KVM_CAP_DIRTY_LOG_RING), else the bitmap.
+    #[arg(long)]
+    pub dirty_ring: Option<u32>,
     /// Seccomp filters per thread role: on (a forbidden system call kills
     /// ringvm), log (allowed, logged by the kernel), off.
     #[arg(long, value_enum, default_value = "on")]

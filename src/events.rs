@@ -50,6 +50,8 @@ pub enum SnapshotStep {
     Pass,
     /// Set the vCPUs' CPU throttle to this percentage (auto-converge).
     Throttle(u32),
+    /// Set each vCPU's dirty-rate limit to the status's `dirty_limits`.
+    DirtyLimit,
 }
 
 pub struct EventQueue {

@@ -22,6 +22,7 @@ pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod demo;
+pub mod dirty_ring;
 pub mod disk;
 pub mod error;
 pub mod events;

@@ -15,6 +15,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::acpi;
+use crate::dirty_ring::{self, DirtyRings};
 use crate::error::{self, Error, Result};
 use crate::layout;
 
@@ -44,6 +45,9 @@ pub struct Machine {
     /// The ACPI Generic Event Device's interrupt: a power-button press.
     pub power_button: Interrupt,
     pub supported_cpuid: CpuId,
+    /// The vCPUs' dirty rings, when dirty logging uses them instead of
+    /// the bitmap (`--dirty-ring`).
+    pub dirty_rings: Option<Arc<DirtyRings>>,
     reset_state: ResetState,
 }
 
@@ -69,11 +73,28 @@ fn check_caps(kvm: &Kvm) -> Result<()> {
 }
 
 impl Machine {
-    /// Creates the VM with `mem_size` bytes of RAM and the legacy devices.
-    pub fn new(mem_size: u64, thp: bool, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
+    /// Creates the VM with `mem_size` bytes of RAM and the legacy devices;
+    /// `dirty_ring`: entries per vCPU dirty ring (0: the bitmap; `None`:
+    /// the default ring where KVM has one, else the bitmap).
+    pub fn new(mem_size: u64, thp: bool, dirty_ring: Option<u32>, cpus: u8, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         check_caps(&kvm)?;
         let vm = kvm.create_vm().map_err(error::kvm("KVM_CREATE_VM"))?;
+        let ring_entries = match dirty_ring {
+            Some(0) => 0,
+            Some(n) => {
+                dirty_ring::enable(&kvm, &vm, n).map_err(|e| Error::Config(e.to_string()))?;
+                n
+            }
+            None if dirty_ring::max_entries(&kvm) >= dirty_ring::DEFAULT_ENTRIES => match dirty_ring::enable(&kvm, &vm, dirty_ring::DEFAULT_ENTRIES) {
+                Ok(()) => dirty_ring::DEFAULT_ENTRIES,
+                Err(e) => {
+                    log::info!("dirty logging uses the bitmap: {e}");
+                    0
+                }
+            },
+            None => 0,
+        };
         let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
 
         let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
@@ -133,7 +154,12 @@ impl Machine {
         let pci = Arc::new(Mutex::new(PciConfigIo::new()));
         pio.insert(pci.clone(), PCI_CONFIG_PORT, 8)?;
 
-        Ok(Self { kvm, vm: Arc::new(vm), mem, mem_size, pio, mmio, serial, pci, power_button, supported_cpuid, reset_state })
+        let vm = Arc::new(vm);
+        let dirty_rings = (ring_entries > 0).then(|| {
+            let slots: Vec<u64> = mem.iter().map(|r| r.len()).collect();
+            Arc::new(DirtyRings::new(vm.clone(), ring_entries, usize::from(cpus), &slots))
+        });
+        Ok(Self { kvm, vm, mem, mem_size, pio, mmio, serial, pci, power_button, supported_cpuid, dirty_rings, reset_state })
     }
 
     /// Puts the PIC, IOAPIC and PIT back in their power-on state.
@@ -149,8 +175,21 @@ impl Machine {
         self.mem.iter().enumerate().map(|(i, r)| (i as u32, r.start_addr().0, r.len())).collect()
     }
 
+    /// Where a snapshot reads the pages the vCPUs dirtied: the dirty
+    /// rings if the VM has them, else KVM's bitmap.
+    pub fn dirty_log(&self) -> Arc<dyn crate::snapshot::save::DirtyLog + Send + Sync> {
+        match &self.dirty_rings {
+            Some(r) => r.clone(),
+            None => self.vm.clone(),
+        }
+    }
+
     /// Turns KVM dirty-page logging on or off for every RAM slot.
     pub fn set_dirty_log(&self, on: bool) -> Result<()> {
+        if let (true, Some(r)) = (on, &self.dirty_rings) {
+            // What the rings held from an earlier logging period is stale.
+            r.discard();
+        }
         for (slot, region) in self.mem.iter().enumerate() {
             let host = self.mem.get_host_address(region.start_addr()).map_err(|source| Error::GuestMemoryAccess { addr: region.start_addr().0, source })?;
             let r = kvm_userspace_memory_region {

@@ -109,6 +109,7 @@ fn run(mut args: RunArgs) -> anyhow::Result<u8> {
         serial: args.machine.serial.to_config(),
         no_reboot: args.machine.no_reboot,
         thp: !args.machine.no_thp,
+        dirty_ring: args.machine.dirty_ring,
         disks: args.machine.disks.clone(),
         iothreads: usize::from(args.machine.iothreads),
         iothread_poll: args.machine.iothread_poll_us.map(Duration::from_micros),

@@ -37,6 +37,9 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// MADV_HUGEPAGE on guest RAM.
     pub thp: bool,
+    /// Entries per vCPU dirty ring (0: KVM's dirty bitmap; `None`: a ring
+    /// of the default size where KVM has rings).
+    pub dirty_ring: Option<u32>,
     pub disks: Vec<crate::disk::DiskSpec>,
     pub iothreads: usize,
     /// How long a disk iothread polls for new requests and completions
@@ -150,7 +153,7 @@ impl Vm {
             SerialConfig::Off => SerialOutput::Sink,
             SerialConfig::Writer(w) => SerialOutput::Writer(w),
         };
-        let machine = Machine::new(config.mem_size, config.thp, serial_out, Arc::new(DeviceRequests(events.clone())))?;
+        let machine = Machine::new(config.mem_size, config.thp, config.dirty_ring, config.cpus, serial_out, Arc::new(DeviceRequests(events.clone())))?;
         if usize::from(config.cpus) > machine.max_vcpus() {
             return Err(Error::Config(format!("--cpus {} exceeds KVM's limit of {}", config.cpus, machine.max_vcpus())));
         }
@@ -295,6 +298,7 @@ impl Vm {
                     machine.mem.clone(),
                     events.clone(),
                     msr_list.clone(),
+                    machine.dirty_rings.clone(),
                 )
             })
             .collect::<Result<Vec<_>>>()?;

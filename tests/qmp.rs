@@ -382,9 +382,26 @@ fn migration_capabilities_and_parameters() {
     for n in ["migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters", "migrate", "savevm-start"] {
         assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
     }
-    assert_eq!(q.ok("query-migrate-capabilities", json!({})), json!([{"capability": "auto-converge", "state": false}]));
+    assert_eq!(
+        q.ok("query-migrate-capabilities", json!({})),
+        json!([{"capability": "auto-converge", "state": false}, {"capability": "dirty-limit", "state": false}])
+    );
     q.ok("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": true}, {"capability": "xbzrle", "state": false}]}));
     assert_eq!(q.ok("query-migrate-capabilities", json!({}))[0]["state"], true);
+    // QEMU's rule: dirty-limit and auto-converge exclude each other.
+    let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "dirty-limit", "state": true}]}}));
+    assert!(error_of(&r).1.contains("incompatible"), "{r}");
+    q.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "auto-converge", "state": false}, {"capability": "dirty-limit", "state": true}]}),
+    );
+    assert_eq!(q.ok("query-migrate-capabilities", json!({}))[1]["state"], true);
+    q.ok("migrate-set-parameters", json!({"vcpu-dirty-limit": 20}));
+    assert_eq!(q.ok("query-migrate-parameters", json!({}))["vcpu-dirty-limit"], 20);
+    let r = q.cmd(json!({"execute": "migrate-set-parameters", "arguments": {"vcpu-dirty-limit": 0}}));
+    assert!(error_of(&r).1.contains("vcpu-dirty-limit"), "{r}");
+    let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("x").to_str().unwrap(), "converge": "dirty-limit", "vcpu-dirty-limit": -1}}));
+    assert!(error_of(&r).1.contains("vcpu-dirty-limit"), "{r}");
     let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}));
     assert!(error_of(&r).1.contains("postcopy-ram"), "{r}");
     q.ok("migrate-set-parameters", json!({"cpu-throttle-initial": 30, "cpu-throttle-increment": 15, "downtime-limit": 50}));

@@ -56,6 +56,7 @@ pub const COMMANDS: &[Command] = &[
             opt("base-fallback", ArgType::Str),
             opt("cpu-throttle-initial", ArgType::Int),
             opt("cpu-throttle-increment", ArgType::Int),
+            opt("vcpu-dirty-limit", ArgType::Int),
         ],
         run: Run::Now(cmd_savevm_start),
     },
@@ -68,7 +69,12 @@ pub const COMMANDS: &[Command] = &[
     Command { name: "query-migrate-capabilities", args: &[], run: Run::Now(cmd_query_migrate_capabilities) },
     Command {
         name: "migrate-set-parameters",
-        args: &[opt("cpu-throttle-initial", ArgType::Int), opt("cpu-throttle-increment", ArgType::Int), opt("downtime-limit", ArgType::Int)],
+        args: &[
+            opt("cpu-throttle-initial", ArgType::Int),
+            opt("cpu-throttle-increment", ArgType::Int),
+            opt("downtime-limit", ArgType::Int),
+            opt("vcpu-dirty-limit", ArgType::Int),
+        ],
         run: Run::Now(cmd_migrate_set_parameters),
     },
     Command { name: "query-migrate-parameters", args: &[], run: Run::Now(cmd_query_migrate_parameters) },
@@ -155,24 +161,37 @@ fn cmd_query_version(_: &mut Controller, _: &Request) -> Result<Value, QmpError>
 
 fn cmd_migrate_set_capabilities(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
     let caps = req.arguments.get("capabilities").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut auto = c.migrate_params.auto_converge;
+    let (mut auto, mut limit) = (c.migrate_params.auto_converge, c.migrate_params.dirty_limit);
     for c in &caps {
         let (Some(name), Some(state)) = (c.get("capability").and_then(Value::as_str), c.get("state").and_then(Value::as_bool)) else {
             return Err(QmpError::generic("each capability is {\"capability\": NAME, \"state\": BOOL}"));
         };
         match name {
             "auto-converge" => auto = state,
+            "dirty-limit" => limit = state,
             // Accepted as QEMU's off state; ringvm has no other mode.
             n if !state => log::debug!("capability {n} off"),
-            n => return Err(QmpError::generic(format!("Capability '{n}' is not supported by ringvm (supported: auto-converge)"))),
+            n => return Err(QmpError::generic(format!("Capability '{n}' is not supported by ringvm (supported: auto-converge, dirty-limit)"))),
         }
     }
+    // QEMU's rules: the two exclude each other, and dirty-limit needs the
+    // dirty ring.
+    if auto && limit {
+        return Err(QmpError::generic("Capability 'dirty-limit' is incompatible with 'auto-converge'"));
+    }
+    if limit && c.vm.machine().dirty_rings.is_none() {
+        return Err(QmpError::generic("Capability 'dirty-limit' needs KVM's dirty ring, which this VM does not use (--dirty-ring 0, or KVM lacks it)"));
+    }
     c.migrate_params.auto_converge = auto;
+    c.migrate_params.dirty_limit = limit;
     Ok(json!({}))
 }
 
 fn cmd_query_migrate_capabilities(c: &mut Controller, _: &Request) -> Result<Value, QmpError> {
-    Ok(json!([{"capability": "auto-converge", "state": c.migrate_params.auto_converge}]))
+    Ok(json!([
+        {"capability": "auto-converge", "state": c.migrate_params.auto_converge},
+        {"capability": "dirty-limit", "state": c.migrate_params.dirty_limit},
+    ]))
 }
 
 fn cmd_migrate_set_parameters(c: &mut Controller, req: &Request) -> Result<Value, QmpError> {
@@ -190,6 +209,12 @@ fn cmd_migrate_set_parameters(c: &mut Controller, req: &Request) -> Result<Value
     if let Some(v) = get("cpu-throttle-increment") {
         c.migrate_params.throttle_increment = v as u32;
     }
+    if let Some(v) = get("vcpu-dirty-limit") {
+        if !(1..=u64::from(u32::MAX)).contains(&v) {
+            return Err(QmpError::generic("Parameter 'vcpu-dirty-limit' expects a number of MB/s from 1"));
+        }
+        c.migrate_params.vcpu_dirty_limit = Some(v);
+    }
     if let Some(v) = get("downtime-limit") {
         if v > 60_000 {
             return Err(QmpError::generic("Parameter 'downtime-limit' expects a number from 0 to 60000 (ms)"));
@@ -205,6 +230,9 @@ fn cmd_query_migrate_parameters(c: &mut Controller, _: &Request) -> Result<Value
         "cpu-throttle-increment": c.migrate_params.throttle_increment,
         "max-cpu-throttle": crate::vcpu::MAX_THROTTLE_PCT,
         "downtime-limit": c.migrate_params.downtime_limit_ms.unwrap_or(crate::control::DEFAULT_DOWNTIME_MS as u64),
+        // QEMU's default is 1 MB/s; ringvm's default derives the limit from
+        // the target's measured rate, reported as 0 until one is set.
+        "vcpu-dirty-limit": c.migrate_params.vcpu_dirty_limit.unwrap_or(0),
     }))
 }
 
@@ -412,6 +440,9 @@ fn cmd_query_migrate(c: &mut Controller, _: &Request) -> Result<Value, QmpError>
         }
         if s["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0 {
             v["cpu-throttle-percentage"] = s["cpu-throttle-percentage"].clone();
+        }
+        if let Some(t) = s.get("dirty-limit-throttle-time-per-round") {
+            v["dirty-limit-throttle-time-per-round"] = t.clone();
         }
         if let Some(e) = s.get("error") {
             v["error-desc"] = e.clone();

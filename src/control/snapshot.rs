@@ -17,6 +17,9 @@ use crate::snapshot::{format, save, SaveShared, SaveState, StateSection};
 /// (`migrate-set-capabilities`, `migrate-set-parameters`).
 pub(super) struct MigrateParams {
     pub(super) auto_converge: bool,
+    pub(super) dirty_limit: bool,
+    /// QEMU's vcpu-dirty-limit (MB/s); `None`: from the target's rate.
+    pub(super) vcpu_dirty_limit: Option<u64>,
     pub(super) throttle_initial: u32,
     pub(super) throttle_increment: u32,
     /// QEMU's downtime-limit (ms): `migrate`'s downtime target.
@@ -26,7 +29,7 @@ pub(super) struct MigrateParams {
 impl Default for MigrateParams {
     fn default() -> Self {
         // QEMU's defaults.
-        MigrateParams { auto_converge: false, throttle_initial: 20, throttle_increment: 10, downtime_limit_ms: None }
+        MigrateParams { auto_converge: false, dirty_limit: false, vcpu_dirty_limit: None, throttle_initial: 20, throttle_increment: 10, downtime_limit_ms: None }
     }
 }
 
@@ -48,6 +51,8 @@ pub(super) struct SaveCtl {
     pub(super) track: bool,
     /// The base of the running snapshot, if it is incremental.
     pub(super) base: Option<format::BaseRef>,
+    /// The vCPUs' dirty-limit sleep (µs, all together) when it started.
+    pub(super) slept_at_start: u64,
 }
 
 /// Dirty tracking since a completed snapshot (`"track": true`): KVM's log
@@ -199,7 +204,7 @@ impl Controller {
             converge,
             incremental,
         };
-        let (vm, mem, sh, ev) = (machine.vm.clone(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
+        let (vm, mem, sh, ev) = (machine.dirty_log(), machine.mem.clone(), shared.clone(), self.vm.events().clone());
         if let Err(e) = io.remote().send(move |ring| save::start(ring, params, vm, mem, sh, ev)) {
             let _ = machine.set_dirty_log(false);
             self.vm.storage().dirty.set_enabled(false);
@@ -208,7 +213,8 @@ impl Controller {
         // This snapshot takes the tracked changes; tracking resumes from
         // it only if it completes with "track".
         self.tracking = None;
-        self.save = SaveCtl { shared, iothread: Some(io), clones, track, base: base.clone(), ..Default::default() };
+        let slept_at_start = machine.dirty_rings.as_ref().map_or(0, |r| r.slept_us());
+        self.save = SaveCtl { shared, iothread: Some(io), clones, track, base: base.clone(), slept_at_start, ..Default::default() };
         Ok(json!({}))
     }
 
@@ -249,28 +255,46 @@ impl Controller {
         self.save.track = false;
     }
 
-    /// savevm-start's `converge` ("none", "auto"), or for `migrate` the
-    /// auto-converge capability; cpu-throttle-initial / -increment from
-    /// the arguments or migrate-set-parameters.
+    /// savevm-start's `converge` ("none", "auto", "dirty-limit"; by
+    /// default dirty-limit where the VM has dirty rings), or for `migrate`
+    /// the auto-converge / dirty-limit capabilities; cpu-throttle-initial,
+    /// -increment and vcpu-dirty-limit from the arguments or
+    /// migrate-set-parameters.
     fn converge_policy(&self, req: &Request) -> std::result::Result<save::Converge, QmpError> {
-        let pct = |name: &str, dflt: u32, range: std::ops::RangeInclusive<u64>| -> std::result::Result<u32, QmpError> {
+        let num = |name: &str, dflt: u64, range: std::ops::RangeInclusive<u64>| -> std::result::Result<u64, QmpError> {
             match req.arguments.get(name) {
                 None => Ok(dflt),
                 Some(v) => match v.as_u64().filter(|n| range.contains(n)) {
-                    Some(n) => Ok(n as u32),
+                    Some(n) => Ok(n),
                     None => Err(QmpError::generic(format!("Parameter '{name}' expects a number from {} to {}", range.start(), range.end()))),
                 },
             }
         };
-        let initial = pct("cpu-throttle-initial", self.migrate_params.throttle_initial, 1..=99)?;
-        let increment = pct("cpu-throttle-increment", self.migrate_params.throttle_increment, 1..=99)?;
+        let initial = num("cpu-throttle-initial", self.migrate_params.throttle_initial.into(), 1..=99)? as u32;
+        let increment = num("cpu-throttle-increment", self.migrate_params.throttle_increment.into(), 1..=99)? as u32;
         let auto = save::Converge::Auto { initial, increment };
+        let fixed = match req.arguments.get("vcpu-dirty-limit") {
+            Some(_) => Some(num("vcpu-dirty-limit", 1, 1..=u64::from(u32::MAX))? * 1_000_000),
+            None => self.migrate_params.vcpu_dirty_limit.map(|l| l * 1_000_000),
+        };
+        let rings = self.vm.machine().dirty_rings.is_some();
+        let limit = || {
+            if rings {
+                Ok(save::Converge::DirtyLimit { fixed })
+            } else {
+                Err(QmpError::generic("converge 'dirty-limit' needs KVM's dirty ring, which this VM does not use (--dirty-ring 0, or KVM lacks KVM_CAP_DIRTY_LOG_RING); use 'auto'"))
+            }
+        };
         match req.arguments.get("converge").and_then(Value::as_str) {
             None if self.migrate_params.auto_converge => Ok(auto),
+            None if self.migrate_params.dirty_limit => limit(),
+            // savevm-start's default: dirty-limit where it can work (it
+            // slows nothing unless the guest out-dirties the target).
+            None if rings && req.execute == "savevm-start" => limit(),
             None | Some("none") => Ok(save::Converge::None),
             Some("auto") => Ok(auto),
-            Some("dirty-limit") => Err(QmpError::generic("converge 'dirty-limit' is not implemented yet; use 'auto' (CPU throttling, QEMU's auto-converge)")),
-            Some(o) => Err(QmpError::generic(format!("Parameter 'converge' must be 'none' or 'auto', not '{o}'"))),
+            Some("dirty-limit") => limit(),
+            Some(o) => Err(QmpError::generic(format!("Parameter 'converge' must be 'none', 'auto' or 'dirty-limit', not '{o}'"))),
         }
     }
 
@@ -304,6 +328,19 @@ impl Controller {
             "stalled": s.stalled,
             "cpu-throttle-percentage": s.throttle_pct,
         });
+        if !s.vcpu_dirty_rates_mbps.is_empty() {
+            v["vcpu-dirty-rate-mbps"] = json!(s.vcpu_dirty_rates_mbps);
+        }
+        if s.dirty_limits.iter().any(|&l| l > 0) {
+            v["vcpu-dirty-limit-mbps"] = json!(s.dirty_limits.iter().map(|l| l / 1_000_000).collect::<Vec<_>>());
+        }
+        if let Some(r) = &self.vm.machine().dirty_rings {
+            let slept = r.slept_us().saturating_sub(self.save.slept_at_start);
+            if slept > 0 {
+                v["dirty-limit-throttle-time"] = json!(slept);
+                v["dirty-limit-throttle-time-per-round"] = json!(slept / u64::from(s.iterations.max(1)));
+            }
+        }
         if let Some(d) = s.downtime_ms {
             v["downtime"] = json!(d);
         }
@@ -376,8 +413,16 @@ impl Controller {
                     self.vm.vcpus().set_throttle(pct);
                 }
             }
+            SnapshotStep::DirtyLimit => {
+                if let (Some(_), Some(r)) = (&self.save.iothread, &self.vm.machine().dirty_rings) {
+                    r.set_limits(&self.save.shared.get().dirty_limits);
+                }
+            }
             SnapshotStep::Done => {
                 // The guest's full speed back the moment the snapshot ends.
+                if let Some(r) = &self.vm.machine().dirty_rings {
+                    r.set_limits(&[]);
+                }
                 self.vm.vcpus().set_throttle(0);
                 let done = self.save.shared.get();
                 if done.state == SaveState::Completed && self.save.track && done.file_id != 0 {

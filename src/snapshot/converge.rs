@@ -1,5 +1,5 @@
 //! How a snapshot whose guest dirties faster than its target writes is
-//! made to finish (QEMU's auto-converge).
+//! made to finish (QEMU's auto-converge and dirty-limit).
 
 /// Convergence policy (QEMU's capabilities of the same names).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -18,6 +18,26 @@ pub enum Converge {
     /// needed: the guest's dirtying slowed to half of what the target
     /// wrote in the same time.
     Auto { initial: u32, increment: u32 },
+    /// dirty-limit: each vCPU's dirty rate (from its KVM dirty ring) is
+    /// capped, so only the vCPUs that dirty are slowed, and only as much
+    /// as the target needs. Once a pass finds the guest dirtied more than
+    /// half of what it wrote, the vCPUs share a budget of half the
+    /// target's measured rate (a vCPU under its fair share keeps its
+    /// pace; the rest split what is left); every further such pass halves
+    /// the limits. `fixed`: QEMU's vcpu-dirty-limit instead (bytes/s, one
+    /// limit for every vCPU that dirties faster).
+    DirtyLimit { fixed: Option<u64> },
+}
+
+/// What a pass measured, for [`Converge::next_limits`].
+pub struct PassRates<'a> {
+    /// Bytes the target took during the pass, and the pass's length.
+    pub written: u64,
+    pub secs: f64,
+    /// Bytes the guest dirtied during the pass (what the next pass writes).
+    pub dirtied: u64,
+    /// Bytes each vCPU dirtied during the pass.
+    pub per_vcpu: &'a [u64],
 }
 
 impl Converge {
@@ -42,9 +62,80 @@ impl Converge {
     }
 }
 
+impl Converge {
+    /// The per-vCPU dirty limits (bytes/s, 0: none) after a pass, given
+    /// the limits now; `None`: unchanged.
+    pub fn next_limits(self, now: &[u64], m: &PassRates) -> Option<Vec<u64>> {
+        let Converge::DirtyLimit { fixed } = self else { return None };
+        if m.dirtied.saturating_mul(2) <= m.written || m.per_vcpu.is_empty() {
+            return None;
+        }
+        let secs = m.secs.max(1e-3);
+        let rates: Vec<f64> = m.per_vcpu.iter().map(|&b| b as f64 / secs).collect();
+        let floor = crate::dirty_ring::MIN_LIMIT;
+        let next: Vec<u64> = if let Some(l) = fixed {
+            rates.iter().map(|&r| if r > l as f64 { l.max(floor) } else { 0 }).collect()
+        } else {
+            // Water-filling: the slowest dirtiers first, each keeps its
+            // rate while it is under an equal share of what is left.
+            let mut budget = m.written as f64 / secs / 2.0;
+            let mut order: Vec<usize> = (0..rates.len()).collect();
+            order.sort_by(|&a, &b| rates[a].total_cmp(&rates[b]));
+            let mut out = vec![0u64; rates.len()];
+            for (k, &i) in order.iter().enumerate() {
+                let share = budget / (rates.len() - k) as f64;
+                if rates[i] <= share {
+                    budget -= rates[i];
+                } else {
+                    out[i] = share as u64;
+                }
+            }
+            out.iter()
+                .zip(now.iter().chain(std::iter::repeat(&0)))
+                .map(|(&new, &old)| match (new, old) {
+                    (0, _) => old,
+                    // Limited already and still too fast: at most half.
+                    (n, o) if o > 0 => n.min(o / 2),
+                    (n, _) => n,
+                })
+                .map(|l| if l > 0 { l.max(floor) } else { 0 })
+                .collect()
+        };
+        (next.as_slice() != now).then_some(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Converge;
+    use super::{Converge, PassRates};
+
+    #[test]
+    fn dirty_limit_slows_only_the_vcpus_that_dirty() {
+        let dl = Converge::DirtyLimit { fixed: None };
+        // A pass of 1 s: the target took 40 MB, vCPU 0 dirtied 2 MB, vCPU 1
+        // 100 MB. The budget is 20 MB/s: vCPU 0 keeps its 2, vCPU 1 gets 18.
+        let m = PassRates { written: 40_000_000, secs: 1.0, dirtied: 102_000_000, per_vcpu: &[2_000_000, 100_000_000] };
+        let l = dl.next_limits(&[0, 0], &m).unwrap();
+        assert_eq!(l, vec![0, 18_000_000]);
+        // Still out-dirtied at that limit: halved.
+        let l = dl.next_limits(&l, &m).unwrap();
+        assert_eq!(l, vec![0, 9_000_000]);
+        // A pass the target kept up with changes nothing.
+        let calm = PassRates { written: 40_000_000, secs: 1.0, dirtied: 10_000_000, per_vcpu: &[2_000_000, 8_000_000] };
+        assert_eq!(dl.next_limits(&l, &calm), None);
+        // Never under the floor.
+        let mut l = l;
+        for _ in 0..20 {
+            l = dl.next_limits(&l, &m).unwrap_or(l);
+        }
+        assert_eq!(l, vec![0, crate::dirty_ring::MIN_LIMIT]);
+        // QEMU's fixed vcpu-dirty-limit: every vCPU above it, at it.
+        let fixed = Converge::DirtyLimit { fixed: Some(5_000_000) };
+        assert_eq!(fixed.next_limits(&[0, 0], &m), Some(vec![0, 5_000_000]));
+        // Other policies set no limits.
+        assert_eq!(Converge::None.next_limits(&[0, 0], &m), None);
+        assert_eq!(Converge::Auto { initial: 20, increment: 10 }.next_limits(&[0, 0], &m), None);
+    }
 
     #[test]
     fn auto_converge_raises_the_throttle_as_qemu_does_or_to_what_was_measured() {

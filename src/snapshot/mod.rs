@@ -43,6 +43,10 @@ pub struct SaveStatus {
     pub direct_io: bool,
     /// The vCPUs' CPU throttle (auto-converge), percent.
     pub throttle_pct: u32,
+    /// Each vCPU's dirty-rate limit, bytes/s (dirty-limit; 0: none).
+    pub dirty_limits: Vec<u64>,
+    /// Each vCPU's dirty rate in the last pass, MB/s (dirty rings only).
+    pub vcpu_dirty_rates_mbps: Vec<f64>,
     /// Once complete: the file's id and its completion record's checksum
     /// (what an incremental snapshot against it names).
     pub file_id: u64,

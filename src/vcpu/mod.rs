@@ -114,6 +114,22 @@ impl VcpuControl {
         THROTTLE_SLICE * pct / (100 - pct)
     }
 
+    /// Sleeps up to `d` while the vCPUs should run and `still()` holds: a
+    /// pause or stop request, or the end of the throttle, ends it early.
+    fn nap(&self, d: Duration, still: impl Fn() -> bool) {
+        let until = Instant::now() + d;
+        let mut st = self.lock();
+        while st.request == Request::Run && still() {
+            let Some(left) = until.checked_duration_since(Instant::now()) else { break };
+            st = self.cv.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Wakes the vCPUs that sleep for a throttle or dirty limit.
+    pub fn wake_sleepers(&self) {
+        self.cv.notify_all();
+    }
+
     fn lock(&self) -> MutexGuard<'_, CtlState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -318,6 +334,8 @@ pub struct Vcpu {
     /// reset leaves nothing of the last boot (an armed LAPIC timer, x2APIC
     /// mode, pending events, FPU state) behind.
     power_on: std::cell::OnceCell<VcpuState>,
+    /// The VM's dirty rings, if dirty logging uses them.
+    rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -347,8 +365,12 @@ impl Vcpu {
         mem: GuestMemoryMmap,
         events: Arc<EventQueue>,
         msr_list: Vec<u32>,
+        rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
     ) -> Result<Self> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("KVM_CREATE_VCPU"))?;
+        if let Some(r) = &rings {
+            r.attach(usize::from(id), &fd).map_err(|e| Error::Config(e.to_string()))?;
+        }
         let cpuid = boot::cpuid::for_vcpu(supported, id, count);
         // CPUID must be set before the guest enables long mode, so set it now.
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
@@ -364,6 +386,7 @@ impl Vcpu {
             save_seen: std::cell::Cell::new(0),
             restore_seen: std::cell::Cell::new(0),
             power_on: std::cell::OnceCell::new(),
+            rings,
         })
     }
 
@@ -555,15 +578,8 @@ impl Vcpu {
                 throttled = tick;
                 let pct = ctl.throttle();
                 if pct > 0 {
-                    // Asleep for the throttle's share; a pause or stop
-                    // request ends the sleep (the loop then parks).
-                    let until = Instant::now() + VcpuControl::throttle_sleep(pct);
-                    let mut st = ctl.lock();
-                    while st.request == Request::Run && ctl.throttle() > 0 {
-                        let Some(left) = until.checked_duration_since(Instant::now()) else { break };
-                        st = ctl.cv.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
-                    }
-                    drop(st);
+                    // Asleep for the throttle's share.
+                    ctl.nap(VcpuControl::throttle_sleep(pct), || ctl.throttle() > 0);
                     continue;
                 }
             }
@@ -604,6 +620,19 @@ impl Vcpu {
                         None
                     }
                 },
+                Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                    // The ring must be harvested before KVM runs this vCPU
+                    // again; under a dirty limit, it then sleeps its share.
+                    if let Some(r) = &self.rings {
+                        let d = r.full(cpu);
+                        if !d.is_zero() {
+                            let slept = Instant::now();
+                            ctl.nap(d, || r.limit(cpu) > 0);
+                            r.add_slept(slept.elapsed());
+                        }
+                    }
+                    None
+                }
                 Ok(VcpuExit::InternalError) => Some(Fatal::Internal),
                 Ok(VcpuExit::FailEntry(reason, _)) => Some(Fatal::Other(format!("KVM_EXIT_FAIL_ENTRY, reason {reason:#x}"))),
                 Ok(other) => Some(Fatal::Other(format!("unexpected exit {other:?}"))),

@@ -4,6 +4,8 @@
  * Command line (key=value, space separated; see README.md):
  *   work=mem|verify|spin|hello|reboot  count=N  mib=N  rate=MiBps  secs=N|inf  seed=N
  *   beat=MS (mem: cpu0 prints a heartbeat line every MS ms while dirtying)
+ *   workers=N (mem: only the first N cpus dirty; the others count spins,
+ *   which the heartbeat line reports as spins=N: their speed)
  *   work=scsi-verify|scsi-errors|scsi-eio|scsi-bench|scsi-unplug: see scsi.c
  * Reports on COM1 (0x3f8) and ends through the isa-debug-exit port (0x501):
  *   0 = pass, 1 = verification failed, 2 = bad command line, 3 = internal error.
@@ -210,7 +212,8 @@ static u32 *gen_table;               /* one generation per page */
 static u32 ncpus = 1;
 static volatile u32 cpus_online = 1, go_flag, stop_flag, done_count, verified_count;
 static volatile u64 bad_pages, pages_rewritten;
-static u64 rate_mibps, secs, t_start, beat_ms;
+static u64 rate_mibps, secs, t_start, beat_ms, workers;
+static volatile u64 idle_spins;
 static int work_kind; /* 1 mem, 2 verify, 3 spin, 4 hello */
 
 static inline u64 *page_addr(u64 i) {
@@ -272,7 +275,8 @@ static void do_mem(u32 cpu) {
         }
         if (cpu == 0 && beat_ms && now - last_beat > beat_ms * tsc_khz) {
             last_beat = now;
-            printk("ringvm-guest: beat %u pages=%u\n", ++beats, n);
+            if (workers) printk("ringvm-guest: beat %u pages=%u spins=%u\n", ++beats, n, idle_spins);
+            else printk("ringvm-guest: beat %u pages=%u\n", ++beats, n);
         }
         if (tsc_per_page && now - t0 < n * tsc_per_page) { cpu_relax(); continue; }
         write_page(i, gen_table[i] + 1);
@@ -310,6 +314,7 @@ void guest_main(u32 cpu) {
         __atomic_add_fetch(&cpus_online, 1, __ATOMIC_SEQ_CST);
         while (!go_flag) cpu_relax();
         if (cpu < ncpus) run_work(cpu);
+        else if (work_kind == 1) for (;;) { idle_spins++; cpu_relax(); }
         for (;;) cpu_relax();
     }
     /* Nothing zeroes .bss on a reset; do it like any kernel would. */
@@ -362,6 +367,7 @@ void guest_main(u32 cpu) {
     rate_mibps = param_u64("rate", 0, &bad);
     secs = param_u64("secs", 0, &bad);
     beat_ms = param_u64("beat", 0, &bad);
+    workers = param_u64("workers", 0, &bad);
     region_seed = param_u64("seed", 1, &bad);
     if (bad) guest_exit(2);
     if (work_kind == 4) guest_exit(0);
@@ -426,7 +432,8 @@ void guest_main(u32 cpu) {
         n = cpus_online;
     }
     ncpus = n;
-    printk("ringvm-guest: cpus online=%u\n", (u64)ncpus);
+    if (work_kind == 1 && workers && workers < ncpus) ncpus = (u32)workers;
+    printk("ringvm-guest: cpus online=%u\n", (u64)n);
     if (work_kind >= 6) {
         want_hotplug = work_kind == 10 || work_kind == 11;
         inflight_report();

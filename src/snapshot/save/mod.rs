@@ -94,6 +94,10 @@ struct Job {
     /// the last raise in which the guest out-dirtied the target.
     throttle: u32,
     high_passes: u32,
+    /// dirty-limit: each vCPU's pages logged at the last pass's end, and
+    /// the limits asked for.
+    vcpu_pages: Vec<u64>,
+    limits: Vec<u64>,
 }
 
 /// The job, as its iothread's ring keeps it (under [`SNAPSHOT_SOURCE`]):
@@ -111,6 +115,11 @@ pub trait DirtyLog {
     /// The bitmap of `slot` (`size` bytes of RAM), one bit per page, and
     /// the log cleared.
     fn dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, kvm_ioctls::Error>;
+    /// Pages logged for each vCPU so far, ever (a dirty ring knows which
+    /// vCPU dirtied a page; the bitmap does not: empty).
+    fn vcpu_pages(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 impl DirtyLog for VmFd {
@@ -182,6 +191,8 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, me
         final_timer: None,
         throttle: 0,
         high_passes: 0,
+        vcpu_pages: Vec::new(),
+        limits: Vec::new(),
     }));
     if let Target::Nfs { handler, .. } = &mut job.borrow_mut().target {
         // Results of the NFS requests come back through the ring's poll.
@@ -353,6 +364,32 @@ impl Job {
         }
         self.cursor = (0, 0);
         Ok(())
+    }
+
+    /// dirty-limit: per-vCPU rates from the dirty rings, and new limits
+    /// when the guest out-dirtied the target.
+    fn dirty_limit(&mut self, written: u64, dirtied: u64, secs: f64) {
+        if !matches!(self.p.converge, Converge::DirtyLimit { .. }) {
+            return;
+        }
+        let now = self.vm.vcpu_pages();
+        let per_vcpu: Vec<u64> = now.iter().zip(self.vcpu_pages.iter().chain(std::iter::repeat(&0))).map(|(n, o)| n.saturating_sub(*o) * PAGE).collect();
+        self.vcpu_pages = now;
+        let m = super::converge::PassRates { written, secs, dirtied, per_vcpu: &per_vcpu };
+        let rates: Vec<f64> = per_vcpu.iter().map(|&b| b as f64 / secs / 1e6).collect();
+        if let Some(next) = self.p.converge.next_limits(&self.limits, &m) {
+            log::info!(
+                "snapshot pass {}: the guest dirtied {} MiB while {} MiB were written; vCPU dirty rates {rates:.1?} MB/s, limits {:?} MB/s",
+                self.pass,
+                dirtied >> 20,
+                written >> 20,
+                next.iter().map(|l| l / 1_000_000).collect::<Vec<_>>()
+            );
+            self.limits = next.clone();
+            self.shared.update(|s| s.dirty_limits = next);
+            self.events.push(VmEvent::Snapshot(SnapshotStep::DirtyLimit));
+        }
+        self.shared.update(|s| s.vcpu_dirty_rates_mbps = rates);
     }
 
     fn pending_pages(&self) -> u64 {
@@ -593,6 +630,7 @@ fn end_of_pass(job: &JobRef, ring: &mut Ring) {
                 j.shared.update(|s| s.throttle_pct = next);
                 j.events.push(VmEvent::Snapshot(SnapshotStep::Throttle(next)));
             }
+            j.dirty_limit(written, dirtied, secs);
             j.events.push(VmEvent::Snapshot(SnapshotStep::Pass));
             let stalled = pass >= MAX_PASSES;
             if expected_ms <= target || stalled {
