@@ -82,10 +82,10 @@ pub struct MachineArgs {
     #[arg(long)]
     pub no_thp: bool,
     /// Entries in each vCPU's KVM dirty ring (a power of two, at least
-    /// 256), or 0 for KVM's dirty bitmap. The ring tells which vCPU
-    /// dirtied each page, which a snapshot's dirty-limit needs to slow
-    /// only the vCPUs that dirty. Default: 1024 where KVM has dirty rings
-    /// (KVM_CAP_DIRTY_LOG_RING), else the bitmap.
+    /// 256; 4096 is QEMU's suggestion), instead of KVM's dirty bitmap (0,
+    /// the default, as QEMU's dirty-ring-size). The ring tells which vCPU
+    /// dirtied each page: a snapshot's dirty-limit, which slows only the
+    /// vCPUs that dirty, needs it, and is then the default policy.
     #[arg(long)]
     pub dirty_ring: Option<u32>,
     /// Seccomp filters per thread role: on (a forbidden system call kills

@@ -205,7 +205,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             serial: SerialConfig::Writer(Box::new(rrec.clone())),
             no_reboot: true,
             thp: !args.machine.no_thp,
-        dirty_ring: args.machine.dirty_ring,
+            dirty_ring: args.machine.dirty_ring,
             disks: vec![],
             iothreads: 1,
             iothread_poll: args.machine.iothread_poll_us.map(Duration::from_micros),

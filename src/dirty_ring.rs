@@ -28,12 +28,15 @@ const GFN_DIRTY: u32 = 1;
 const GFN_RESET: u32 = 2;
 /// The fewest entries a ring may have (one page of 16-byte entries).
 pub const MIN_ENTRIES: u32 = (PAGE / 16) as u32;
-/// The default ring: 1024 entries (4 MiB of pages between two exits of a
-/// vCPU that dirties), fine-grained enough that a limited vCPU sleeps in
-/// short steps.
-pub const DEFAULT_ENTRIES: u32 = 1024;
+/// The ring `--dirty-ring` suggests: 4096 entries (16 MiB of pages between
+/// two exits of a vCPU that dirties; QEMU's recommended dirty-ring-size).
+pub const SUGGESTED_ENTRIES: u32 = 4096;
 /// The lowest per-vCPU dirty limit (QEMU's vcpu-dirty-limit minimum).
 pub const MIN_LIMIT: u64 = 1_000_000;
+
+/// Ring-full exits in a row with nothing to harvest after which the ring
+/// is taken as stuck.
+const STUCK_EXITS: u32 = 10_000;
 
 ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
 
@@ -74,11 +77,13 @@ pub fn enable(kvm: &Kvm, vm: &VmFd, entries: u32) -> Result<(), RingError> {
 /// One vCPU's ring as this process maps it.
 struct Mapped {
     entries: *mut kvm_dirty_gfn,
-    /// The next entry to read (free-running, modulo the size).
+    /// Where the next scan starts (after the last entry taken).
     fetch: u32,
-    /// For the dirty limit (only the vCPU's own thread uses these): when
-    /// the ring last filled, and the vCPU's pushed count then.
+    /// Only the vCPU's own thread uses these: for the dirty limit, when
+    /// the ring last filled and the vCPU's pushed count then; ring-full
+    /// exits in a row that found nothing to take.
     last_full: Option<(Instant, u64)>,
+    empty_exits: u32,
 }
 
 // SAFETY: the mapping is shared memory owned by this struct for its
@@ -99,12 +104,14 @@ pub struct DirtyRings {
     vm: Arc<VmFd>,
     size: u32,
     vcpus: Vec<PerVcpu>,
-    /// Per memslot: one bit per page.
+    /// Per memslot: one bit per page, and its pages.
     bits: Vec<Vec<AtomicU64>>,
+    pages: Vec<u64>,
     /// Microseconds the vCPUs slept for their limits, all together.
     slept_us: AtomicU64,
-    /// Taken to reset: KVM_RESET_DIRTY_RINGS per harvest.
+    /// KVM_RESET_DIRTY_RINGS calls, and KVM_EXIT_DIRTY_RING_FULL exits.
     resets: AtomicU32,
+    fulls: AtomicU64,
 }
 
 impl DirtyRings {
@@ -115,13 +122,20 @@ impl DirtyRings {
             size: entries,
             vcpus: (0..vcpus).map(|_| PerVcpu { ring: Mutex::new(None), pushed: AtomicU64::new(0), limit: AtomicU64::new(0) }).collect(),
             bits: slots.iter().map(|&s| (0..(s / PAGE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect()).collect(),
+            pages: slots.iter().map(|&s| s / PAGE).collect(),
             slept_us: AtomicU64::new(0),
             resets: AtomicU32::new(0),
+            fulls: AtomicU64::new(0),
         }
     }
 
     pub fn entries(&self) -> u32 {
         self.size
+    }
+
+    /// KVM_EXIT_DIRTY_RING_FULL exits so far, all vCPUs together.
+    pub fn full_exits(&self) -> u64 {
+        self.fulls.load(Ordering::Relaxed)
     }
 
     fn lock(&self, cpu: usize) -> Option<MutexGuard<'_, Option<Mapped>>> {
@@ -149,7 +163,7 @@ impl DirtyRings {
             return Err(RingError::Kvm("mmap of the vCPU's dirty ring", std::io::Error::last_os_error()));
         }
         match self.lock(cpu) {
-            Some(mut g) => *g = Some(Mapped { entries: p.cast(), fetch: 0, last_full: None }),
+            Some(mut g) => *g = Some(Mapped { entries: p.cast(), fetch: 0, last_full: None, empty_exits: 0 }),
             None => {
                 // SAFETY: the mapping just made, not shared with anyone.
                 unsafe { libc::munmap(p, len) };
@@ -158,20 +172,29 @@ impl DirtyRings {
         Ok(())
     }
 
-    /// Moves what `cpu`'s ring holds into the bitmaps; the count.
-    fn harvest_one(&self, cpu: usize) -> u64 {
-        let Some(mut g) = self.lock(cpu) else { return 0 };
-        let Some(m) = g.as_mut() else { return 0 };
+    /// Moves what `cpu`'s ring holds into the bitmaps: the entries taken,
+    /// and whether every entry of the ring was taken (then the ring may
+    /// have overflowed, see [`Self::overflowed`]).
+    ///
+    /// The whole ring is scanned, from where the last harvest stopped, not
+    /// only up to the first entry that is not dirty: the entries' order
+    /// does not matter here (they land in a bitmap), and a scan needs no
+    /// index to agree with the kernel's.
+    fn harvest_one(&self, cpu: usize) -> (u64, bool) {
+        let Some(mut g) = self.lock(cpu) else { return (0, false) };
+        let Some(m) = g.as_mut() else { return (0, false) };
         let mut n = 0u64;
-        loop {
-            // SAFETY: the index is reduced modulo the ring's size, so the
-            // pointer stays inside the mapping `m` owns.
-            let e = unsafe { m.entries.add((m.fetch % self.size) as usize) };
+        let mut next = m.fetch;
+        for k in 0..self.size {
+            let pos = m.fetch.wrapping_add(k) % self.size;
+            // SAFETY: `pos` is below the ring's size, so the pointer stays
+            // inside the mapping `m` owns.
+            let e = unsafe { m.entries.add(pos as usize) };
             // SAFETY: `flags` is the first u32 of an aligned 16-byte entry
             // the kernel also writes; it is only accessed atomically here.
             let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).flags)) };
             if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
-                break;
+                continue;
             }
             // SAFETY: the kernel published this entry (DIRTY, read with
             // acquire) and does not touch it again until it is reset.
@@ -184,12 +207,35 @@ impl DirtyRings {
                 }
             }
             flags.store(GFN_RESET, Ordering::Release);
-            m.fetch = m.fetch.wrapping_add(1);
+            next = pos.wrapping_add(1);
             n += 1;
         }
+        m.fetch = next % self.size;
         drop(g);
         self.vcpus[cpu].pushed.fetch_add(n, Ordering::Relaxed);
-        n
+        (n, n == u64::from(self.size))
+    }
+
+    /// A ring that held as many entries as it has room for may have
+    /// overflowed: KVM stops a vCPU well before its ring fills (the soft
+    /// limit leaves room for the entries a hardware log flushes at exit),
+    /// but where KVM itself performs a long stretch of guest writes in one
+    /// KVM_RUN it pushes one entry per write and can run past the end
+    /// (seen on this project's development host, whose KVM emulates guest
+    /// kernel code: `WARNING ... kvm_dirty_ring_push` in the kernel log),
+    /// overwriting entries not yet read. Their pages are lost, so every
+    /// page counts as dirty: a snapshot writes more, never less.
+    fn overflowed(&self, cpu: usize) {
+        static WARNED: AtomicU32 = AtomicU32::new(0);
+        if WARNED.fetch_add(1, Ordering::Relaxed) < 3 {
+            log::warn!("vcpu{cpu}: its dirty ring of {} entries overflowed (KVM logged more pages than it holds without an exit); every page counts as dirty (a larger --dirty-ring avoids this)", self.size);
+        }
+        for (b, &pages) in self.bits.iter().zip(&self.pages) {
+            for (i, w) in b.iter().enumerate() {
+                let left = pages.saturating_sub(i as u64 * 64);
+                w.store(if left >= 64 { u64::MAX } else { (1u64 << left) - 1 }, Ordering::Relaxed);
+            }
+        }
     }
 
     fn reset(&self) {
@@ -203,7 +249,14 @@ impl DirtyRings {
 
     /// Harvests every ring and re-protects what was in them.
     pub fn harvest(&self) {
-        let n: u64 = (0..self.vcpus.len()).map(|c| self.harvest_one(c)).sum();
+        let mut n = 0;
+        for c in 0..self.vcpus.len() {
+            let (k, full) = self.harvest_one(c);
+            if full {
+                self.overflowed(c);
+            }
+            n += k;
+        }
         if n > 0 {
             self.reset();
         }
@@ -255,21 +308,41 @@ impl DirtyRings {
 
     /// vCPU `cpu`'s ring is full (its thread calls this on
     /// KVM_EXIT_DIRTY_RING_FULL): harvests it, and returns how long the
-    /// vCPU must sleep to keep its dirty rate under its limit.
-    pub fn full(&self, cpu: usize) -> Duration {
-        if self.harvest_one(cpu) > 0 {
-            self.reset();
+    /// vCPU must sleep to keep its dirty rate under its limit, or `None`
+    /// once the ring is stuck (see below).
+    pub fn full(&self, cpu: usize) -> Option<Duration> {
+        self.fulls.fetch_add(1, Ordering::Relaxed);
+        let (n, full) = self.harvest_one(cpu);
+        if full {
+            self.overflowed(cpu);
         }
+        self.reset();
         let limit = self.limit(cpu);
         let pushed = self.vcpus.get(cpu).map_or(0, |v| v.pushed.load(Ordering::Relaxed));
         let now = Instant::now();
-        let Some(mut g) = self.lock(cpu) else { return Duration::ZERO };
-        let Some(m) = g.as_mut() else { return Duration::ZERO };
+        let Some(mut g) = self.lock(cpu) else { return Some(Duration::ZERO) };
+        let Some(m) = g.as_mut() else { return Some(Duration::ZERO) };
+        // "Full" with nothing in it, again and again: after an overflow,
+        // KVM's reset position points at entries already reset, which no
+        // harvest can mark again, and KVM refuses to run the vCPU until its
+        // ring drains: it never will. (An exit with nothing to take also
+        // happens when another thread has just taken the entries, but not
+        // ten thousand in a row.)
+        if n == 0 {
+            m.empty_exits += 1;
+            if m.empty_exits >= STUCK_EXITS {
+                drop(g);
+                self.overflowed(cpu);
+                return None;
+            }
+        } else {
+            m.empty_exits = 0;
+        }
         let last = m.last_full.replace((now, pushed));
-        match last {
+        Some(match last {
             Some((at, before)) if limit > 0 => limit_sleep(pushed.saturating_sub(before), now.duration_since(at), limit),
             _ => Duration::ZERO,
-        }
+        })
     }
 }
 

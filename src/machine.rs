@@ -74,26 +74,18 @@ fn check_caps(kvm: &Kvm) -> Result<()> {
 
 impl Machine {
     /// Creates the VM with `mem_size` bytes of RAM and the legacy devices;
-    /// `dirty_ring`: entries per vCPU dirty ring (0: the bitmap; `None`:
-    /// the default ring where KVM has one, else the bitmap).
+    /// `dirty_ring`: entries per vCPU dirty ring (`None` or 0: KVM's dirty
+    /// bitmap, as QEMU's default dirty-ring-size 0).
     pub fn new(mem_size: u64, thp: bool, dirty_ring: Option<u32>, cpus: u8, serial_out: SerialOutput, requests: Arc<dyn VmRequests>) -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         check_caps(&kvm)?;
         let vm = kvm.create_vm().map_err(error::kvm("KVM_CREATE_VM"))?;
         let ring_entries = match dirty_ring {
-            Some(0) => 0,
-            Some(n) => {
+            Some(n) if n > 0 => {
                 dirty_ring::enable(&kvm, &vm, n).map_err(|e| Error::Config(e.to_string()))?;
                 n
             }
-            None if dirty_ring::max_entries(&kvm) >= dirty_ring::DEFAULT_ENTRIES => match dirty_ring::enable(&kvm, &vm, dirty_ring::DEFAULT_ENTRIES) {
-                Ok(()) => dirty_ring::DEFAULT_ENTRIES,
-                Err(e) => {
-                    log::info!("dirty logging uses the bitmap: {e}");
-                    0
-                }
-            },
-            None => 0,
+            _ => 0,
         };
         let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
 

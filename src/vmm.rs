@@ -37,8 +37,7 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// MADV_HUGEPAGE on guest RAM.
     pub thp: bool,
-    /// Entries per vCPU dirty ring (0: KVM's dirty bitmap; `None`: a ring
-    /// of the default size where KVM has rings).
+    /// Entries per vCPU dirty ring (`None` or 0: KVM's dirty bitmap).
     pub dirty_ring: Option<u32>,
     pub disks: Vec<crate::disk::DiskSpec>,
     pub iothreads: usize,

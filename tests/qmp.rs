@@ -391,16 +391,15 @@ fn migration_capabilities_and_parameters() {
     // QEMU's rule: dirty-limit and auto-converge exclude each other.
     let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "dirty-limit", "state": true}]}}));
     assert!(error_of(&r).1.contains("incompatible"), "{r}");
-    q.ok(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "auto-converge", "state": false}, {"capability": "dirty-limit", "state": true}]}),
-    );
+    q.ok("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": false}, {"capability": "dirty-limit", "state": true}]}));
     assert_eq!(q.ok("query-migrate-capabilities", json!({}))[1]["state"], true);
     q.ok("migrate-set-parameters", json!({"vcpu-dirty-limit": 20}));
     assert_eq!(q.ok("query-migrate-parameters", json!({}))["vcpu-dirty-limit"], 20);
     let r = q.cmd(json!({"execute": "migrate-set-parameters", "arguments": {"vcpu-dirty-limit": 0}}));
     assert!(error_of(&r).1.contains("vcpu-dirty-limit"), "{r}");
-    let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("x").to_str().unwrap(), "converge": "dirty-limit", "vcpu-dirty-limit": -1}}));
+    let r = q.cmd(
+        json!({"execute": "savevm-start", "arguments": {"statefile": dir.path("x").to_str().unwrap(), "converge": "dirty-limit", "vcpu-dirty-limit": -1}}),
+    );
     assert!(error_of(&r).1.contains("vcpu-dirty-limit"), "{r}");
     let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}]}}));
     assert!(error_of(&r).1.contains("postcopy-ram"), "{r}");

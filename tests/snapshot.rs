@@ -589,12 +589,12 @@ fn auto_converge_finishes_against_a_slow_target() {
     assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
 }
 
-/// dirty-limit (savevm-start's default where KVM has dirty rings): with two
+/// dirty-limit (savevm-start's default with `--dirty-ring`): with two
 /// vCPUs of which only one dirties (guest `workers=1`; the other counts
 /// spins), against the +3 ms target, only the dirtying vCPU gets a limit
 /// and slows, the other keeps its speed; cancelled, the limit ends at
 /// once. Then a snapshot converges with a short pause and its file
-/// restores to a guest that verifies every page. With `--dirty-ring 0`
+/// restores to a guest that verifies every page. Without `--dirty-ring`
 /// (KVM's bitmap) dirty-limit is refused with the reason.
 #[test]
 fn dirty_limit_slows_only_the_vcpu_that_dirties() {
@@ -607,7 +607,7 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     let sock = dir.path("qmp.sock");
     let mut p = Proc::spawn(
         Command::new(ringvm_bin())
-            .args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M"])
+            .args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--dirty-ring", "1024"])
             .args(["--cmdline", "work=mem mib=48 secs=inf rate=0 beat=100 workers=1", "--qmp"])
             .arg(&sock),
     );
@@ -661,11 +661,11 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     let o = r.wait(T);
     assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
-    // KVM's bitmap instead of the rings: dirty-limit cannot work.
+    // KVM's bitmap (the default) instead of the rings: dirty-limit cannot work.
     let sock2 = dir.path("qmp2.sock");
     let mut p2 = Proc::spawn(
         Command::new(ringvm_bin())
-            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "64M", "--dirty-ring", "0"])
+            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "64M"])
             .args(["--cmdline", "work=mem mib=8 secs=inf rate=10 beat=100", "--qmp"])
             .arg(&sock2),
     );

@@ -1,11 +1,12 @@
 //! `converge`: live snapshots of a guest that dirties memory faster than
 //! its target takes it. The target is the NFS stand-in (ringvm-faultfs, a
 //! FUSE passthrough to the local disk answering every request late); the
-//! test guest rewrites its RAM as fast as it can. ringvm without and with
-//! `converge: auto` against QEMU 10's `migrate file:` (mapped-ram, multifd
-//! and direct-io: its fastest file mode) without and with its auto-converge
-//! capability: whether each finishes within the cap, its total time and
-//! pause, and what the guest kept of its speed meanwhile.
+//! test guest rewrites its RAM as fast as it can. ringvm with `converge`
+//! none, auto and dirty-limit against QEMU 10's `migrate file:`
+//! (mapped-ram, multifd and direct-io: its fastest file mode) without a
+//! policy, with auto-converge and with dirty-limit (its dirty ring on):
+//! whether each finishes within the cap, its total time and pause, and
+//! what the guest kept of its speed meanwhile.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,12 +14,24 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::incbench::{last_beat_pages, rewrite_rate, start_guest};
+use crate::incbench::{last_beat_pages, rewrite_rate, start_guest_with};
 use crate::report::{cell, Report};
-use crate::snapbench::{cmd, ok, qemu_guest, qemu_set_mode, qmp, reap, Beats, Fuse, QemuMode};
+use crate::snapbench::{cmd, ok, qemu_guest_accel, qemu_set_mode, qmp, reap, Beats, Fuse, QemuMode};
 use crate::Ctx;
 
-const SYSTEMS: [&str; 4] = ["ringvm", "ringvm auto", "QEMU mapped-ram", "QEMU mapped-ram + auto-converge"];
+const SYSTEMS: [&str; 6] =
+    ["ringvm", "ringvm auto", "ringvm dirty-limit", "QEMU mapped-ram", "QEMU mapped-ram + auto-converge", "QEMU mapped-ram + dirty-limit"];
+
+/// The policy each system runs with.
+fn policy(sys: &str) -> &'static str {
+    if sys.ends_with("dirty-limit") {
+        "dirty-limit"
+    } else if sys.ends_with("auto") || sys.ends_with("auto-converge") {
+        "auto"
+    } else {
+        "none"
+    }
+}
 
 struct Run {
     completed: bool,
@@ -26,6 +39,8 @@ struct Run {
     downtime_ms: f64,
     written_mb: f64,
     max_throttle: f64,
+    /// dirty-limit: the vCPUs' sleep per pass, ms.
+    limit_sleep_ms: f64,
     /// The guest's pages per second before the snapshot and while it ran.
     before: f64,
     during: f64,
@@ -50,16 +65,18 @@ fn watch(q: &mut crate::snapbench::Qmp, query: &str, beats: &Beats, cap: Duratio
     }
 }
 
-fn ringvm(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Result<Run> {
+fn ringvm(c: &Ctx, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Duration) -> Result<Run> {
     let sock = c.dir.join("conv.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
-    let (child, rx, beats) = start_guest(c, None, &sock, mem_mib, 0)?;
+    // dirty-limit needs KVM's dirty ring (as QEMU's: off unless asked).
+    let ring: &[&str] = if policy == "dirty-limit" { &["--dirty-ring", "1024"] } else { &[] };
+    let (child, rx, beats) = start_guest_with(c, None, &sock, mem_mib, rate, ring)?;
     let r = (|| -> Result<Run> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
         let before = rewrite_rate(&beats, 1.0);
-        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file, "converge": if auto { "auto" } else { "none" }}}))?;
+        ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file, "converge": policy}}))?;
         let (ended, mut s, max_throttle, during) = watch(&mut q, "query-savevm", &beats, cap)?;
         if !ended {
             ok(&mut q, json!({"execute": "savevm-end"}))?;
@@ -72,6 +89,7 @@ fn ringvm(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Resu
             downtime_ms: s["downtime"].as_f64().unwrap_or(0.0),
             written_mb: s["bytes"].as_f64().unwrap_or(0.0) / 1e6,
             max_throttle,
+            limit_sleep_ms: s["dirty-limit-throttle-time-per-round"].as_f64().unwrap_or(0.0) / 1e3,
             before,
             during,
         })
@@ -81,20 +99,27 @@ fn ringvm(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Resu
     r
 }
 
-fn qemu(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Result<Run> {
+fn qemu(c: &Ctx, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Duration) -> Result<Run> {
     let sock = c.dir.join("qemu-conv.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     let fill = mem_mib * 9 / 10;
-    let (child, rx, beats) = qemu_guest(&c.guest, mem_mib, &sock, &format!("work=mem mib={fill} secs=inf rate=0 beat=100"))?;
+    // QEMU's dirty-limit needs its dirty ring (QEMU's recommended size).
+    let accel = if policy == "dirty-limit" { "kvm,dirty-ring-size=4096" } else { "kvm" };
+    let (child, rx, beats) = qemu_guest_accel(&c.guest, mem_mib, &sock, &format!("work=mem mib={fill} secs=inf rate={rate} beat=100"), accel)?;
     let r = (|| -> Result<Run> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill under QEMU")?;
         let mut q = qmp(&sock)?;
         let before = rewrite_rate(&beats, 1.0);
         ok(&mut q, json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1u64 << 40, "downtime-limit": 5}}))?;
         qemu_set_mode(&mut q, QemuMode::MappedRam)?;
-        if auto {
-            ok(&mut q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "auto-converge", "state": true}]}}))?;
+        let cap_name = match policy {
+            "auto" => Some("auto-converge"),
+            "dirty-limit" => Some("dirty-limit"),
+            _ => None,
+        };
+        if let Some(n) = cap_name {
+            ok(&mut q, json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": n, "state": true}]}}))?;
         }
         ok(&mut q, json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}}))?;
         let (ended, s, max_throttle, during) = watch(&mut q, "query-migrate", &beats, cap)?;
@@ -108,6 +133,7 @@ fn qemu(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Result
             downtime_ms: s["downtime"].as_f64().unwrap_or(0.0),
             written_mb: s["ram"]["transferred"].as_f64().unwrap_or(0.0) / 1e6,
             max_throttle,
+            limit_sleep_ms: s["dirty-limit-throttle-time-per-round"].as_f64().unwrap_or(0.0) / 1e3,
             before,
             during,
         })
@@ -117,51 +143,66 @@ fn qemu(c: &Ctx, file: &Path, mem_mib: u64, auto: bool, cap: Duration) -> Result
     r
 }
 
+fn rate_name(rate: u64) -> String {
+    if rate == 0 {
+        "unpaced".into()
+    } else {
+        format!("{rate} MiB/s")
+    }
+}
+
 pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
-    let mem_mib = c.sizes.as_ref().and_then(|s| s.first().copied()).unwrap_or(if c.quick { 256 } else { 512 });
+    let sizes: Vec<u64> = c.sizes.clone().unwrap_or_else(|| vec![if c.quick { 256 } else { 512 }]);
+    // The guest's dirty rate, MiB/s (0: as fast as it can).
+    let rates: Vec<u64> = c.rates.clone().unwrap_or_else(|| vec![0]);
     let delays: &[u64] = if c.quick { &[3000] } else { &[500, 3000] };
-    let cap = Duration::from_secs(if c.quick { 20 } else { 60 });
+    // Long enough for a target at ~30 MB/s to take the guest's RAM twice
+    // over, at least a minute (20 s with --quick).
+    let cap_for = |mib: u64| Duration::from_secs(if c.quick { 20 } else { 60.max(mib * 2 * 1024 * 1024 / 30_000_000 + 20) });
     let have_qemu = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    r.begin("converge", (delays.len() * c.reps * SYSTEMS.len()) as u64);
+    r.begin("converge", (sizes.len() * rates.len() * delays.len() * c.reps * SYSTEMS.len()) as u64);
     let back = c.scratch()?.join("conv-back");
     let mnt = c.dir.join("conv-mnt");
-    // (target, system) -> (runs completed, runs).
-    let mut done = std::collections::HashMap::<(u64, &str), (usize, usize)>::new();
+    // (size, rate, target, system) -> (runs completed, runs).
+    let mut done = std::collections::HashMap::<(u64, u64, u64, &str), (usize, usize)>::new();
     for &delay in delays {
         let fuse = Fuse::mount(&c.faultfs, &back, &mnt, delay)?;
-        for rep in 0..c.reps {
-            for sys in crate::interleaved(&SYSTEMS, rep) {
-                if crate::stopping() {
-                    break;
-                }
-                if sys.starts_with("QEMU") && !have_qemu {
-                    continue;
-                }
-                r.step(format!("+{delay} us target, {sys}, rep {rep}"));
-                let file = mnt.join("conv.state");
-                let res = match sys {
-                    "ringvm" => ringvm(c, &file, mem_mib, false, cap),
-                    "ringvm auto" => ringvm(c, &file, mem_mib, true, cap),
-                    "QEMU mapped-ram" => qemu(c, &file, mem_mib, false, cap),
-                    _ => qemu(c, &file, mem_mib, true, cap),
-                };
-                let k = format!("+{delay}us");
-                match res {
-                    Ok(o) => {
-                        let d = done.entry((delay, sys)).or_default();
-                        d.0 += usize::from(o.completed);
-                        d.1 += 1;
-                        if o.completed {
-                            r.sample(&k, sys, "total_ms", "ms", o.total_ms);
-                            r.sample(&k, sys, "downtime_ms", "ms", o.downtime_ms);
-                        }
-                        r.sample(&k, sys, "written_mb", "MB", o.written_mb);
-                        r.sample(&k, sys, "max_throttle", "%", o.max_throttle);
-                        if o.before > 0.0 {
-                            r.sample(&k, sys, "kept", "", o.during / o.before);
-                        }
+        for (&mem_mib, &rate) in sizes.iter().flat_map(|m| rates.iter().map(move |r| (m, r))) {
+            let cap = cap_for(mem_mib);
+            for rep in 0..c.reps {
+                for sys in crate::interleaved(&SYSTEMS, rep) {
+                    if crate::stopping() {
+                        break;
                     }
-                    Err(e) => r.log(format!("{k} {sys}: {e:#}")),
+                    if sys.starts_with("QEMU") && !have_qemu {
+                        continue;
+                    }
+                    r.step(format!("{mem_mib} MiB at {}, +{delay} us target, {sys}, rep {rep}", rate_name(rate)));
+                    let file = mnt.join("conv.state");
+                    let res = if sys.starts_with("QEMU") {
+                        qemu(c, &file, mem_mib, rate, policy(sys), cap)
+                    } else {
+                        ringvm(c, &file, mem_mib, rate, policy(sys), cap)
+                    };
+                    let k = format!("{mem_mib}MiB {rate}MiBps +{delay}us");
+                    match res {
+                        Ok(o) => {
+                            let d = done.entry((mem_mib, rate, delay, sys)).or_default();
+                            d.0 += usize::from(o.completed);
+                            d.1 += 1;
+                            if o.completed {
+                                r.sample(&k, sys, "total_ms", "ms", o.total_ms);
+                                r.sample(&k, sys, "downtime_ms", "ms", o.downtime_ms);
+                            }
+                            r.sample(&k, sys, "written_mb", "MB", o.written_mb);
+                            r.sample(&k, sys, "max_throttle", "%", o.max_throttle);
+                            r.sample(&k, sys, "limit_sleep_ms", "ms", o.limit_sleep_ms);
+                            if o.before > 0.0 {
+                                r.sample(&k, sys, "kept", "", o.during / o.before);
+                            }
+                        }
+                        Err(e) => r.log(format!("{k} {sys}: {e:#}")),
+                    }
                 }
             }
         }
@@ -169,27 +210,34 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&back);
     let mut rows = Vec::new();
-    for &delay in delays {
-        let k = format!("+{delay}us");
-        for sys in SYSTEMS {
-            let s = |m: &str| r.stat(&k, sys, m);
-            let Some(&(ok_runs, runs)) = done.get(&(delay, sys)) else { continue };
-            rows.push(vec![
-                format!("+{delay} us"),
-                sys.to_string(),
-                format!("{ok_runs}/{runs}"),
-                cell(s("total_ms"), 0),
-                cell(s("downtime_ms"), 1),
-                cell(s("written_mb"), 0),
-                cell(s("max_throttle"), 0),
-                cell(s("kept"), 2),
-            ]);
+    for &mem_mib in &sizes {
+        for &rate in &rates {
+            for &delay in delays {
+                let k = format!("{mem_mib}MiB {rate}MiBps +{delay}us");
+                for sys in SYSTEMS {
+                    let s = |m: &str| r.stat(&k, sys, m);
+                    let Some(&(ok_runs, runs)) = done.get(&(mem_mib, rate, delay, sys)) else { continue };
+                    rows.push(vec![
+                        format!("{mem_mib} MiB"),
+                        rate_name(rate),
+                        format!("+{delay} us"),
+                        sys.to_string(),
+                        format!("{ok_runs}/{runs}"),
+                        cell(s("total_ms"), 0),
+                        cell(s("downtime_ms"), 1),
+                        cell(s("written_mb"), 0),
+                        cell(s("max_throttle"), 0),
+                        cell(s("limit_sleep_ms"), 0),
+                        cell(s("kept"), 2),
+                    ]);
+                }
+            }
         }
     }
     r.table(
-        &format!("converge: snapshot of a {mem_mib} MiB guest dirtying faster than its target"),
-        &format!("The test guest fills 90% of its RAM and then rewrites it as fast as it can (1 vCPU). Target: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late). ringvm: `savevm-start` with `converge` none or auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, with and without the auto-converge capability (its defaults). Each run is capped at {} s, then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed).", cap.as_secs()),
-        &["target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "kept"],
+        "converge: snapshot of a guest dirtying faster than its target",
+        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Target: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed).",
+        &["guest", "dirtying", "target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept"],
         &rows,
     );
     r.end();

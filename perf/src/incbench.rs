@@ -61,9 +61,23 @@ pub(crate) fn start_guest(
     mem_mib: u64,
     rate: u64,
 ) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
+    start_guest_with(c, ns, sock, mem_mib, rate, &[])
+}
+
+/// [`start_guest`] with more `ringvm run` options.
+pub(crate) fn start_guest_with(
+    c: &Ctx,
+    ns: Option<&str>,
+    sock: &Path,
+    mem_mib: u64,
+    rate: u64,
+    extra: &[&str],
+) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
     let fill = mem_mib * 9 / 10;
     let mut child = command(ns, &c.bin)
-        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M"), "--kernel"])
+        .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M")])
+        .args(extra)
+        .arg("--kernel")
         .arg(&c.guest)
         .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate} beat=100"), "--qmp"])
         .arg(sock)

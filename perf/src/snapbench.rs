@@ -336,8 +336,12 @@ impl QemuMode {
 /// QEMU 10 with the test guest, one vCPU, `mem_mib` of RAM and QMP on
 /// `sock`; the caller adds the rest.
 fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
+    qemu_command_accel(guest, mem_mib, sock, "kvm")
+}
+
+fn qemu_command_accel(guest: &Path, mem_mib: u64, sock: &Path, accel: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
+    c.args(["-accel", accel, "-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M"), "-kernel"])
         .arg(guest)
         .args(["-nographic", "-monitor", "none", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
@@ -349,8 +353,22 @@ fn qemu_command(guest: &Path, mem_mib: u64, sock: &Path) -> Command {
 /// The test guest running `cmdline` under QEMU 10, its serial output
 /// watched (see [`watch_fill`]).
 pub(crate) fn qemu_guest(guest: &Path, mem_mib: u64, sock: &Path, cmdline: &str) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
-    let mut child =
-        qemu_command(guest, mem_mib, sock).args(["-append", cmdline, "-serial", "stdio"]).stdout(Stdio::piped()).spawn().context("qemu-system-x86_64")?;
+    qemu_guest_accel(guest, mem_mib, sock, cmdline, "kvm")
+}
+
+/// [`qemu_guest`] with its `-accel` option (e.g. `kvm,dirty-ring-size=4096`).
+pub(crate) fn qemu_guest_accel(
+    guest: &Path,
+    mem_mib: u64,
+    sock: &Path,
+    cmdline: &str,
+    accel: &str,
+) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
+    let mut child = qemu_command_accel(guest, mem_mib, sock, accel)
+        .args(["-append", cmdline, "-serial", "stdio"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("qemu-system-x86_64")?;
     let (rx, beats) = watch_fill(&mut child);
     Ok((child, rx, beats))
 }

@@ -29,7 +29,14 @@ pub(super) struct MigrateParams {
 impl Default for MigrateParams {
     fn default() -> Self {
         // QEMU's defaults.
-        MigrateParams { auto_converge: false, dirty_limit: false, vcpu_dirty_limit: None, throttle_initial: 20, throttle_increment: 10, downtime_limit_ms: None }
+        MigrateParams {
+            auto_converge: false,
+            dirty_limit: false,
+            vcpu_dirty_limit: None,
+            throttle_initial: 20,
+            throttle_increment: 10,
+            downtime_limit_ms: None,
+        }
     }
 }
 

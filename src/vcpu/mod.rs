@@ -623,15 +623,18 @@ impl Vcpu {
                 Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
                     // The ring must be harvested before KVM runs this vCPU
                     // again; under a dirty limit, it then sleeps its share.
-                    if let Some(r) = &self.rings {
-                        let d = r.full(cpu);
-                        if !d.is_zero() {
+                    match self.rings.as_ref().map(|r| (r, r.full(cpu))) {
+                        Some((r, Some(d))) if !d.is_zero() => {
                             let slept = Instant::now();
                             ctl.nap(d, || r.limit(cpu) > 0);
                             r.add_slept(slept.elapsed());
+                            None
                         }
+                        Some((_, None)) => Some(Fatal::Other(
+                            "KVM overflowed this vCPU's dirty ring and cannot reset it (KVM logged more guest writes in one run than the ring holds); run without --dirty-ring".into(),
+                        )),
+                        _ => None,
                     }
-                    None
                 }
                 Ok(VcpuExit::InternalError) => Some(Fatal::Internal),
                 Ok(VcpuExit::FailEntry(reason, _)) => Some(Fatal::Other(format!("KVM_EXIT_FAIL_ENTRY, reason {reason:#x}"))),

@@ -162,6 +162,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, me
             v
         })
         .collect();
+    let vcpu_pages = vm.vcpu_pages();
     let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size, p.nofollow) {
         Ok(t) => t,
         Err(e) => return fail(&shared, &events, e.into()),
@@ -191,7 +192,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, me
         final_timer: None,
         throttle: 0,
         high_passes: 0,
-        vcpu_pages: Vec::new(),
+        vcpu_pages,
         limits: Vec::new(),
     }));
     if let Target::Nfs { handler, .. } = &mut job.borrow_mut().target {
