@@ -391,8 +391,11 @@ fn migration_capabilities_and_parameters() {
     // QEMU's rule: dirty-limit and auto-converge exclude each other.
     let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "dirty-limit", "state": true}]}}));
     assert!(error_of(&r).1.contains("incompatible"), "{r}");
-    q.ok("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": false}, {"capability": "dirty-limit", "state": true}]}));
-    assert_eq!(q.ok("query-migrate-capabilities", json!({}))[1]["state"], true);
+    // ... and dirty-limit needs the dirty ring this VM does not have.
+    let both = json!([{"capability": "auto-converge", "state": false}, {"capability": "dirty-limit", "state": true}]);
+    let r = q.cmd(json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": both}}));
+    assert!(error_of(&r).1.contains("--dirty-ring"), "{r}");
+    assert_eq!(q.ok("query-migrate-capabilities", json!({}))[1]["state"], false);
     q.ok("migrate-set-parameters", json!({"vcpu-dirty-limit": 20}));
     assert_eq!(q.ok("query-migrate-parameters", json!({}))["vcpu-dirty-limit"], 20);
     let r = q.cmd(json!({"execute": "migrate-set-parameters", "arguments": {"vcpu-dirty-limit": 0}}));

@@ -41,6 +41,8 @@ struct Run {
     max_throttle: f64,
     /// dirty-limit: the vCPUs' sleep per pass, ms.
     limit_sleep_ms: f64,
+    /// ringvm: what the target took in the last pass, MB/s (0: unknown).
+    target_mbps: f64,
     /// The guest's pages per second before the snapshot and while it ran.
     before: f64,
     during: f64,
@@ -90,6 +92,7 @@ fn ringvm(c: &Ctx, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Dura
             written_mb: s["bytes"].as_f64().unwrap_or(0.0) / 1e6,
             max_throttle,
             limit_sleep_ms: s["dirty-limit-throttle-time-per-round"].as_f64().unwrap_or(0.0) / 1e3,
+            target_mbps: s["throughput-mbps"].as_f64().unwrap_or(0.0),
             before,
             during,
         })
@@ -134,6 +137,7 @@ fn qemu(c: &Ctx, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Durati
             written_mb: s["ram"]["transferred"].as_f64().unwrap_or(0.0) / 1e6,
             max_throttle,
             limit_sleep_ms: s["dirty-limit-throttle-time-per-round"].as_f64().unwrap_or(0.0) / 1e3,
+            target_mbps: 0.0,
             before,
             during,
         })
@@ -197,6 +201,9 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                             r.sample(&k, sys, "written_mb", "MB", o.written_mb);
                             r.sample(&k, sys, "max_throttle", "%", o.max_throttle);
                             r.sample(&k, sys, "limit_sleep_ms", "ms", o.limit_sleep_ms);
+                            if o.target_mbps > 0.0 {
+                                r.sample(&k, sys, "target_mbps", "MB/s", o.target_mbps);
+                            }
                             if o.before > 0.0 {
                                 r.sample(&k, sys, "kept", "", o.during / o.before);
                             }
@@ -229,6 +236,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                         cell(s("max_throttle"), 0),
                         cell(s("limit_sleep_ms"), 0),
                         cell(s("kept"), 2),
+                        cell(s("target_mbps"), 0),
                     ]);
                 }
             }
@@ -236,8 +244,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         "converge: snapshot of a guest dirtying faster than its target",
-        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Target: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed).",
-        &["guest", "dirtying", "target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept"],
+        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Target: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'target MB/s' is what ringvm's last pass measured the target taking.",
+        &["guest", "dirtying", "target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "target MB/s"],
         &rows,
     );
     r.end();

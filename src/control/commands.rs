@@ -180,7 +180,7 @@ fn cmd_migrate_set_capabilities(c: &mut Controller, req: &Request) -> Result<Val
         return Err(QmpError::generic("Capability 'dirty-limit' is incompatible with 'auto-converge'"));
     }
     if limit && c.vm.machine().dirty_rings.is_none() {
-        return Err(QmpError::generic("Capability 'dirty-limit' needs KVM's dirty ring, which this VM does not use (--dirty-ring 0, or KVM lacks it)"));
+        return Err(QmpError::generic("Capability 'dirty-limit' needs KVM's dirty ring, which this VM does not use (start it with --dirty-ring N)"));
     }
     c.migrate_params.auto_converge = auto;
     c.migrate_params.dirty_limit = limit;

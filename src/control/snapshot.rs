@@ -289,7 +289,7 @@ impl Controller {
             if rings {
                 Ok(save::Converge::DirtyLimit { fixed })
             } else {
-                Err(QmpError::generic("converge 'dirty-limit' needs KVM's dirty ring, which this VM does not use (--dirty-ring 0, or KVM lacks KVM_CAP_DIRTY_LOG_RING); use 'auto'"))
+                Err(QmpError::generic("converge 'dirty-limit' needs KVM's dirty ring, which this VM does not use (start it with --dirty-ring N); use 'auto'"))
             }
         };
         match req.arguments.get("converge").and_then(Value::as_str) {
