@@ -63,9 +63,10 @@ impl Converge {
 }
 
 impl Converge {
-    /// The per-vCPU dirty limits (bytes/s, 0: none) after a pass, given
-    /// the limits now; `None`: unchanged.
-    pub fn next_limits(self, now: &[u64], m: &PassRates) -> Option<Vec<u64>> {
+    /// The per-vCPU dirty limits (bytes/s, 0: none) after a pass (or a
+    /// check within one), given the limits now; `None`: unchanged. A limit
+    /// in force is halved after a pass (`halve`), else never raised.
+    pub fn next_limits(self, now: &[u64], m: &PassRates, halve: bool) -> Option<Vec<u64>> {
         let Converge::DirtyLimit { fixed } = self else { return None };
         if m.dirtied.saturating_mul(2) <= m.written || m.per_vcpu.is_empty() {
             return None;
@@ -94,8 +95,10 @@ impl Converge {
                 .zip(now.iter().chain(std::iter::repeat(&0)))
                 .map(|(&new, &old)| match (new, old) {
                     (0, _) => old,
-                    // Limited already and still too fast: at most half.
-                    (n, o) if o > 0 => n.min(o / 2),
+                    // Limited already and still too fast: at most half
+                    // after a pass; never more within one.
+                    (n, o) if o > 0 && halve => n.min(o / 2),
+                    (n, o) if o > 0 => n.min(o),
                     (n, _) => n,
                 })
                 .map(|l| if l > 0 { l.max(floor) } else { 0 })
@@ -115,26 +118,29 @@ mod tests {
         // A pass of 1 s: the target took 40 MB, vCPU 0 dirtied 2 MB, vCPU 1
         // 100 MB. The budget is 20 MB/s: vCPU 0 keeps its 2, vCPU 1 gets 18.
         let m = PassRates { written: 40_000_000, secs: 1.0, dirtied: 102_000_000, per_vcpu: &[2_000_000, 100_000_000] };
-        let l = dl.next_limits(&[0, 0], &m).unwrap();
+        let l = dl.next_limits(&[0, 0], &m, true).unwrap();
         assert_eq!(l, vec![0, 18_000_000]);
         // Still out-dirtied at that limit: halved.
-        let l = dl.next_limits(&l, &m).unwrap();
+        let l = dl.next_limits(&l, &m, true).unwrap();
         assert_eq!(l, vec![0, 9_000_000]);
         // A pass the target kept up with changes nothing.
         let calm = PassRates { written: 40_000_000, secs: 1.0, dirtied: 10_000_000, per_vcpu: &[2_000_000, 8_000_000] };
-        assert_eq!(dl.next_limits(&l, &calm), None);
+        assert_eq!(dl.next_limits(&l, &calm, true), None);
+        // Within a pass: set, never raised, not halved.
+        assert_eq!(dl.next_limits(&[0, 0], &m, false), Some(vec![0, 18_000_000]));
+        assert_eq!(dl.next_limits(&[0, 9_000_000], &m, false), None);
         // Never under the floor.
         let mut l = l;
         for _ in 0..20 {
-            l = dl.next_limits(&l, &m).unwrap_or(l);
+            l = dl.next_limits(&l, &m, true).unwrap_or(l);
         }
         assert_eq!(l, vec![0, crate::dirty_ring::MIN_LIMIT]);
         // QEMU's fixed vcpu-dirty-limit: every vCPU above it, at it.
         let fixed = Converge::DirtyLimit { fixed: Some(5_000_000) };
-        assert_eq!(fixed.next_limits(&[0, 0], &m), Some(vec![0, 5_000_000]));
+        assert_eq!(fixed.next_limits(&[0, 0], &m, true), Some(vec![0, 5_000_000]));
         // Other policies set no limits.
-        assert_eq!(Converge::None.next_limits(&[0, 0], &m), None);
-        assert_eq!(Converge::Auto { initial: 20, increment: 10 }.next_limits(&[0, 0], &m), None);
+        assert_eq!(Converge::None.next_limits(&[0, 0], &m, true), None);
+        assert_eq!(Converge::Auto { initial: 20, increment: 10 }.next_limits(&[0, 0], &m, true), None);
     }
 
     #[test]

@@ -98,7 +98,16 @@ struct Job {
     /// the limits asked for.
     vcpu_pages: Vec<u64>,
     limits: Vec<u64>,
+    /// dirty-limit's checks within a pass: pages dirtied behind the cursor
+    /// (for the next pass), and when the last check was, with the bytes
+    /// written and each vCPU's logged pages then.
+    next: Vec<Vec<u64>>,
+    tick_at: (Instant, u64),
+    tick_pages: Vec<u64>,
 }
+
+/// How often dirty-limit checks the guest's dirty rate within a pass.
+const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The job, as its iothread's ring keeps it (under [`SNAPSHOT_SOURCE`]):
 /// the control thread reaches it only through closures sent to that ring.
@@ -163,6 +172,7 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, me
         })
         .collect();
     let vcpu_pages = vm.vcpu_pages();
+    let next: Vec<Vec<u64>> = p.header.regions.iter().map(|r| vec![0u64; r.pages().div_ceil(64) as usize]).collect();
     let (target, is_direct) = match open_target(&p.path, &header, p.header.file_size, p.nofollow) {
         Ok(t) => t,
         Err(e) => return fail(&shared, &events, e.into()),
@@ -192,6 +202,9 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, me
         final_timer: None,
         throttle: 0,
         high_passes: 0,
+        next,
+        tick_at: (Instant::now(), 0),
+        tick_pages: vcpu_pages.clone(),
         vcpu_pages,
         limits: Vec::new(),
     }));
@@ -211,7 +224,30 @@ pub fn start(ring: &mut Ring, p: Params, vm: Arc<dyn DirtyLog + Send + Sync>, me
         }
     }
     ring.adopt(SNAPSHOT_SOURCE, job.clone());
+    if matches!(job.borrow().p.converge, Converge::DirtyLimit { .. }) {
+        schedule_tick(&job, ring);
+    }
     pump(&job, ring);
+}
+
+/// dirty-limit's next check within the pass (see [`Job::tick`]).
+fn schedule_tick(job: &JobRef, ring: &mut Ring) {
+    let weak = Rc::downgrade(job);
+    ring.submit(SNAPSHOT_SOURCE, Op::Timeout { after: TICK }, move |ring, _| {
+        let Some(job) = weak.upgrade() else { return };
+        {
+            let mut j = job.borrow_mut();
+            if j.phase != Phase::Live || j.failed {
+                return;
+            }
+            if let Err(e) = j.tick() {
+                j.fail(e);
+                drop(j);
+                return pump(&job, ring);
+            }
+        }
+        schedule_tick(&job, ring);
+    });
 }
 
 /// Called (as a closure sent by the control thread) once the vCPUs are out.
@@ -349,9 +385,53 @@ impl Job {
         Ok(())
     }
 
-    /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy).
+    /// dirty-limit's check within a pass, every [`TICK`]: on a slow target
+    /// one pass takes many seconds, and a guest that rewrites its RAM in a
+    /// fraction of one would have dirtied all of it again by the pass's
+    /// end. So the dirty log is taken now: a page still to be written in
+    /// this pass needs nothing more (its bit is dropped: the pass writes
+    /// what it holds then), the others wait in `next`; and vCPUs that
+    /// dirty faster than half of what the target took since the last
+    /// check are limited at once (never raised within the snapshot).
+    fn tick(&mut self) -> Result<(), SaveError> {
+        let secs = self.tick_at.0.elapsed().as_secs_f64().max(1e-3);
+        let written = self.ram_bytes.saturating_sub(self.tick_at.1);
+        self.tick_at = (Instant::now(), self.ram_bytes);
+        for (i, &(slot, gpa, size)) in self.p.slots.iter().enumerate() {
+            let bm = self.vm.dirty_log(slot, size as usize).map_err(SaveError::DirtyLog)?;
+            let dma = self.p.dma.as_ref().and_then(|l| l.take(gpa)).unwrap_or_default();
+            for (w, n) in self.next[i].iter_mut().enumerate() {
+                let new = bm.get(w).copied().unwrap_or(0) | dma.get(w).copied().unwrap_or(0);
+                *n |= new & !self.dirty[i][w];
+            }
+        }
+        let now = self.vm.vcpu_pages();
+        let per_vcpu: Vec<u64> = now.iter().zip(self.tick_pages.iter().chain(std::iter::repeat(&0))).map(|(n, o)| n.saturating_sub(*o) * PAGE).collect();
+        self.tick_pages = now;
+        let dirtied = per_vcpu.iter().sum();
+        let m = super::converge::PassRates { written, secs, dirtied, per_vcpu: &per_vcpu };
+        if let Some(next) = self.p.converge.next_limits(&self.limits, &m, false) {
+            log::info!(
+                "snapshot pass {}: the guest dirtied {:.0} MB/s while the target took {:.0} MB/s; vCPU limits {:?} MB/s",
+                self.pass,
+                dirtied as f64 / secs / 1e6,
+                written as f64 / secs / 1e6,
+                next.iter().map(|l| l / 1_000_000).collect::<Vec<_>>()
+            );
+            self.limits = next.clone();
+            self.shared.update(|s| s.dirty_limits = next);
+            self.events.push(VmEvent::Snapshot(SnapshotStep::DirtyLimit));
+        }
+        Ok(())
+    }
+
+    /// KVM_GET_DIRTY_LOG for every slot (it also clears KVM's copy), and
+    /// what the checks within the pass set aside.
     fn harvest(&mut self) -> Result<(), SaveError> {
         for (i, &(slot, gpa, size)) in self.p.slots.iter().enumerate() {
+            for (d, n) in self.dirty[i].iter_mut().zip(self.next[i].iter_mut()) {
+                *d |= std::mem::take(n);
+            }
             let bm = self.vm.dirty_log(slot, size as usize).map_err(SaveError::DirtyLog)?;
             for (d, b) in self.dirty[i].iter_mut().zip(bm) {
                 *d |= b;
@@ -378,7 +458,7 @@ impl Job {
         self.vcpu_pages = now;
         let m = super::converge::PassRates { written, secs, dirtied, per_vcpu: &per_vcpu };
         let rates: Vec<f64> = per_vcpu.iter().map(|&b| b as f64 / secs / 1e6).collect();
-        if let Some(next) = self.p.converge.next_limits(&self.limits, &m) {
+        if let Some(next) = self.p.converge.next_limits(&self.limits, &m, true) {
             log::info!(
                 "snapshot pass {}: the guest dirtied {} MiB while {} MiB were written; vCPU dirty rates {rates:.1?} MB/s, limits {:?} MB/s",
                 self.pass,
