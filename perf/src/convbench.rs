@@ -8,7 +8,7 @@
 //! whether each finishes within the cap, its total time and pause, and
 //! what the guest kept of its speed meanwhile.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -67,13 +67,13 @@ fn watch(q: &mut crate::snapbench::Qmp, query: &str, beats: &Beats, cap: Duratio
     }
 }
 
-fn ringvm(c: &Ctx, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Duration) -> Result<Run> {
+fn ringvm(c: &Ctx, ns: Option<&str>, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Duration) -> Result<Run> {
     let sock = c.dir.join("conv.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
     // dirty-limit needs KVM's dirty ring (as QEMU's: off unless asked).
     let ring: &[&str] = if policy == "dirty-limit" { &["--dirty-ring", "1024"] } else { &[] };
-    let (child, rx, beats) = start_guest_with(c, None, &sock, mem_mib, rate, ring)?;
+    let (child, rx, beats) = start_guest_with(c, ns, &sock, mem_mib, rate, ring)?;
     let r = (|| -> Result<Run> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
@@ -147,6 +147,9 @@ fn qemu(c: &Ctx, file: &Path, mem_mib: u64, rate: u64, policy: &str, cap: Durati
     r
 }
 
+/// The real-NFS target's name in the table.
+const GANESHA: &str = "nfs-ganesha +500 us";
+
 fn rate_name(rate: u64) -> String {
     if rate == 0 {
         "unpaced".into()
@@ -160,17 +163,46 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     // The guest's dirty rate, MiB/s (0: as fast as it can).
     let rates: Vec<u64> = c.rates.clone().unwrap_or_else(|| vec![0]);
     let delays: &[u64] = if c.quick { &[3000] } else { &[500, 3000] };
+    // Real NFS too (not with --quick): nfs-ganesha in a network namespace
+    // behind the +0.5 ms proxy of the nfs suite.
+    let on_path = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).exists());
+    let ganesha = !c.quick && on_path("ganesha.nfsd") && on_path("nfs-ls") && on_path("ip");
+    let mut targets: Vec<String> = delays.iter().map(|d| format!("+{d} us")).collect();
+    if ganesha {
+        targets.push(GANESHA.to_string());
+    }
     // Long enough for a target at ~30 MB/s to take the guest's RAM twice
     // over, at least a minute (20 s with --quick).
     let cap_for = |mib: u64| Duration::from_secs(if c.quick { 20 } else { 60.max(mib * 2 * 1024 * 1024 / 30_000_000 + 20) });
     let have_qemu = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    r.begin("converge", (sizes.len() * rates.len() * delays.len() * c.reps * SYSTEMS.len()) as u64);
+    r.begin("converge", (sizes.len() * rates.len() * targets.len() * c.reps * SYSTEMS.len()) as u64);
     let back = c.scratch()?.join("conv-back");
     let mnt = c.dir.join("conv-mnt");
     // (size, rate, target, system) -> (runs completed, runs).
-    let mut done = std::collections::HashMap::<(u64, u64, u64, &str), (usize, usize)>::new();
-    for &delay in delays {
-        let fuse = Fuse::mount(&c.faultfs, &back, &mnt, delay)?;
+    let mut done = std::collections::HashMap::<(u64, u64, String, &str), (usize, usize)>::new();
+    for target in &targets {
+        // The FUSE stand-in, or the NFS server and its proxy.
+        let mut _fuse = None;
+        let mut server = None;
+        let (file, ns) = if target == GANESHA {
+            r.step("starting nfs-ganesha in a network namespace");
+            let s = match crate::nfsbench::Server::start(&c.dir.join("conv-nfs")) {
+                Ok(s) => s,
+                Err(e) => {
+                    r.log(format!("{target}: {e:#}"));
+                    continue;
+                }
+            };
+            crate::nfsbench::start_proxy(&s.ns, Duration::from_micros(500))?;
+            let uri = PathBuf::from(s.uri("conv.state", crate::nfsbench::PROXY_PORT));
+            let ns = s.ns.clone();
+            server = Some(s);
+            (uri, Some(ns))
+        } else {
+            let delay: u64 = target.trim_start_matches('+').trim_end_matches(" us").parse().unwrap_or(0);
+            _fuse = Some(Fuse::mount(&c.faultfs, &back, &mnt, delay)?);
+            (mnt.join("conv.state"), None)
+        };
         for (&mem_mib, &rate) in sizes.iter().flat_map(|m| rates.iter().map(move |r| (m, r))) {
             let cap = cap_for(mem_mib);
             for rep in 0..c.reps {
@@ -178,20 +210,24 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                     if crate::stopping() {
                         break;
                     }
-                    if sys.starts_with("QEMU") && !have_qemu {
+                    // QEMU's `migrate file:` needs a mounted path: there is
+                    // no kernel NFS client on the hosts this runs on.
+                    if sys.starts_with("QEMU") && (!have_qemu || ns.is_some()) {
                         continue;
                     }
-                    r.step(format!("{mem_mib} MiB at {}, +{delay} us target, {sys}, rep {rep}", rate_name(rate)));
-                    let file = mnt.join("conv.state");
+                    r.step(format!("{mem_mib} MiB at {}, {target} target, {sys}, rep {rep}", rate_name(rate)));
                     let res = if sys.starts_with("QEMU") {
                         qemu(c, &file, mem_mib, rate, policy(sys), cap)
                     } else {
-                        ringvm(c, &file, mem_mib, rate, policy(sys), cap)
+                        ringvm(c, ns.as_deref(), &file, mem_mib, rate, policy(sys), cap)
                     };
-                    let k = format!("{mem_mib}MiB {rate}MiBps +{delay}us");
+                    if let Some(s) = &server {
+                        let _ = std::fs::remove_file(s.export.join("conv.state"));
+                    }
+                    let k = format!("{mem_mib}MiB {rate}MiBps {target}");
                     match res {
                         Ok(o) => {
-                            let d = done.entry((mem_mib, rate, delay, sys)).or_default();
+                            let d = done.entry((mem_mib, rate, target.clone(), sys)).or_default();
                             d.0 += usize::from(o.completed);
                             d.1 += 1;
                             if o.completed {
@@ -213,21 +249,20 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                 }
             }
         }
-        drop(fuse);
     }
     let _ = std::fs::remove_dir_all(&back);
     let mut rows = Vec::new();
     for &mem_mib in &sizes {
         for &rate in &rates {
-            for &delay in delays {
-                let k = format!("{mem_mib}MiB {rate}MiBps +{delay}us");
+            for target in &targets {
+                let k = format!("{mem_mib}MiB {rate}MiBps {target}");
                 for sys in SYSTEMS {
                     let s = |m: &str| r.stat(&k, sys, m);
-                    let Some(&(ok_runs, runs)) = done.get(&(mem_mib, rate, delay, sys)) else { continue };
+                    let Some(&(ok_runs, runs)) = done.get(&(mem_mib, rate, target.clone(), sys)) else { continue };
                     rows.push(vec![
                         format!("{mem_mib} MiB"),
                         rate_name(rate),
-                        format!("+{delay} us"),
+                        target.clone(),
                         sys.to_string(),
                         format!("{ok_runs}/{runs}"),
                         cell(s("total_ms"), 0),
@@ -244,7 +279,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         "converge: snapshot of a guest dirtying faster than its target",
-        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Target: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'target MB/s' is what ringvm's last pass measured the target taking.",
+        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'target MB/s' is what ringvm's last pass measured the target taking.",
         &["guest", "dirtying", "target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "target MB/s"],
         &rows,
     );
