@@ -28,9 +28,6 @@ const GFN_DIRTY: u32 = 1;
 const GFN_RESET: u32 = 2;
 /// The fewest entries a ring may have (one page of 16-byte entries).
 pub const MIN_ENTRIES: u32 = (PAGE / 16) as u32;
-/// The ring `--dirty-ring` suggests: 4096 entries (16 MiB of pages between
-/// two exits of a vCPU that dirties; QEMU's recommended dirty-ring-size).
-pub const SUGGESTED_ENTRIES: u32 = 4096;
 /// The lowest per-vCPU dirty limit (QEMU's vcpu-dirty-limit minimum).
 pub const MIN_LIMIT: u64 = 1_000_000;
 
@@ -44,7 +41,7 @@ ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
 pub enum RingError {
     #[error("--dirty-ring {0}: the ring size must be a power of two from {MIN_ENTRIES} to {1}")]
     Size(u32, u32),
-    #[error("KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); use --dirty-ring 0")]
+    #[error("KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); run without --dirty-ring")]
     Unsupported,
     #[error("{0}: {1}")]
     Kvm(&'static str, std::io::Error),
@@ -109,9 +106,6 @@ pub struct DirtyRings {
     pages: Vec<u64>,
     /// Microseconds the vCPUs slept for their limits, all together.
     slept_us: AtomicU64,
-    /// KVM_RESET_DIRTY_RINGS calls, and KVM_EXIT_DIRTY_RING_FULL exits.
-    resets: AtomicU32,
-    fulls: AtomicU64,
 }
 
 impl DirtyRings {
@@ -124,18 +118,7 @@ impl DirtyRings {
             bits: slots.iter().map(|&s| (0..(s / PAGE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect()).collect(),
             pages: slots.iter().map(|&s| s / PAGE).collect(),
             slept_us: AtomicU64::new(0),
-            resets: AtomicU32::new(0),
-            fulls: AtomicU64::new(0),
         }
-    }
-
-    pub fn entries(&self) -> u32 {
-        self.size
-    }
-
-    /// KVM_EXIT_DIRTY_RING_FULL exits so far, all vCPUs together.
-    pub fn full_exits(&self) -> u64 {
-        self.fulls.load(Ordering::Relaxed)
     }
 
     fn lock(&self, cpu: usize) -> Option<MutexGuard<'_, Option<Mapped>>> {
@@ -238,12 +221,23 @@ impl DirtyRings {
         }
     }
 
+    /// KVM_RESET_DIRTY_RINGS. KVM stops early (EINTR) for a pending
+    /// signal, such as the kick that pauses a vCPU: it is tried again, and
+    /// what stays flagged is reset by the next call anyway.
     fn reset(&self) {
-        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the VM fd is valid.
-        let r = unsafe { ioctl(&*self.vm, KVM_RESET_DIRTY_RINGS()) };
-        self.resets.fetch_add(1, Ordering::Relaxed);
-        if r < 0 {
-            log::error!("KVM_RESET_DIRTY_RINGS: {}", std::io::Error::last_os_error());
+        static FAILED: AtomicU32 = AtomicU32::new(0);
+        for _ in 0..3 {
+            // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the VM fd is valid.
+            if unsafe { ioctl(&*self.vm, KVM_RESET_DIRTY_RINGS()) } >= 0 {
+                return;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                if FAILED.fetch_add(1, Ordering::Relaxed) < 3 {
+                    log::error!("KVM_RESET_DIRTY_RINGS: {e}");
+                }
+                return;
+            }
         }
     }
 
@@ -293,10 +287,6 @@ impl DirtyRings {
         self.vcpus.get(cpu).map_or(0, |v| v.limit.load(Ordering::Relaxed))
     }
 
-    pub fn limits(&self) -> Vec<u64> {
-        (0..self.vcpus.len()).map(|c| self.limit(c)).collect()
-    }
-
     /// Microseconds the vCPUs slept for their dirty limits, all together.
     pub fn slept_us(&self) -> u64 {
         self.slept_us.load(Ordering::Relaxed)
@@ -311,7 +301,6 @@ impl DirtyRings {
     /// vCPU must sleep to keep its dirty rate under its limit, or `None`
     /// once the ring is stuck (see below).
     pub fn full(&self, cpu: usize) -> Option<Duration> {
-        self.fulls.fetch_add(1, Ordering::Relaxed);
         let (n, full) = self.harvest_one(cpu);
         if full {
             self.overflowed(cpu);

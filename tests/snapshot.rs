@@ -641,7 +641,10 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     q.ok("savevm-end", json!({}));
     p.wait_for_more("ringvm-guest: beat", beats(&p) + 5, T);
     let after_cancel = beat_rate(&p.stdout(), 4);
-    assert!(after_cancel > before * 0.5, "the guest stayed slow after the cancel: before {before:.0}, after {after_cancel:.0}");
+    // Back to speed: far above the limited rate (with some margin for the
+    // other tests sharing this host's two cores).
+    let back = (limited * 4.0).max(before * 0.25);
+    assert!(after_cancel > back, "the guest stayed slow after the cancel: before {before:.0}, limited {limited:.0}, after {after_cancel:.0}");
     // B: converges.
     q.ok("savevm-start", json!({"statefile": file.to_str().unwrap(), "converge": "dirty-limit", "downtime-ms": 5.0}));
     let s = q.wait_savevm(T);
@@ -651,7 +654,7 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     p.wait_for_more("ringvm-guest: beat", beats(&p) + 5, T);
     let after = beat_rate(&p.stdout(), 4);
     eprintln!("pages per 100 ms: before {before:.0}, limited {limited:.0}, after a cancel {after_cancel:.0}, after completion {after:.0}; spins before {spins_before:.0}, limited {spins_limited:.0}; snapshot {s}");
-    assert!(after > before * 0.5, "the guest stayed slow: before {before:.0}, after {after:.0}");
+    assert!(after > back, "the guest stayed slow: before {before:.0}, limited {limited:.0}, after {after:.0}");
     q.ok("savevm-end", json!({}));
     q.ok("quit", json!({}));
     assert_eq!(p.wait(T).code(), 0);
