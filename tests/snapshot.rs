@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -514,6 +514,53 @@ fn beat_field_rate(out: &str, field: &str, n: usize) -> f64 {
     (pages[k - 1] - pages[k - 1 - n]) as f64 / n as f64
 }
 
+/// A test guest rewriting 48 MiB of its 128 MiB as fast as it can (run
+/// options `run`, guest options `words`), with QMP, beside an NFS stand-in
+/// answering every request 3 ms late; returned once its sixth heartbeat
+/// began (beats 1 to 5 are whole lines).
+fn writer_beside_a_slow_target(name: &str, run: &[&str], words: &str) -> (Scratch, FaultFs, PathBuf, Proc, Qmp) {
+    let dir = Scratch::new(name);
+    let fs = FaultFs::mount(&dir, "slow", &["--delay-us", "3000"]);
+    let g = guest_elf(&dir);
+    let sock = dir.path("qmp.sock");
+    let mut p = Proc::spawn(
+        Command::new(ringvm_bin())
+            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M"])
+            .args(run)
+            .args(["--cmdline", &format!("work=mem mib=48 secs=inf rate=0 beat=100{words}"), "--qmp"])
+            .arg(&sock),
+    );
+    p.wait_for_output("ringvm-guest: beat 6", T);
+    let q = Qmp::negotiated(&sock);
+    (dir, fs, g, p, q)
+}
+
+/// Cancels the running snapshot (`savevm-end`), checks it failed, and
+/// returns the guest's page rate over the 4 heartbeats that follow.
+fn cancel_then_beat_rate(q: &mut Qmp, p: &Proc) -> f64 {
+    q.ok("savevm-end", json!({}));
+    let s = q.wait_savevm(T);
+    assert_eq!(s["status"], "failed", "{s}");
+    q.ok("savevm-end", json!({}));
+    let seen = p.stdout().matches("ringvm-guest: beat").count();
+    p.wait_for_more("ringvm-guest: beat", seen + 5, T);
+    beat_rate(&p.stdout(), 4)
+}
+
+/// Ends the VM (`quit`), restores `file` in a new one and has its guest
+/// verify every page of the 48 MiB it rewrote.
+fn quit_then_the_restored_guest_verifies(mut q: Qmp, p: Proc, file: &Path) {
+    q.ok("savevm-end", json!({}));
+    q.ok("quit", json!({}));
+    assert_eq!(p.wait(T).code(), 0);
+    let mut r = Proc::spawn_with_stdin(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap()]));
+    r.wait_for_output("ringvm-guest: beat", T);
+    r.type_serial(b"v");
+    let o = r.wait(T);
+    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
+}
+
 /// A guest that dirties memory faster than its target takes it (an
 /// unpaced writer against ringvm-faultfs at +3 ms per request, ~40 MB/s
 /// here) only finishes with a convergence policy. First, with a downtime
@@ -528,19 +575,7 @@ fn auto_converge_finishes_against_a_slow_target() {
     if !require_kvm("auto_converge_finishes_against_a_slow_target") {
         return;
     }
-    let dir = Scratch::new("snap-autoconverge");
-    let fs = FaultFs::mount(&dir, "slow", &["--delay-us", "3000"]);
-    let g = guest_elf(&dir);
-    let sock = dir.path("qmp.sock");
-    let mut p = Proc::spawn(
-        Command::new(ringvm_bin())
-            .args(["run", "--kernel", g.to_str().unwrap(), "--memory", "128M", "--cmdline", "work=mem mib=48 secs=inf rate=0 beat=100"])
-            .arg("--qmp")
-            .arg(&sock),
-    );
-    // Beat 6 begun: beats 1 to 5 are whole lines.
-    p.wait_for_output("ringvm-guest: beat 6", T);
-    let mut q = Qmp::negotiated(&sock);
+    let (_dir, fs, _g, p, mut q) = writer_beside_a_slow_target("snap-autoconverge", &[], "");
     let before = beat_rate(&p.stdout(), 4);
     let file = fs.path("vm.state");
     let r = q.cmd(json!({"execute": "savevm-start", "arguments": {"statefile": file.to_str().unwrap(), "converge": "bogus"}}));
@@ -559,12 +594,7 @@ fn auto_converge_finishes_against_a_slow_target() {
     let s = q.ok("query-savevm", json!({}));
     assert_eq!(s["status"], "active", "{s}");
     assert!(throttled < before * 0.5, "the throttle did not slow the guest: before {before:.0}, throttled {throttled:.0}");
-    q.ok("savevm-end", json!({}));
-    let s = q.wait_savevm(T);
-    assert_eq!(s["status"], "failed", "{s}");
-    q.ok("savevm-end", json!({}));
-    p.wait_for_more("ringvm-guest: beat", beats(&p) + 5, T);
-    let after_cancel = beat_rate(&p.stdout(), 4);
+    let after_cancel = cancel_then_beat_rate(&mut q, &p);
     assert!(after_cancel > before * 0.5, "the guest stayed slow after the cancel: before {before:.0}, after {after_cancel:.0}");
     // B: converges.
     q.ok("savevm-start", auto(5.0));
@@ -577,16 +607,8 @@ fn auto_converge_finishes_against_a_slow_target() {
     let after = beat_rate(&p.stdout(), 4);
     eprintln!("pages per 100 ms: before {before:.0}, throttled {throttled:.0}, after a cancel {after_cancel:.0}, after completion {after:.0}; snapshot {s}");
     assert!(after > before * 0.5, "the guest stayed slow: before {before:.0}, after {after:.0}");
-    q.ok("savevm-end", json!({}));
-    q.ok("quit", json!({}));
-    assert_eq!(p.wait(T).code(), 0);
     // The restored guest carries on and verifies every page.
-    let mut r = Proc::spawn_with_stdin(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap()]));
-    r.wait_for_output("ringvm-guest: beat", T);
-    r.type_serial(b"v");
-    let o = r.wait(T);
-    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
+    quit_then_the_restored_guest_verifies(q, p, &file);
 }
 
 /// dirty-limit (savevm-start's default with `--dirty-ring`): with two
@@ -601,18 +623,7 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     if !require_kvm("dirty_limit_slows_only_the_vcpu_that_dirties") {
         return;
     }
-    let dir = Scratch::new("snap-dirtylimit");
-    let fs = FaultFs::mount(&dir, "slow", &["--delay-us", "3000"]);
-    let g = guest_elf(&dir);
-    let sock = dir.path("qmp.sock");
-    let mut p = Proc::spawn(
-        Command::new(ringvm_bin())
-            .args(["run", "--kernel", g.to_str().unwrap(), "--cpus", "2", "--memory", "128M", "--dirty-ring", "1024"])
-            .args(["--cmdline", "work=mem mib=48 secs=inf rate=0 beat=100 workers=1", "--qmp"])
-            .arg(&sock),
-    );
-    p.wait_for_output("ringvm-guest: beat 6", T);
-    let mut q = Qmp::negotiated(&sock);
+    let (dir, fs, g, p, mut q) = writer_beside_a_slow_target("snap-dirtylimit", &["--cpus", "2", "--dirty-ring", "1024"], " workers=1");
     let (before, spins_before) = (beat_rate(&p.stdout(), 4), beat_field_rate(&p.stdout(), "spins=", 4));
     let file = fs.path("vm.state");
     let beats = |p: &Proc| p.stdout().matches("ringvm-guest: beat").count();
@@ -635,12 +646,7 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     assert!(s["dirty-limit-throttle-time"].as_u64().unwrap_or(0) > 0, "the limited vCPU never slept: {s}");
     assert!(limited < before * 0.5, "the limit did not slow the dirtying vCPU: before {before:.0}, limited {limited:.0}; {s}");
     assert!(spins_limited > spins_before * 0.5, "the idle vCPU slowed too: spins before {spins_before:.0}, limited {spins_limited:.0}");
-    q.ok("savevm-end", json!({}));
-    let s = q.wait_savevm(T);
-    assert_eq!(s["status"], "failed", "{s}");
-    q.ok("savevm-end", json!({}));
-    p.wait_for_more("ringvm-guest: beat", beats(&p) + 5, T);
-    let after_cancel = beat_rate(&p.stdout(), 4);
+    let after_cancel = cancel_then_beat_rate(&mut q, &p);
     // Back to speed: far above the limited rate (with some margin for the
     // other tests sharing this host's two cores).
     let back = (limited * 4.0).max(before * 0.25);
@@ -655,15 +661,7 @@ fn dirty_limit_slows_only_the_vcpu_that_dirties() {
     let after = beat_rate(&p.stdout(), 4);
     eprintln!("pages per 100 ms: before {before:.0}, limited {limited:.0}, after a cancel {after_cancel:.0}, after completion {after:.0}; spins before {spins_before:.0}, limited {spins_limited:.0}; snapshot {s}");
     assert!(after > back, "the guest stayed slow: before {before:.0}, limited {limited:.0}, after {after:.0}");
-    q.ok("savevm-end", json!({}));
-    q.ok("quit", json!({}));
-    assert_eq!(p.wait(T).code(), 0);
-    let mut r = Proc::spawn_with_stdin(Command::new(ringvm_bin()).args(["run", "--loadstate", file.to_str().unwrap()]));
-    r.wait_for_output("ringvm-guest: beat", T);
-    r.type_serial(b"v");
-    let o = r.wait(T);
-    assert_eq!(o.code(), 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(o.stdout.contains("verify pages=12288 bad=0") && o.stdout.contains("RESULT PASS"), "{}", o.stdout);
+    quit_then_the_restored_guest_verifies(q, p, &file);
     // KVM's bitmap (the default) instead of the rings: dirty-limit cannot work.
     let sock2 = dir.path("qmp2.sock");
     let mut p2 = Proc::spawn(
