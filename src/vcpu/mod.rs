@@ -125,11 +125,6 @@ impl VcpuControl {
         }
     }
 
-    /// Wakes the vCPUs that sleep for a throttle or dirty limit.
-    pub fn wake_sleepers(&self) {
-        self.cv.notify_all();
-    }
-
     fn lock(&self) -> MutexGuard<'_, CtlState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

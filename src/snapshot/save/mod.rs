@@ -106,6 +106,14 @@ struct Job {
     tick_pages: Vec<u64>,
 }
 
+/// Bytes each vCPU dirtied since `before` (its logged pages then, now
+/// replaced by `now`).
+fn bytes_since(now: Vec<u64>, before: &mut Vec<u64>) -> Vec<u64> {
+    let bytes = now.iter().zip(before.iter().chain(std::iter::repeat(&0))).map(|(n, o)| n.saturating_sub(*o) * PAGE).collect();
+    *before = now;
+    bytes
+}
+
 /// How often dirty-limit checks the guest's dirty rate within a pass.
 const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -405,9 +413,7 @@ impl Job {
                 *n |= new & !self.dirty[i][w];
             }
         }
-        let now = self.vm.vcpu_pages();
-        let per_vcpu: Vec<u64> = now.iter().zip(self.tick_pages.iter().chain(std::iter::repeat(&0))).map(|(n, o)| n.saturating_sub(*o) * PAGE).collect();
-        self.tick_pages = now;
+        let per_vcpu = bytes_since(self.vm.vcpu_pages(), &mut self.tick_pages);
         let dirtied = per_vcpu.iter().sum();
         let m = super::converge::PassRates { written, secs, dirtied, per_vcpu: &per_vcpu };
         if let Some(next) = self.p.converge.next_limits(&self.limits, &m, false) {
@@ -418,9 +424,7 @@ impl Job {
                 written as f64 / secs / 1e6,
                 next.iter().map(|l| l / 1_000_000).collect::<Vec<_>>()
             );
-            self.limits = next.clone();
-            self.shared.update(|s| s.dirty_limits = next);
-            self.events.push(VmEvent::Snapshot(SnapshotStep::DirtyLimit));
+            self.set_limits(next);
         }
         Ok(())
     }
@@ -453,9 +457,7 @@ impl Job {
         if !matches!(self.p.converge, Converge::DirtyLimit { .. }) {
             return;
         }
-        let now = self.vm.vcpu_pages();
-        let per_vcpu: Vec<u64> = now.iter().zip(self.vcpu_pages.iter().chain(std::iter::repeat(&0))).map(|(n, o)| n.saturating_sub(*o) * PAGE).collect();
-        self.vcpu_pages = now;
+        let per_vcpu = bytes_since(self.vm.vcpu_pages(), &mut self.vcpu_pages);
         let m = super::converge::PassRates { written, secs, dirtied, per_vcpu: &per_vcpu };
         let rates: Vec<f64> = per_vcpu.iter().map(|&b| b as f64 / secs / 1e6).collect();
         if let Some(next) = self.p.converge.next_limits(&self.limits, &m, true) {
@@ -466,11 +468,17 @@ impl Job {
                 written >> 20,
                 next.iter().map(|l| l / 1_000_000).collect::<Vec<_>>()
             );
-            self.limits = next.clone();
-            self.shared.update(|s| s.dirty_limits = next);
-            self.events.push(VmEvent::Snapshot(SnapshotStep::DirtyLimit));
+            self.set_limits(next);
         }
         self.shared.update(|s| s.vcpu_dirty_rates_mbps = rates);
+    }
+
+    /// New dirty limits: kept, shown, and sent to the control thread,
+    /// which applies them to the vCPUs.
+    fn set_limits(&mut self, next: Vec<u64>) {
+        self.limits = next.clone();
+        self.shared.update(|s| s.dirty_limits = next);
+        self.events.push(VmEvent::Snapshot(SnapshotStep::DirtyLimit));
     }
 
     fn pending_pages(&self) -> u64 {
