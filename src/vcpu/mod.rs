@@ -555,7 +555,25 @@ impl Vcpu {
         if counted {
             st.parked -= 1;
         }
+        drop(st);
+        if counted && keep_running {
+            self.tell_guest_it_was_paused();
+        }
         Ok(keep_running)
+    }
+
+    /// KVM_KVMCLOCK_CTRL on the way out of a pause (QEMU does it on every
+    /// stop -> run, Firecracker on resume): the guest's kvmclock page gets
+    /// PVCLOCK_GUEST_STOPPED, so Linux's RCU-stall and soft-lockup checks
+    /// take the time the VM stood still (a pause, or save -> restore) for
+    /// what it is instead of a CPU stuck for that long. EINVAL means the
+    /// guest has no kvmclock registered: nothing to tell.
+    fn tell_guest_it_was_paused(&self) {
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINVAL => {}
+            Err(e) => log::debug!("vcpu{}: KVM_KVMCLOCK_CTRL: {e}", self.id),
+        }
     }
 
     fn run_loop(&mut self, ctl: &VcpuControl) -> Result<()> {
@@ -671,7 +689,26 @@ impl Vcpu {
     }
 
     fn apply(&self, s: &VcpuState) -> Result<()> {
-        apply_state(&self.fd, self.id, s)
+        apply_state(&self.fd, self.id, s)?;
+        self.check_tsc(s);
+        Ok(())
+    }
+
+    /// Says so, once, when KVM did not take the saved TSC (some hosts keep
+    /// the guest's TSC on the host's): the restored guest then sees the
+    /// time between save and restore pass at once.
+    fn check_tsc(&self, s: &VcpuState) {
+        static SAID: AtomicBool = AtomicBool::new(false);
+        let Some(saved) = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data) else { return };
+        let Ok(now) = state::read_msr(&self.fd, MSR_IA32_TSC) else { return };
+        // A few hundred ms of a GHz TSC: far above the load's own jitter.
+        if now.abs_diff(saved) > 1 << 30 && !SAID.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vcpu{}: KVM did not restore the guest's TSC ({} cycles off); the guest sees the time since the save pass in one step",
+                self.id,
+                i128::from(now) - i128::from(saved)
+            );
+        }
     }
 
     /// After a fatal-but-recoverable exit: park until the controller acts.

@@ -99,6 +99,15 @@ fn read_msrs(fd: &VcpuFd, msr_list: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_
     Ok(out)
 }
 
+/// One MSR as KVM holds it now.
+pub(super) fn read_msr(fd: &VcpuFd, index: u32) -> Result<u64> {
+    let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).map_err(|_| Error::Config("MSR list".into()))?;
+    match fd.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))? {
+        1 => Ok(m.as_slice()[0].data),
+        _ => Err(Error::Config(format!("KVM cannot read MSR {index:#x}"))),
+    }
+}
+
 /// A 32-bit LAPIC register of a KVM_GET_LAPIC image.
 pub(super) fn lapic_reg(l: &kvm_bindings::kvm_lapic_state, off: usize) -> u32 {
     u32::from_le_bytes(std::array::from_fn(|i| l.regs[off + i] as u8))
@@ -143,9 +152,7 @@ mod tests {
     }
 
     fn msr(fd: &VcpuFd, index: u32) -> u64 {
-        let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).unwrap();
-        assert_eq!(fd.get_msrs(&mut m).unwrap(), 1, "MSR {index:#x}");
-        m.as_slice()[0].data
+        read_msr(fd, index).unwrap()
     }
 
     /// Arms the LAPIC timer in TSC-deadline mode far in the future, as a
