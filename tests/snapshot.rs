@@ -55,6 +55,9 @@ fn snapshot_while_dirtying(cpus: &str) {
     assert!(s["iterations"].as_u64().unwrap() >= 1, "{s}");
     assert!(s["bytes"].as_u64().unwrap() >= 128 << 20, "at least the dirtied region was written: {s}");
     assert!(s["downtime"].as_f64().unwrap() > 0.0, "{s}");
+    // QEMU's setup-time: part of the total, which runs from the command.
+    let (setup, total) = (s["setup-time"].as_u64().unwrap(), s["total-time"].as_u64().unwrap());
+    assert!(setup <= total && total > 0, "{s}");
     assert!(s.get("error").is_none());
     // One SAVEVM_PROGRESS per live pass, then MIGRATION completed.
     let ev = q.wait_event("SAVEVM_PROGRESS");
@@ -307,6 +310,7 @@ fn qemu_migrate_file_spelling() {
     };
     assert_eq!(m["status"], "completed", "{m}");
     assert!(m["ram"]["transferred"].as_u64().unwrap() > 0);
+    assert!(m["setup-time"].as_u64().unwrap() <= m["total-time"].as_u64().unwrap(), "{m}");
     assert_eq!(inspect(&file).code(), 0);
     // migrate_cancel after the end changes nothing.
     q.ok("migrate_cancel", json!({}));

@@ -438,6 +438,9 @@ fn cmd_query_migrate(c: &mut Controller, _: &Request) -> Result<Value, QmpError>
         if let Some(d) = s.get("downtime") {
             v["downtime"] = json!(d.as_f64().unwrap_or(0.0).round() as u64);
         }
+        if let Some(t) = s.get("setup-time") {
+            v["setup-time"] = t.clone();
+        }
         if s["cpu-throttle-percentage"].as_u64().unwrap_or(0) > 0 {
             v["cpu-throttle-percentage"] = s["cpu-throttle-percentage"].clone();
         }

@@ -102,6 +102,7 @@ impl Controller {
     }
 
     pub(super) fn savevm_start(&mut self, req: &Request) -> std::result::Result<Value, QmpError> {
+        let asked = Instant::now();
         if self.save.shared.get().state == SaveState::Active || self.save.iothread.is_some() {
             return Err(QmpError::generic("a snapshot is already running; wait for it to finish or call savevm-end"));
         }
@@ -191,7 +192,7 @@ impl Controller {
         shared.update(|s| {
             s.state = SaveState::Active;
             s.path = path.clone();
-            s.started = Some(Instant::now());
+            s.started = Some(asked);
         });
         // What the disks' queues write into guest RAM, KVM does not see.
         let dma = (!self.vm.blocks().is_empty()).then(|| self.vm.storage().dirty.clone());
@@ -350,6 +351,9 @@ impl Controller {
         }
         if let Some(d) = s.downtime_ms {
             v["downtime"] = json!(d);
+        }
+        if let Some(t) = s.setup_ms {
+            v["setup-time"] = json!(t);
         }
         if let Some(e) = s.error {
             v["error"] = json!(e);

@@ -33,6 +33,9 @@ pub struct SaveStatus {
     pub error: Option<String>,
     pub started: Option<Instant>,
     pub total_ms: u64,
+    /// From savevm-start to the first write (dirty logging on, the
+    /// iothread up, the file open), as QEMU's `setup-time`.
+    pub setup_ms: Option<u64>,
     pub bytes: u64,
     pub iterations: u32,
     pub remaining: u64,

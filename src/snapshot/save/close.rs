@@ -13,13 +13,15 @@ use crate::snapshot::target::NewFile;
 
 /// State section, metadata, fdatasync, completion record, fdatasync.
 pub(super) fn finish(job: &JobRef, ring: &mut Ring, state_json: Vec<u8>) -> Result<(), SaveError> {
-    let j = job.borrow_mut();
+    let mut j = job.borrow_mut();
     let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
     let mut writes = vec![(state, j.p.header.state_offset, "state")];
     let mut metas = Vec::new();
-    for (r, region) in j.p.header.regions.iter().enumerate() {
+    let regions = j.p.header.regions.clone();
+    for (r, region) in regions.iter().enumerate() {
         let bm: Vec<u8> = j.present[r].iter().flat_map(|w| w.to_le_bytes()).take(region.bitmap_len() as usize).collect();
-        let crcs: Vec<u8> = j.crcs[r].iter().flat_map(|c| c.to_le_bytes()).collect();
+        // The job ends with this close: its checksums go as they are.
+        let crcs = std::mem::take(&mut j.crcs[r]);
         metas.push((bm, crcs, region.bitmap_offset, region.crc_offset));
     }
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b, _, _)| (a.as_slice(), b.as_slice())).collect();
@@ -97,6 +99,7 @@ fn commit(job: &JobRef, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
         job.borrow_mut().fail(e);
         return end(job, ring);
     }
+    job.borrow_mut().mark("metadata written".into());
     // Durable data first, then the record, then the record durable: a file
     // without a durable record is never loadable.
     let (j1, j2, j3) = (job.clone(), job.clone(), job.clone());
@@ -109,6 +112,7 @@ fn commit(job: &JobRef, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
                     if let Err(e) = c.result {
                         j1.borrow_mut().fail(SaveError::io("fdatasync")(e));
                     }
+                    j1.borrow_mut().mark("data durable".into());
                 }),
             ),
             (
@@ -129,6 +133,7 @@ fn commit(job: &JobRef, ring: &mut Ring, fd: Fd, record: Vec<u8>, at: u64) {
                             j3.borrow_mut().fail(SaveError::io("fdatasync")(e));
                         }
                     }
+                    j3.borrow_mut().mark("record durable".into());
                     end(&j3, ring);
                 }),
             ),
@@ -166,6 +171,9 @@ pub(super) fn end(job: &JobRef, ring: &mut Ring) {
             }
         }
     }
+    let what = if j.failed { "ended" } else { "published" };
+    j.mark(what.into());
+    log::info!("snapshot timeline, ms since savevm-start: {}", j.timeline());
     let (failed, ram) = (j.failed, j.ram_bytes);
     j.shared.update(|s| {
         s.leftover = leftover;
