@@ -216,7 +216,7 @@ pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
         return Ok(());
     }
     let local = c.scratch()?;
-    let sizes = if c.quick { vec![256u64] } else { vec![1024] };
+    let sizes = c.sizes.clone().unwrap_or(if c.quick { vec![256u64] } else { vec![1024] });
     // RINGVM_PERF_NFS_DELAY_US: the injected one-way delay (default 500 us).
     let delay_us: u64 = std::env::var("RINGVM_PERF_NFS_DELAY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     let targets: [(&str, Option<u16>); 3] = [("local disk", None), ("nfs:// loopback", Some(NFS_PORT)), ("nfs:// + delay", Some(PROXY_PORT))];
