@@ -241,7 +241,13 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                                 r.sample(&k, sys, "target_mbps", "MB/s", o.target_mbps);
                             }
                             if o.before > 0.0 {
-                                r.sample(&k, sys, "kept", "", o.during / o.before);
+                                let kept = o.during / o.before;
+                                r.sample(&k, sys, "kept", "", kept);
+                                // The guest's work the snapshot cost, in
+                                // seconds at its own speed (completed runs).
+                                if o.completed {
+                                    r.sample(&k, sys, "lost_s", "s", (1.0 - kept).max(0.0) * o.total_ms / 1e3);
+                                }
                             }
                         }
                         Err(e) => r.log(format!("{k} {sys}: {e:#}")),
@@ -271,6 +277,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                         cell(s("max_throttle"), 0),
                         cell(s("limit_sleep_ms"), 0),
                         cell(s("kept"), 2),
+                        cell(s("lost_s"), 1),
                         cell(s("target_mbps"), 0),
                     ]);
                 }
@@ -279,8 +286,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         "converge: snapshot of a guest dirtying faster than its target",
-        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'target MB/s' is what ringvm's last pass measured the target taking.",
-        &["guest", "dirtying", "target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "target MB/s"],
+        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of half the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'work lost' is what that cost the guest over a completed snapshot, (1 - kept) x total time, in seconds of its own speed; 'target MB/s' is what ringvm's last pass measured the target taking.",
+        &["guest", "dirtying", "target", "system", "done", "total ms", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "work lost s", "target MB/s"],
         &rows,
     );
     r.end();
