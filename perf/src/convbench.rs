@@ -165,7 +165,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     let delays: &[u64] = if c.quick { &[3000] } else { &[500, 3000] };
     // Real NFS too (not with --quick): nfs-ganesha in a network namespace
     // behind the +0.5 ms proxy of the nfs suite.
-    let on_path = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).exists());
+    use crate::nfsbench::on_path;
     let ganesha = !c.quick && on_path("ganesha.nfsd") && on_path("nfs-ls") && on_path("ip");
     let mut targets: Vec<String> = delays.iter().map(|d| format!("+{d} us")).collect();
     if ganesha {
@@ -174,7 +174,6 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     // Long enough for a target at ~30 MB/s to take the guest's RAM twice
     // over, at least a minute (20 s with --quick).
     let cap_for = |mib: u64| Duration::from_secs(if c.quick { 20 } else { 60.max(mib * 2 * 1024 * 1024 / 30_000_000 + 20) });
-    let have_qemu = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     r.begin("converge", (sizes.len() * rates.len() * targets.len() * c.reps * SYSTEMS.len()) as u64);
     let back = c.scratch()?.join("conv-back");
     let mnt = c.dir.join("conv-mnt");
@@ -212,7 +211,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                     }
                     // QEMU's `migrate file:` needs a mounted path: there is
                     // no kernel NFS client on the hosts this runs on.
-                    if sys.starts_with("QEMU") && (!have_qemu || ns.is_some()) {
+                    if sys.starts_with("QEMU") && (!c.have_qemu || ns.is_some()) {
                         continue;
                     }
                     r.step(format!("{mem_mib} MiB at {}, {target} target, {sys}, rep {rep}", rate_name(rate)));

@@ -173,8 +173,7 @@ pub fn once(c: &Ctx, t: &Target, mem_mib: u64, pct: u64) -> Result<One> {
 /// `"track": true` (each page's first write then takes a write-protect
 /// fault), and the seconds until a 1 s window is back to 90% of the
 /// untracked rate (every page written once since; at most 120 s).
-fn tracking_unpaced(c: &Ctx, mem_mib: u64) -> Result<(f64, f64, f64)> {
-    let dir = c.scratch()?.join("incremental");
+fn tracking_unpaced(c: &Ctx, dir: &Path, mem_mib: u64) -> Result<(f64, f64, f64)> {
     let file = dir.join("unpaced.state");
     let sock = c.dir.join("inc-unpaced.sock");
     let _ = std::fs::remove_file(&sock);
@@ -203,8 +202,7 @@ fn tracking_unpaced(c: &Ctx, mem_mib: u64) -> Result<(f64, f64, f64)> {
 
 /// QEMU 10's full snapshot of the same guest (mapped-ram + multifd +
 /// direct-io, its fastest mode for a file), for the table's reference.
-fn qemu_full(c: &Ctx, mem_mib: u64) -> Result<f64> {
-    let dir = c.scratch()?.join("incremental");
+fn qemu_full(c: &Ctx, dir: &Path, mem_mib: u64) -> Result<f64> {
     let file = dir.join("qemu-full.state");
     let r = crate::snapbench::qemu(&c.guest, &c.dir, &file, mem_mib, RATE, 90, crate::snapbench::QemuMode::MappedRam);
     let _ = std::fs::remove_file(&file);
@@ -295,13 +293,13 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
         }
         if c.have_qemu {
             r.step(format!("{mem_mib} MiB guest, QEMU mapped-ram full snapshot, rep {rep}"));
-            match qemu_full(c, mem_mib) {
+            match qemu_full(c, &dir, mem_mib) {
                 Ok(ms) => r.sample("qemu", "mapped-ram", "save_ms", "ms", ms),
                 Err(e) => r.log(format!("QEMU mapped-ram: {e:#}")),
             }
         }
         r.step(format!("{mem_mib} MiB guest rewriting unpaced, tracking cost, rep {rep}"));
-        match tracking_unpaced(c, mem_mib) {
+        match tracking_unpaced(c, &dir, mem_mib) {
             Ok((u, first, back)) => {
                 r.sample("tracking-unpaced", "untracked", "pages_per_s", "pages/s", u);
                 r.sample("tracking-unpaced", "tracked", "pages_per_s", "pages/s", first);

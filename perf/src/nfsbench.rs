@@ -205,12 +205,16 @@ pub fn make_source(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether the system has the command `c` (the NFS tools, iproute2).
+pub(crate) fn on_path(c: &str) -> bool {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).exists())
+}
+
 /// The suite: local disk, nfs:// on loopback and nfs:// through the
 /// delaying proxy, in rotating order; nfs-cp moves the same bytes.
 pub fn suite(c: &crate::Ctx, r: &mut crate::report::Report) -> Result<()> {
     use crate::report::{cell, ratio};
     use crate::snapbench;
-    let on_path = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).exists());
     if !on_path("ganesha.nfsd") || !on_path("nfs-cp") || !on_path("ip") {
         r.skip("nfs", "needs nfs-ganesha, libnfs-utils and iproute2 (scripts/peers.sh installs them)");
         return Ok(());

@@ -17,11 +17,10 @@ pub(super) fn finish(job: &JobRef, ring: &mut Ring, state_json: Vec<u8>) -> Resu
     let (state, state_crc) = format::encode_state(&state_json, j.p.header.state_max)?;
     let mut writes = vec![(state, j.p.header.state_offset, "state")];
     let mut metas = Vec::new();
-    let regions = j.p.header.regions.clone();
-    for (r, region) in regions.iter().enumerate() {
-        let bm: Vec<u8> = j.present[r].iter().flat_map(|w| w.to_le_bytes()).take(region.bitmap_len() as usize).collect();
-        // The job ends with this close: its checksums go as they are.
-        let crcs = std::mem::take(&mut j.crcs[r]);
+    // The job ends with this close: its checksums go as they are.
+    let all_crcs = std::mem::take(&mut j.crcs);
+    for ((region, present), crcs) in j.p.header.regions.iter().zip(&j.present).zip(all_crcs) {
+        let bm: Vec<u8> = present.iter().flat_map(|w| w.to_le_bytes()).take(region.bitmap_len() as usize).collect();
         metas.push((bm, crcs, region.bitmap_offset, region.crc_offset));
     }
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b, _, _)| (a.as_slice(), b.as_slice())).collect();
