@@ -167,14 +167,16 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     // behind the +0.5 ms proxy of the nfs suite.
     use crate::nfsbench::on_path;
     let ganesha = !c.quick && on_path("ganesha.nfsd") && on_path("nfs-ls") && on_path("ip");
-    let mut targets: Vec<String> = delays.iter().map(|d| format!("+{d} us")).collect();
-    if ganesha {
+    let want = |t: &str| c.targets.as_ref().is_none_or(|v| v.iter().any(|x| x == t || (x == "fuse" && t.starts_with("fuse"))));
+    let mut targets: Vec<String> = delays.iter().filter(|d| want(&format!("fuse{d}"))).map(|d| format!("+{d} us")).collect();
+    if ganesha && want("ganesha") {
         targets.push(GANESHA.to_string());
     }
     // Long enough for a target at ~30 MB/s to take the guest's RAM twice
     // over, at least a minute (20 s with --quick).
     let cap_for = |mib: u64| Duration::from_secs(if c.quick { 20 } else { 60.max(mib * 2 * 1024 * 1024 / 30_000_000 + 20) });
-    r.begin("converge", (sizes.len() * rates.len() * targets.len() * c.reps * SYSTEMS.len()) as u64);
+    let systems: Vec<&str> = SYSTEMS.iter().copied().filter(|sys| c.systems.as_ref().is_none_or(|v| v.iter().any(|f| sys.contains(f.as_str())))).collect();
+    r.begin("converge", (sizes.len() * rates.len() * targets.len() * c.reps * systems.len()) as u64);
     let back = c.scratch()?.join("conv-back");
     let mnt = c.dir.join("conv-mnt");
     // (size, rate, target, system) -> (runs completed, runs).
@@ -205,7 +207,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
         for (&mem_mib, &rate) in sizes.iter().flat_map(|m| rates.iter().map(move |r| (m, r))) {
             let cap = cap_for(mem_mib);
             for rep in 0..c.reps {
-                for sys in crate::interleaved(&SYSTEMS, rep) {
+                for sys in crate::interleaved(&systems, rep) {
                     if crate::stopping() {
                         break;
                     }

@@ -46,11 +46,18 @@ struct Cli {
     /// 100 with --quick).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<u64>>,
-    /// The snapshot suite's targets (default all): `local` (the local disk,
-    /// with the dirty-rate sweep), `shm` (/dev/shm), `fuse` (the NFS
-    /// stand-in), e.g. `--targets shm`.
-    #[arg(long, value_delimiter = ',', value_parser = ["local", "shm", "fuse"])]
+    /// The snapshot and converge suites' targets (default all): `local`
+    /// (the local disk, with the dirty-rate sweep), `shm` (/dev/shm), `fuse`
+    /// (the NFS stand-in; converge: `fuse500` or `fuse3000` for one of its
+    /// delays), `ganesha` (converge: nfs-ganesha), e.g. `--targets shm`.
+    #[arg(long, value_delimiter = ',', value_parser = ["local", "shm", "fuse", "fuse500", "fuse3000", "ganesha"])]
     targets: Option<Vec<String>>,
+    /// The converge suite's systems (default all): those whose name
+    /// contains one of these, e.g. `--systems 'dirty-limit,auto-converge'`
+    /// (names: ringvm, ringvm auto, ringvm dirty-limit, QEMU mapped-ram,
+    /// QEMU mapped-ram + auto-converge, QEMU mapped-ram + dirty-limit).
+    #[arg(long, value_delimiter = ',')]
+    systems: Option<Vec<String>>,
     /// Do not install the peers (fio, QEMU 10, fonts, nfs-ganesha) or build
     /// ringvm first; suites whose peer is missing are reported as skipped.
     #[arg(long)]
@@ -118,8 +125,10 @@ pub struct Ctx {
     pub reps: usize,
     pub sizes: Option<Vec<u64>>,
     pub rates: Option<Vec<u64>>,
-    /// The snapshot suite's targets; `None` is all of them.
+    /// The snapshot and converge suites' targets; `None` is all of them.
     pub targets: Option<Vec<String>>,
+    /// The converge suite's systems (name fragments); `None` is all.
+    pub systems: Option<Vec<String>>,
     pub have_qemu: bool,
     pub have_fio: bool,
 }
@@ -253,6 +262,7 @@ fn main() -> Result<()> {
         sizes: cli.sizes,
         rates: cli.rates,
         targets: cli.targets,
+        systems: cli.systems,
         have_qemu: have_qemu10(),
         have_fio: have("fio"),
     };

@@ -88,8 +88,67 @@ pub fn open_chain(path: &Path) -> Result<Vec<(PathBuf, Checked)>, ChainError> {
 /// For a chain (newest first): which file each page comes from, per
 /// region (None: in no file, so zero).
 pub fn page_owners(chain: &[&Checked]) -> Vec<Vec<Option<u8>>> {
+    let owned = owned_pages(chain);
     let regions = &chain[0].header.regions;
-    regions.iter().enumerate().map(|(ri, r)| (0..r.pages()).map(|p| chain.iter().position(|c| c.present(ri, p)).map(|i| i as u8)).collect()).collect()
+    regions
+        .iter()
+        .enumerate()
+        .map(|(ri, r)| (0..r.pages()).map(|p| owned.iter().position(|f| f[ri][(p / 64) as usize] & (1 << (p % 64)) != 0).map(|i| i as u8)).collect())
+        .collect()
+}
+
+/// A bitmap's bytes as 64-bit little-endian words (a short last word is
+/// padded with zeros).
+pub fn words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(w)
+        })
+        .collect()
+}
+
+/// For a chain (newest first): per file, per region, the pages that file
+/// is the newest to hold, one bit per page in 64-bit words. A word at a
+/// time: a 4 GiB guest is 16 384 words per file, where a page at a time
+/// was a million lookups per file.
+pub fn owned_pages(chain: &[&Checked]) -> Vec<Vec<Vec<u64>>> {
+    let pages: Vec<u64> = chain[0].header.regions.iter().map(|r| r.pages()).collect();
+    owned_from(&chain.iter().map(|c| c.bitmaps.as_slice()).collect::<Vec<_>>(), &pages)
+}
+
+/// [`owned_pages`] of the files' bitmaps (newest first, per region) for
+/// regions of `pages` pages; bits past a region's last page are dropped.
+fn owned_from(bitmaps: &[&[Vec<u8>]], pages: &[u64]) -> Vec<Vec<Vec<u64>>> {
+    let mut taken: Vec<Vec<u64>> = pages.iter().map(|n| vec![0u64; n.div_ceil(64) as usize]).collect();
+    bitmaps
+        .iter()
+        .map(|bms| {
+            taken
+                .iter_mut()
+                .zip(pages)
+                .enumerate()
+                .map(|(ri, (t, &n))| {
+                    let have = words(bms.get(ri).map(Vec::as_slice).unwrap_or_default());
+                    let last = t.len().saturating_sub(1);
+                    t.iter_mut()
+                        .enumerate()
+                        .map(|(i, tw)| {
+                            let mut w = have.get(i).copied().unwrap_or(0);
+                            if i == last && n % 64 != 0 {
+                                w &= (1u64 << (n % 64)) - 1;
+                            }
+                            let own = w & !*tw;
+                            *tw |= own;
+                            own
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,6 +207,35 @@ mod tests {
     /// naming the file. (A loop needs two files each carrying the other's
     /// completion checksum, which a checksum collision alone could make;
     /// the id check stops one anyway.)
+    /// Each page belongs to the newest file whose bitmap has it, checked
+    /// a word at a time against a page at a time, on random bitmaps whose
+    /// regions end mid-word (with stray bits past the end).
+    #[test]
+    fn owned_pages_are_the_newest_holders() {
+        let pages = [1000u64, 77];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let files: Vec<Vec<Vec<u8>>> = (0..5)
+            .map(|f| pages.iter().map(|n| (0..n.div_ceil(64) * 8).map(|_| if f == 4 { 0xff } else { (rnd() & rnd()) as u8 }).collect()).collect())
+            .collect();
+        let refs: Vec<&[Vec<u8>]> = files.iter().map(Vec::as_slice).collect();
+        let owned = owned_from(&refs, &pages);
+        for (ri, &n) in pages.iter().enumerate() {
+            for p in 0..n.div_ceil(64) * 64 {
+                let bit = |b: &[u8]| b[(p / 8) as usize] & (1 << (p % 8)) != 0;
+                let want = if p < n { files.iter().position(|f| bit(&f[ri])) } else { None };
+                let got = owned.iter().position(|o| o[ri][(p / 64) as usize] & (1 << (p % 64)) != 0);
+                assert_eq!(got, want, "region {ri} page {p}");
+                assert!(owned.iter().filter(|o| o[ri][(p / 64) as usize] & (1 << (p % 64)) != 0).count() <= 1);
+            }
+        }
+    }
+
     #[test]
     fn chains_follow_their_links_and_refuse_bad_ones() {
         let dir = std::env::temp_dir().join(format!("ringvm-chain-{}", std::process::id()));

@@ -345,6 +345,9 @@ impl Completion {
     }
 }
 
+/// How much of a state section a check reads first (see [`Opening::check`]).
+const STATE_HEAD: u64 = 64 << 10;
+
 /// The state section: magic, JSON length, crc, JSON.
 pub fn encode_state(json: &[u8], max: u64) -> Result<(Vec<u8>, u32), FormatError> {
     if 24 + json.len() as u64 > max {
@@ -468,19 +471,42 @@ pub struct Checked {
     pub src: Source,
     pub header: Header,
     pub state_json: Vec<u8>,
-    /// Per region: (presence bitmap, crc table).
-    pub metas: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Per region: the presence bitmap.
+    pub bitmaps: Vec<Vec<u8>>,
+    /// Per region: every page's checksum, shared with the loaders.
+    pub crcs: CrcTables,
     pub completion: Completion,
     pub len: u64,
 }
 
 impl Checked {
     pub fn present(&self, r: usize, p: u64) -> bool {
-        self.metas[r].0[(p / 8) as usize] & (1 << (p % 8)) != 0
+        self.bitmaps[r][(p / 8) as usize] & (1 << (p % 8)) != 0
     }
     pub fn crc(&self, r: usize, p: u64) -> u32 {
-        let c = &self.metas[r].1;
-        u32::from_le_bytes(c[(p * 4) as usize..(p * 4 + 4) as usize].try_into().unwrap_or_default())
+        self.crcs.get(r, p)
+    }
+}
+
+/// A state file's crc tables (per region, one little-endian crc32c per
+/// page, as in the file), shared: the loaders check pages against them
+/// where they are, without a copy per loader (a 4 GiB guest's table is
+/// 4 MiB, and a 17-file chain has 17).
+#[derive(Clone, Default)]
+pub struct CrcTables(std::sync::Arc<Vec<Vec<u8>>>);
+
+impl CrcTables {
+    pub fn new(tables: Vec<Vec<u8>>) -> CrcTables {
+        CrcTables(std::sync::Arc::new(tables))
+    }
+
+    /// Page `p` of region `r`'s checksum (0 for a page past the table:
+    /// callers only ask for pages the header lays out, which the table
+    /// covers once checked).
+    pub fn get(&self, r: usize, p: u64) -> u32 {
+        let Some(t) = self.0.get(r) else { return 0 };
+        let at = (p as usize).saturating_mul(4);
+        t.get(at..at.saturating_add(4)).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
@@ -537,7 +563,7 @@ pub fn prefetch_headers(names: &[&str]) {
 pub fn open_header(path: &Path) -> Result<Opening, FormatError> {
     let mut src = Source::open(path)?;
     let (header, hcrc, len) = header_of(&mut src)?;
-    let mut ranges = vec![(header.completion_offset, PAGE), (header.state_offset, header.state_max)];
+    let mut ranges = vec![(header.completion_offset, PAGE), (header.state_offset, header.state_max.min(STATE_HEAD))];
     for r in &header.regions {
         ranges.push((r.bitmap_offset, r.bitmap_len()));
         ranges.push((r.crc_offset, r.crc_len()));
@@ -556,25 +582,37 @@ impl Opening {
         if completion.header_crc != hcrc {
             return Err(FormatError::CompletionHeader);
         }
-        let mut sb = vec![0u8; header.state_max as usize];
+        // The state section is laid out for its largest size (a MiB and
+        // more); read its first 64 KiB, and the rest only if its JSON is
+        // longer (decode_state checks the length against the layout).
+        let mut sb = vec![0u8; header.state_max.min(STATE_HEAD) as usize];
         src.read_exact_at(&mut sb, header.state_offset)?;
+        if sb.len() >= 24 && &sb[0..8] == STATE_MAGIC {
+            let want = u64::from_le_bytes(sb[8..16].try_into().unwrap_or_default()).saturating_add(24).min(header.state_max);
+            if want > sb.len() as u64 {
+                let have = sb.len();
+                sb.resize(want as usize, 0);
+                src.read_exact_at(&mut sb[have..], header.state_offset + have as u64)?;
+            }
+        }
         let (state_json, scrc) = decode_state(&sb, header.state_max)?;
         if scrc != completion.state_crc {
             return Err(FormatError::StateMismatch);
         }
-        let mut metas = Vec::new();
+        let (mut bitmaps, mut crcs) = (Vec::new(), Vec::new());
         for r in &header.regions {
             let mut bm = vec![0u8; r.bitmap_len() as usize];
             src.read_exact_at(&mut bm, r.bitmap_offset)?;
-            let mut crcs = vec![0u8; r.crc_len() as usize];
-            src.read_exact_at(&mut crcs, r.crc_offset)?;
-            metas.push((bm, crcs));
+            let mut c = vec![0u8; r.crc_len() as usize];
+            src.read_exact_at(&mut c, r.crc_offset)?;
+            bitmaps.push(bm);
+            crcs.push(c);
         }
-        let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+        let parts: Vec<(&[u8], &[u8])> = bitmaps.iter().zip(&crcs).map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
         if meta_crc(&parts) != completion.meta_crc {
             return Err(FormatError::MetaMismatch);
         }
-        Ok(Checked { src, header, state_json, metas, completion, len })
+        Ok(Checked { src, header, state_json, bitmaps, crcs: CrcTables::new(crcs), completion, len })
     }
 }
 

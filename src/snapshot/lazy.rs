@@ -33,7 +33,7 @@ use std::time::Instant;
 use ring::{Fd, Op, Ring};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::format::{Checked, PAGE};
+use super::format::{Checked, CrcTables, PAGE};
 use super::load_error::LoadError;
 use super::restore::{open_for_loading, plan_chain, LoadStats, Run, RUN_PAGES};
 
@@ -211,7 +211,7 @@ struct Source {
     _file: File,
     punt: bool,
     /// Every page's checksum, by region.
-    crcs: Vec<Vec<u32>>,
+    crcs: CrcTables,
 }
 
 struct State {
@@ -309,7 +309,7 @@ impl State {
             // SAFETY: inside buffer `b` of the pool this thread mapped; the
             // read into it has completed.
             let page = unsafe { std::slice::from_raw_parts((buf + (k * PAGE) as usize) as *const u8, PAGE as usize) };
-            if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
+            if crc32c::crc32c(page) != crcs.get(ri, first + k) {
                 return Err(LoadError::Checksum(self.gpas[ri] + (first + k) * PAGE));
             }
         }
@@ -470,7 +470,7 @@ pub fn spawn(
 /// Drops whatever guest RAM holds, registers it with a new userfaultfd,
 /// and sets up the ring and the buffer pool.
 fn setup(
-    files: Vec<(String, File, Vec<Vec<u32>>)>,
+    files: Vec<(String, File, CrcTables)>,
     runs: Vec<Run>,
     run_source: Vec<usize>,
     gpas: Vec<u64>,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ring::{Fd, Op, Ring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::format::{Checked, PAGE};
+use super::format::{Checked, CrcTables, PAGE};
 pub use super::load_error::LoadError;
 
 /// Reads in flight and pages per read. 64 x 2 MiB restored a 7.2 GiB
@@ -67,18 +67,19 @@ pub enum RamMode {
 
 /// Plans the reads: runs of present pages.
 /// The reads, every page's checksum by region, and each region's gpa.
-pub(super) type Plan = (Vec<Run>, Vec<Vec<u32>>, Vec<u64>);
+pub(super) type Plan = (Vec<Run>, CrcTables, Vec<u64>);
 
 pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, LoadError> {
-    plan_where(checked, mem, |ri, p| checked.present(ri, p))
+    let own: Vec<Vec<u64>> = checked.bitmaps.iter().map(|b| super::chain::words(b)).collect();
+    plan_bits(checked, mem, &own)
 }
 
 /// For each file of an incremental chain (newest first), the plan of the
 /// pages it is the newest to hold.
 pub(super) fn plan_chain(chain: &[(PathBuf, &Checked)], mem: &GuestMemoryMmap) -> Result<Vec<Plan>, LoadError> {
     let files: Vec<&Checked> = chain.iter().map(|(_, c)| *c).collect();
-    let owners = super::chain::page_owners(&files);
-    chain.iter().enumerate().map(|(i, (_, c))| plan_where(c, mem, |ri, p| owners[ri][p as usize] == Some(i as u8))).collect()
+    let owned = super::chain::owned_pages(&files);
+    chain.iter().zip(&owned).map(|((_, c), own)| plan_bits(c, mem, own)).collect()
 }
 
 /// Opens a state file for loading: O_DIRECT where the filesystem takes it
@@ -90,28 +91,35 @@ pub(super) fn open_for_loading(path: &Path) -> std::io::Result<(File, bool)> {
     }
 }
 
-/// [`plan`] for the pages `take(region, page)` picks.
-fn plan_where(checked: &Checked, mem: &GuestMemoryMmap, take: impl Fn(usize, u64) -> bool) -> Result<Plan, LoadError> {
-    // Runs of present pages: (file offset, host address, pages, region, first page).
+/// [`plan`] for the pages set in `own` (per region, one bit per page in
+/// 64-bit words, as the file's bitmaps are laid out).
+fn plan_bits(checked: &Checked, mem: &GuestMemoryMmap, own: &[Vec<u64>]) -> Result<Plan, LoadError> {
+    // Runs of pages: (file offset, host address, pages, region, first page).
     let mut runs = Vec::new();
     for (ri, r) in checked.header.regions.iter().enumerate() {
         let base = mem.get_host_address(GuestAddress(r.gpa)).map_err(|e| LoadError::GuestMemory { gpa: r.gpa, reason: e.to_string() })? as usize;
+        let words = own.get(ri).map(Vec::as_slice).unwrap_or_default();
+        let take = |p: u64| words.get((p / 64) as usize).is_some_and(|w| w & (1 << (p % 64)) != 0);
         let mut p = 0;
         while p < r.pages() {
-            if !take(ri, p) {
+            // Whole words of pages not taken are skipped at once.
+            if p % 64 == 0 && words.get((p / 64) as usize).is_none_or(|w| *w == 0) {
+                p += 64;
+                continue;
+            }
+            if !take(p) {
                 p += 1;
                 continue;
             }
             let start = p;
-            while p < r.pages() && p - start < RUN_PAGES && take(ri, p) {
+            while p < r.pages() && p - start < RUN_PAGES && take(p) {
                 p += 1;
             }
             runs.push((r.offset + start * PAGE, base + (start * PAGE) as usize, p - start, ri, start));
         }
     }
-    let crcs: Vec<Vec<u32>> = checked.header.regions.iter().enumerate().map(|(ri, r)| (0..r.pages()).map(|p| checked.crc(ri, p)).collect()).collect();
     let gpas: Vec<u64> = checked.header.regions.iter().map(|r| r.gpa).collect();
-    Ok((runs, crcs, gpas))
+    Ok((runs, checked.crcs.clone(), gpas))
 }
 
 /// Bulk work yields to the control thread (QMP keeps answering while RAM
@@ -126,16 +134,13 @@ fn background_priority() {
 
 /// Bytes to load (present pages) of a checked file.
 pub fn present_bytes(checked: &Checked) -> u64 {
-    let mut n = 0;
-    for (ri, r) in checked.header.regions.iter().enumerate() {
-        n += (0..r.pages()).filter(|&p| checked.present(ri, p)).count() as u64 * PAGE;
-    }
-    n
+    chain_present_bytes(&[checked])
 }
 
 /// Bytes a chain restore reads: every page from the newest file that has it.
 pub fn chain_present_bytes(chain: &[&Checked]) -> u64 {
-    super::chain::page_owners(chain).iter().flatten().filter(|o| o.is_some()).count() as u64 * PAGE
+    let owned = super::chain::owned_pages(chain);
+    owned.iter().flatten().flatten().map(|w| u64::from(w.count_ones())).sum::<u64>() * PAGE
 }
 
 /// Restores an incremental chain (newest first): every page is read once,
@@ -256,13 +261,13 @@ fn prefault<'a>(runs: impl Iterator<Item = &'a Run>) {
 pub(super) type Run = (u64, usize, u64, usize, u64);
 
 /// Checks every page of a run that is in guest RAM against its checksum.
-fn verify(run: &Run, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), LoadError> {
+fn verify(run: &Run, crcs: &CrcTables, gpas: &[u64]) -> Result<(), LoadError> {
     let &(_, host, pages, ri, first) = run;
     for k in 0..pages {
         // SAFETY: guest RAM inside the run, which nothing writes while the
         // load is in progress (vCPUs parked).
         let page = unsafe { std::slice::from_raw_parts((host + (k * PAGE) as usize) as *const u8, PAGE as usize) };
-        if crc32c::crc32c(page) != crcs[ri][(first + k) as usize] {
+        if crc32c::crc32c(page) != crcs.get(ri, first + k) {
             return Err(LoadError::Checksum(gpas[ri] + (first + k) * PAGE));
         }
     }
@@ -286,7 +291,7 @@ fn spawn_mapped(
     checked: &Checked,
     mem: &GuestMemoryMmap,
     runs: Vec<Run>,
-    crcs: Vec<Vec<u32>>,
+    crcs: CrcTables,
     gpas: Vec<u64>,
     progress: Arc<AtomicU64>,
     done: impl FnOnce(Result<LoadStats, LoadError>) + Send + 'static,
@@ -309,7 +314,7 @@ fn spawn_mapped(
     type Done = Box<dyn FnOnce(Result<LoadStats, LoadError>) + Send>;
     struct Shared {
         runs: Vec<Run>,
-        crcs: Vec<Vec<u32>>,
+        crcs: CrcTables,
         gpas: Vec<u64>,
         next: AtomicUsize,
         stop: AtomicBool,
@@ -488,7 +493,7 @@ impl Loads {
     }
 
     /// A read came back: checked by [`landed`] into `bytes` or `err`.
-    fn finish(&mut self, run: &Run, r: Result<usize, LoadError>, crcs: &[Vec<u32>], gpas: &[u64]) {
+    fn finish(&mut self, run: &Run, r: Result<usize, LoadError>, crcs: &CrcTables, gpas: &[u64]) {
         self.inflight = self.inflight.saturating_sub(1);
         match landed(run, r, crcs, gpas) {
             Ok(()) => self.bytes += run.2 * PAGE,
@@ -509,7 +514,7 @@ impl Loads {
 }
 
 /// Checks a run that was read: whole, and every page's checksum.
-fn landed(run: &Run, r: Result<usize, LoadError>, crcs: &[Vec<u32>], gpas: &[u64]) -> Result<(), LoadError> {
+fn landed(run: &Run, r: Result<usize, LoadError>, crcs: &CrcTables, gpas: &[u64]) -> Result<(), LoadError> {
     let &(off, _, pages, _, _) = run;
     let len = (pages * PAGE) as usize;
     match r {
@@ -522,7 +527,7 @@ fn landed(run: &Run, r: Result<usize, LoadError>, crcs: &[Vec<u32>], gpas: &[u64
 
 /// Loads from `nfs://`: many READs in flight on one connection, driven by
 /// this thread's ring; each reply is copied into guest memory as it lands.
-fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, LoadError> {
+fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: CrcTables, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, LoadError> {
     let t0 = Instant::now();
     let n = crate::nfs::Nfs::open(uri, false)?;
     // One READ per run, no larger than the server's rsize.
@@ -589,7 +594,7 @@ fn nfs_loader(uri: &str, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, pr
     stats
 }
 
-fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, LoadError> {
+fn loader(path: &Path, runs: Vec<Run>, crcs: CrcTables, gpas: Vec<u64>, progress: &AtomicU64) -> Result<LoadStats, LoadError> {
     if let Some(uri) = path.to_str().filter(|p| crate::nfs::is_uri(p)) {
         return nfs_loader(uri, runs, crcs, gpas, progress);
     }
@@ -604,7 +609,7 @@ fn loader(path: &Path, runs: Vec<Run>, crcs: Vec<Vec<u32>>, gpas: Vec<u64>, prog
     // FUSE and network filesystems: each read on its own io-wq worker (see
     // fsprobe::blocks_inline), or they run one at a time.
     let punt = super::fsprobe::blocks_inline(&file);
-    fn issue(ring: &mut Ring, st: &Rc<RefCell<Loads>>, runs: &Rc<Vec<Run>>, crcs: &Rc<Vec<Vec<u32>>>, gpas: &Rc<Vec<u64>>, fd: Fd, punt: bool) {
+    fn issue(ring: &mut Ring, st: &Rc<RefCell<Loads>>, runs: &Rc<Vec<Run>>, crcs: &Rc<CrcTables>, gpas: &Rc<Vec<u64>>, fd: Fd, punt: bool) {
         loop {
             let Some(i) = st.borrow_mut().take_next(runs.len()) else { return };
             let (off, host, pages, _, _) = runs[i];

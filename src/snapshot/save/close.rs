@@ -26,8 +26,8 @@ pub(super) fn finish(job: &JobRef, ring: &mut Ring, state_json: Vec<u8>) -> Resu
     let parts: Vec<(&[u8], &[u8])> = metas.iter().map(|(a, b, _, _)| (a.as_slice(), b.as_slice())).collect();
     let comp = Completion { header_crc: j.header_crc, state_crc, meta_crc: format::meta_crc(&parts), ram_bytes: j.ram_bytes };
     for (bm, crcs, bo, co) in metas {
-        writes.push((bm, bo, "bitmap"));
-        writes.push((crcs, co, "checksums"));
+        writes.extend(nonzero_parts(bm, bo).into_iter().map(|(b, o)| (b, o, "bitmap")));
+        writes.extend(nonzero_parts(crcs, co).into_iter().map(|(b, o)| (b, o, "checksums")));
     }
     let record = comp.encode();
     let (file_id, record_crc) = (j.p.header.id, comp.record_crc());
@@ -81,6 +81,41 @@ pub(super) fn finish(job: &JobRef, ring: &mut Ring, state_json: Vec<u8>) -> Resu
         }
     }
     Ok(())
+}
+
+/// Zero gaps in the metadata this many bytes or longer are not written.
+const HOLE_MIN: usize = 256 << 10;
+
+/// The parts of `buf` (to go at file offset `at`) that must be written:
+/// the file was just made `file_size` long (a new file, or an NFS file
+/// created new), so what is not written reads back as zeros, and an
+/// incremental file's bitmap and checksum table (a guest's worth, 4 MiB
+/// per 4 GiB, almost all zero) stay holes: no disk space, and a chain
+/// restore reads each table's holes without touching the disk. Zero runs
+/// shorter than [`HOLE_MIN`] or not 4 KiB-aligned are written as they are
+/// (a full file's table goes in one write, without a copy).
+fn nonzero_parts(buf: Vec<u8>, at: u64) -> Vec<(Vec<u8>, u64)> {
+    const BLOCK: usize = 4096;
+    if !at.is_multiple_of(BLOCK as u64) {
+        return vec![(buf, at)];
+    }
+    // Runs of blocks holding a non-zero byte, [start, end) in bytes, with
+    // zero gaps shorter than HOLE_MIN folded in.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in buf.chunks(BLOCK).enumerate() {
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (s, e) = (i * BLOCK, i * BLOCK + block.len());
+        match runs.last_mut() {
+            Some(last) if s - last.1 < HOLE_MIN => last.1 = e,
+            _ => runs.push((s, e)),
+        }
+    }
+    if runs.len() == 1 && runs[0] == (0, buf.len()) {
+        return vec![(buf, at)];
+    }
+    runs.into_iter().map(|(s, e)| (buf[s..e].to_vec(), at + s as u64)).collect()
 }
 
 /// The metadata is written: fdatasync, completion record, fdatasync.
@@ -191,4 +226,31 @@ pub(super) fn end(job: &JobRef, ring: &mut Ring) {
     j.events.push(VmEvent::Snapshot(SnapshotStep::Done));
     drop(j);
     ring.disown(SNAPSHOT_SOURCE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sparse metadata keeps its long zero gaps as holes, a dense table
+    /// goes in one write, and what is written covers every non-zero byte.
+    #[test]
+    fn only_nonzero_metadata_is_written() {
+        let mut b = vec![0u8; 4 << 20];
+        b[5] = 1;
+        b[(2 << 20) + 4097] = 2;
+        b[(2 << 20) + 100_000] = 3;
+        let parts = nonzero_parts(b.clone(), 1 << 30);
+        assert_eq!(parts.iter().map(|(p, o)| (*o, p.len())).collect::<Vec<_>>(), [(1 << 30, 4096), ((1 << 30) + (2 << 20) + 4096, 98304)]);
+        let mut back = vec![0u8; b.len()];
+        for (p, o) in &parts {
+            let s = (o - (1 << 30)) as usize;
+            back[s..s + p.len()].copy_from_slice(p);
+        }
+        assert_eq!(back, b, "the zeros not written read back as zeros");
+        assert!(nonzero_parts(vec![0; 8192], 0).is_empty());
+        let dense = vec![7u8; 10_000];
+        assert_eq!(nonzero_parts(dense.clone(), 4096), [(dense.clone(), 4096)]);
+        assert_eq!(nonzero_parts(dense.clone(), 12), [(dense, 12)], "an unaligned offset is written whole");
+    }
 }
