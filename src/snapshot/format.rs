@@ -456,12 +456,96 @@ impl Source {
         }
     }
 
+    /// The parts of `[offset, offset + len)` that hold data, as (offset,
+    /// length): a local file's holes are left out (SEEK_DATA/SEEK_HOLE);
+    /// where that cannot be told (NFS, a filesystem without it, an
+    /// error), all of it.
+    pub fn data_in(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let all = vec![(offset, len)];
+        let Source::File(f) = self else { return all };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+        let end = offset.saturating_add(len);
+        let seek = |at: u64, whence| -> Option<u64> {
+            let at = i64::try_from(at).ok()?;
+            // SAFETY: lseek on our own descriptor; reads here use pread,
+            // so the file position it moves is not used.
+            let r = unsafe { libc::lseek(fd, at, whence) };
+            u64::try_from(r).ok()
+        };
+        let mut parts = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let Some(data) = seek(at, libc::SEEK_DATA) else {
+                // ENXIO: no data from here to the end of the file.
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return all;
+            };
+            if data >= end {
+                break;
+            }
+            let Some(hole) = seek(data, libc::SEEK_HOLE) else { return all };
+            let stop = hole.min(end);
+            if stop <= data {
+                return all;
+            }
+            parts.push((data, stop - data));
+            at = stop;
+        }
+        parts
+    }
+
+    /// Reads a metadata table of `len` bytes at `offset`, only the parts
+    /// [`Self::data_in`] finds: the rest of the buffer stays zero and
+    /// untouched (a large zeroed allocation is mapped on demand).
+    fn read_table(&mut self, offset: u64, len: u64) -> Result<Table, FormatError> {
+        let mut bytes = vec![0u8; len as usize];
+        let mut data = Vec::new();
+        for (o, n) in self.data_in(offset, len) {
+            let s = (o - offset) as usize;
+            self.read_exact_at(&mut bytes[s..s + n as usize], o)?;
+            data.push((s, s + n as usize));
+        }
+        Ok(Table { bytes, data })
+    }
+
     pub fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
         let n = self.read_at(buf, offset)?;
         if n < buf.len() {
             return Err(FormatError::Truncated(format!(": {} bytes at offset {offset:#x} missing", buf.len() - n)));
         }
         Ok(())
+    }
+}
+
+/// A metadata table as read: its bytes, and the parts of them the file
+/// held data for (start, end); the rest were holes, zero.
+struct Table {
+    bytes: Vec<u8>,
+    data: Vec<(usize, usize)>,
+}
+
+impl Table {
+    /// `crc` extended over the table, its holes as zeros (from a small
+    /// static block, so the buffer's untouched pages stay untouched).
+    fn crc_append(&self, mut crc: u32) -> u32 {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let zeros = |mut c: u32, mut n: usize| {
+            while n > 0 {
+                let k = n.min(ZEROS.len());
+                c = crc32c::crc32c_append(c, &ZEROS[..k]);
+                n -= k;
+            }
+            c
+        };
+        let mut at = 0;
+        for &(s, e) in &self.data {
+            crc = zeros(crc, s - at);
+            crc = crc32c::crc32c_append(crc, &self.bytes[s..e]);
+            at = e;
+        }
+        zeros(crc, self.bytes.len() - at)
     }
 }
 
@@ -565,8 +649,8 @@ pub fn open_header(path: &Path) -> Result<Opening, FormatError> {
     let (header, hcrc, len) = header_of(&mut src)?;
     let mut ranges = vec![(header.completion_offset, PAGE), (header.state_offset, header.state_max.min(STATE_HEAD))];
     for r in &header.regions {
-        ranges.push((r.bitmap_offset, r.bitmap_len()));
-        ranges.push((r.crc_offset, r.crc_len()));
+        ranges.extend(src.data_in(r.bitmap_offset, r.bitmap_len()));
+        ranges.extend(src.data_in(r.crc_offset, r.crc_len()));
     }
     src.prefetch(&ranges);
     Ok(Opening { src, header, hcrc, len })
@@ -599,17 +683,18 @@ impl Opening {
         if scrc != completion.state_crc {
             return Err(FormatError::StateMismatch);
         }
-        let (mut bitmaps, mut crcs) = (Vec::new(), Vec::new());
+        // Each region's bitmap and crc table, only where the file holds
+        // data: an incremental file's are almost all holes (see the save's
+        // close), which read as zeros without the disk or a page touched.
+        let (mut bitmaps, mut crcs, mut meta) = (Vec::new(), Vec::new(), 0u32);
         for r in &header.regions {
-            let mut bm = vec![0u8; r.bitmap_len() as usize];
-            src.read_exact_at(&mut bm, r.bitmap_offset)?;
-            let mut c = vec![0u8; r.crc_len() as usize];
-            src.read_exact_at(&mut c, r.crc_offset)?;
-            bitmaps.push(bm);
-            crcs.push(c);
+            let bm = src.read_table(r.bitmap_offset, r.bitmap_len())?;
+            let c = src.read_table(r.crc_offset, r.crc_len())?;
+            meta = c.crc_append(bm.crc_append(meta));
+            bitmaps.push(bm.bytes);
+            crcs.push(c.bytes);
         }
-        let parts: Vec<(&[u8], &[u8])> = bitmaps.iter().zip(&crcs).map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
-        if meta_crc(&parts) != completion.meta_crc {
+        if meta != completion.meta_crc {
             return Err(FormatError::MetaMismatch);
         }
         Ok(Checked { src, header, state_json, bitmaps, crcs: CrcTables::new(crcs), completion, len })
