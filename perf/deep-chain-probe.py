@@ -16,7 +16,7 @@ process start to the QMP socket and to `paused`, and their ratio. Every
 wait has a deadline; each ringvm is ended by its PID. The chain's files
 name their bases by absolute path: a chain moved elsewhere will not load.
 """
-import json, os, socket, subprocess, sys, threading, time
+import contextlib, json, os, socket, subprocess, sys, threading, time
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 binary = os.environ.get("BIN", os.path.join(root, "target/release/ringvm"))
@@ -52,6 +52,18 @@ def qmp(sock_path, deadline=60):
     return cmd
 
 
+@contextlib.contextmanager
+def ringvm(args, **kw):
+    """`ringvm ARGS`, ended by its PID on the way out if it still runs."""
+    p = subprocess.Popen([binary] + args, **kw)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(30)
+
+
 def name(d, i):
     return os.path.join(d, "d-full.state" if i == 0 else f"d-inc{i}.state")
 
@@ -64,18 +76,16 @@ def build(d, mib):
     if os.path.exists(sock):
         os.remove(sock)
     fill = mib * 9 // 10
-    p = subprocess.Popen([binary, "run", "--cpus", "1", "--memory", f"{mib}M", "--kernel", guest, "--cmdline",
-                          f"work=mem mib={fill} secs=inf rate={RATE} beat=100", "--qmp", sock],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    filled = threading.Event()
+    args = ["run", "--cpus", "1", "--memory", f"{mib}M", "--kernel", guest, "--cmdline", f"work=mem mib={fill} secs=inf rate={RATE} beat=100", "--qmp", sock]
+    with ringvm(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as p:
+        filled = threading.Event()
 
-    def watch():
-        for line in p.stdout:
-            if "fill done" in line:
-                filled.set()
+        def watch():
+            for line in p.stdout:
+                if "fill done" in line:
+                    filled.set()
 
-    threading.Thread(target=watch, daemon=True).start()
-    try:
+        threading.Thread(target=watch, daemon=True).start()
         if not filled.wait(600):
             raise SystemExit("the guest did not fill its memory in 600 s")
         cmd = qmp(sock)
@@ -94,11 +104,6 @@ def build(d, mib):
             cmd("savevm-end")
             time.sleep(fill * 0.01 / RATE)
         cmd("quit")
-        p.wait(30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     subprocess.run([binary, "state", "merge", name(d, DEPTH), "--out", os.path.join(d, "merged.state")], check=True)
 
 
@@ -117,9 +122,7 @@ def restore(d, state):
     if os.path.exists(sock):
         os.remove(sock)
     t0 = time.monotonic()
-    p = subprocess.Popen([binary, "run", "-S", "--serial", "off", "--loadstate", state, "--restore-ram", "read", "--qmp", sock],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with ringvm(["run", "-S", "--serial", "off", "--loadstate", state, "--restore-ram", "read", "--qmp", sock], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         cmd = qmp(sock)
         at_socket = time.monotonic() - t0
         while cmd("query-status")["return"]["status"] == "inmigrate":
@@ -128,11 +131,6 @@ def restore(d, state):
             time.sleep(0.001)
         done = time.monotonic() - t0
         cmd("quit")
-        p.wait(30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     return done * 1e3, at_socket * 1e3
 
 
