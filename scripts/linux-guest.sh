@@ -11,6 +11,10 @@
 # $CACHE/linux-<key>, key = hash of all of those and the source package
 # version, so CI builds it once per machine; $CACHE/linux links to it.
 source "$(dirname "$0")/lib.sh"
+# Stdout carries the directory and nothing else (callers capture it): every
+# tool's chatter goes to stderr (mke2fs 1.47 prints "Creating regular file"
+# on stdout even with -q).
+exec 3>&1 1>&2
 ensure_backports
 apt_install_backports linux-source-6.12
 apt_install bc flex bison libelf-dev libssl-dev cpio xz-utils e2fsprogs make gcc
@@ -22,7 +26,7 @@ key="$( { echo "$pkgver"; cat "$ROOT"/scripts/linux/ringvm.config "$ROOT"/script
 OUT="$CACHE/linux-$key"
 if [ -s "$OUT/vmlinux" ] && [ -s "$OUT/bzImage" ] && [ -s "$OUT/root.img" ]; then
     ln -sfn "linux-$key" "$CACHE/linux"
-    echo "$OUT"; exit 0
+    echo "$OUT" >&3; exit 0
 fi
 BUILD="$CACHE/linux-build"
 TREE="$BUILD/linux-source-6.12"
@@ -82,4 +86,4 @@ for d in "$CACHE"/linux-*; do
     case "$d" in "$OUT"|"$BUILD") ;; *) [ -d "$d" ] && rm -rf "$d" ;; esac
 done
 log "Linux guest ready in $OUT"
-echo "$OUT"
+echo "$OUT" >&3
