@@ -3,6 +3,9 @@
 //! snapshot (taken with `"track": true`) and an incremental one; the
 //! incremental one's time and bytes against the full one's, and restoring
 //! the chain against restoring the file `ringvm state merge` makes of it.
+//! Beside them QEMU 10's full snapshot (it has no incremental one) and,
+//! when a binary is given, Firecracker's full and diff snapshots of the
+//! same guest.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -269,7 +272,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     let mem_mib = c.sizes.as_ref().and_then(|s| s.first().copied()).unwrap_or(if c.quick { 512 } else { 1024 });
     let pcts = [1u64, 10, 50];
     let depths: &[usize] = if c.quick { &[4] } else { &[4, 16] };
-    r.begin("incremental", ((pcts.len() + 2 + usize::from(c.have_qemu)) * c.reps) as u64);
+    let fc_steps = if c.firecracker.is_some() { pcts.len() } else { 0 };
+    r.begin("incremental", ((pcts.len() + fc_steps + 2 + usize::from(c.have_qemu)) * c.reps) as u64);
     let dir = c.scratch()?.join("incremental");
     std::fs::create_dir_all(&dir)?;
     for rep in 0..c.reps {
@@ -294,6 +298,21 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                     r.sample("tracking", "tracked", "pages_per_s", "pages/s", o.rate_tracked);
                 }
                 Err(e) => r.log(format!("{k}: {e:#}")),
+            }
+            if let Some((fc, _)) = &c.firecracker {
+                if crate::stopping() {
+                    break;
+                }
+                r.step(format!("{mem_mib} MiB guest under Firecracker, {pct}% rewritten, rep {rep}"));
+                match crate::firecracker::diff_once(fc, &c.guest, &c.dir, &dir, mem_mib, RATE, pct) {
+                    Ok(d) => {
+                        r.sample(&k, "firecracker-full", "save_ms", "ms", d.full_ms);
+                        r.sample(&k, "firecracker-full", "written_mb", "MB", d.full_mb);
+                        r.sample(&k, "firecracker-diff", "save_ms", "ms", d.diff_ms);
+                        r.sample(&k, "firecracker-diff", "written_mb", "MB", d.diff_mb);
+                    }
+                    Err(e) => r.log(format!("{k} Firecracker: {e:#}")),
+                }
             }
         }
         if crate::stopping() {
@@ -344,8 +363,12 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
             ratio(s("incremental", "save_ms"), s("full", "save_ms")),
             cell(qemu, 0),
             ratio(s("incremental", "save_ms"), qemu),
+            cell(s("firecracker-diff", "save_ms"), 0),
+            ratio(s("incremental", "save_ms"), s("firecracker-diff", "save_ms")),
+            cell(s("firecracker-full", "save_ms"), 0),
             cell(s("full", "written_mb"), 0),
             cell(s("incremental", "written_mb"), 0),
+            cell(s("firecracker-diff", "written_mb"), 0),
             cell(s("incremental", "file_mib"), 0),
             cell(s("chain", "restore_ms"), 0),
             cell(s("merged", "restore_ms"), 0),
@@ -354,15 +377,24 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         &format!("Incremental snapshots, {mem_mib} MiB guest, 90% in use"),
-        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`. QEMU 10 has no incremental RAM snapshot: its column is a full `migrate file:` of the same guest (mapped-ram + multifd + direct-io, its fastest mode), once per repetition.",
-        &["rewritten", "full save ms", "incremental save ms", "inc/full", "QEMU mapped-ram full ms", "inc/QEMU", "full MB", "incremental MB", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
+        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`. QEMU 10 has no incremental RAM snapshot: its column is a full `migrate file:` of the same guest (mapped-ram + multifd + direct-io, its fastest mode), once per repetition. Firecracker (when `--firecracker`/`$FC` names one): the same guest under it with `track_dirty_pages`, a Full snapshot once the fill is done, the same share rewritten, then a Diff snapshot (only the pages dirtied since), to the same disk; Firecracker snapshots a paused guest, so its times (pause request to resume reply) are also the guest's pause, while ringvm's run live with a pause of about a millisecond; its MB are the memory and vmstate files' allocated bytes.",
+        &["rewritten", "full save ms", "incremental save ms", "inc/full", "QEMU mapped-ram full ms", "inc/QEMU", "Firecracker diff ms", "inc/Firecracker diff", "Firecracker full ms", "full MB", "incremental MB", "Firecracker diff MB", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
         &rows,
     );
+    {
+        let k = format!("{mem_mib}MiB-1pct");
+        let s = |sys: &str| r.stat(&k, sys, "save_ms");
+        let (inc, full, fc) = (s("incremental"), s("full"), s("firecracker-diff"));
+        r.headline(&format!("incremental: {mem_mib} MiB guest, 1% rewritten, vs a full snapshot"), ("ms", inc), ("full ms", full), true);
+        r.headline(&format!("incremental: {mem_mib} MiB guest, 1% rewritten, vs QEMU's full"), ("ms", inc), ("QEMU ms", qemu), true);
+        r.headline(&format!("incremental: {mem_mib} MiB guest, 1% rewritten, vs Firecracker's diff"), ("ms", inc), ("Firecracker ms", fc), true);
+    }
     let mut deep_rows = Vec::new();
     for &d in depths {
         let k = format!("{mem_mib}MiB-depth{d}");
         let (ch, m) = (r.stat(&k, "chain", "restore_ms"), r.stat(&k, "merged", "restore_ms"));
         deep_rows.push(vec![format!("{d} increments ({} files)", d + 1), cell(ch, 0), cell(m, 0), ratio(ch, m)]);
+        r.headline(&format!("incremental: restoring a {d}-deep chain, {mem_mib} MiB guest"), ("ms", ch), ("merged file ms", m), true);
     }
     r.table(
         &format!("Restoring deep chains, {mem_mib} MiB guest, 90% in use"),

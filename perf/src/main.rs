@@ -10,6 +10,7 @@ use std::process::Command;
 mod bootbench;
 mod convbench;
 mod fio;
+mod firecracker;
 mod incbench;
 mod linuxbench;
 mod nfsbench;
@@ -67,6 +68,11 @@ struct Cli {
     /// ringvm-faultfs still come from this tree).
     #[arg(long)]
     ringvm: Option<PathBuf>,
+    /// The Firecracker binary for the incremental suite's diff-snapshot
+    /// column (default: $FC; no binary, no column). Not packaged here:
+    /// perf/README.md says how it was built from source.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +137,8 @@ pub struct Ctx {
     pub systems: Option<Vec<String>>,
     pub have_qemu: bool,
     pub have_fio: bool,
+    /// Firecracker's binary and its `--version` line, if one was given.
+    pub firecracker: Option<(PathBuf, String)>,
 }
 
 impl Ctx {
@@ -265,6 +273,7 @@ fn main() -> Result<()> {
         systems: cli.systems,
         have_qemu: have_qemu10(),
         have_fio: have("fio"),
+        firecracker: firecracker::find(cli.firecracker),
     };
     let mut r = Report::new(&root, &scratch_dir(&root)?, cli.suite.name(), cli.quick, reps)?;
     if !c.have_qemu {
@@ -272,6 +281,13 @@ fn main() -> Result<()> {
     }
     if !c.have_fio {
         r.log("fio unavailable: every fio column (the physical limit) is reported as skipped");
+    }
+    match &c.firecracker {
+        Some((p, v)) => r.log(format!("Firecracker: {} ({v})", p.display())),
+        None if matches!(cli.suite, Which::Incremental | Which::All) => {
+            r.log("no Firecracker (--firecracker PATH or $FC): the incremental suite's Firecracker diff-snapshot column is reported as skipped")
+        }
+        None => {}
     }
     let suites = if cli.suite == Which::All {
         vec![Which::Boot, Which::Linux, Which::Ring, Which::Qmp, Which::Scsi, Which::Snapshot, Which::Nfs, Which::Incremental, Which::Converge]
