@@ -76,13 +76,26 @@ pub(crate) fn start_guest_with(
     rate: u64,
     extra: &[&str],
 ) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
+    spawn_guest(c, ns, sock, mem_mib, &format!("secs=inf rate={rate}"), extra)
+}
+
+/// The test guest filling 90% of `mem_mib`, then doing what `dirty` says
+/// (`secs=inf rate=N`: rewriting at N MiB/s for ever; `secs=0`: nothing).
+pub(crate) fn spawn_guest(
+    c: &Ctx,
+    ns: Option<&str>,
+    sock: &Path,
+    mem_mib: u64,
+    dirty: &str,
+    extra: &[&str],
+) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
     let fill = mem_mib * 9 / 10;
     let mut child = command(ns, &c.bin)
         .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M")])
         .args(extra)
         .arg("--kernel")
         .arg(&c.guest)
-        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate} beat=100"), "--qmp"])
+        .args(["--cmdline", &format!("work=mem mib={fill} {dirty} beat=100"), "--qmp"])
         .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

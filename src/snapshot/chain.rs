@@ -99,7 +99,7 @@ pub fn page_owners(chain: &[&Checked]) -> Vec<Vec<Option<u8>>> {
 
 /// A bitmap's bytes as 64-bit little-endian words (a short last word is
 /// padded with zeros).
-pub fn words(bytes: &[u8]) -> Vec<u64> {
+fn words(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks(8)
         .map(|c| {

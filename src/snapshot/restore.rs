@@ -70,7 +70,8 @@ pub enum RamMode {
 pub(super) type Plan = (Vec<Run>, CrcTables, Vec<u64>);
 
 pub(super) fn plan(checked: &Checked, mem: &GuestMemoryMmap) -> Result<Plan, LoadError> {
-    let own: Vec<Vec<u64>> = checked.bitmaps.iter().map(|b| super::chain::words(b)).collect();
+    // A single file owns every page it holds: the chain rule for one file.
+    let own = super::chain::owned_pages(&[checked]).pop().unwrap_or_default();
     plan_bits(checked, mem, &own)
 }
 

@@ -433,8 +433,8 @@ impl Job {
     /// end. So the dirty log is taken now: a page still to be written in
     /// this pass needs nothing more (its bit is dropped: the pass writes
     /// what it holds then), the others wait in `next`; and vCPUs that
-    /// dirty faster than half of what the target took since the last
-    /// check are limited at once (never raised within the snapshot).
+    /// dirty faster than [`DIRTY_SHARE`](super::converge::DIRTY_SHARE) of
+    /// what the target took since the last check are limited at once (never raised within the snapshot).
     fn tick(&mut self) -> Result<(), SaveError> {
         let secs = self.tick_at.0.elapsed().as_secs_f64().max(1e-3);
         let written = self.ram_bytes.saturating_sub(self.tick_at.1);
