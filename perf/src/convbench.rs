@@ -103,18 +103,19 @@ fn ringvm(c: &Ctx, ns: Option<&str>, file: &Path, mem_mib: u64, rate: u64, polic
 }
 
 /// The time to write the guest's RAM once at the target's speed, measured:
-/// ringvm's snapshot (`converge` none) of the same guest once its fill is
-/// done and it dirties nothing more: one pass and the final one, with the
-/// target's fixed costs (file creation, the closing flush or COMMIT)
+/// ringvm's snapshot (`converge` none) of the same guest, filled, paused
+/// (`stop`) so that it dirties nothing: one pass and the final one, with
+/// the target's fixed costs (file creation, the closing flush or COMMIT)
 /// that a rate from the last pass alone leaves out.
 fn write_once(c: &Ctx, ns: Option<&str>, file: &Path, mem_mib: u64, cap: Duration) -> Result<f64> {
     let sock = c.dir.join("conv-once.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
-    let (child, rx, _) = crate::incbench::spawn_guest(c, ns, &sock, mem_mib, "secs=0", &[])?;
+    let (child, rx, _) = start_guest_with(c, ns, &sock, mem_mib, 100, &[])?;
     let r = (|| -> Result<f64> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
+        ok(&mut q, json!({"execute": "stop"}))?;
         ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file, "converge": "none"}}))?;
         let (t0, mut s) = (Instant::now(), serde_json::Value::Null);
         while t0.elapsed() < cap {
@@ -335,7 +336,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         "converge: snapshot of a guest dirtying faster than its target",
-        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of 40% of the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'work lost' is what that cost the guest over a completed snapshot, (1 - kept) x total time, in seconds of its own speed; 'target MB/s' is what ringvm's last pass measured the target taking; 'x once' is the total time over the time to write the RAM once at the target's speed, measured in the same run (per size, target and repetition): ringvm's snapshot (`converge` none) of the same guest once its fill is done and it dirties nothing, one pass plus the final one with the target's fixed costs (file creation, the closing flush or NFS COMMIT). The goal is 2x or less.",
+        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of 40% of the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'work lost' is what that cost the guest over a completed snapshot, (1 - kept) x total time, in seconds of its own speed; 'target MB/s' is what ringvm's last pass measured the target taking; 'x once' is the total time over the time to write the RAM once at the target's speed, measured in the same run (per size, target and repetition): ringvm's snapshot (`converge` none) of the same guest, filled and paused so that it dirties nothing, one pass plus the final one with the target's fixed costs (file creation, the closing flush or NFS COMMIT). The goal is 2x or less.",
         &["guest", "dirtying", "target", "system", "done", "total ms", "x once", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "work lost s", "target MB/s"],
         &rows,
     );

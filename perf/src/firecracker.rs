@@ -95,6 +95,10 @@ pub struct Diff {
     pub full_mb: f64,
     pub diff_ms: f64,
     pub diff_mb: f64,
+    /// The guest's pages rewritten per second (host clock) just before the
+    /// Full snapshot: its pacing reads the TSC, whose rate it learns from
+    /// the VMM, so under another VMM it may dirty at another rate.
+    pub guest_pages_per_s: f64,
 }
 
 fn on_disk_mb(p: &Path) -> f64 {
@@ -133,13 +137,20 @@ pub fn diff_once(fc: &Path, guest: &Path, run_dir: &Path, dir: &Path, mem_mib: u
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", fc.display()))?;
-    let (rx, _beats): (_, Beats) = watch_fill(&mut child);
+    let (rx, beats): (_, Beats) = watch_fill(&mut child);
     let r = (|| -> Result<Diff> {
         rx.recv_timeout(Duration::from_secs(600)).context("the guest under Firecracker did not fill its memory in 600 s")?;
+        let guest_pages_per_s = crate::incbench::rewrite_rate(&beats, 1.0);
         let full_ms = snapshot(&sock, "Full", &files[0], &files[1])?;
         std::thread::sleep(Duration::from_secs_f64(fill as f64 * pct as f64 / 100.0 / rate as f64));
         let diff_ms = snapshot(&sock, "Diff", &files[2], &files[3])?;
-        Ok(Diff { full_ms, full_mb: on_disk_mb(&files[1]) + on_disk_mb(&files[0]), diff_ms, diff_mb: on_disk_mb(&files[3]) + on_disk_mb(&files[2]) })
+        Ok(Diff {
+            full_ms,
+            full_mb: on_disk_mb(&files[1]) + on_disk_mb(&files[0]),
+            diff_ms,
+            diff_mb: on_disk_mb(&files[3]) + on_disk_mb(&files[2]),
+            guest_pages_per_s,
+        })
     })();
     // Firecracker has no QMP quit; SIGKILL by PID, then reap.
     let _ = child.kill();

@@ -76,26 +76,13 @@ pub(crate) fn start_guest_with(
     rate: u64,
     extra: &[&str],
 ) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
-    spawn_guest(c, ns, sock, mem_mib, &format!("secs=inf rate={rate}"), extra)
-}
-
-/// The test guest filling 90% of `mem_mib`, then doing what `dirty` says
-/// (`secs=inf rate=N`: rewriting at N MiB/s for ever; `secs=0`: nothing).
-pub(crate) fn spawn_guest(
-    c: &Ctx,
-    ns: Option<&str>,
-    sock: &Path,
-    mem_mib: u64,
-    dirty: &str,
-    extra: &[&str],
-) -> Result<(std::process::Child, std::sync::mpsc::Receiver<()>, Beats)> {
     let fill = mem_mib * 9 / 10;
     let mut child = command(ns, &c.bin)
         .args(["run", "--cpus", "1", "--memory", &format!("{mem_mib}M")])
         .args(extra)
         .arg("--kernel")
         .arg(&c.guest)
-        .args(["--cmdline", &format!("work=mem mib={fill} {dirty} beat=100"), "--qmp"])
+        .args(["--cmdline", &format!("work=mem mib={fill} secs=inf rate={rate} beat=100"), "--qmp"])
         .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -305,6 +292,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                     r.sample(&k, "incremental", "save_ms", "ms", o.inc_ms);
                     r.sample(&k, "incremental", "written_mb", "MB", o.inc_mb);
                     r.sample(&k, "incremental", "file_mib", "MiB", o.inc_file_mib);
+                    r.sample(&k, "incremental", "mb_per_s", "MB/s", o.inc_mb / o.inc_ms.max(1e-3) * 1e3);
                     r.sample(&k, "chain", "restore_ms", "ms", o.chain_restore_ms);
                     r.sample(&k, "merged", "restore_ms", "ms", o.merged_restore_ms);
                     r.sample("tracking", "untracked", "pages_per_s", "pages/s", o.rate_untracked);
@@ -323,6 +311,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                         r.sample(&k, "firecracker-full", "written_mb", "MB", d.full_mb);
                         r.sample(&k, "firecracker-diff", "save_ms", "ms", d.diff_ms);
                         r.sample(&k, "firecracker-diff", "written_mb", "MB", d.diff_mb);
+                        r.sample(&k, "firecracker-diff", "mb_per_s", "MB/s", d.diff_mb / d.diff_ms.max(1e-3) * 1e3);
+                        r.sample("tracking", "firecracker", "pages_per_s", "pages/s", d.guest_pages_per_s);
                     }
                     Err(e) => r.log(format!("{k} Firecracker: {e:#}")),
                 }
@@ -382,6 +372,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
             cell(s("full", "written_mb"), 0),
             cell(s("incremental", "written_mb"), 0),
             cell(s("firecracker-diff", "written_mb"), 0),
+            cell(s("incremental", "mb_per_s"), 0),
+            cell(s("firecracker-diff", "mb_per_s"), 0),
             cell(s("incremental", "file_mib"), 0),
             cell(s("chain", "restore_ms"), 0),
             cell(s("merged", "restore_ms"), 0),
@@ -390,8 +382,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         &format!("Incremental snapshots, {mem_mib} MiB guest, 90% in use"),
-        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`. QEMU 10 has no incremental RAM snapshot: its column is a full `migrate file:` of the same guest (mapped-ram + multifd + direct-io, its fastest mode), once per repetition. Firecracker (when `--firecracker`/`$FC` names one): the same guest under it with `track_dirty_pages`, a Full snapshot once the fill is done, the same share rewritten, then a Diff snapshot (only the pages dirtied since), to the same disk; Firecracker snapshots a paused guest, so its times (pause request to resume reply) are also the guest's pause, while ringvm's run live with a pause of about a millisecond; its MB are the memory and vmstate files' allocated bytes.",
-        &["rewritten", "full save ms", "incremental save ms", "inc/full", "QEMU mapped-ram full ms", "inc/QEMU", "Firecracker diff ms", "inc/Firecracker diff", "Firecracker full ms", "full MB", "incremental MB", "Firecracker diff MB", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
+        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`. QEMU 10 has no incremental RAM snapshot: its column is a full `migrate file:` of the same guest (mapped-ram + multifd + direct-io, its fastest mode), once per repetition. Firecracker (when `--firecracker`/`$FC` names one): the same guest under it with `track_dirty_pages`, a Full snapshot once the fill is done, the same share rewritten, then a Diff snapshot (only the pages dirtied since), to the same disk; Firecracker snapshots a paused guest, so its times (pause request to resume reply) are also the guest's pause, while ringvm's run live with a pause of about a millisecond; its MB are the memory and vmstate files' allocated bytes. The test guest paces its rewriting by the TSC, whose rate it learns from the VMM, so under Firecracker it may dirty at another rate (both rates are in the tracking table): MB/s (bytes over time) compares the two snapshots' speed whatever was dirtied.",
+        &["rewritten", "full save ms", "incremental save ms", "inc/full", "QEMU mapped-ram full ms", "inc/QEMU", "Firecracker diff ms", "inc/Firecracker diff", "Firecracker full ms", "full MB", "incremental MB", "Firecracker diff MB", "incremental MB/s", "Firecracker diff MB/s", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
         &rows,
     );
     {
@@ -421,7 +413,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
         "Cost of tracking (dirty logging left on after a snapshot)",
         "The test guest's pages rewritten per second over 1 s, before the full snapshot (no logging) and after the incremental one, taken with `\"track\": true` (KVM's dirty log and the DMA log on). Paced at 100 MiB/s (25 600 pages/s), this shows whether tracking slows a guest that asks for that rate; unpaced (a guest of its own, rewriting as fast as it can), each page's first write after the snapshot takes a write-protect fault: the first second after it, and the seconds until a 1 s window is back to 90% of the untracked rate (every page written once since; nothing harvests the log meanwhile, so a page stays writable once written; at most 120 s), and the last window's rate over the untracked one.",
         &["guest", "untracked pages/s", "tracked pages/s (first s)", "tracked/untracked", "s until back to 90%", "last window/untracked"],
-        &[vec!["paced at 100 MiB/s".into(), cell(u, 0), cell(tr, 0), ratio(tr, u), "-".into(), "-".into()], {
+        &[vec!["paced at 100 MiB/s".into(), cell(u, 0), cell(tr, 0), ratio(tr, u), "-".into(), "-".into()], vec!["paced at 100 MiB/s, under Firecracker (before its Full snapshot)".into(), cell(t("firecracker"), 0), "-".into(), "-".into(), "-".into(), "-".into()], {
             let t = |sys: &str| r.stat("tracking-unpaced", sys, "pages_per_s");
             let (u, f, l) = (t("untracked"), t("tracked"), r.stat("tracking-unpaced", "tracked", "last_pages_per_s"));
             vec!["unpaced (as fast as it writes)".into(), cell(u, 0), cell(f, 0), ratio(f, u), cell(r.stat("tracking-unpaced", "tracked", "recover_s"), 1), ratio(l, u)]
