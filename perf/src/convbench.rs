@@ -103,19 +103,24 @@ fn ringvm(c: &Ctx, ns: Option<&str>, file: &Path, mem_mib: u64, rate: u64, polic
 }
 
 /// The time to write the guest's RAM once at the target's speed, measured:
-/// ringvm's snapshot (`converge` none) of the same guest, filled, paused
-/// (`stop`) so that it dirties nothing: one pass and the final one, with
+/// ringvm's snapshot (`converge` none) of the same guest, filled, then
+/// either running but rewriting only 1 MiB/s (`live`: the host's CPUs as
+/// busy as in the runs it is the yardstick of; on this 2-core host the
+/// guest's vCPU takes one core from the NFS server and proxy) or paused
+/// (`stop`: every core for the target). One pass and the final one, with
 /// the target's fixed costs (file creation, the closing flush or COMMIT)
 /// that a rate from the last pass alone leaves out.
-fn write_once(c: &Ctx, ns: Option<&str>, file: &Path, mem_mib: u64, cap: Duration) -> Result<f64> {
+fn write_once(c: &Ctx, ns: Option<&str>, file: &Path, mem_mib: u64, cap: Duration, live: bool) -> Result<f64> {
     let sock = c.dir.join("conv-once.sock");
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(file);
-    let (child, rx, _) = start_guest_with(c, ns, &sock, mem_mib, 100, &[])?;
+    let (child, rx, _) = start_guest_with(c, ns, &sock, mem_mib, if live { 1 } else { 100 }, &[])?;
     let r = (|| -> Result<f64> {
         rx.recv_timeout(Duration::from_secs(600)).context("guest fill")?;
         let mut q = qmp(&sock)?;
-        ok(&mut q, json!({"execute": "stop"}))?;
+        if !live {
+            ok(&mut q, json!({"execute": "stop"}))?;
+        }
         ok(&mut q, json!({"execute": "savevm-start", "arguments": {"statefile": file, "converge": "none"}}))?;
         let (t0, mut s) = (Instant::now(), serde_json::Value::Null);
         while t0.elapsed() < cap {
@@ -210,7 +215,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     // over, at least a minute (20 s with --quick).
     let cap_for = |mib: u64| Duration::from_secs(if c.quick { 20 } else { 60.max(mib * 2 * 1024 * 1024 / 30_000_000 + 20) });
     let systems: Vec<&str> = SYSTEMS.iter().copied().filter(|sys| c.systems.as_ref().is_none_or(|v| v.iter().any(|f| sys.contains(f.as_str())))).collect();
-    r.begin("converge", (sizes.len() * rates.len() * targets.len() * c.reps * (systems.len() + 1)) as u64);
+    r.begin("converge", (sizes.len() * rates.len() * targets.len() * c.reps * (systems.len() + 2)) as u64);
     let back = c.scratch()?.join("conv-back");
     let mnt = c.dir.join("conv-mnt");
     // (size, rate, target, system) -> (runs completed, runs).
@@ -243,15 +248,18 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
             for rep in 0..c.reps {
                 // The reference: writing the RAM once, per rate and rep so
                 // that it drifts with the runs it is the yardstick of.
-                if !crate::stopping() {
-                    r.step(format!("{mem_mib} MiB, {target} target, writing the RAM once, rep {rep}"));
-                    let once = write_once(c, ns.as_deref(), &file, mem_mib, cap);
+                for (live, name) in [(true, "write once"), (false, "write once, paused")] {
+                    if crate::stopping() {
+                        break;
+                    }
+                    r.step(format!("{mem_mib} MiB, {target} target, {name}, rep {rep}"));
+                    let once = write_once(c, ns.as_deref(), &file, mem_mib, cap, live);
                     if let Some(s) = &server {
                         let _ = std::fs::remove_file(s.export.join("conv.state"));
                     }
                     match once {
-                        Ok(ms) => r.sample(&format!("{mem_mib}MiB {target}"), "write once", "total_ms", "ms", ms),
-                        Err(e) => r.log(format!("{mem_mib} MiB {target} write once: {e:#}")),
+                        Ok(ms) => r.sample(&format!("{mem_mib}MiB {target}"), name, "total_ms", "ms", ms),
+                        Err(e) => r.log(format!("{mem_mib} MiB {target} {name}: {e:#}")),
                     }
                 }
                 for sys in crate::interleaved(&systems, rep) {
@@ -311,6 +319,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
             for target in &targets {
                 let k = format!("{mem_mib}MiB {rate}MiBps {target}");
                 let once = r.stat(&format!("{mem_mib}MiB {target}"), "write once", "total_ms");
+                let paused = r.stat(&format!("{mem_mib}MiB {target}"), "write once, paused", "total_ms");
                 for sys in SYSTEMS {
                     let s = |m: &str| r.stat(&k, sys, m);
                     let Some(&(ok_runs, runs)) = done.get(&(mem_mib, rate, target.clone(), sys)) else { continue };
@@ -322,6 +331,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
                         format!("{ok_runs}/{runs}"),
                         cell(s("total_ms"), 0),
                         crate::report::ratio(s("total_ms"), once),
+                        cell(once, 0),
+                        cell(paused, 0),
                         cell(s("downtime_ms"), 1),
                         cell(s("written_mb"), 0),
                         cell(s("max_throttle"), 0),
@@ -336,8 +347,8 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         "converge: snapshot of a guest dirtying faster than its target",
-        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of 40% of the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'work lost' is what that cost the guest over a completed snapshot, (1 - kept) x total time, in seconds of its own speed; 'target MB/s' is what ringvm's last pass measured the target taking; 'x once' is the total time over the time to write the RAM once at the target's speed, measured in the same run (per size, target and repetition): ringvm's snapshot (`converge` none) of the same guest, filled and paused so that it dirties nothing, one pass plus the final one with the target's fixed costs (file creation, the closing flush or NFS COMMIT). The goal is 2x or less.",
-        &["guest", "dirtying", "target", "system", "done", "total ms", "x once", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "work lost s", "target MB/s"],
+        "The test guest fills 90% of its RAM and then rewrites it (1 vCPU) at the given rate, or as fast as it can ('unpaced'). Targets: the NFS stand-in (ringvm-faultfs, FUSE passthrough to the local disk, every request answered the given delay late), and real NFS: `nfs://` to nfs-ganesha in a network namespace through the nfs suite's proxy adding 0.5 ms each way (ringvm only: QEMU's `migrate file:` needs a mounted path and this host has no kernel NFS client). ringvm: `savevm-start` with `converge` none, auto (QEMU's auto-converge rule, 20% then +10% per second pass that does not shrink, as the floor; straight to the throttle the last pass measured as needed when that is more) or dirty-limit (`--dirty-ring 1024`; a vCPU that dirtied more than the target can take is limited to its share of 40% of the target's measured rate, halved each pass that does not shrink, sleeping when its ring fills). QEMU 10: `migrate file:` with mapped-ram + multifd (4 channels) + direct-io, no bandwidth cap, downtime-limit 5 ms, without a policy, with auto-converge, or with dirty-limit (`-accel kvm,dirty-ring-size=4096`, its default vcpu-dirty-limit 1 MB/s). Each run is capped (60 s, or the time to write the RAM twice at 30 MB/s plus 20 s if longer), then cancelled (savevm-end, migrate_cancel). 'done' counts the runs that completed; time and pause are of those; 'sleep/pass' is dirty-limit-throttle-time-per-round; 'kept' is the guest's pages rewritten per second while the snapshot ran over its rate just before (1.00: not slowed); 'work lost' is what that cost the guest over a completed snapshot, (1 - kept) x total time, in seconds of its own speed; 'target MB/s' is what ringvm's last pass measured the target taking; 'x once' is the total time over 'once ms', the time to write the RAM once at the target's speed, measured in the same run (per size, rate, target and repetition): ringvm's snapshot (`converge` none) of the same guest, filled and then rewriting only 1 MiB/s, so that the host's CPUs are as busy as in the runs (on this 2-core host the guest's vCPU takes a core from the NFS server and proxy), one pass plus the final one with the target's fixed costs (file creation, the closing flush or NFS COMMIT); 'once ms, paused' is the same with the guest paused (every core for the target). The goal is 2x or less.",
+        &["guest", "dirtying", "target", "system", "done", "total ms", "x once", "once ms", "once ms, paused", "pause ms", "MB written", "max throttle %", "sleep/pass ms", "kept", "work lost s", "target MB/s"],
         &rows,
     );
     r.end();
