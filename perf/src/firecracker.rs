@@ -96,8 +96,8 @@ pub struct Diff {
     pub diff_ms: f64,
     pub diff_mb: f64,
     /// The guest's pages rewritten per second (host clock) just before the
-    /// Full snapshot: its pacing reads the TSC, whose rate it learns from
-    /// the VMM, so under another VMM it may dirty at another rate.
+    /// Full snapshot, to compare with its rate under ringvm (it paces by
+    /// the TSC, whose rate it learns from the VMM).
     pub guest_pages_per_s: f64,
 }
 

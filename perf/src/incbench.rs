@@ -253,9 +253,6 @@ fn deep_once(c: &Ctx, dir: &Path, mem_mib: u64, depths: &[usize]) -> Result<Vec<
     for &d in depths {
         let merged = dir.join(format!("d-merged{d}.state"));
         merge(c, &name(d), &merged)?;
-        // Chain, merged, merged, chain, so that neither comes only first,
-        // right after the merge wrote 4 GiB (session 16 restored the chain
-        // first only).
         let one = |f: &Path| -> Result<f64> {
             for i in 0..=d {
                 uncache(&name(i));
@@ -263,9 +260,11 @@ fn deep_once(c: &Ctx, dir: &Path, mem_mib: u64, depths: &[usize]) -> Result<Vec<
             uncache(&merged);
             Ok(restore(None, &c.bin, &c.dir, f, &["--restore-ram", "read"])?.0)
         };
-        // Three pairs, C M, M C, C M: a single 4 GiB restore here varies
-        // by about 15% (session 18: one run of two pairs read 1.18 where
-        // six pairs by hand read 0.98).
+        // Pairs in alternating order (C M, M C, C M), so that neither
+        // comes only first, right after the merge wrote 4 GiB (session 16
+        // restored the chain first only); three, as a single 4 GiB restore
+        // here varies by about 15% (session 18: one run of two pairs read
+        // 1.18 where six pairs by hand read 0.98).
         for k in 0..DEEP_PAIRS {
             let (c, m) = if k % 2 == 0 {
                 let c = one(&name(d))?;
@@ -396,7 +395,7 @@ pub fn suite(c: &Ctx, r: &mut Report) -> Result<()> {
     }
     r.table(
         &format!("Incremental snapshots, {mem_mib} MiB guest, 90% in use"),
-        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`. QEMU 10 has no incremental RAM snapshot: its column is a full `migrate file:` of the same guest (mapped-ram + multifd + direct-io, its fastest mode), once per repetition. Firecracker (when `--firecracker`/`$FC` names one): the same guest under it with `track_dirty_pages`, a Full snapshot once the fill is done, the same share rewritten, then a Diff snapshot (only the pages dirtied since), to the same disk; Firecracker snapshots a paused guest, so its times (pause request to resume reply) are also the guest's pause, while ringvm's run live with a pause of about a millisecond; its MB are the memory and vmstate files' allocated bytes. The test guest paces its rewriting by the TSC, whose rate it learns from the VMM, so under Firecracker it may dirty at another rate (both rates are in the tracking table): MB/s (bytes over time) compares the two snapshots' speed whatever was dirtied.",
+        "ringvm: `savevm-start {\"track\": true}` (full), the guest rewrites the share of its RAM in use shown (round-robin at 100 MiB/s), then `savevm-start {\"base\": full}` (incremental), on the local disk. Save: total time and bytes written (query-savevm); the incremental file's allocated MiB. Restore: `run -S --loadstate` (`--restore-ram read`) of the two-file chain vs of the file `ringvm state merge` makes of it, process start until `paused`. QEMU 10 has no incremental RAM snapshot: its column is a full `migrate file:` of the same guest (mapped-ram + multifd + direct-io, its fastest mode), once per repetition. Firecracker (when `--firecracker`/`$FC` names one): the same guest under it with `track_dirty_pages`, a Full snapshot once the fill is done, the same share rewritten, then a Diff snapshot (only the pages dirtied since), to the same disk; Firecracker snapshots a paused guest, so its times (pause request to resume reply) are also the guest's pause, while ringvm's run live with a pause of about a millisecond; its MB are the memory and vmstate files' allocated bytes. The guest's rewrite rate under Firecracker is in the tracking table (session 18 measured the same rate under both; Firecracker's diff still held 1.3-1.5x the bytes, unexplained): MB/s (bytes over time) compares the two snapshots' speed whatever was dirtied.",
         &["rewritten", "full save ms", "incremental save ms", "inc/full", "QEMU mapped-ram full ms", "inc/QEMU", "Firecracker diff ms", "inc/Firecracker diff", "Firecracker full ms", "full MB", "incremental MB", "Firecracker diff MB", "incremental MB/s", "Firecracker diff MB/s", "inc file MiB", "chain restore ms", "merged restore ms", "chain/merged"],
         &rows,
     );
